@@ -1,0 +1,42 @@
+# Dev setup: a local .venv with the CPU build of torch pinned first, then moeflow and its dev extras.
+# GPU users: create the venv with your CUDA torch already installed and set TORCH_VERSION to it.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.moeflow-installed
+
+.PHONY: setup test demo bench lint format clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python setup.py pyproject.toml
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
+	echo "torch==$(TORCH_VERSION)" > $(VENV)/constraints.txt
+	# The constraint keeps every other package from replacing the pinned torch.
+	$(BIN)/python -m pip install --quiet -c $(VENV)/constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests
+
+demo: setup
+	$(BIN)/python examples/quickstart.py
+
+bench: setup
+	$(BIN)/python bench/layer.py
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,14 @@
+"""Moving tokens: permutation, capacity, and (with expert parallelism) all-to-all."""
+
+from moeflow.comm.capacity import capacity_keep_mask, expert_capacity, rank_within_expert
+from moeflow.comm.permute import RoutingPlan, build_plan, permute, unpermute
+
+__all__ = [
+    "RoutingPlan",
+    "build_plan",
+    "capacity_keep_mask",
+    "expert_capacity",
+    "permute",
+    "rank_within_expert",
+    "unpermute",
+]

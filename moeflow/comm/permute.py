@@ -1,0 +1,194 @@
+"""Permute tokens into an expert-sorted buffer and back, as autograd ops (no communication yet).
+
+Legend: T tokens, D model dim, E experts (buffer groups), K top-k, R rows of the expert buffer.
+A pair is one (token, slot) choice, index `t*K + k`.
+
+`RoutingPlan` says where every pair goes: `pair_to_row[T*K]` (row in the buffer, -1 if dropped) and
+`row_to_pair[R]` (-1 for a padding row). Rows are grouped by expert in ascending expert order;
+within an
+expert, by pair index (token order), so the buffer is deterministic. Both directions are gathers,
+forward
+and backward: no scatter-add, so results are bitwise deterministic on every device, and tokens
+repeated
+K times have their input gradient summed over K in a fixed order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moeflow.comm.capacity import rank_within_expert
+
+
+@dataclass(frozen=True)
+class RoutingPlan:
+    """Where each (token, slot) pair lives in the expert-sorted buffer."""
+
+    num_tokens: int
+    top_k: int
+    num_experts: int
+    pair_to_row: torch.Tensor  # [T*K] int64, -1 = dropped
+    row_to_pair: torch.Tensor  # [R] int64, -1 = padding row
+    counts_E: torch.Tensor  # kept pairs per expert (device tensor)
+    rows_per_expert: list[int]  # buffer group sizes (host)
+    has_dropped: bool
+    has_padding: bool
+
+    @property
+    def num_rows(self) -> int:
+        return self.row_to_pair.numel()
+
+
+def build_plan(
+    expert_ids_TK: torch.Tensor,
+    num_experts: int,
+    keep_TK: torch.Tensor | None = None,
+    pad_to: int | None = None,
+) -> RoutingPlan:
+    """Sort pairs by expert. `keep_TK` marks pairs that survived capacity; `pad_to` gives every
+    expert
+    exactly that many rows (zero padding).
+
+    Host sync: one `.tolist()` of the E (+1) counts, needed to size the buffer groups.
+    """
+    num_tokens, top_k = expert_ids_TK.shape
+    device = expert_ids_TK.device
+    ids = expert_ids_TK.reshape(-1).to(torch.int64)
+    n = ids.numel()
+    if keep_TK is not None:
+        # Dropped pairs get the sentinel expert E, which sorts after every real expert.
+        ids = torch.where(keep_TK.reshape(-1), ids, torch.full_like(ids, num_experts))
+    counts_all = torch.bincount(ids, minlength=num_experts + 1)
+    counts_host = counts_all.tolist()  # host sync: buffer sizes come from data
+    num_dropped = counts_host[num_experts]
+    counts_E = counts_all[:num_experts]
+    pairs = torch.arange(n, device=device)
+    if pad_to is None:
+        order = torch.argsort(ids, stable=True)
+        kept = n - num_dropped
+        row_to_pair = order[:kept]
+        pair_to_row = torch.full((n,), -1, dtype=torch.int64, device=device)
+        pair_to_row[row_to_pair] = torch.arange(kept, device=device)
+        rows_per_expert = counts_host[:num_experts]
+        has_padding = False
+    else:
+        if max(counts_host[:num_experts], default=0) > pad_to:
+            raise ValueError(
+                f"pad_to ({pad_to}) is smaller than the largest expert load "
+                f"({max(counts_host[:num_experts])}); apply capacity before padding"
+            )
+        rank = rank_within_expert(ids, pairs, num_experts + 1)
+        row = torch.where(ids < num_experts, ids * pad_to + rank, torch.full_like(ids, -1))
+        pair_to_row = row
+        row_to_pair = torch.full((num_experts * pad_to,), -1, dtype=torch.int64, device=device)
+        kept_mask = row >= 0
+        row_to_pair[row[kept_mask]] = pairs[kept_mask]
+        rows_per_expert = [pad_to] * num_experts
+        has_padding = sum(counts_host[:num_experts]) < num_experts * pad_to
+    return RoutingPlan(
+        num_tokens=num_tokens,
+        top_k=top_k,
+        num_experts=num_experts,
+        pair_to_row=pair_to_row,
+        row_to_pair=row_to_pair,
+        counts_E=counts_E,
+        rows_per_expert=rows_per_expert,
+        has_dropped=num_dropped > 0,
+        has_padding=has_padding,
+    )
+
+
+def _gather_rows(src: torch.Tensor, index: torch.Tensor, masked: bool) -> torch.Tensor:
+    """`src[index]` where index -1 gives a zero row (only checked when `masked`)."""
+    if not masked:
+        return src.index_select(0, index)
+    valid = index >= 0
+    out = src.index_select(0, index.clamp(min=0))
+    return out.masked_fill_(~valid.unsqueeze(-1), 0)
+
+
+def _slot_rows(plan: RoutingPlan) -> list[torch.Tensor]:
+    """`pair_to_row` split per slot k: K contiguous `[T]` index vectors."""
+    return list(plan.pair_to_row.view(plan.num_tokens, plan.top_k).t().contiguous())
+
+
+class _Permute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        ctx.plan = plan
+        src_rows = torch.where(plan.row_to_pair >= 0, plan.row_to_pair // plan.top_k, -1)
+        return _gather_rows(x_TD, src_rows, plan.has_padding)
+
+    @staticmethod
+    def backward(ctx, grad_RD: torch.Tensor):
+        # grad_x[t] = sum_k grad[row(t, k)]: K gathers of T rows, summed in slot order
+        # (deterministic, and cheaper than gathering T*K rows and reducing them).
+        plan: RoutingPlan = ctx.plan
+        grad_RD = grad_RD.contiguous()
+        rows = _slot_rows(plan)
+        grad_x = _gather_rows(grad_RD, rows[0], plan.has_dropped)
+        for rows_k in rows[1:]:
+            grad_x.add_(_gather_rows(grad_RD, rows_k, plan.has_dropped))
+        return grad_x, None
+
+
+class _Unpermute(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, y_RD: torch.Tensor, weights_TK: torch.Tensor, plan: RoutingPlan
+    ) -> torch.Tensor:
+        ctx.plan = plan
+        ctx.save_for_backward(y_RD, weights_TK)
+        w_KT = _effective_weights(weights_TK, plan).to(y_RD.dtype).t()
+        out = None
+        for rows_k, w_T in zip(_slot_rows(plan), w_KT, strict=True):
+            term = _gather_rows(y_RD, rows_k, plan.has_dropped).mul_(w_T.unsqueeze(-1))
+            out = term if out is None else out.add_(term)
+        if out is None:  # top_k >= 1 always; kept for type checkers
+            raise AssertionError("unpermute needs at least one slot")
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_TD: torch.Tensor):
+        # Per buffer row r holding pair (t, k): grad_y[r] = w[t,k] * grad_out[t] and
+        # grad_w[t,k] = <y[r], grad_out[t]>. One gather of grad_out into row order serves both,
+        # then an in-place scale: one R x D allocation in all.
+        plan: RoutingPlan = ctx.plan
+        y_RD, weights_TK = ctx.saved_tensors
+        pair = plan.row_to_pair.clamp(min=0)
+        g_RD = _gather_rows(grad_TD.to(y_RD.dtype), pair // plan.top_k, plan.has_padding)
+        grad_w = grad_y = None
+        if ctx.needs_input_grad[1]:
+            dots_R = torch.linalg.vecdot(y_RD, g_RD).to(weights_TK.dtype)
+            grad_w = weights_TK.new_zeros(plan.num_tokens * plan.top_k)
+            if plan.has_padding:
+                valid = plan.row_to_pair >= 0
+                grad_w[plan.row_to_pair[valid]] = dots_R[valid]
+            else:
+                grad_w[pair] = dots_R
+            grad_w = grad_w.view_as(weights_TK)
+        if ctx.needs_input_grad[0]:
+            w_R = weights_TK.reshape(-1)[pair].to(y_RD.dtype)
+            grad_y = g_RD.mul_(w_R.unsqueeze(-1))
+        return grad_y, grad_w, None
+
+
+def _effective_weights(weights_TK: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    if not plan.has_dropped:
+        return weights_TK
+    return weights_TK * (plan.pair_to_row >= 0).view_as(weights_TK).to(weights_TK.dtype)
+
+
+def permute(x_TD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    """Copy each kept pair's token row into the expert-sorted buffer `[R, D]`."""
+    return _Permute.apply(x_TD, plan)
+
+
+def unpermute(y_RD: torch.Tensor, weights_TK: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    """`out[t] = sum_k weights[t, k] * y[row(t, k)]`, dropped pairs contributing zero. Output `[T,
+    D]`
+    in `y`'s dtype (the weighted sum runs in the expert output's precision, as a dense FFN
+    would)."""
+    return _Unpermute.apply(y_RD, weights_TK, plan)

@@ -1,0 +1,179 @@
+"""Configuration of one MoE layer: the router's settings and the layer's.
+
+Field names follow Megatron-Core's `--moe-*` flags and DeepSpeed's `MoE(...)` arguments so that a
+user of
+either recognises them. Every field is validated in `__post_init__`; errors name the field, the
+value and
+the allowed values.
+
+Example:
+    >>> cfg = MoEConfig(hidden_size=64, num_experts=8, ffn_hidden_size=128,
+    ...                 router=RouterConfig(top_k=2, capacity_factor=1.25))
+    >>> cfg.router.top_k
+    2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+ACTIVATIONS = ("swiglu", "gelu", "relu")
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+DROP_POLICIES = ("probs", "position")
+AUX_LOSS_TYPES = ("none", "aux_loss", "seq_aux_loss")
+ROUTER_DTYPES = ("fp32", "fp64")
+
+
+def _check_choice(path: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{path} ({value!r}) must be one of {', '.join(map(repr, allowed))}")
+
+
+def _check_non_negative(path: str, value: float) -> None:
+    if not value >= 0:  # also rejects NaN
+        raise ValueError(f"{path} ({value!r}) must be >= 0")
+
+
+@dataclass(kw_only=True, frozen=True)
+class RouterConfig:
+    """How tokens choose experts, and what the balancing losses are.
+
+    Semantics (PAPERS.md, "Baseline top-k routing"):
+
+    - `score_function="softmax"`, `pre_softmax=False` (Megatron's default): top-k over the logits,
+      then a
+      softmax over the k selected logits, so the k weights always sum to 1.
+    - `score_function="softmax"`, `pre_softmax=True`: softmax over all experts, then top-k of the
+      probabilities; `normalize_topk=True` rescales them to sum to 1 (DeepSpeed's `topkgating`).
+    - `score_function="sigmoid"`: per-expert sigmoid scores; `normalize_topk=True` divides the k
+      selected
+      scores by their sum (Megatron does this only when k > 1).
+    - `normalize_topk` applies for every k, as in DeepSpeed: with k=1 it makes every weight 1, so
+      the
+      router learns only through the balancing loss. Switch-style k=1 routing wants
+      `pre_softmax=True, normalize_topk=False` (the weight is then the expert's probability).
+    - `capacity_factor=None` is dropless (the default). Otherwise each expert takes at most
+      `C = max(ceil(T*k/E * capacity_factor), min_capacity)` (token, slot) pairs; `min_capacity=0`
+      reproduces Megatron, DeepSpeed's default is 4.
+    - Weights are **not** renormalised after a drop: a dropped slot contributes zero and the
+      surviving
+      slots keep their weight (Megatron). DeepSpeed renormalises the survivors.
+    - `drop_policy="probs"` keeps, per expert, the pairs with the highest routing weight (Megatron
+      ranks
+      by this probability; DeepSpeed's `topkgating` ranks by the raw softmax gate, which orders the
+      same
+      under `pre_softmax=True`). `drop_policy="position"` keeps the earliest tokens, and first
+      choices
+      fill slots before second choices (GShard/DeepSpeed `top2gating`); Megatron's "position"
+      ignores
+      the choice rank, so the two agree for k=1 only.
+    - `pad_to_capacity=True` gives every expert exactly C rows (zero rows as padding): static
+      shapes.
+    - Aux loss (Megatron's normalisation, 1 at perfect balance):
+      `L = E/(k*T^2) * sum_i (sum_t p_ti) * count_i` with `p` the full softmax (or normalised
+      sigmoid) and
+      `count` the top-k selections before any drop. `seq_aux_loss` computes it per sequence and
+      averages. z-loss: `mean_t logsumexp(logits_t)^2`.
+    """
+
+    top_k: int = 2
+    score_function: str = "softmax"
+    pre_softmax: bool = False
+    normalize_topk: bool = True
+    capacity_factor: float | None = None
+    min_capacity: int = 0
+    drop_policy: str = "probs"
+    pad_to_capacity: bool = False
+    aux_loss_type: str = "aux_loss"
+    aux_loss_coeff: float = 1e-2
+    z_loss_coeff: float = 0.0
+    input_jitter_eps: float | None = None
+    router_dtype: str = "fp32"
+
+    def __post_init__(self) -> None:
+        self.validate("router")
+
+    def validate(self, path: str) -> None:
+        """Raise `ValueError` naming `path.field` for the first invalid field."""
+        if not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ValueError(f"{path}.top_k ({self.top_k!r}) must be an integer >= 1")
+        _check_choice(f"{path}.score_function", self.score_function, SCORE_FUNCTIONS)
+        _check_choice(f"{path}.drop_policy", self.drop_policy, DROP_POLICIES)
+        _check_choice(f"{path}.aux_loss_type", self.aux_loss_type, AUX_LOSS_TYPES)
+        _check_choice(f"{path}.router_dtype", self.router_dtype, ROUTER_DTYPES)
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(
+                f"{path}.capacity_factor ({self.capacity_factor!r}) must be > 0, "
+                "or None for dropless routing"
+            )
+        if not isinstance(self.min_capacity, int) or self.min_capacity < 0:
+            raise ValueError(f"{path}.min_capacity ({self.min_capacity!r}) must be an integer >= 0")
+        if self.pad_to_capacity and self.capacity_factor is None:
+            raise ValueError(
+                f"{path}.pad_to_capacity (True) needs {path}.capacity_factor; "
+                "dropless routing has no capacity to pad to"
+            )
+        _check_non_negative(f"{path}.aux_loss_coeff", self.aux_loss_coeff)
+        _check_non_negative(f"{path}.z_loss_coeff", self.z_loss_coeff)
+        if self.input_jitter_eps is not None and not 0 < self.input_jitter_eps < 1:
+            raise ValueError(
+                f"{path}.input_jitter_eps ({self.input_jitter_eps!r}) must be in (0, 1), or None"
+            )
+
+
+@dataclass(kw_only=True, frozen=True)
+class MoEConfig:
+    """Shape of one MoE layer: `hidden_size` D, `num_experts` E, `ffn_hidden_size` F per expert.
+
+    `activation`: `swiglu` (`silu(x W_gate) * (x W_up)`), `gelu` or `relu`.
+    """
+
+    hidden_size: int
+    num_experts: int
+    ffn_hidden_size: int
+    activation: str = "swiglu"
+    router: RouterConfig = field(default_factory=RouterConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_experts", "ffn_hidden_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"moe.{name} ({value!r}) must be an integer >= 1")
+        _check_choice("moe.activation", self.activation, ACTIVATIONS)
+        if not isinstance(self.router, RouterConfig):
+            raise ValueError(f"moe.router must be a RouterConfig, got {type(self.router).__name__}")
+        if self.router.top_k > self.num_experts:
+            raise ValueError(
+                f"moe.router.top_k ({self.router.top_k}) must be <= moe.num_experts "
+                f"({self.num_experts})"
+            )
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (TOML/JSON friendly)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MoEConfig:
+        """Build from a nested dict; unknown keys raise `ValueError` naming them."""
+        data = dict(data)
+        router = data.pop("router", {})
+        _reject_unknown("moe", data, cls)
+        if isinstance(router, dict):
+            _reject_unknown("moe.router", router, RouterConfig)
+            router = RouterConfig(**router)
+        return cls(router=router, **data)
+
+    def fingerprint(self) -> str:
+        """A short stable hash of every field: ranks compare it to detect mismatched configs."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _reject_unknown(path: str, data: dict, cls: type) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown field(s) {unknown}; known fields are {sorted(known)}")

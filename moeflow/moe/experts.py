@@ -1,0 +1,64 @@
+"""GroupedExperts: E expert FFNs stored as stacked `[E, ...]` tensors, run on expert-sorted rows.
+
+Legend: R rows (expert-sorted tokens), D model dim, F FFN hidden dim, E experts, g = 2 for SwiGLU.
+`w1: [E, D, g*F]`, `w2: [E, F, D]`; expert e is exactly a `FeedForward` with `w1[e]`, `w2[e]`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moeflow.moe.ffn import FeedForward, apply_activation, gate_multiplier, init_ffn_weights_
+from moeflow.moe.grouped_ffn import grouped_ffn
+
+
+class GroupedExperts(nn.Module):
+    """Run expert e on rows `[start_e, start_e + rows_per_expert[e])` of the sorted buffer.
+
+    One GEMM pair per expert (a loop over experts, never over tokens) writing into one buffer; an
+    expert with zero rows is skipped and gets a zero gradient (see `grouped_ffn`).
+
+    Example:
+        >>> experts = GroupedExperts(num_experts=4, hidden_size=8, ffn_hidden_size=16)
+        >>> experts(torch.randn(6, 8), [3, 0, 2, 1]).shape
+        torch.Size([6, 8])
+    """
+
+    def __init__(
+        self, num_experts: int, hidden_size: int, ffn_hidden_size: int, activation: str = "swiglu"
+    ) -> None:
+        super().__init__()
+        apply_activation(torch.zeros(0, 2), activation)  # validates the name
+        self.num_experts = num_experts
+        self.activation = activation
+        g = gate_multiplier(activation)
+        self.w1 = nn.Parameter(torch.empty(num_experts, hidden_size, g * ffn_hidden_size))
+        self.w2 = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        init_ffn_weights_(self.w1, self.w2, generator)
+
+    @classmethod
+    def from_dense(cls, ffn: FeedForward, num_experts: int) -> GroupedExperts:
+        """Every expert a copy of `ffn` (sparse upcycling)."""
+        hidden, gf = ffn.w1.shape
+        experts = cls(num_experts, hidden, ffn.w2.shape[0], ffn.activation)
+        experts.to(device=ffn.w1.device, dtype=ffn.w1.dtype)
+        with torch.no_grad():
+            experts.w1.copy_(ffn.w1.detach().expand(num_experts, hidden, gf))
+            experts.w2.copy_(ffn.w2.detach().expand_as(experts.w2))
+        return experts
+
+    def forward(self, x_RD: torch.Tensor, rows_per_expert: list[int]) -> torch.Tensor:
+        if len(rows_per_expert) != self.num_experts:
+            raise ValueError(
+                f"rows_per_expert has {len(rows_per_expert)} groups, expected {self.num_experts}"
+            )
+        if sum(rows_per_expert) != x_RD.shape[0]:
+            raise ValueError(
+                f"rows_per_expert sums to {sum(rows_per_expert)} but the buffer has "
+                f"{x_RD.shape[0]} rows"
+            )
+        return grouped_ffn(x_RD, self.w1, self.w2, rows_per_expert, self.activation)

@@ -1,0 +1,176 @@
+"""MoELayer: a drop-in replacement for a model's feed-forward block.
+
+Legend: T tokens, D model dim, E experts, K top-k, R rows of the expert buffer.
+
+Data flow (DESIGN.md): route (fp32) -> capacity (optional) -> permute into an expert-sorted buffer
+->
+grouped expert FFNs -> un-permute and weight by the router -> balancing losses attached to the
+output so
+that an unchanged training loop trains them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moeflow.comm.capacity import capacity_keep_mask, expert_capacity
+from moeflow.comm.permute import build_plan, permute, unpermute
+from moeflow.moe.aux_loss import attach_loss
+from moeflow.moe.config import MoEConfig
+from moeflow.moe.experts import GroupedExperts
+from moeflow.moe.ffn import FeedForward
+from moeflow.moe.losses import load_balancing_loss, seq_load_balancing_loss, z_loss
+from moeflow.moe.routers.topk import RouterOutput, TopKRouter
+
+
+@dataclass(frozen=True)
+class MoEStats:
+    """What the last forward measured, detached (read them with `.item()` when logging).
+
+    `aux_loss` / `z_loss` are the unscaled loss values (before their coefficients);
+    `tokens_per_expert` counts the pairs each expert computed (after drops);
+    `dropped_fraction` is the share of (token, slot) pairs dropped by capacity;
+    `max_load_violation` is `(max_i routed_i - mean) / mean` over the router's choices before drops
+    (DeepSeek's MaxVio; 0 is perfect balance).
+    """
+
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    dropped_fraction: torch.Tensor
+    max_load_violation: torch.Tensor
+
+
+class MoELayer(nn.Module):
+    """Top-k mixture of `num_experts` FFNs; input `[..., D]`, output the same shape.
+
+    In training mode (with grad enabled) `aux_loss_coeff * aux + z_loss_coeff * z` reaches the
+    router's
+    gradient through the output's backward, scaled by `aux_loss_scale` (set it to
+    `1 / grad_accum_steps` if the main loss is averaged over micro-batches). For `seq_aux_loss` the
+    input is read as `[B, S, D]` (batch first; any further leading dims count as batch) and a 2-D
+    input
+    as one sequence.
+
+    Example:
+        >>> cfg = MoEConfig(hidden_size=16, num_experts=4, ffn_hidden_size=32)
+        >>> moe = MoELayer(cfg)
+        >>> y = moe(torch.randn(2, 5, 16))
+        >>> y.shape, moe.last_stats.tokens_per_expert.sum().item()
+        (torch.Size([2, 5, 16]), 20)
+    """
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.router = TopKRouter(config.hidden_size, config.num_experts, config.router)
+        self.experts = GroupedExperts(
+            config.num_experts, config.hidden_size, config.ffn_hidden_size, config.activation
+        )
+        self.aux_loss_scale = 1.0
+        self.last_stats: MoEStats | None = None
+
+    @classmethod
+    def from_dense(cls, ffn: FeedForward, config: MoEConfig) -> MoELayer:
+        """Sparse upcycling: every expert starts as a copy of `ffn`; the router is fresh."""
+        if ffn.w1.shape[0] != config.hidden_size or ffn.w2.shape[0] != config.ffn_hidden_size:
+            raise ValueError(
+                f"dense FFN is {ffn.w1.shape[0]}->{ffn.w2.shape[0]} but moe.hidden_size="
+                f"{config.hidden_size}, moe.ffn_hidden_size={config.ffn_hidden_size}"
+            )
+        if ffn.activation != config.activation:
+            raise ValueError(
+                f"moe.activation ({config.activation!r}) differs from the dense FFN's "
+                f"({ffn.activation!r})"
+            )
+        layer = cls(config).to(device=ffn.w1.device, dtype=ffn.w1.dtype)
+        layer.experts = GroupedExperts.from_dense(ffn, config.num_experts)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if x.dim() < 1 or x.shape[-1] != cfg.hidden_size:
+            raise ValueError(
+                f"MoELayer input last dim ({x.shape[-1] if x.dim() else None}) must equal "
+                f"moe.hidden_size ({cfg.hidden_size}); got input shape {tuple(x.shape)}"
+            )
+        x_TD = x.reshape(-1, cfg.hidden_size)
+        route = self.router(x_TD)
+        out_TD, plan = self._dispatch_and_compute(x_TD, route)
+        losses = self._losses(x, route)
+        total = cfg.router.aux_loss_coeff * losses[0] + cfg.router.z_loss_coeff * losses[1]
+        if self.training and torch.is_grad_enabled():
+            out_TD = attach_loss(out_TD, total, self.aux_loss_scale)
+        self.last_stats = self._stats(route, plan.counts_E, losses)
+        return out_TD.view(*x.shape[:-1], out_TD.shape[-1])
+
+    def _dispatch_and_compute(self, x_TD: torch.Tensor, route: RouterOutput):
+        rc = self.config.router
+        num_tokens = x_TD.shape[0]
+        keep_TK = pad_to = None
+        if rc.capacity_factor is not None:
+            capacity = expert_capacity(
+                num_tokens, self.config.num_experts, rc.top_k, rc.capacity_factor, rc.min_capacity
+            )
+            keep_TK = capacity_keep_mask(
+                route.expert_ids_TK,
+                route.weights_TK,
+                self.config.num_experts,
+                capacity,
+                rc.drop_policy,
+            )
+            pad_to = capacity if rc.pad_to_capacity else None
+        plan = build_plan(route.expert_ids_TK, self.config.num_experts, keep_TK, pad_to)
+        x_RD = permute(x_TD, plan)
+        y_RD = self.experts(x_RD, plan.rows_per_expert)
+        return unpermute(y_RD, route.weights_TK, plan), plan
+
+    def _losses(self, x: torch.Tensor, route: RouterOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        rc = self.config.router
+        num_experts = self.config.num_experts
+        zero = route.logits_TE.sum() * 0.0
+        aux = zero
+        if rc.aux_loss_type == "aux_loss":
+            counts_E = torch.bincount(route.expert_ids_TK.reshape(-1), minlength=num_experts)
+            aux = load_balancing_loss(route.scores_TE, counts_E, rc.top_k)
+        elif rc.aux_loss_type == "seq_aux_loss":
+            seq_len = x.shape[-2] if x.dim() >= 3 else x_tokens(x)
+            num_seqs = route.scores_TE.shape[0] // max(seq_len, 1)
+            one_hot = torch.zeros_like(route.scores_TE).scatter_(1, route.expert_ids_TK, 1.0)
+            counts_BE = one_hot.view(num_seqs, seq_len, num_experts).sum(dim=1)
+            aux = seq_load_balancing_loss(
+                route.scores_TE.view(num_seqs, seq_len, num_experts), counts_BE, rc.top_k
+            )
+        zl = z_loss(route.logits_TE) if rc.z_loss_coeff > 0 else zero
+        return aux, zl
+
+    def _stats(self, route: RouterOutput, kept_E: torch.Tensor, losses) -> MoEStats:
+        with torch.no_grad():
+            num_pairs = route.expert_ids_TK.numel()
+            routed_E = torch.bincount(
+                route.expert_ids_TK.reshape(-1), minlength=self.config.num_experts
+            ).float()
+            mean = routed_E.mean().clamp(min=1e-9)
+            dropped = (num_pairs - kept_E.sum()).float() / max(num_pairs, 1)
+            return MoEStats(
+                aux_loss=losses[0].detach(),
+                z_loss=losses[1].detach(),
+                tokens_per_expert=kept_E.detach(),
+                dropped_fraction=dropped,
+                max_load_violation=(routed_E.max() - mean) / mean if num_pairs else mean * 0,
+            )
+
+
+def x_tokens(x: torch.Tensor) -> int:
+    """Tokens in a `[..., D]` input."""
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
+    """Set the balancing-loss gradient scale of every `MoELayer` in `model`."""
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            module.aux_loss_scale = float(scale)

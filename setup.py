@@ -1,0 +1,29 @@
+"""Package metadata and dependencies of moeflow (build system and tool config: pyproject.toml)."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+# Tests cross-check against these exact peer versions; keep them pinned together.
+PEERS = ["deepspeed==0.19.8", "megatron-core==0.16.1"]
+
+setup(
+    name="moeflow",
+    version="0.1.0",
+    description=(
+        "Mixture-of-Experts training for PyTorch: expert-parallel layers, pluggable routers, "
+        "adaptive parallelism, ILP expert placement"
+    ),
+    long_description=Path("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["moeflow", "moeflow.*"]),
+    # A range, so a GPU user keeps the CUDA build of torch they already have.
+    install_requires=["torch>=2.4,<3", "numpy", "pulp>=2.8", "highspy>=1.7"],
+    extras_require={
+        "wandb": ["wandb"],
+        "integrations": PEERS,
+        "dev": ["pytest>=8", "ruff>=0.6", *PEERS],
+    },
+)

@@ -1,0 +1,117 @@
+"""The layer against the slow per-token float64 reference: forward, losses and every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeflow import MoEConfig, MoELayer, RouterConfig
+from tests.reference import reference_moe
+
+CAPACITY_CASES = [(None, "probs")] + [
+    (cf, policy) for cf in (0.5, 1.0, 1.25) for policy in ("probs", "position")
+]
+
+
+def make_layer(seed: int = 0, **router_kw) -> tuple[MoELayer, MoEConfig]:
+    activation = router_kw.pop("activation", "swiglu")
+    cfg = MoEConfig(
+        hidden_size=8,
+        num_experts=8,
+        ffn_hidden_size=12,
+        activation=activation,
+        router=RouterConfig(**router_kw),
+    )
+    torch.manual_seed(seed)
+    layer = MoELayer(cfg).double()
+    with torch.no_grad():
+        layer.router.weight.normal_(0.0, 1.0)  # spread-out logits: varied routing, no near-ties
+    return layer, cfg
+
+
+def check_against_reference(layer: MoELayer, cfg: MoEConfig, x: torch.Tensor, seq_len=None):
+    layer.train()
+    rc = cfg.router
+    x1 = x.clone().requires_grad_(True)
+    g = torch.randn_like(x)
+    out = layer(x1)
+    (out * g).sum().backward()
+
+    params = [layer.router.weight, layer.experts.w1, layer.experts.w2]
+    ref_params = [p.detach().clone().requires_grad_(True) for p in params]
+    x2 = x.clone().requires_grad_(True)
+    ref_out, aux, z, counts = reference_moe(
+        x2.reshape(-1, cfg.hidden_size), *ref_params, cfg, seq_len=seq_len
+    )
+    loss = (ref_out.view_as(x) * g).sum() + rc.aux_loss_coeff * aux + rc.z_loss_coeff * z
+    loss.backward()
+
+    torch.testing.assert_close(out, ref_out.view_as(x), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-9, atol=1e-12)
+    for p, rp in zip(params, ref_params, strict=True):
+        torch.testing.assert_close(p.grad, rp.grad, rtol=1e-9, atol=1e-12)
+    stats = layer.last_stats
+    assert stats.tokens_per_expert.tolist() == counts
+    if rc.aux_loss_type != "none":
+        torch.testing.assert_close(stats.aux_loss, aux.detach(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+@pytest.mark.parametrize(("capacity_factor", "drop_policy"), CAPACITY_CASES)
+def test_topk_capacity_matrix(top_k, capacity_factor, drop_policy):
+    layer, cfg = make_layer(
+        top_k=top_k, capacity_factor=capacity_factor, drop_policy=drop_policy, z_loss_coeff=1e-3
+    )
+    x = torch.randn(3, 10, 8, dtype=torch.float64)
+    check_against_reference(layer, cfg, x)
+    if capacity_factor is not None and capacity_factor < 1:
+        assert layer.last_stats.dropped_fraction.item() > 0
+
+
+@pytest.mark.parametrize(
+    "router_kw",
+    [
+        {"score_function": "softmax", "pre_softmax": True, "normalize_topk": True},
+        {"score_function": "softmax", "pre_softmax": True, "normalize_topk": False},
+        {"score_function": "sigmoid", "normalize_topk": True},
+        {"score_function": "sigmoid", "normalize_topk": False, "capacity_factor": 1.0},
+        {"activation": "gelu", "aux_loss_type": "seq_aux_loss"},
+        {"activation": "relu", "capacity_factor": 1.0, "pad_to_capacity": True},
+        {"capacity_factor": 0.5, "min_capacity": 9, "drop_policy": "position"},
+        {"aux_loss_type": "none", "z_loss_coeff": 1e-2},
+    ],
+)
+def test_router_modes(router_kw):
+    layer, cfg = make_layer(top_k=2, **router_kw)
+    x = torch.randn(4, 6, 8, dtype=torch.float64)
+    check_against_reference(layer, cfg, x, seq_len=6)
+
+
+def test_pad_to_capacity_changes_nothing_but_shape():
+    x = torch.randn(40, 8, dtype=torch.float64)
+    layer, _ = make_layer(top_k=2, capacity_factor=1.0)
+    padded, _ = make_layer(top_k=2, capacity_factor=1.0, pad_to_capacity=True)
+    torch.testing.assert_close(layer(x), padded(x), rtol=1e-12, atol=1e-14)
+
+
+def test_eval_mode_attaches_no_loss_gradient():
+    layer, _ = make_layer(top_k=2, aux_loss_coeff=1.0)
+    x = torch.randn(16, 8, dtype=torch.float64)
+    layer.eval()
+    layer(x).sum().backward()
+    grad_eval = layer.router.weight.grad.clone()
+    layer.zero_grad()
+    layer.train()
+    layer(x).sum().backward()
+    assert not torch.allclose(grad_eval, layer.router.weight.grad)
+
+
+def test_aux_loss_scale_scales_only_the_balancing_gradient():
+    x = torch.randn(16, 8, dtype=torch.float64)
+    grads = {}
+    for scale in (0.0, 1.0, 3.0):
+        layer, _ = make_layer(top_k=2, aux_loss_coeff=0.5)
+        layer.aux_loss_scale = scale
+        layer(x).sum().backward()
+        grads[scale] = layer.router.weight.grad.clone()
+    torch.testing.assert_close(grads[3.0] - grads[0.0], 3 * (grads[1.0] - grads[0.0]))
