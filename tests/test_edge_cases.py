@@ -143,3 +143,14 @@ def test_input_jitter_only_in_training():
     assert torch.equal(layer(x), layer(x))
     layer.train()
     assert not torch.equal(layer(x), layer(x))
+
+
+def test_router_dtype_fp64_and_fp64_inputs_route_in_fp64():
+    seen = []
+    layer = MoELayer(cfg(router_dtype="fp64"))
+    layer.router.register_forward_hook(lambda m, i, o: seen.append(o.logits_TE.dtype))
+    layer(torch.randn(5, 8))
+    layer32 = MoELayer(cfg()).double()
+    layer32.router.register_forward_hook(lambda m, i, o: seen.append(o.logits_TE.dtype))
+    layer32(torch.randn(5, 8, dtype=torch.float64))
+    assert seen == [torch.float64, torch.float64]

@@ -77,6 +77,10 @@ class RouterConfig:
       sigmoid) and
       `count` the top-k selections before any drop. `seq_aux_loss` computes it per sequence and
       averages. z-loss: `mean_t logsumexp(logits_t)^2`.
+
+    Example:
+        >>> RouterConfig(top_k=1, pre_softmax=True, normalize_topk=False).capacity_factor is None
+        True
     """
 
     top_k: int = 2
@@ -129,6 +133,11 @@ class MoEConfig:
     """Shape of one MoE layer: `hidden_size` D, `num_experts` E, `ffn_hidden_size` F per expert.
 
     `activation`: `swiglu` (`silu(x W_gate) * (x W_up)`), `gelu` or `relu`.
+
+    Example:
+        >>> cfg = MoEConfig(hidden_size=64, num_experts=8, ffn_hidden_size=128)
+        >>> MoEConfig.from_dict(cfg.to_dict()) == cfg
+        True
     """
 
     hidden_size: int

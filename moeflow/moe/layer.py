@@ -35,6 +35,12 @@ class MoEStats:
     `dropped_fraction` is the share of (token, slot) pairs dropped by capacity;
     `max_load_violation` is `(max_i routed_i - mean) / mean` over the router's choices before drops
     (DeepSeek's MaxVio; 0 is perfect balance).
+
+    Example:
+        >>> moe = MoELayer(MoEConfig(hidden_size=8, num_experts=2, ffn_hidden_size=8))
+        >>> _ = moe(torch.randn(6, 8))
+        >>> moe.last_stats.dropped_fraction.item()
+        0.0
     """
 
     aux_loss: torch.Tensor
@@ -170,7 +176,15 @@ def x_tokens(x: torch.Tensor) -> int:
 
 
 def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
-    """Set the balancing-loss gradient scale of every `MoELayer` in `model`."""
+    """Set the balancing-loss gradient scale of every `MoELayer` in `model`.
+
+    Example:
+        >>> model = torch.nn.Sequential(MoELayer(MoEConfig(hidden_size=8, num_experts=2,
+        ...                                                ffn_hidden_size=8)))
+        >>> set_aux_loss_scale(model, 1 / 4)  # 4 micro-batches per optimizer step
+        >>> model[0].aux_loss_scale
+        0.25
+    """
     for module in model.modules():
         if isinstance(module, MoELayer):
             module.aux_loss_scale = float(scale)
