@@ -4,13 +4,10 @@
     .venv/bin/python bench/layer.py --tokens 1024 --repeats 5    # quicker
 
 Floor: the same routed (token, slot) rows, already grouped by expert, through the E expert FFNs as
-plain
-per-expert matrix products (forward and backward), with the layer's own weights and per-expert
-counts.
-Everything the layer adds (router, top-k, sort, gather, capacity, weighted combine) is overhead on
-it.
-DeepSpeed: `deepspeed.moe.layer.MoE` with the same FFN as its expert, ep_size=1, on gloo.
-Prints medians over interleaved repeats and the ratios, plus machine, threads and shapes.
+plain per-expert matrix products (forward and backward), with the layer's own weights and per-expert
+counts. Everything the layer adds (router, top-k, sort, gather, capacity, weighted combine) is
+overhead on it. DeepSpeed: `deepspeed.moe.layer.MoE` with the same FFN as its expert, ep_size=1, on
+gloo. Prints medians over interleaved repeats and the ratios, plus machine, threads and shapes.
 """
 
 from __future__ import annotations

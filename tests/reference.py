@@ -1,8 +1,7 @@
 """Slow, per-token float64 reference of one MoE layer, written from PAPERS.md, not from moeflow.
 
 Python loops over tokens, experts and slots; every rule spelled out. Used to check the vectorised
-layer's
-forward, its gradients and its balancing losses.
+layer's forward, its gradients and its balancing losses.
 """
 
 from __future__ import annotations

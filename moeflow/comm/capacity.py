@@ -50,8 +50,8 @@ def capacity_keep_mask(
 ) -> torch.Tensor:
     """Bool `[T, K]`: which pairs keep a slot when each expert takes at most `capacity` pairs.
 
-    - `"probs"`: per expert, the pairs with the highest weight (ties: earlier pair first).
-      Same selection as Megatron's `apply_router_token_dropping(drop_policy="probs")`.
+    - `"probs"`: per expert, the pairs with the highest weight (ties: earlier pair first). Same
+      selection as Megatron's `apply_router_token_dropping(drop_policy="probs")`.
     - `"position"`: first choices before second choices, then token order (GShard/DeepSpeed
       `top2gating`). Megatron's "position" ranks by token order only; the two agree for K=1.
     """

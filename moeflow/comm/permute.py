@@ -1,16 +1,13 @@
 """Permute tokens into an expert-sorted buffer and back, as autograd ops (no communication yet).
 
-Legend: T tokens, D model dim, E experts (buffer groups), K top-k, R rows of the expert buffer.
-A pair is one (token, slot) choice, index `t*K + k`.
+Legend: T tokens, D model dim, E experts (buffer groups), K top-k, R rows of the expert buffer. A
+pair is one (token, slot) choice, index `t*K + k`.
 
 `RoutingPlan` says where every pair goes: `pair_to_row[T*K]` (row in the buffer, -1 if dropped) and
 `row_to_pair[R]` (-1 for a padding row). Rows are grouped by expert in ascending expert order;
-within an
-expert, by pair index (token order), so the buffer is deterministic. Both directions are gathers,
-forward
-and backward: no scatter-add, so results are bitwise deterministic on every device, and tokens
-repeated
-K times have their input gradient summed over K in a fixed order.
+within an expert, by pair index (token order), so the buffer is deterministic. Both directions are
+gathers, forward and backward: no scatter-add, so results are bitwise deterministic on every device,
+and tokens repeated K times have their input gradient summed over K in a fixed order.
 """
 
 from __future__ import annotations
@@ -48,8 +45,7 @@ def build_plan(
     pad_to: int | None = None,
 ) -> RoutingPlan:
     """Sort pairs by expert. `keep_TK` marks pairs that survived capacity; `pad_to` gives every
-    expert
-    exactly that many rows (zero padding).
+    expert exactly that many rows (zero padding).
 
     Host sync: one `.tolist()` of the E (+1) counts, needed to size the buffer groups.
     """
@@ -187,8 +183,8 @@ def permute(x_TD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
 
 
 def unpermute(y_RD: torch.Tensor, weights_TK: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-    """`out[t] = sum_k weights[t, k] * y[row(t, k)]`, dropped pairs contributing zero. Output `[T,
-    D]`
-    in `y`'s dtype (the weighted sum runs in the expert output's precision, as a dense FFN
-    would)."""
+    """`out[t] = sum_k weights[t, k] * y[row(t, k)]`, dropped pairs contributing zero.
+
+    Output `[T, D]` in `y`'s dtype: the weighted sum runs in the expert output's precision, as a
+    dense FFN's output would."""
     return _Unpermute.apply(y_RD, weights_TK, plan)

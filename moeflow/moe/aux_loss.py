@@ -2,10 +2,9 @@
 
 This is how an unchanged training loop (`loss = ce(model(x)); loss.backward()`) trains the router's
 balancing losses: the MoE layer returns `attach_loss(output, aux_loss)`, whose forward is the
-identity
-and whose backward also seeds `d aux_loss = scale`. Megatron's `MoEAuxLossAutoScaler` works the
-same way,
-but keeps its scale in a class-level global; here the scale is an argument owned by each layer.
+identity and whose backward also seeds `d aux_loss = scale`. Megatron's `MoEAuxLossAutoScaler` works
+the same way, but keeps its scale in a class-level global; here the scale is an argument owned by
+each layer.
 """
 
 from __future__ import annotations

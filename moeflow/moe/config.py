@@ -1,10 +1,8 @@
 """Configuration of one MoE layer: the router's settings and the layer's.
 
 Field names follow Megatron-Core's `--moe-*` flags and DeepSpeed's `MoE(...)` arguments so that a
-user of
-either recognises them. Every field is validated in `__post_init__`; errors name the field, the
-value and
-the allowed values.
+user of either recognises them. Every field is validated in `__post_init__`; errors name the field,
+the value and the allowed values.
 
 Example:
     >>> cfg = MoEConfig(hidden_size=64, num_experts=8, ffn_hidden_size=128,
@@ -44,39 +42,32 @@ class RouterConfig:
     Semantics (PAPERS.md, "Baseline top-k routing"):
 
     - `score_function="softmax"`, `pre_softmax=False` (Megatron's default): top-k over the logits,
-      then a
-      softmax over the k selected logits, so the k weights always sum to 1.
+      then a softmax over the k selected logits, so the k weights always sum to 1.
     - `score_function="softmax"`, `pre_softmax=True`: softmax over all experts, then top-k of the
       probabilities; `normalize_topk=True` rescales them to sum to 1 (DeepSpeed's `topkgating`).
     - `score_function="sigmoid"`: per-expert sigmoid scores; `normalize_topk=True` divides the k
-      selected
-      scores by their sum (Megatron does this only when k > 1).
+      selected scores by their sum (Megatron does this only when k > 1).
     - `normalize_topk` applies for every k, as in DeepSpeed: with k=1 it makes every weight 1, so
-      the
-      router learns only through the balancing loss. Switch-style k=1 routing wants
+      the router learns only through the balancing loss. Switch-style k=1 routing wants
       `pre_softmax=True, normalize_topk=False` (the weight is then the expert's probability).
-    - `capacity_factor=None` is dropless (the default). Otherwise each expert takes at most
-      `C = max(ceil(T*k/E * capacity_factor), min_capacity)` (token, slot) pairs; `min_capacity=0`
+    - `capacity_factor=None` is dropless (the default). Otherwise each expert takes at most `C =
+      max(ceil(T*k/E * capacity_factor), min_capacity)` (token, slot) pairs; `min_capacity=0`
       reproduces Megatron, DeepSpeed's default is 4.
     - Weights are **not** renormalised after a drop: a dropped slot contributes zero and the
-      surviving
-      slots keep their weight (Megatron). DeepSpeed renormalises the survivors.
+      surviving slots keep their weight (Megatron). DeepSpeed renormalises the survivors.
     - `drop_policy="probs"` keeps, per expert, the pairs with the highest routing weight (Megatron
-      ranks
-      by this probability; DeepSpeed's `topkgating` ranks by the raw softmax gate, which orders the
-      same
-      under `pre_softmax=True`). `drop_policy="position"` keeps the earliest tokens, and first
-      choices
-      fill slots before second choices (GShard/DeepSpeed `top2gating`); Megatron's "position"
-      ignores
-      the choice rank, so the two agree for k=1 only.
+      ranks by this probability; DeepSpeed's `topkgating` ranks by the raw softmax gate, which
+      orders the same under `pre_softmax=True`). `drop_policy="position"` keeps the earliest tokens,
+      and first choices fill slots before second choices (GShard/DeepSpeed `top2gating`); Megatron's
+      "position" ignores the choice rank, so the two agree for k=1 only. Ties (k=1 after a
+      post-softmax makes every weight 1) go to the earlier token; Megatron leaves them to
+      `torch.topk`'s unspecified order.
     - `pad_to_capacity=True` gives every expert exactly C rows (zero rows as padding): static
       shapes.
     - Aux loss (Megatron's normalisation, 1 at perfect balance):
       `L = E/(k*T^2) * sum_i (sum_t p_ti) * count_i` with `p` the full softmax (or normalised
-      sigmoid) and
-      `count` the top-k selections before any drop. `seq_aux_loss` computes it per sequence and
-      averages. z-loss: `mean_t logsumexp(logits_t)^2`.
+      sigmoid) and `count` the top-k selections before any drop. `seq_aux_loss` computes it per
+      sequence and averages. z-loss: `mean_t logsumexp(logits_t)^2`.
 
     Example:
         >>> RouterConfig(top_k=1, pre_softmax=True, normalize_topk=False).capacity_factor is None

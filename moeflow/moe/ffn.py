@@ -1,8 +1,8 @@
 """The dense feed-forward block an MoE layer replaces, and the activations experts share.
 
-Legend: N rows, D model dim, F FFN hidden dim. Weights are stored input-major (`w1: [D, g*F]`,
-`w2: [F, D]`, g = 2 for SwiGLU: gate columns first, then up columns) so `x @ w1` needs no transpose;
-the same layout, with a leading expert dim, is used by `GroupedExperts`.
+Legend: N rows, D model dim, F FFN hidden dim. Weights are stored input-major (`w1: [D, g*F]`, `w2:
+[F, D]`, g = 2 for SwiGLU: gate columns first, then up columns) so `x @ w1` needs no transpose; the
+same layout, with a leading expert dim, is used by `GroupedExperts`.
 """
 
 from __future__ import annotations

@@ -4,13 +4,11 @@ Legend: R expert-sorted rows, D model dim, F FFN dim, g = 2 for SwiGLU, E expert
 
 Why a hand-written backward: autograd over a per-expert loop pays for `split`/`cat` copies of every
 activation, a per-expert `chunk`+`cat` for SwiGLU, and one zero-filled weight-sized tensor per
-indexed
-expert. Here every GEMM writes straight into its rows of one preallocated buffer (forward and
-backward),
-and the activation and its derivative run once over all rows instead of once per expert. The math is
-that of `moeflow.moe.ffn.FeedForward` applied per expert; tests compare it with that and with
-gradcheck.
-Under `torch.autocast` the GEMMs run in the autocast dtype, as `nn.Linear` would.
+indexed expert. Here every GEMM writes straight into its rows of one preallocated buffer (forward
+and backward), and the activation and its derivative run once over all rows instead of once per
+expert. The math is that of `moeflow.moe.ffn.FeedForward` applied per expert; tests compare it with
+that and with gradcheck. Under `torch.autocast` the GEMMs run in the autocast dtype, as `nn.Linear`
+would.
 """
 
 from __future__ import annotations

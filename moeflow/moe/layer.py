@@ -3,10 +3,8 @@
 Legend: T tokens, D model dim, E experts, K top-k, R rows of the expert buffer.
 
 Data flow (DESIGN.md): route (fp32) -> capacity (optional) -> permute into an expert-sorted buffer
-->
-grouped expert FFNs -> un-permute and weight by the router -> balancing losses attached to the
-output so
-that an unchanged training loop trains them.
+-> grouped expert FFNs -> un-permute and weight by the router -> balancing losses attached to the
+output so that an unchanged training loop trains them.
 """
 
 from __future__ import annotations
@@ -31,10 +29,9 @@ class MoEStats:
     """What the last forward measured, detached (read them with `.item()` when logging).
 
     `aux_loss` / `z_loss` are the unscaled loss values (before their coefficients);
-    `tokens_per_expert` counts the pairs each expert computed (after drops);
-    `dropped_fraction` is the share of (token, slot) pairs dropped by capacity;
-    `max_load_violation` is `(max_i routed_i - mean) / mean` over the router's choices before drops
-    (DeepSeek's MaxVio; 0 is perfect balance).
+    `tokens_per_expert` counts the pairs each expert computed (after drops); `dropped_fraction` is
+    the share of (token, slot) pairs dropped by capacity; `max_load_violation` is `(max_i routed_i -
+    mean) / mean` over the router's choices before drops (DeepSeek's MaxVio; 0 is perfect balance).
 
     Example:
         >>> moe = MoELayer(MoEConfig(hidden_size=8, num_experts=2, ffn_hidden_size=8))
@@ -54,12 +51,10 @@ class MoELayer(nn.Module):
     """Top-k mixture of `num_experts` FFNs; input `[..., D]`, output the same shape.
 
     In training mode (with grad enabled) `aux_loss_coeff * aux + z_loss_coeff * z` reaches the
-    router's
-    gradient through the output's backward, scaled by `aux_loss_scale` (set it to
-    `1 / grad_accum_steps` if the main loss is averaged over micro-batches). For `seq_aux_loss` the
-    input is read as `[B, S, D]` (batch first; any further leading dims count as batch) and a 2-D
-    input
-    as one sequence.
+    router's gradient through the output's backward, scaled by `aux_loss_scale` (set it to `1 /
+    grad_accum_steps` if the main loss is averaged over micro-batches). For `seq_aux_loss` the input
+    is read as `[B, S, D]` (batch first; any further leading dims count as batch) and a 2-D input as
+    one sequence.
 
     Example:
         >>> cfg = MoEConfig(hidden_size=16, num_experts=4, ffn_hidden_size=32)

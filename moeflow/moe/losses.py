@@ -1,7 +1,7 @@
 """Router balancing losses, as pure functions (PAPERS.md, "Baseline top-k routing").
 
-Legend: T tokens, E experts, K top-k, B sequences, S tokens per sequence.
-All functions take the router's scores in fp32 and return a 0-dim tensor; an empty batch gives 0.
+Legend: T tokens, E experts, K top-k, B sequences, S tokens per sequence. All functions take the
+router's scores in fp32 and return a 0-dim tensor; an empty batch gives 0.
 """
 
 from __future__ import annotations
@@ -15,10 +15,8 @@ def load_balancing_loss(
     """Switch/GShard loss with Megatron's normalisation: `E/(K*T^2) * sum_i (sum_t p_ti) * count_i`.
 
     `scores_TE` are the full-distribution router probabilities, `counts_E` the number of tokens
-    whose
-    top-k contains expert i (before capacity drops). Equals 1 at perfect balance with uniform
-    scores.
-    Compute it per layer; averaging per-layer losses keeps one layer's imbalance visible.
+    whose top-k contains expert i (before capacity drops). Equals 1 at perfect balance with uniform
+    scores. Compute it per layer; averaging per-layer losses keeps one layer's imbalance visible.
     """
     num_tokens, num_experts = scores_TE.shape
     if num_tokens == 0:

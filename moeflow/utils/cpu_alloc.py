@@ -2,11 +2,10 @@
 
 PyTorch's CPU allocator is plain `malloc`. glibc serves large blocks with `mmap` and unmaps them on
 `free`, and trims the heap top eagerly, so every step's activations are page-faulted in again:
-measured
-here (2-core VM, one MoE layer at T=4096, D=256) as ~5,000 minor faults and ~10% of the step.
-Raising
-`M_MMAP_THRESHOLD` and `M_TRIM_THRESHOLD` keeps freed blocks in the heap for reuse. This is the same
-effect as preloading jemalloc or tcmalloc, which PyTorch's CPU performance guide recommends.
+measured here (2-core VM, one MoE layer at T=4096, D=256) as ~5,000 minor faults and ~10% of the
+step. Raising `M_MMAP_THRESHOLD` and `M_TRIM_THRESHOLD` keeps freed blocks in the heap for reuse.
+This is the same effect as preloading jemalloc or tcmalloc, which PyTorch's CPU performance guide
+recommends.
 
 It changes process-wide allocator settings, so moeflow never calls it on import: the trainer and the
 benchmarks call it explicitly (and say so), and a user may call it at the top of a CPU training

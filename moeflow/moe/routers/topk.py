@@ -19,10 +19,9 @@ from moeflow.moe.config import RouterConfig
 class RouterOutput:
     """What a router hands to the layer.
 
-    `weights_TK` / `expert_ids_TK`: the k choices per token, best first.
-    `scores_TE`: the full-distribution probabilities the balancing loss uses (softmax over all
-    experts,
-    or sigmoid scores normalised per token). `logits_TE`: raw logits, for the z-loss.
+    `weights_TK` / `expert_ids_TK`: the k choices per token, best first. `scores_TE`: the
+    full-distribution probabilities the balancing loss uses (softmax over all experts, or sigmoid
+    scores normalised per token). `logits_TE`: raw logits, for the z-loss.
     """
 
     weights_TK: torch.Tensor
