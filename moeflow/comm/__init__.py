@@ -1,7 +1,7 @@
 """Moving tokens: permutation, capacity, and (with expert parallelism) all-to-all."""
 
 from moeflow.comm.capacity import capacity_keep_mask, expert_capacity, rank_within_expert
-from moeflow.comm.permute import RoutingPlan, build_plan, permute, unpermute
+from moeflow.comm.permutation import RoutingPlan, build_plan, permute, unpermute
 
 __all__ = [
     "RoutingPlan",

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from moeflow.comm.capacity import capacity_keep_mask, expert_capacity
-from moeflow.comm.permute import build_plan, permute, unpermute
+from moeflow.comm.permutation import build_plan, permute, unpermute
 from moeflow.moe.aux_loss import attach_loss
 from moeflow.moe.config import MoEConfig
 from moeflow.moe.experts import GroupedExperts
