@@ -1,26 +1,36 @@
-"""Grouped expert FFN as one autograd op: `y[rows_e] = act(x[rows_e] @ w1[e]) @ w2[e]` for every e.
+"""Grouped expert FFN: `y[rows] = act(x[rows] @ w1[e]) @ w2[e]` for every block of rows of expert e.
 
-Legend: R expert-sorted rows, D model dim, F FFN dim, g = 2 for SwiGLU, E experts, n rows of one
-expert.
+Legend: R rows, D model dim, F FFN dim, g = 2 for SwiGLU, E experts, n rows of one block.
+
+A *block* is `(expert, first row, end row)`. Blocks of one expert need not be adjacent: under expert
+parallelism the received buffer is ordered by source rank, then expert, so expert e owns one block
+per source rank and the GEMMs run on those blocks in place (no reordering copy).
 
 Why a hand-written backward: autograd over a per-expert loop pays for `split`/`cat` copies of every
 activation, a `chunk`+`cat` per expert for SwiGLU, and one zero-filled weight-sized tensor per
-indexed expert. Here the work runs expert by expert, every GEMM writing straight into its rows of a
-preallocated buffer: the activation of expert e runs while its GEMM output is still in cache, and
-the backward's temporaries are `[n, F]` per expert (reused by the allocator from one expert to the
-next) instead of `[R, F]` for all rows, which on CPU would be page-faulted in again every step. The
-math is `moeflow.moe.ffn.FeedForward` per expert; tests compare the two and run gradcheck. Under
+indexed expert. Here the work runs block by block, every GEMM writing straight into its rows of a
+preallocated buffer: the activation of a block runs while its GEMM output is still in cache, and the
+backward's temporaries are `[n, F]` per block (reused by the allocator from one block to the next)
+instead of `[R, F]`, which on CPU would be page-faulted in again every step. The math is
+`moeflow.moe.ffn.FeedForward` per expert; tests compare the two and run gradcheck. Under
 `torch.autocast` the GEMMs run in the autocast dtype, as `nn.Linear` would.
+
+`ffn_forward` / `ffn_backward` are plain functions (no autograd) so that the expert-parallel
+dispatcher can interleave them with communication in its own forward and backward.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.autograd.function import once_differentiable
 
+Block = tuple[int, int, int]
 
-def _bounds(rows_per_expert: list[int]) -> list[tuple[int, int, int]]:
-    """`(expert, first row, end row)` for every expert that has rows."""
+
+def blocks_from_counts(rows_per_expert: list[int]) -> list[Block]:
+    """Blocks for rows grouped by expert: expert e owns the next `rows_per_expert[e]` rows."""
     out, start = [], 0
     for e, n in enumerate(rows_per_expert):
         if n:
@@ -29,106 +39,153 @@ def _bounds(rows_per_expert: list[int]) -> list[tuple[int, int, int]]:
     return out
 
 
-def _empty_with_zeros_for_idle(
-    w_E: torch.Tensor, bounds: list[tuple[int, int, int]]
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The autocast dtype when autocast is on for `x`'s device, else `x`'s own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+@dataclass
+class FFNActivations:
+    """What the backward of one `ffn_forward` call needs."""
+
+    x: torch.Tensor
+    w1: torch.Tensor
+    w2: torch.Tensor
+    hs: list[torch.Tensor]  # [gate, up] for SwiGLU, else [h]
+    aux: torch.Tensor | None  # silu(gate) for SwiGLU
+    a: torch.Tensor
+    blocks: list[Block]
+    activation: str
+
+    def tensors(self) -> list[torch.Tensor]:
+        """For `ctx.save_for_backward` (so saved-tensor hooks, e.g. activation checkpointing or
+        offloading, see them); `from_tensors` rebuilds the object."""
+        return [self.x, self.w1, self.w2, self.a, *self.hs] + (
+            [self.aux] if self.aux is not None else []
+        )
+
+    @classmethod
+    def from_tensors(cls, tensors, blocks: list[Block], activation: str) -> FFNActivations:
+        x, w1, w2, a, *rest = tensors
+        parts = 2 if activation == "swiglu" else 1
+        aux = rest[parts] if activation == "swiglu" else None
+        return cls(x, w1, w2, list(rest[:parts]), aux, a, blocks, activation)
+
+
+class WeightGrads:
+    """Weight gradients filled block by block: the first block of an expert writes, later blocks
+    add, and experts with no block at all get zeros."""
+
+    def __init__(self, w1: torch.Tensor, w2: torch.Tensor) -> None:
+        self.w1 = torch.empty_like(w1)
+        self.w2 = torch.empty_like(w2)
+        self.ffn = w2.shape[1]
+        self.written: set[int] = set()
+
+    def accumulate(self, e: int, x_nD, grad_hs, a_nF, grad_nD) -> None:
+        first = e not in self.written
+        self.written.add(e)
+        parts = [self.w1[e]] if len(grad_hs) == 1 else list(self.w1[e].split(self.ffn, dim=-1))
+        for gw, gh in zip(parts, grad_hs, strict=True):
+            _mm_into(gw, x_nD.t(), gh, first)
+        _mm_into(self.w2[e], a_nF.t(), grad_nD, first)
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        for e in range(self.w1.shape[0]):
+            if e not in self.written:
+                self.w1[e].zero_()
+                self.w2[e].zero_()
+        return self.w1, self.w2
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, overwrite: bool) -> None:
+    if overwrite:
+        torch.mm(a, b, out=out)
+    else:
+        out.addmm_(a, b)
+
+
+def ffn_forward(
+    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, blocks: list[Block], activation: str
+) -> tuple[torch.Tensor, FFNActivations]:
+    """Run every block; `x`, `w1`, `w2` already in the compute dtype. Rows in no block give 0."""
+    rows, ffn = x.shape[0], w2.shape[1]
+    # SwiGLU's gate and up projections (column blocks of w1) go to two contiguous buffers:
+    # elementwise kernels on strided halves of one buffer run ~2x slower on CPU.
+    w1_parts = list(w1.split(ffn, dim=-1))
+    hs = [x.new_empty(rows, ffn) for _ in w1_parts]
+    aux = x.new_empty(rows, ffn) if activation == "swiglu" else None
+    a = x.new_empty(rows, ffn)
+    covered = sum(hi - lo for _, lo, hi in blocks)
+    y = x.new_empty(rows, w2.shape[-1]) if covered == rows else x.new_zeros(rows, w2.shape[-1])
+    for e, lo, hi in blocks:
+        for h, w in zip(hs, w1_parts, strict=True):
+            torch.mm(x[lo:hi], w[e], out=h[lo:hi])
+        if activation == "swiglu":
+            torch.ops.aten.silu.out(hs[0][lo:hi], out=aux[lo:hi])
+            torch.mul(aux[lo:hi], hs[1][lo:hi], out=a[lo:hi])
+        elif activation == "gelu":
+            torch.ops.aten.gelu.out(hs[0][lo:hi], out=a[lo:hi])
+        else:
+            torch.clamp_min(hs[0][lo:hi], 0, out=a[lo:hi])
+        torch.mm(a[lo:hi], w2[e], out=y[lo:hi])
+    return y, FFNActivations(x, w1, w2, hs, aux, a, blocks, activation)
+
+
+def ffn_backward(
+    saved: FFNActivations, grad_y: torch.Tensor, weight_grads: WeightGrads
 ) -> torch.Tensor:
-    grad = torch.empty_like(w_E)
-    busy = {e for e, _, _ in bounds}
-    for e in range(w_E.shape[0]):
-        if e not in busy:
-            grad[e].zero_()
-    return grad
-
-
-def _forward_rows(x, w1_parts, w2, hs, aux, a, y, e, lo, hi, activation) -> None:
-    """Expert e on rows [lo, hi): fills its rows of the pre-activation(s) `hs`, `aux`
-    (silu(gate) for SwiGLU), the activation `a` and the output `y`."""
-    for h, w in zip(hs, w1_parts, strict=True):
-        torch.mm(x[lo:hi], w[e], out=h[lo:hi])
-    if activation == "swiglu":
-        torch.ops.aten.silu.out(hs[0][lo:hi], out=aux[lo:hi])
-        torch.mul(aux[lo:hi], hs[1][lo:hi], out=a[lo:hi])
-    elif activation == "gelu":
-        torch.ops.aten.gelu.out(hs[0][lo:hi], out=a[lo:hi])
-    else:
-        torch.clamp_min(hs[0][lo:hi], 0, out=a[lo:hi])
-    torch.mm(a[lo:hi], w2[e], out=y[lo:hi])
-
-
-def _backward_rows(ctx_tensors, grads, e, lo, hi, activation) -> None:
-    """Expert e on rows [lo, hi): its rows of grad_x and its blocks of grad_w1, grad_w2."""
-    x, w1_parts, w2, hs, aux, a, grad_y = ctx_tensors
-    grad_x, grad_w1_parts, grad_w2 = grads
-    gy = grad_y[lo:hi]
-    grad_a = gy @ w2[e].t()  # [n, F], consumed below
-    torch.mm(a[lo:hi].t(), gy, out=grad_w2[e])
-    if activation == "swiglu":
-        gate, up = hs[0][lo:hi], hs[1][lo:hi]
-        grad_up = grad_a * aux[lo:hi]  # d/d up = silu(gate)
-        grad_a.mul_(up)  # d/d silu(gate)
-        torch.ops.aten.silu_backward.grad_input(grad_a, gate, grad_input=grad_a)
-        grad_hs = [grad_a, grad_up]
-    elif activation == "gelu":
-        torch.ops.aten.gelu_backward.grad_input(grad_a, hs[0][lo:hi], grad_input=grad_a)
-        grad_hs = [grad_a]
-    else:
-        grad_a.masked_fill_(hs[0][lo:hi] <= 0, 0)
-        grad_hs = [grad_a]
-    for i, (gh, w, gw) in enumerate(zip(grad_hs, w1_parts, grad_w1_parts, strict=True)):
-        if i == 0:
-            torch.mm(gh, w[e].t(), out=grad_x[lo:hi])
-        else:  # SwiGLU: the up projection's contribution adds to the gate's
-            grad_x[lo:hi].addmm_(gh, w[e].t())
-        torch.mm(x[lo:hi].t(), gh, out=gw[e])
+    """Gradient wrt `x` (rows in no block get 0); weight gradients go into `weight_grads`."""
+    s = saved
+    grad_y = grad_y.to(s.x.dtype).contiguous()
+    covered = sum(hi - lo for _, lo, hi in s.blocks)
+    grad_x = torch.empty_like(s.x) if covered == s.x.shape[0] else torch.zeros_like(s.x)
+    w1_parts = list(s.w1.split(s.w2.shape[1], dim=-1))
+    for e, lo, hi in s.blocks:
+        gy = grad_y[lo:hi]
+        grad_a = gy @ s.w2[e].t()  # [n, F], consumed below
+        if s.activation == "swiglu":
+            gate, up = s.hs[0][lo:hi], s.hs[1][lo:hi]
+            grad_up = grad_a * s.aux[lo:hi]  # d/d up = silu(gate)
+            grad_a.mul_(up)  # d/d silu(gate)
+            torch.ops.aten.silu_backward.grad_input(grad_a, gate, grad_input=grad_a)
+            grad_hs = [grad_a, grad_up]
+        elif s.activation == "gelu":
+            torch.ops.aten.gelu_backward.grad_input(grad_a, s.hs[0][lo:hi], grad_input=grad_a)
+            grad_hs = [grad_a]
+        else:
+            grad_a.masked_fill_(s.hs[0][lo:hi] <= 0, 0)
+            grad_hs = [grad_a]
+        for i, (gh, w) in enumerate(zip(grad_hs, w1_parts, strict=True)):
+            # SwiGLU: the up projection's contribution adds to the gate's.
+            _mm_into(grad_x[lo:hi], gh, w[e].t(), overwrite=i == 0)
+        weight_grads.accumulate(e, s.x[lo:hi], grad_hs, s.a[lo:hi], gy)
+    return grad_x
 
 
 class _GroupedFFN(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_RD, w1_EDG, w2_EFD, rows_per_expert, activation):
-        device_type = x_RD.device.type
-        dtype = x_RD.dtype
-        if torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
+    def forward(ctx, x_RD, w1_EDG, w2_EFD, blocks, activation):
+        dtype = compute_dtype(x_RD)
         ctx.in_dtypes = (x_RD.dtype, w1_EDG.dtype, w2_EFD.dtype)
-        with torch.autocast(device_type=device_type, enabled=False):
-            x, w1, w2 = x_RD.to(dtype).contiguous(), w1_EDG.to(dtype), w2_EFD.to(dtype)
-            rows, ffn = x.shape[0], w2.shape[1]
-            # SwiGLU's gate and up projections (column blocks of w1) go to two contiguous
-            # buffers: elementwise kernels on strided halves of one buffer run ~2x slower on CPU.
-            w1_parts = list(w1.split(ffn, dim=-1))
-            hs = [x.new_empty(rows, ffn) for _ in w1_parts]
-            aux = x.new_empty(rows, ffn) if activation == "swiglu" else None
-            a = x.new_empty(rows, ffn)
-            y = x.new_empty(rows, w2.shape[-1])
-            bounds = _bounds(rows_per_expert)
-            for e, lo, hi in bounds:
-                _forward_rows(x, w1_parts, w2, hs, aux, a, y, e, lo, hi, activation)
-        saved = [x, w1, w2, a, *hs] + ([aux] if aux is not None else [])
-        ctx.save_for_backward(*saved)
-        ctx.bounds = bounds
-        ctx.activation = activation
-        ctx.num_parts = len(hs)
+        with torch.autocast(device_type=x_RD.device.type, enabled=False):
+            y, saved = ffn_forward(
+                x_RD.to(dtype).contiguous(), w1_EDG.to(dtype), w2_EFD.to(dtype), blocks, activation
+            )
+        ctx.save_for_backward(*saved.tensors())
+        ctx.blocks, ctx.activation = blocks, activation
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
-        x, w1, w2, a, *rest = ctx.saved_tensors
-        hs, aux = (
-            rest[: ctx.num_parts],
-            (rest[ctx.num_parts] if ctx.activation == "swiglu" else None),
-        )
-        grad_y = grad_y.to(x.dtype).contiguous()
+        saved = FFNActivations.from_tensors(ctx.saved_tensors, ctx.blocks, ctx.activation)
+        weight_grads = WeightGrads(saved.w1, saved.w2)
+        grad_x = ffn_backward(saved, grad_y, weight_grads)
+        grad_w1, grad_w2 = weight_grads.finish()
         x_dtype, w1_dtype, w2_dtype = ctx.in_dtypes
-        ffn = w2.shape[1]
-        grad_x = torch.empty_like(x)  # every row belongs to exactly one expert
-        # Only experts that received no rows need zero-filled weight gradients.
-        grad_w1 = _empty_with_zeros_for_idle(w1, ctx.bounds)
-        grad_w2 = _empty_with_zeros_for_idle(w2, ctx.bounds)
-        tensors = (x, list(w1.split(ffn, dim=-1)), w2, hs, aux, a, grad_y)
-        grads = (grad_x, list(grad_w1.split(ffn, dim=-1)), grad_w2)
-        for e, lo, hi in ctx.bounds:
-            _backward_rows(tensors, grads, e, lo, hi, ctx.activation)
         return grad_x.to(x_dtype), grad_w1.to(w1_dtype), grad_w2.to(w2_dtype), None, None
 
 
@@ -147,4 +204,4 @@ def grouped_ffn(
         >>> y.shape
         torch.Size([5, 4])
     """
-    return _GroupedFFN.apply(x_RD, w1_EDG, w2_EFD, rows_per_expert, activation)
+    return _GroupedFFN.apply(x_RD, w1_EDG, w2_EFD, blocks_from_counts(rows_per_expert), activation)
