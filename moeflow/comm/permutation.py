@@ -43,21 +43,22 @@ def build_plan(
     num_experts: int,
     keep_TK: torch.Tensor | None = None,
     pad_to: int | None = None,
+    counts_host: list[int] | None = None,
 ) -> RoutingPlan:
     """Sort pairs by expert. `keep_TK` marks pairs that survived capacity; `pad_to` gives every
     expert exactly that many rows (zero padding).
 
-    Host sync: one `.tolist()` of the E (+1) counts, needed to size the buffer groups.
+    Host sync: one `.tolist()` of the E (+1) counts, needed to size the buffer groups, unless the
+    caller passes them as `counts_host` (`pair_counts(...)` of the same arguments, already on the
+    host: the dispatcher fetches several plans' counts in one sync).
     """
     num_tokens, top_k = expert_ids_TK.shape
     device = expert_ids_TK.device
-    ids = expert_ids_TK.reshape(-1).to(torch.int64)
+    ids = sort_keys(expert_ids_TK, num_experts, keep_TK)
     n = ids.numel()
-    if keep_TK is not None:
-        # Dropped pairs get the sentinel expert E, which sorts after every real expert.
-        ids = torch.where(keep_TK.reshape(-1), ids, torch.full_like(ids, num_experts))
     counts_all = torch.bincount(ids, minlength=num_experts + 1)
-    counts_host = counts_all.tolist()  # host sync: buffer sizes come from data
+    if counts_host is None:
+        counts_host = counts_all.tolist()  # host sync: buffer sizes come from data
     num_dropped = counts_host[num_experts]
     counts_E = counts_all[:num_experts]
     pairs = torch.arange(n, device=device)
@@ -94,6 +95,24 @@ def build_plan(
         has_dropped=num_dropped > 0,
         has_padding=has_padding,
     )
+
+
+def sort_keys(
+    expert_ids_TK: torch.Tensor, num_experts: int, keep_TK: torch.Tensor | None
+) -> torch.Tensor:
+    """Per pair, the expert it sorts under; dropped pairs get the sentinel E (after every
+    expert)."""
+    ids = expert_ids_TK.reshape(-1).to(torch.int64)
+    if keep_TK is not None:
+        ids = torch.where(keep_TK.reshape(-1), ids, torch.full_like(ids, num_experts))
+    return ids
+
+
+def pair_counts(
+    expert_ids_TK: torch.Tensor, num_experts: int, keep_TK: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`[E + 1]` on the device: kept pairs per expert, then the number dropped."""
+    return torch.bincount(sort_keys(expert_ids_TK, num_experts, keep_TK), minlength=num_experts + 1)
 
 
 def _gather_rows(src: torch.Tensor, index: torch.Tensor, masked: bool) -> torch.Tensor:

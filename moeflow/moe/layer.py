@@ -14,12 +14,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moeflow.comm.all_to_all import LocalExchange
 from moeflow.comm.capacity import capacity_keep_mask, expert_capacity
-from moeflow.comm.permutation import build_plan, permute, unpermute
+from moeflow.comm.dispatcher import TokenDispatcher
+from moeflow.comm.permutation import pair_counts
 from moeflow.moe.aux_loss import attach_loss
 from moeflow.moe.config import MoEConfig
+from moeflow.moe.expert_compute import GroupedExpertCompute
 from moeflow.moe.experts import GroupedExperts
 from moeflow.moe.ffn import FeedForward
+from moeflow.moe.grouped_ffn import compute_dtype
 from moeflow.moe.losses import load_balancing_loss, seq_load_balancing_loss, z_loss
 from moeflow.moe.routers.topk import RouterOutput, TopKRouter
 
@@ -73,6 +77,13 @@ class MoELayer(nn.Module):
         )
         self.aux_loss_scale = 1.0
         self.last_stats: MoEStats | None = None
+        self.last_sent_rows = 0  # (token, slot) rows the last forward sent to other ranks
+        # Logical expert -> physical slot. Slot p is local slot p % L of expert-parallel rank p //
+        # L;
+        # `experts` holds this rank's L slots. Not saved: checkpoints keep logical ids.
+        self.register_buffer("expert_map", torch.arange(config.num_experts), persistent=False)
+        self.dispatcher = TokenDispatcher(LocalExchange(), slots_per_rank=config.num_experts)
+        self.compute = GroupedExpertCompute(config.activation)
 
     @classmethod
     def from_dense(cls, ffn: FeedForward, config: MoEConfig) -> MoELayer:
@@ -91,7 +102,9 @@ class MoELayer(nn.Module):
         layer.experts = GroupedExperts.from_dense(ffn, config.num_experts)
         return layer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, overlap_degree: int | None = None) -> torch.Tensor:
+        """`x: [..., D]` -> `[..., D]`. `overlap_degree` overrides the dispatcher's for this
+        call."""
         cfg = self.config
         if x.dim() < 1 or x.shape[-1] != cfg.hidden_size:
             raise ValueError(
@@ -100,15 +113,17 @@ class MoELayer(nn.Module):
             )
         x_TD = x.reshape(-1, cfg.hidden_size)
         route = self.router(x_TD)
-        out_TD, plan = self._dispatch_and_compute(x_TD, route)
+        out_TD, kept_E = self._dispatch_and_compute(x_TD, route, overlap_degree)
         losses = self._losses(x, route)
         total = cfg.router.aux_loss_coeff * losses[0] + cfg.router.z_loss_coeff * losses[1]
         if self.training and torch.is_grad_enabled():
             out_TD = attach_loss(out_TD, total, self.aux_loss_scale)
-        self.last_stats = self._stats(route, plan.counts_E, losses)
+        self.last_stats = self._stats(route, kept_E, losses)
         return out_TD.view(*x.shape[:-1], out_TD.shape[-1])
 
-    def _dispatch_and_compute(self, x_TD: torch.Tensor, route: RouterOutput):
+    def _dispatch_and_compute(
+        self, x_TD: torch.Tensor, route: RouterOutput, overlap_degree: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         rc = self.config.router
         num_tokens = x_TD.shape[0]
         keep_TK = pad_to = None
@@ -124,10 +139,22 @@ class MoELayer(nn.Module):
                 rc.drop_policy,
             )
             pad_to = capacity if rc.pad_to_capacity else None
-        plan = build_plan(route.expert_ids_TK, self.config.num_experts, keep_TK, pad_to)
-        x_RD = permute(x_TD, plan)
-        y_RD = self.experts(x_RD, plan.rows_per_expert)
-        return unpermute(y_RD, route.weights_TK, plan), plan
+        # Capacity is decided on this rank's own tokens, before anything moves, so every rank
+        # knows its shapes from the count exchange alone.
+        kept_E = pair_counts(route.expert_ids_TK, self.config.num_experts, keep_TK)[:-1]
+        slot_ids_TK = self.expert_map[route.expert_ids_TK]
+        result = self.dispatcher(
+            x_TD.to(compute_dtype(x_TD)),
+            route.weights_TK,
+            slot_ids_TK,
+            self.compute,
+            (self.experts.w1, self.experts.w2),
+            keep_TK=keep_TK,
+            pad_to=pad_to,
+            overlap_degree=overlap_degree,
+        )
+        self.last_sent_rows = result.sent_rows
+        return result.out_TD, kept_E
 
     def _losses(self, x: torch.Tensor, route: RouterOutput) -> tuple[torch.Tensor, torch.Tensor]:
         rc = self.config.router

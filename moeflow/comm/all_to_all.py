@@ -1,0 +1,125 @@
+"""All-to-all with uneven splits: the exchanges the dispatcher uses, and an autograd op.
+
+An *exchange* is the communication backend of one expert-parallel group, passed explicitly:
+
+- `LocalExchange`: a group of one rank (no process group at all). Every call returns its input; this
+  is what an un-parallelised `MoELayer` uses, so one process and N processes run the same code.
+- `GroupExchange(group)`: `torch.distributed.all_to_all_single` over `group` (NCCL on GPUs, gloo on
+  CPUs), issued asynchronously; the caller waits on the returned handle.
+
+Counts are exchanged first (`exchange_counts`, one equal-split all-to-all of integers) so every rank
+knows the sizes it receives before the data moves; turning them into Python split lists is the one
+host sync per layer call.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+
+class Handle(Protocol):
+    def wait(self) -> object: ...
+
+
+class Exchange(Protocol):
+    size: int
+    rank: int
+
+    def exchange_counts(self, send: torch.Tensor) -> torch.Tensor: ...
+
+    def all_to_all(
+        self, x: torch.Tensor, output_splits: list[int], input_splits: list[int]
+    ) -> tuple[torch.Tensor, Handle | None]: ...
+
+
+class LocalExchange:
+    """The exchange of a group of one rank: nothing moves."""
+
+    size = 1
+    rank = 0
+
+    def exchange_counts(self, send: torch.Tensor) -> torch.Tensor:
+        return send
+
+    def all_to_all(self, x, output_splits, input_splits):
+        if output_splits != input_splits:
+            raise ValueError(f"a one-rank exchange got splits {input_splits} -> {output_splits}")
+        return x, None
+
+
+class GroupExchange:
+    """All-to-all over a `torch.distributed` process group.
+
+    Example:
+        >>> GroupExchange  # doctest: +ELLIPSIS
+        <class '...GroupExchange'>
+    """
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+    def exchange_counts(self, send: torch.Tensor) -> torch.Tensor:
+        if send.numel() % self.size:
+            raise ValueError(
+                f"count tensor of {send.numel()} is not divisible by {self.size} ranks"
+            )
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send.contiguous(), group=self.group)
+        return recv
+
+    def all_to_all(self, x, output_splits, input_splits):
+        if len(output_splits) != self.size or len(input_splits) != self.size:
+            raise ValueError(f"splits must have {self.size} entries, got {input_splits}")
+        if sum(input_splits) != x.shape[0]:
+            raise ValueError(f"input splits {input_splits} do not sum to {x.shape[0]} rows")
+        out = x.new_empty((sum(output_splits), *x.shape[1:]))
+        handle = dist.all_to_all_single(
+            out, x.contiguous(), output_splits, input_splits, group=self.group, async_op=True
+        )
+        return out, handle
+
+
+def wait(handle: Handle | None) -> None:
+    if handle is not None:
+        handle.wait()
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, exchange, output_splits, input_splits):
+        ctx.exchange, ctx.splits = exchange, (output_splits, input_splits)
+        out, handle = exchange.all_to_all(x, output_splits, input_splits)
+        wait(handle)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        output_splits, input_splits = ctx.splits
+        out, handle = ctx.exchange.all_to_all(grad.contiguous(), input_splits, output_splits)
+        wait(handle)
+        return out, None, None, None
+
+
+def all_to_all(
+    x: torch.Tensor,
+    exchange: Exchange,
+    input_splits: list[int],
+    output_splits: list[int] | None = None,
+) -> torch.Tensor:
+    """Differentiable all-to-all of the rows of `x`: `input_splits[j]` rows go to rank j. Without
+    `output_splits` the counts are exchanged first (one host sync). Backward sends the gradient back
+    the same way.
+
+    Example:
+        >>> all_to_all(torch.ones(3, 2), LocalExchange(), [3]).shape
+        torch.Size([3, 2])
+    """
+    if output_splits is None:
+        counts = exchange.exchange_counts(torch.tensor(input_splits, dtype=torch.int64))
+        output_splits = counts.tolist()  # host sync: receive sizes come from the peers
+    return _AllToAll.apply(x, exchange, list(output_splits), list(input_splits))

@@ -1,0 +1,178 @@
+"""TokenDispatcher: permute -> dispatch -> compute on local experts -> combine -> un-permute.
+
+Legend: T local tokens, K top-k, W ranks in the expert-parallel group, L expert slots per rank, P =
+W*L physical slots, C chunks (overlap degree).
+
+Physical slot p lives on rank p // L as local slot p % L; the caller maps logical experts to slots,
+so this module knows nothing of routers or models. With `LocalExchange` (W=1) this is exactly the
+single-process layer; with `GroupExchange` it is expert parallelism: the same code path.
+
+Schedule of one call:
+
+1. Cut the T tokens into C contiguous chunks (C is fixed by config, the same on every rank; a chunk
+   may be empty). For each chunk, count the rows per slot on the device (capacity drops already
+   applied by the caller).
+2. Exchange the counts with one all-to-all of `W*C*L` integers over the expert-parallel group, then
+   copy local and received counts to the host together: the one host sync of the call.
+3. Permute each chunk's rows into slot order (= destination-rank order).
+4. `exchange_compute`: dispatch chunk c+1 while chunk c computes and chunk c-1 returns (forward and
+   backward; see `moeflow.comm.pipeline`).
+5. Un-permute each chunk, weighting by the router, and concatenate the chunks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from moeflow.comm.all_to_all import Exchange
+from moeflow.comm.permutation import RoutingPlan, build_plan, pair_counts, permute, unpermute
+from moeflow.comm.pipeline import ChunkPlan, exchange_compute
+
+
+@dataclass(kw_only=True, frozen=True)
+class DispatchConfig:
+    """How tokens travel. `overlap_degree` C: chunks pipelined so communication hides behind
+    compute (1 = no overlap). `two_level`: all-to-all within a node first, then across nodes.
+
+    Example:
+        >>> DispatchConfig(overlap_degree=2).overlap_degree
+        2
+    """
+
+    overlap_degree: int = 1
+    two_level: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.overlap_degree, int) or self.overlap_degree < 1:
+            raise ValueError(
+                f"dispatch.overlap_degree ({self.overlap_degree!r}) must be an integer >= 1"
+            )
+
+
+def chunk_bounds(num_tokens: int, num_chunks: int) -> list[tuple[int, int]]:
+    """`num_chunks` contiguous token ranges as equal as possible (earlier ones longer)."""
+    base, extra = divmod(num_tokens, num_chunks)
+    out, start = [], 0
+    for c in range(num_chunks):
+        end = start + base + (1 if c < extra else 0)
+        out.append((start, end))
+        start = end
+    return out
+
+
+@dataclass(frozen=True)
+class DispatchResult:
+    out_TD: torch.Tensor
+    plans: list[RoutingPlan]
+    sent_rows: int  # rows this rank sent to other ranks (not to itself), all chunks
+
+
+class TokenDispatcher:
+    """Moves (token, slot) pairs to the ranks that own their slots and back.
+
+    Example:
+        >>> from moeflow.comm.all_to_all import LocalExchange
+        >>> d = TokenDispatcher(LocalExchange(), slots_per_rank=4)
+        >>> d.num_slots
+        4
+    """
+
+    def __init__(
+        self, exchange: Exchange, slots_per_rank: int, config: DispatchConfig | None = None
+    ) -> None:
+        self.exchange = exchange
+        self.slots_per_rank = slots_per_rank
+        self.config = config or DispatchConfig()
+        self.name = "moe"  # set by the owner, so errors can name the layer
+
+    @property
+    def num_slots(self) -> int:
+        return self.exchange.size * self.slots_per_rank
+
+    def __call__(
+        self,
+        x_TD: torch.Tensor,
+        weights_TK: torch.Tensor,
+        slot_ids_TK: torch.Tensor,
+        compute: Any,
+        params: tuple[torch.Tensor, ...],
+        keep_TK: torch.Tensor | None = None,
+        pad_to: int | None = None,
+        overlap_degree: int | None = None,
+    ) -> DispatchResult:
+        num_chunks = overlap_degree or self.config.overlap_degree
+        if pad_to is not None and num_chunks > 1:
+            raise ValueError(
+                f"router.pad_to_capacity needs overlap_degree 1 (got {num_chunks}): capacity "
+                "is per rank, so per-chunk padding is undefined"
+            )
+        W, L, P = self.exchange.size, self.slots_per_rank, self.num_slots
+        bounds = chunk_bounds(x_TD.shape[0], num_chunks)
+        # 1. rows per slot and chunk, on the device
+        counts = []
+        for t0, t1 in bounds:
+            keep = None if keep_TK is None else keep_TK[t0:t1]
+            counts.append(pair_counts(slot_ids_TK[t0:t1], P, keep))
+        counts_CP1 = torch.stack(counts)  # [C, P + 1]: the last column counts drops
+        rows_CP = (
+            counts_CP1[:, :P] if pad_to is None else torch.full_like(counts_CP1[:, :P], pad_to)
+        )
+        # 2. one count exchange and one host sync
+        send_WCL = rows_CP.view(num_chunks, W, L).transpose(0, 1).contiguous()
+        try:
+            recv_WCL = self.exchange.exchange_counts(send_WCL.view(-1)).view(W, num_chunks, L)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{self.name}: count exchange failed: {exc}") from exc
+        host = torch.cat([counts_CP1.view(-1), send_WCL.view(-1), recv_WCL.view(-1)]).tolist()
+        n1 = num_chunks * (P + 1)
+        counts_host = [host[c * (P + 1) : (c + 1) * (P + 1)] for c in range(num_chunks)]
+        send = _as_wcl(host[n1 : n1 + W * num_chunks * L], W, num_chunks, L)
+        recv = _as_wcl(host[n1 + W * num_chunks * L :], W, num_chunks, L)
+        # 3. permute every chunk
+        plans, x_chunks = [], []
+        for c, (t0, t1) in enumerate(bounds):
+            keep = None if keep_TK is None else keep_TK[t0:t1]
+            plan = build_plan(slot_ids_TK[t0:t1], P, keep, pad_to, counts_host=counts_host[c])
+            plans.append(plan)
+            x_chunks.append(permute(x_TD[t0:t1], plan))
+        chunk_plan = ChunkPlan(
+            input_splits=[[sum(send[j][c]) for j in range(W)] for c in range(num_chunks)],
+            output_splits=[[sum(recv[i][c]) for i in range(W)] for c in range(num_chunks)],
+            chunk_meta=[_received_blocks(recv, c, W, L) for c in range(num_chunks)],
+        )
+        # 4. dispatch, compute, combine
+        try:
+            y_chunks = exchange_compute(self.exchange, compute, chunk_plan, params, x_chunks)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{self.name}: expert all-to-all failed: {exc}") from exc
+        # 5. un-permute
+        outs = [
+            unpermute(y, weights_TK[t0:t1], plan)
+            for y, plan, (t0, t1) in zip(y_chunks, plans, bounds, strict=True)
+        ]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        me = self.exchange.rank
+        sent = sum(
+            chunk_plan.input_splits[c][j] for c in range(num_chunks) for j in range(W) if j != me
+        )
+        return DispatchResult(out, plans, sent)
+
+
+def _as_wcl(flat: list[int], W: int, C: int, L: int) -> list[list[list[int]]]:
+    return [[flat[(i * C + c) * L : (i * C + c + 1) * L] for c in range(C)] for i in range(W)]
+
+
+def _received_blocks(recv, c: int, W: int, L: int) -> list[tuple[int, int, int]]:
+    """Blocks `(local slot, first row, end row)` of chunk c's received buffer: source-rank major,
+    then local slot (each sender's rows are in slot order)."""
+    blocks, start = [], 0
+    for i in range(W):
+        for slot in range(L):
+            n = recv[i][c][slot]
+            if n:
+                blocks.append((slot, start, start + n))
+            start += n
+    return blocks

@@ -1,0 +1,131 @@
+"""Dispatch -> compute -> combine over an exchange, pipelined in chunks, forward and backward.
+
+Legend: C chunks (the overlap degree), P parameters of the compute (e.g. local expert weights).
+
+`exchange_compute(params, x_chunks, plan)` is one autograd op. `x_chunks[c]` holds the rows this
+rank sends in chunk c, ordered by destination rank; `plan.input_splits[c]` / `plan.output_splits[c]`
+say how many rows go to / come from each rank. `compute` is any object with
+
+    forward(params, x_recv, chunk) -> (y_recv, saved: list[Tensor])
+    new_grads(params) -> accumulator
+    backward(params, saved, grad_y, chunk, accumulator) -> grad_x_recv
+    finish(accumulator) -> tuple of parameter gradients
+
+so this module knows nothing about experts or models.
+
+Schedule (forward; the backward is the same with dispatch and combine swapped):
+
+1. Issue the dispatch all-to-all of chunk 0 (async).
+2. For c = 0..C-1: issue the dispatch of chunk c+1 (async); wait for the dispatch of chunk c;
+   compute chunk c; issue the combine all-to-all of chunk c's output (async).
+3. Wait for every combine; return the combined chunks.
+
+So the transfer of chunk c+1 and the return of chunk c-1 are in flight while chunk c computes. Every
+rank issues the same collectives in the same order (C is a config value, never derived from data),
+so no rank can wait on a transfer another rank did not start. With C=1 nothing overlaps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from moeflow.comm.all_to_all import Exchange, wait
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """Split sizes per chunk and per rank, known on every rank after the count exchange."""
+
+    input_splits: list[list[int]]  # [C][ranks]: rows this rank sends to each rank
+    output_splits: list[list[int]]  # [C][ranks]: rows this rank receives from each rank
+    chunk_meta: list[Any]  # per chunk, passed to the compute (e.g. expert blocks)
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.input_splits)
+
+
+class _ExchangeCompute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, exchange: Exchange, compute, plan: ChunkPlan, num_params: int, *tensors):
+        params, x_chunks = tensors[:num_params], tensors[num_params:]
+        outs, saved, sizes = _pipeline(
+            exchange,
+            x_chunks,
+            plan.input_splits,
+            plan.output_splits,
+            lambda c, x_recv: compute.forward(params, x_recv, plan.chunk_meta[c]),
+        )
+        ctx.exchange, ctx.compute, ctx.plan, ctx.num_params = exchange, compute, plan, num_params
+        ctx.sizes = sizes
+        ctx.save_for_backward(*params, *[t for chunk in saved for t in chunk])
+        return tuple(outs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grad_outs):
+        tensors = ctx.saved_tensors
+        params = tensors[: ctx.num_params]
+        flat, saved, offset = tensors[ctx.num_params :], [], 0
+        for n in ctx.sizes:
+            saved.append(list(flat[offset : offset + n]))
+            offset += n
+        plan: ChunkPlan = ctx.plan
+        acc = ctx.compute.new_grads(params)
+        grads_x, _, _ = _pipeline(
+            ctx.exchange,
+            grad_outs,
+            plan.input_splits,
+            plan.output_splits,
+            lambda c, g_recv: (
+                ctx.compute.backward(params, saved[c], g_recv, plan.chunk_meta[c], acc),
+                [],
+            ),
+        )
+        return (None, None, None, None, *ctx.compute.finish(acc), *grads_x)
+
+
+def _pipeline(exchange, chunks, input_splits, output_splits, step):
+    """The numbered schedule above. `step(c, received) -> (result, saved)`; results are sent back
+    with the splits reversed."""
+    num = len(chunks)
+    inflight: dict[int, tuple[torch.Tensor, Any]] = {}
+
+    def dispatch(c: int) -> None:
+        inflight[c] = exchange.all_to_all(chunks[c], output_splits[c], input_splits[c])
+
+    outs: list[Any] = [None] * num
+    saved: list[list[torch.Tensor]] = [[] for _ in range(num)]
+    combines = []
+    if num:
+        dispatch(0)
+    for c in range(num):
+        if c + 1 < num:
+            dispatch(c + 1)
+        received, handle = inflight.pop(c)
+        wait(handle)
+        result, saved[c] = step(c, received)
+        out, back = exchange.all_to_all(result, input_splits[c], output_splits[c])
+        outs[c] = out
+        combines.append(back)
+    for handle in combines:
+        wait(handle)
+    return outs, saved, [len(s) for s in saved]
+
+
+def exchange_compute(
+    exchange: Exchange,
+    compute: Any,
+    plan: ChunkPlan,
+    params: tuple[torch.Tensor, ...],
+    x_chunks: list[torch.Tensor],
+) -> list[torch.Tensor]:
+    """Send `x_chunks`, run `compute` on what arrives, send the results back; differentiable in
+    `params` and `x_chunks`, with the same pipelining in backward."""
+    if len(x_chunks) != plan.num_chunks:
+        raise ValueError(f"{len(x_chunks)} chunks but the plan has {plan.num_chunks}")
+    return list(_ExchangeCompute.apply(exchange, compute, plan, len(params), *params, *x_chunks))

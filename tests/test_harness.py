@@ -1,0 +1,47 @@
+"""The multi-process harness itself: results in rank order, every rank's error reported, hangs
+end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.distributed import DistributedTestError, run_on_ranks
+
+
+def _sum_ranks(rank, world_size):
+    t = torch.tensor([float(rank)])
+    dist.all_reduce(t)
+    return (rank, world_size, t.item())
+
+
+def _fail_on_odd(rank, world_size):
+    if rank % 2:
+        raise ValueError(f"odd rank {rank}")
+    return rank
+
+
+def _hang_on_rank1(rank, world_size):
+    if rank == 1:
+        import time
+
+        time.sleep(60)
+    return rank
+
+
+def test_results_in_rank_order():
+    assert run_on_ranks(_sum_ranks, 3) == [(r, 3, 3.0) for r in range(3)]
+
+
+def test_every_failing_rank_is_reported():
+    with pytest.raises(DistributedTestError) as info:
+        run_on_ranks(_fail_on_odd, 4)
+    text = str(info.value)
+    assert "2 of 4 ranks failed" in text
+    assert "rank 1: ValueError: odd rank 1" in text and "rank 3: ValueError: odd rank 3" in text
+
+
+def test_hang_ends_with_timeout():
+    with pytest.raises(DistributedTestError, match=r"rank 1: no result \(hung past 8s"):
+        run_on_ranks(_hang_on_rank1, 2, timeout=8)
