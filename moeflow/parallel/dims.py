@@ -1,0 +1,98 @@
+"""ParallelDims: the parallel degrees of a run, and the process groups and device mesh they build.
+
+Rank layout: `rank = dp_index * ep + ep_index`. The `ep` axis is innermost, so an expert-parallel
+group is `ep` consecutive ranks (on one node when `ep` <= GPUs per node, where the all-to-all is
+fastest). Every rank reads its own shard of the data: the data-parallel world is all `dp * ep`
+ranks.
+
+- non-expert parameters are replicated on every rank: gradients averaged over the whole world;
+- expert parameters are sharded over the `ep` axis and replicated along `dp` (the
+  expert-data-parallel group, ranks with the same `ep_index`): gradients summed over that group and
+  divided by the world size (each expert's gradient already holds the contributions of every rank of
+  its `ep` group).
+
+Example:
+    >>> ParallelDims(dp=2, ep=4).world_size
+    8
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@dataclass(kw_only=True, frozen=True)
+class ParallelDims:
+    """Degrees of parallelism. `timeout_s` bounds every collective on moeflow's own groups, so a
+    dead peer ends the job with an error instead of a hang."""
+
+    dp: int = 1
+    ep: int = 1
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        for name in ("dp", "ep"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"parallel.{name} ({value!r}) must be an integer >= 1")
+        if not self.timeout_s > 0:
+            raise ValueError(f"parallel.timeout_s ({self.timeout_s!r}) must be > 0")
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.ep
+
+    def validate(self, world_size: int) -> None:
+        if world_size != self.world_size:
+            raise ValueError(
+                f"parallel.dp ({self.dp}) x parallel.ep ({self.ep}) = {self.world_size} must equal "
+                f"the world size ({world_size}); set dp = world_size / ep"
+            )
+
+    def build(self, device_type: str = "cpu") -> ParallelContext:
+        """Create the groups (collective: every rank must call it). Raises on every rank, before
+        any communication, if the world size does not match."""
+        if not dist.is_initialized():
+            raise RuntimeError(
+                "ParallelDims.build needs torch.distributed initialised (torchrun, or "
+                "init_process_group); a single process needs no ParallelDims at all"
+            )
+        self.validate(dist.get_world_size())
+        return ParallelContext(self, device_type)
+
+
+class ParallelContext:
+    """The groups of one run, built once and passed explicitly (never global).
+
+    `mesh` is a named `DeviceMesh` (axes `dp`, `ep`) for tools that take one (FSDP, DTensor);
+    `ep_group`, `edp_group` and `world_group` are moeflow's own groups, created with the timeout.
+    """
+
+    def __init__(self, dims: ParallelDims, device_type: str) -> None:
+        self.dims = dims
+        rank = dist.get_rank()
+        self.rank = rank
+        self.dp_index, self.ep_index = divmod(rank, dims.ep)
+        timeout = datetime.timedelta(seconds=dims.timeout_s)
+        # new_group is collective over the world: every rank creates every group, in order.
+        self.ep_group = self.edp_group = None
+        for d in range(dims.dp):
+            group = dist.new_group([d * dims.ep + e for e in range(dims.ep)], timeout=timeout)
+            if d == self.dp_index:
+                self.ep_group = group
+        for e in range(dims.ep):
+            group = dist.new_group([d * dims.ep + e for d in range(dims.dp)], timeout=timeout)
+            if e == self.ep_index:
+                self.edp_group = group
+        self.world_group = dist.new_group(list(range(dims.world_size)), timeout=timeout)
+        self.mesh: DeviceMesh = init_device_mesh(
+            device_type, (dims.dp, dims.ep), mesh_dim_names=("dp", "ep")
+        )
+
+    @property
+    def world_size(self) -> int:
+        return self.dims.world_size

@@ -1,0 +1,98 @@
+"""Gradient synchronisation for expert-parallel models, as DDP would do it (bucketed all-reduce).
+
+Call `GradSync(model, ctx).sync()` after `loss.backward()` and before `optimizer.step()`:
+
+1. Non-expert gradients: flattened into buckets of about `bucket_mb`, each bucket all-reduced (sum,
+   async) over the whole world; all buckets are issued before any is waited for.
+2. Expert gradients: the same over the expert-data-parallel group (the `dp` axis).
+3. Wait for all, divide by the world size, copy back into `.grad`.
+
+Dividing expert gradients by the world size (not the group size) is what makes the result equal the
+single-process gradient of the mean loss: each expert's gradient already sums the contributions of
+all `ep` ranks whose tokens it computed.
+
+DDP/FSDP interplay: do not let DDP reduce expert parameters over the whole world (that averages
+different experts together). Either use this helper alone, or wrap the model in DDP with the expert
+parameters excluded (`DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model,
+names)`, names from `expert_parameter_names`) and call `GradSync(..., dense=False)` for the experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from moeflow.moe.layer import MoELayer
+from moeflow.parallel.dims import ParallelContext
+
+
+def expert_parameter_names(model: nn.Module) -> set[str]:
+    """Qualified names of every expert weight (the parameters sharded over `ep`)."""
+    names = set()
+    for layer_name, module in model.named_modules():
+        if isinstance(module, MoELayer):
+            for pname, _ in module.experts.named_parameters():
+                names.add(f"{layer_name}.experts.{pname}" if layer_name else f"experts.{pname}")
+    return names
+
+
+class GradSync:
+    """Averages gradients: dense over the world, experts over the expert-data-parallel group.
+
+    Example:
+        >>> GradSync.__name__
+        'GradSync'
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        ctx: ParallelContext,
+        bucket_mb: float = 25.0,
+        dense: bool = True,
+        experts: bool = True,
+    ) -> None:
+        expert_names = expert_parameter_names(model)
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.dense = [p for n, p in params if n not in expert_names] if dense else []
+        self.expert = [p for n, p in params if n in expert_names] if experts else []
+        self.ctx = ctx
+        self.bucket_bytes = int(bucket_mb * 2**20)
+
+    def _buckets(self, params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
+        buckets, current, size = [], [], 0
+        for p in params:
+            current.append(p)
+            size += p.numel() * p.element_size()
+            if size >= self.bucket_bytes:
+                buckets.append(current)
+                current, size = [], 0
+        if current:
+            buckets.append(current)
+        return buckets
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        pending = []
+        for params, group in (
+            (self.dense, self.ctx.world_group),
+            (self.expert, self.ctx.edp_group),
+        ):
+            for bucket in self._buckets(params):
+                # A parameter no loss reached still takes part, as zeros, so every rank sends the
+                # same bucket layout.
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket]
+                flat = _flatten_dense_tensors(grads)
+                pending.append(
+                    (bucket, grads, flat, dist.all_reduce(flat, group=group, async_op=True))
+                )
+        for bucket, grads, flat, handle in pending:
+            handle.wait()
+            flat.div_(self.ctx.world_size)
+            for p, synced in zip(bucket, _unflatten_dense_tensors(flat, grads), strict=True):
+                if p.grad is None:
+                    p.grad = synced.clone()
+                else:
+                    p.grad.copy_(synced)
