@@ -60,7 +60,12 @@ def check_case(ctx, case: dict, shards: list[int]) -> None:
     if case.get("permuted_map"):
         gen = torch.Generator().manual_seed(7)
         maps = {name: torch.randperm(E, generator=gen) for name in ("moe1", "moe2")}
-    parallelize(par, ctx, DispatchConfig(overlap_degree=case.get("overlap", 1)), expert_maps=maps)
+    dispatch = DispatchConfig(
+        overlap_degree=case.get("overlap", 1),
+        two_level=case.get("two_level", False),
+        ranks_per_node=case.get("ranks_per_node"),
+    )
+    parallelize(par, ctx, dispatch, expert_maps=maps)
 
     gen = torch.Generator().manual_seed(100)
     xs = [torch.randn(n, D, dtype=torch.float64, generator=gen) for n in shards]
@@ -103,6 +108,8 @@ CASES = [
     {"top_k": 1, "capacity_factor": 1.0},
     {"top_k": 2, "capacity_factor": 0.75, "drop_policy": "position", "overlap": 2},
     {"top_k": 2, "capacity_factor": 1.25, "permuted_map": True},
+    {"top_k": 2, "two_level": True, "ranks_per_node": 2, "overlap": 2},
+    {"top_k": 1, "two_level": True, "ranks_per_node": 1, "capacity_factor": 1.0},
 ]
 
 
@@ -120,3 +127,30 @@ def test_matches_single_process(dp, ep):
     world = dp * ep
     shards = [12 + 3 * r for r in range(world)]  # uneven token counts per rank
     assert run_on_ranks(_equivalence, world, args=(dp, ep, CASES, shards)) == [len(CASES)] * world
+
+
+def _flat_vs_two_level(rank, world):
+    """The same step with the flat and the two-level all-to-all: bitwise identical."""
+    ctx = ParallelDims(ep=world).build()
+    cfg = MoEConfig(hidden_size=D, num_experts=E, ffn_hidden_size=12, router=RouterConfig(top_k=2))
+    results = []
+    for dispatch in (
+        DispatchConfig(),
+        DispatchConfig(two_level=True, ranks_per_node=2),
+        DispatchConfig(two_level=True, ranks_per_node=1),
+    ):
+        model = parallelize(build(cfg), ctx, dispatch)
+        x = torch.randn(
+            20 + rank, D, dtype=torch.float64, generator=torch.Generator().manual_seed(rank)
+        )
+        x.requires_grad_(True)
+        model(x).square().sum().backward()
+        results.append([model(x.detach()), x.grad] + [p.grad for p in model.parameters()])
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
+    return True
+
+
+def test_two_level_all_to_all_is_bitwise_identical_to_flat():
+    assert run_on_ranks(_flat_vs_two_level, 4) == [True] * 4

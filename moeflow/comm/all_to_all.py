@@ -25,13 +25,21 @@ class Handle(Protocol):
 
 
 class Exchange(Protocol):
+    """`needs_matrix`: the exchange routes through intermediate ranks and must be given the whole
+    `W x W` split matrix of each transfer (rows from i to j), from `gather_counts`."""
+
     size: int
     rank: int
+    needs_matrix: bool
 
     def exchange_counts(self, send: torch.Tensor) -> torch.Tensor: ...
 
     def all_to_all(
-        self, x: torch.Tensor, output_splits: list[int], input_splits: list[int]
+        self,
+        x: torch.Tensor,
+        output_splits: list[int],
+        input_splits: list[int],
+        matrix: list[list[int]] | None = None,
     ) -> tuple[torch.Tensor, Handle | None]: ...
 
 
@@ -40,11 +48,15 @@ class LocalExchange:
 
     size = 1
     rank = 0
+    needs_matrix = False
 
     def exchange_counts(self, send: torch.Tensor) -> torch.Tensor:
         return send
 
-    def all_to_all(self, x, output_splits, input_splits):
+    def gather_counts(self, send: torch.Tensor) -> torch.Tensor:
+        return send.unsqueeze(0)
+
+    def all_to_all(self, x, output_splits, input_splits, matrix=None):
         if output_splits != input_splits:
             raise ValueError(f"a one-rank exchange got splits {input_splits} -> {output_splits}")
         return x, None
@@ -57,6 +69,8 @@ class GroupExchange:
         >>> GroupExchange  # doctest: +ELLIPSIS
         <class '...GroupExchange'>
     """
+
+    needs_matrix = False
 
     def __init__(self, group: dist.ProcessGroup) -> None:
         self.group = group
@@ -72,7 +86,13 @@ class GroupExchange:
         dist.all_to_all_single(recv, send.contiguous(), group=self.group)
         return recv
 
-    def all_to_all(self, x, output_splits, input_splits):
+    def gather_counts(self, send: torch.Tensor) -> torch.Tensor:
+        """Every rank's `send` vector: `[W, len(send)]`."""
+        out = send.new_empty(self.size * send.numel())
+        gather_single(out, send.contiguous(), self.group)
+        return out.view(self.size, send.numel())
+
+    def all_to_all(self, x, output_splits, input_splits, matrix=None):
         if len(output_splits) != self.size or len(input_splits) != self.size:
             raise ValueError(f"splits must have {self.size} entries, got {input_splits}")
         if sum(input_splits) != x.shape[0]:
@@ -82,6 +102,12 @@ class GroupExchange:
             out, x.contiguous(), output_splits, input_splits, group=self.group, async_op=True
         )
         return out, handle
+
+
+def gather_single(out: torch.Tensor, x: torch.Tensor, group: dist.ProcessGroup) -> None:
+    """All-gather into one flat tensor (`all_gather_single` where this torch has it)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, x, group=group)
 
 
 def wait(handle: Handle | None) -> None:

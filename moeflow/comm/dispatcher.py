@@ -35,7 +35,8 @@ from moeflow.comm.pipeline import ChunkPlan, exchange_compute
 @dataclass(kw_only=True, frozen=True)
 class DispatchConfig:
     """How tokens travel. `overlap_degree` C: chunks pipelined so communication hides behind
-    compute (1 = no overlap). `two_level`: all-to-all within a node first, then across nodes.
+    compute (1 = no overlap). `two_level`: all-to-all within a node first, then across nodes
+    (`moeflow.comm.hierarchical`), with nodes of `ranks_per_node` ranks.
 
     Example:
         >>> DispatchConfig(overlap_degree=2).overlap_degree
@@ -44,8 +45,15 @@ class DispatchConfig:
 
     overlap_degree: int = 1
     two_level: bool = False
+    ranks_per_node: int | None = None  # for two_level; default: LOCAL_WORLD_SIZE (torchrun)
 
     def __post_init__(self) -> None:
+        if self.ranks_per_node is not None and (
+            not isinstance(self.ranks_per_node, int) or self.ranks_per_node < 1
+        ):
+            raise ValueError(
+                f"dispatch.ranks_per_node ({self.ranks_per_node!r}) must be an integer >= 1"
+            )
         if not isinstance(self.overlap_degree, int) or self.overlap_degree < 1:
             raise ValueError(
                 f"dispatch.overlap_degree ({self.overlap_degree!r}) must be an integer >= 1"
@@ -122,15 +130,32 @@ class TokenDispatcher:
         )
         # 2. one count exchange and one host sync
         send_WCL = rows_CP.view(num_chunks, W, L).transpose(0, 1).contiguous()
+        me, span = self.exchange.rank, num_chunks * L
         try:
-            recv_WCL = self.exchange.exchange_counts(send_WCL.view(-1)).view(W, num_chunks, L)
+            if self.exchange.needs_matrix:  # every rank's counts: [W_src, W_dst * C * L]
+                full = self.exchange.gather_counts(send_WCL.view(-1))
+                recv_WCL = full[:, me * span : (me + 1) * span]
+            else:
+                full = None
+                recv_WCL = self.exchange.exchange_counts(send_WCL.view(-1))
         except RuntimeError as exc:
             raise RuntimeError(f"{self.name}: count exchange failed: {exc}") from exc
-        host = torch.cat([counts_CP1.view(-1), send_WCL.view(-1), recv_WCL.view(-1)]).tolist()
-        n1 = num_chunks * (P + 1)
+        parts = [counts_CP1.view(-1), send_WCL.view(-1), recv_WCL.reshape(-1)]
+        if full is not None:
+            # M[c][i][j]: rows rank i sends rank j in chunk c, for exchanges that route via peers.
+            parts.append(full.view(W, W, num_chunks, L).sum(-1).permute(2, 0, 1).reshape(-1))
+        host = torch.cat(parts).tolist()
+        n1, n2 = num_chunks * (P + 1), W * span
         counts_host = [host[c * (P + 1) : (c + 1) * (P + 1)] for c in range(num_chunks)]
-        send = _as_wcl(host[n1 : n1 + W * num_chunks * L], W, num_chunks, L)
-        recv = _as_wcl(host[n1 + W * num_chunks * L :], W, num_chunks, L)
+        send = _as_wcl(host[n1 : n1 + n2], W, num_chunks, L)
+        recv = _as_wcl(host[n1 + n2 : n1 + 2 * n2], W, num_chunks, L)
+        matrices = None
+        if full is not None:
+            flat_m = host[n1 + 2 * n2 :]
+            matrices = [
+                [flat_m[(c * W + i) * W : (c * W + i + 1) * W] for i in range(W)]
+                for c in range(num_chunks)
+            ]
         # 3. permute every chunk
         plans, x_chunks = [], []
         for c, (t0, t1) in enumerate(bounds):
@@ -142,6 +167,7 @@ class TokenDispatcher:
             input_splits=[[sum(send[j][c]) for j in range(W)] for c in range(num_chunks)],
             output_splits=[[sum(recv[i][c]) for i in range(W)] for c in range(num_chunks)],
             chunk_meta=[_received_blocks(recv, c, W, L) for c in range(num_chunks)],
+            matrices=matrices,
         )
         # 4. dispatch, compute, combine
         try:
@@ -154,7 +180,6 @@ class TokenDispatcher:
             for y, plan, (t0, t1) in zip(y_chunks, plans, bounds, strict=True)
         ]
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        me = self.exchange.rank
         sent = sum(
             chunk_plan.input_splits[c][j] for c in range(num_chunks) for j in range(W) if j != me
         )

@@ -43,6 +43,7 @@ class ChunkPlan:
     input_splits: list[list[int]]  # [C][ranks]: rows this rank sends to each rank
     output_splits: list[list[int]]  # [C][ranks]: rows this rank receives from each rank
     chunk_meta: list[Any]  # per chunk, passed to the compute (e.g. expert blocks)
+    matrices: list[list[list[int]]] | None = None  # [C][W][W] rows i -> j, for two-level exchanges
 
     @property
     def num_chunks(self) -> int:
@@ -59,6 +60,7 @@ class _ExchangeCompute(torch.autograd.Function):
             plan.input_splits,
             plan.output_splits,
             lambda c, x_recv: compute.forward(params, x_recv, plan.chunk_meta[c]),
+            plan.matrices,
         )
         ctx.exchange, ctx.compute, ctx.plan, ctx.num_params = exchange, compute, plan, num_params
         ctx.sizes = sizes
@@ -85,18 +87,28 @@ class _ExchangeCompute(torch.autograd.Function):
                 ctx.compute.backward(params, saved[c], g_recv, plan.chunk_meta[c], acc),
                 [],
             ),
+            plan.matrices,
         )
         return (None, None, None, None, *ctx.compute.finish(acc), *grads_x)
 
 
-def _pipeline(exchange, chunks, input_splits, output_splits, step):
+def _pipeline(exchange, chunks, input_splits, output_splits, step, matrices=None):
     """The numbered schedule above. `step(c, received) -> (result, saved)`; results are sent back
-    with the splits reversed."""
+    with the splits reversed (and the split matrix transposed)."""
     num = len(chunks)
+
+    def matrix(c: int, back: bool):
+        if matrices is None:
+            return None
+        m = matrices[c]
+        return [list(col) for col in zip(*m, strict=True)] if back else m
+
     inflight: dict[int, tuple[torch.Tensor, Any]] = {}
 
     def dispatch(c: int) -> None:
-        inflight[c] = exchange.all_to_all(chunks[c], output_splits[c], input_splits[c])
+        inflight[c] = exchange.all_to_all(
+            chunks[c], output_splits[c], input_splits[c], matrix(c, back=False)
+        )
 
     outs: list[Any] = [None] * num
     saved: list[list[torch.Tensor]] = [[] for _ in range(num)]
@@ -109,7 +121,9 @@ def _pipeline(exchange, chunks, input_splits, output_splits, step):
         received, handle = inflight.pop(c)
         wait(handle)
         result, saved[c] = step(c, received)
-        out, back = exchange.all_to_all(result, input_splits[c], output_splits[c])
+        out, back = exchange.all_to_all(
+            result, input_splits[c], output_splits[c], matrix(c, back=True)
+        )
         outs[c] = out
         combines.append(back)
     for handle in combines:

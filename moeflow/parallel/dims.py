@@ -96,3 +96,28 @@ class ParallelContext:
     @property
     def world_size(self) -> int:
         return self.dims.world_size
+
+    def node_groups(self, ranks_per_node: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+        """(intra-node, inter-node) groups of this rank's expert-parallel group, for a two-level
+        all-to-all. Collective: every rank creates every group, in the same order."""
+        ep, G = self.dims.ep, ranks_per_node
+        if ep % G:
+            raise ValueError(
+                f"dispatch.ranks_per_node ({G}) must divide parallel.ep ({ep}) for a two-level "
+                "all-to-all (an expert-parallel group must span whole nodes)"
+            )
+        timeout = datetime.timedelta(seconds=self.dims.timeout_s)
+        intra = inter = None
+        for d in range(self.dims.dp):
+            base = d * ep
+            for node in range(ep // G):
+                group = dist.new_group([base + node * G + g for g in range(G)], timeout=timeout)
+                if d == self.dp_index and node == self.ep_index // G:
+                    intra = group
+            for g in range(G):
+                group = dist.new_group(
+                    [base + node * G + g for node in range(ep // G)], timeout=timeout
+                )
+                if d == self.dp_index and g == self.ep_index % G:
+                    inter = group
+        return intra, inter

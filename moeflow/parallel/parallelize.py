@@ -16,12 +16,15 @@ when this is called.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from moeflow.comm.all_to_all import GroupExchange
 from moeflow.comm.dispatcher import DispatchConfig, TokenDispatcher
+from moeflow.comm.hierarchical import HierarchicalExchange
 from moeflow.moe.layer import MoELayer
 from moeflow.parallel.dims import ParallelContext
 
@@ -71,6 +74,23 @@ def shard_experts(layer: MoELayer, expert_map: torch.Tensor, ep_index: int, ep: 
     layer.local_experts = mine  # logical ids of the experts held here, in slot order
 
 
+def _make_exchange(ctx: ParallelContext, dispatch: DispatchConfig):
+    if not dispatch.two_level:
+        return GroupExchange(ctx.ep_group)
+    ranks_per_node = dispatch.ranks_per_node
+    if ranks_per_node is None:
+        local = os.environ.get("LOCAL_WORLD_SIZE")
+        if local is None:
+            raise ValueError(
+                "dispatch.two_level needs dispatch.ranks_per_node, or LOCAL_WORLD_SIZE in the "
+                "environment (torchrun sets it)"
+            )
+        ranks_per_node = int(local)
+    ranks_per_node = min(ranks_per_node, ctx.dims.ep)
+    intra, inter = ctx.node_groups(ranks_per_node)
+    return HierarchicalExchange(ctx.ep_group, intra, inter, ranks_per_node)
+
+
 def parallelize(
     model: nn.Module,
     ctx: ParallelContext,
@@ -102,7 +122,7 @@ def parallelize(
             expert_map = torch.arange(layer.config.num_experts)
         expert_map = torch.as_tensor(expert_map, dtype=torch.int64)
         _check_map(name, expert_map, layer.config.num_experts)
-    exchange = GroupExchange(ctx.ep_group)
+    exchange = _make_exchange(ctx, dispatch or DispatchConfig())
     for name, layer in layers:
         expert_map = torch.as_tensor(
             (expert_maps or {}).get(name, torch.arange(layer.config.num_experts)),
