@@ -75,6 +75,7 @@ def chunk_bounds(num_tokens: int, num_chunks: int) -> list[tuple[int, int]]:
 class DispatchResult:
     out_TD: torch.Tensor
     plans: list[RoutingPlan]
+    chunks: ChunkPlan  # split sizes and received expert blocks of every chunk
     sent_rows: int  # rows this rank sent to other ranks (not to itself), all chunks
 
 
@@ -183,7 +184,7 @@ class TokenDispatcher:
         sent = sum(
             chunk_plan.input_splits[c][j] for c in range(num_chunks) for j in range(W) if j != me
         )
-        return DispatchResult(out, plans, sent)
+        return DispatchResult(out, plans, chunk_plan, sent)
 
 
 def _as_wcl(flat: list[int], W: int, C: int, L: int) -> list[list[list[int]]]:

@@ -2,6 +2,11 @@
 
 Legend: R received rows, L local experts. Blocks are `(local expert, first row, end row)`.
 Implements the interface of `moeflow.comm.pipeline.exchange_compute`.
+
+Rows arrive source-rank major (each sender's rows in expert order), so with W > 1 senders expert e
+owns W blocks. The rows are first gathered into expert-major order (one `[R, D]` copy each way):
+each expert then runs one GEMM over all its rows, and its weight gradient is one GEMM with the full
+reduction depth instead of W small accumulating ones, which are memory-bound.
 """
 
 from __future__ import annotations
@@ -9,6 +14,26 @@ from __future__ import annotations
 import torch
 
 from moeflow.moe.grouped_ffn import Block, FFNActivations, WeightGrads, ffn_backward, ffn_forward
+
+
+def expert_major(blocks: list[Block], device) -> tuple[torch.Tensor | None, list[Block]]:
+    """Row order that makes each expert's blocks contiguous (stable), and the blocks after it.
+    `(None, blocks)` when they already are."""
+    experts = [e for e, _, _ in blocks]
+    if len(set(experts)) == len(experts):
+        return None, blocks
+    by_expert: dict[int, list[Block]] = {}
+    for b in blocks:
+        by_expert.setdefault(b[0], []).append(b)
+    parts, merged, start = [], [], 0
+    for e in sorted(by_expert):
+        n = 0
+        for _, lo, hi in by_expert[e]:
+            parts.append(torch.arange(lo, hi, device=device))
+            n += hi - lo
+        merged.append((e, start, start + n))
+        start += n
+    return torch.cat(parts), merged
 
 
 class GroupedExpertCompute:
@@ -19,8 +44,12 @@ class GroupedExpertCompute:
 
     def forward(self, params, x_RD: torch.Tensor, blocks: list[Block]):
         w1, w2 = (p.to(x_RD.dtype) for p in params)
+        order, merged = expert_major(blocks, x_RD.device)
+        x = x_RD.contiguous() if order is None else x_RD.index_select(0, order)
         with torch.autocast(device_type=x_RD.device.type, enabled=False):
-            y, saved = ffn_forward(x_RD.contiguous(), w1, w2, blocks, self.activation)
+            y, saved = ffn_forward(x, w1, w2, merged, self.activation)
+        if order is not None:
+            y = torch.empty_like(y).index_copy_(0, order, y)  # back to source-rank order
         # The weights are saved once by the pipeline; keep only the activations.
         return y, [t for t in saved.tensors() if t is not saved.w1 and t is not saved.w2]
 
@@ -32,8 +61,14 @@ class GroupedExpertCompute:
         w1, w2 = (p.to(x.dtype) for p in params)
         if acc["grads"] is None:
             acc["grads"] = WeightGrads(w1, w2)
-        activations = FFNActivations.from_tensors([x, w1, w2, *saved[1:]], blocks, self.activation)
-        return ffn_backward(activations, grad_y, acc["grads"])
+        order, merged = expert_major(blocks, x.device)
+        if order is not None:
+            grad_y = grad_y.index_select(0, order)
+        activations = FFNActivations.from_tensors([x, w1, w2, *saved[1:]], merged, self.activation)
+        grad_x = ffn_backward(activations, grad_y, acc["grads"])
+        if order is not None:
+            grad_x = torch.empty_like(grad_x).index_copy_(0, order, grad_x)
+        return grad_x
 
     def finish(self, acc: dict) -> tuple[torch.Tensor, torch.Tensor]:
         w1, w2 = acc["params"]

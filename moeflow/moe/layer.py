@@ -78,6 +78,7 @@ class MoELayer(nn.Module):
         self.aux_loss_scale = 1.0
         self.last_stats: MoEStats | None = None
         self.last_sent_rows = 0  # (token, slot) rows the last forward sent to other ranks
+        self.last_dispatch = None  # the last forward's ChunkPlan (split sizes, expert blocks)
         # Logical expert -> physical slot. Slot p is local slot p % L of expert-parallel rank p //
         # L;
         # `experts` holds this rank's L slots. Not saved: checkpoints keep logical ids.
@@ -154,6 +155,7 @@ class MoELayer(nn.Module):
             overlap_degree=overlap_degree,
         )
         self.last_sent_rows = result.sent_rows
+        self.last_dispatch = result.chunks
         return result.out_TD, kept_E
 
     def _losses(self, x: torch.Tensor, route: RouterOutput) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,205 @@
+"""Expert-parallel MoE layer on gloo ranks: all-to-all, expert compute, serial, overlapped, and
+DeepSpeed's MoE with the same ep_size, in one run.
+
+    .venv/bin/python bench/ep.py                       # 2 and 4 ranks, OMP_NUM_THREADS=1 each
+    .venv/bin/python bench/ep.py --ranks 2 --tokens 2048 --repeats 5
+
+Per configuration (forward + backward of one layer; every rank times every step, the step time is
+the slowest rank's, the figure the median over repeats):
+- a2a: the four all-to-alls of a step (dispatch and combine, forward and backward) on the layer's
+  real split sizes, nothing else;
+- compute: the local experts' grouped FFN forward+backward on the rows this rank receives;
+- serial: the whole layer, overlap degree 1; overlapped: the same with overlap degree n;
+- efficiency = (serial - overlapped) / min(a2a, compute): the share of the hideable time hidden;
+- deepspeed: `deepspeed.moe.layer.MoE(ep_size=ranks, drop_tokens=False)` with the same FFN.
+Ranks share this machine's cores (OMP_NUM_THREADS=1 each), so with more ranks than cores the
+"communication" competes with compute for the CPU; read the ratios, not the absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from moeflow import FeedForward, MoEConfig, MoELayer, RouterConfig
+from moeflow.parallel import ParallelDims, parallelize
+from moeflow.utils import keep_freed_memory
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096], help="per rank")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--ffn", type=int, default=512)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--overlap", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--no-deepspeed", action="store_true")
+    return p.parse_args()
+
+
+def timed(fn, repeats: int, warmup: int) -> float:
+    """Median over repeats of the slowest rank's time."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        t = torch.tensor([time.perf_counter() - t0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        times.append(t.item())
+    return statistics.median(times) * 1e3
+
+
+def measure(ctx, args, tokens: int, rank: int, world: int):
+    """One configuration on this rank: returns (tokens, {name: ms}, rows rank sent off-rank)."""
+    cfg = MoEConfig(
+        hidden_size=args.hidden,
+        num_experts=args.experts,
+        ffn_hidden_size=args.ffn,
+        router=RouterConfig(top_k=args.top_k),
+    )
+    torch.manual_seed(0)
+    layer = MoELayer(cfg)
+    with torch.no_grad():
+        layer.router.weight.normal_(0, 0.2)
+    parallelize(layer, ctx)
+    x = torch.randn(tokens, args.hidden, generator=torch.Generator().manual_seed(rank))
+    x.requires_grad_(True)
+    g = torch.randn(tokens, args.hidden)
+    res: dict[str, float] = {}
+    res["serial"] = timed(lambda: layer(x, overlap_degree=1).backward(g), args.repeats, args.warmup)
+    for n in args.overlap:
+        res[f"overlap{n}"] = timed(
+            lambda n=n: layer(x, overlap_degree=n).backward(g), args.repeats, args.warmup
+        )
+    layer(x, overlap_degree=1)
+    plan = layer.last_dispatch
+    send, recv = plan.input_splits[0], plan.output_splits[0]
+
+    def a2a_only():
+        for s, r in ((send, recv), (recv, send), (send, recv), (recv, send)):
+            out = torch.empty(sum(r), args.hidden)
+            dist.all_to_all_single(out, torch.ones(sum(s), args.hidden), r, s, group=ctx.ep_group)
+
+    res["a2a"] = timed(a2a_only, args.repeats, args.warmup)
+    blocks = plan.chunk_meta[0]
+    xr, gr = torch.randn(sum(recv), args.hidden), torch.randn(sum(recv), args.hidden)
+    params = (layer.experts.w1.detach(), layer.experts.w2.detach())
+
+    def compute_only():  # exactly what the layer runs on the received rows, without the exchange
+        _, saved = layer.compute.forward(params, xr, blocks)
+        acc = layer.compute.new_grads(params)
+        layer.compute.backward(params, saved, gr, blocks, acc)
+        layer.compute.finish(acc)
+
+    res["compute"] = timed(compute_only, args.repeats, args.warmup)
+    if not args.no_deepspeed:
+        from deepspeed.moe.layer import MoE
+
+        torch.manual_seed(0)
+        ds = MoE(
+            hidden_size=args.hidden,
+            expert=FeedForward(args.hidden, args.ffn),
+            num_experts=args.experts,
+            ep_size=world,
+            k=args.top_k,
+            drop_tokens=False,
+        )
+        # What DeepSpeed's engine does at start-up: without it the gate has no expert-parallel
+        # group, skips the capacity all-reduce, and gloo aborts on mismatched all-to-all sizes.
+        ds.set_deepspeed_parallelism()
+        xb = x.detach().view(1, tokens, args.hidden).clone().requires_grad_(True)
+
+        def ds_step():
+            out, _, _ = ds(xb)
+            out.backward(g.view_as(out))
+
+        res["deepspeed"] = timed(ds_step, args.repeats, args.warmup)
+    return tokens, res, sum(send) - send[rank]
+
+
+def bench_rank(rank: int, world: int, port: int, args, queue) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
+    torch.set_num_threads(1)
+    keep_freed_memory()
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    if args.no_deepspeed:
+        dist.init_process_group("gloo")
+    else:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+    ctx = ParallelDims(ep=world).build()
+    rows = [measure(ctx, args, tokens, rank, world) for tokens in args.tokens]
+    if rank == 0:
+        queue.put(rows)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    args = parse_args()
+    print(
+        f"machine: {platform.machine()} {os.cpu_count()} cores | torch {torch.__version__} | "
+        f"OMP_NUM_THREADS=1 per rank | fp32 | D={args.hidden} F={args.ffn} E={args.experts} "
+        f"k={args.top_k} swiglu dropless | median of {args.repeats} | allocator keeps freed memory"
+    )
+    ctx = mp.get_context("spawn")
+    for world in args.ranks:
+        queue = ctx.Queue()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        procs = [
+            ctx.Process(target=bench_rank, args=(r, world, port, args, queue)) for r in range(world)
+        ]
+        for p in procs:
+            p.start()
+        rows = queue.get(timeout=3600)
+        for p in procs:
+            p.join()
+        print(f"\nep={world} ranks (tokens per rank; times in ms per forward+backward)")
+        head = f"{'tokens':>7}{'a2a':>8}{'compute':>9}{'serial':>8}"
+        head += "".join(f"{'ovl' + str(n):>8}{'eff' + str(n):>7}" for n in args.overlap)
+        head += f"{'deepspeed':>11}{'ds/best':>9}" if not args.no_deepspeed else ""
+        print(head)
+        for tokens, r, remote in rows:
+            line = f"{tokens:>7}{r['a2a']:>8.1f}{r['compute']:>9.1f}{r['serial']:>8.1f}"
+            hideable = min(r["a2a"], r["compute"])
+            for n in args.overlap:
+                eff = (r["serial"] - r[f"overlap{n}"]) / hideable if hideable > 0 else 0.0
+                line += f"{r[f'overlap{n}']:>8.1f}{eff:>7.0%}"
+            best = min([r["serial"]] + [r[f"overlap{n}"] for n in args.overlap])
+            if "deepspeed" in r:
+                line += f"{r['deepspeed']:>11.1f}{r['deepspeed'] / best:>9.2f}"
+            print(line + f"   ({remote} rows sent off-rank by rank 0)")
+
+
+if __name__ == "__main__":
+    main()
