@@ -11,7 +11,8 @@ the slowest rank's, the figure the median over repeats):
 - compute: the local experts' grouped FFN forward+backward on the rows this rank receives;
 - serial: the whole layer, overlap degree 1; overlapped: the same with overlap degree n;
 - efficiency = (serial - overlapped) / min(a2a, compute): the share of the hideable time hidden;
-- deepspeed: `deepspeed.moe.layer.MoE(ep_size=ranks, drop_tokens=False)` with the same FFN.
+- deepspeed: `deepspeed.moe.layer.MoE(ep_size=ranks, drop_tokens=False)` with the same router and
+  expert weights (`bench/peers.py`), so it routes the same tokens to the same experts.
 Ranks share this machine's cores (OMP_NUM_THREADS=1 each), so with more ranks than cores the
 "communication" competes with compute for the CPU; read the ratios, not the absolute times.
 """
@@ -34,7 +35,8 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moeflow import FeedForward, MoEConfig, MoELayer, RouterConfig
+from bench.peers import deepspeed_moe_like
+from moeflow import MoEConfig, MoELayer, RouterConfig
 from moeflow.parallel import ParallelDims, parallelize
 from moeflow.utils import keep_freed_memory
 
@@ -54,19 +56,22 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def timed(fn, repeats: int, warmup: int) -> float:
-    """Median over repeats of the slowest rank's time."""
+def timed_interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, float]:
+    """Median over repeats of the slowest rank's time, the contenders interleaved within each
+    repeat so that drift of the machine hits them all alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        t = torch.tensor([time.perf_counter() - t0])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        times.append(t.item())
-    return statistics.median(times) * 1e3
+        for name, fn in fns.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            t = torch.tensor([time.perf_counter() - t0])
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            times[name].append(t.item())
+    return {name: statistics.median(v) * 1e3 for name, v in times.items()}
 
 
 def measure(ctx, args, tokens: int, rank: int, world: int):
@@ -85,12 +90,9 @@ def measure(ctx, args, tokens: int, rank: int, world: int):
     x = torch.randn(tokens, args.hidden, generator=torch.Generator().manual_seed(rank))
     x.requires_grad_(True)
     g = torch.randn(tokens, args.hidden)
-    res: dict[str, float] = {}
-    res["serial"] = timed(lambda: layer(x, overlap_degree=1).backward(g), args.repeats, args.warmup)
+    fns = {"serial": lambda: layer(x, overlap_degree=1).backward(g)}
     for n in args.overlap:
-        res[f"overlap{n}"] = timed(
-            lambda n=n: layer(x, overlap_degree=n).backward(g), args.repeats, args.warmup
-        )
+        fns[f"overlap{n}"] = lambda n=n: layer(x, overlap_degree=n).backward(g)
     layer(x, overlap_degree=1)
     plan = layer.last_dispatch
     send, recv = plan.input_splits[0], plan.output_splits[0]
@@ -100,7 +102,7 @@ def measure(ctx, args, tokens: int, rank: int, world: int):
             out = torch.empty(sum(r), args.hidden)
             dist.all_to_all_single(out, torch.ones(sum(s), args.hidden), r, s, group=ctx.ep_group)
 
-    res["a2a"] = timed(a2a_only, args.repeats, args.warmup)
+    fns["a2a"] = a2a_only
     blocks = plan.chunk_meta[0]
     xr, gr = torch.randn(sum(recv), args.hidden), torch.randn(sum(recv), args.hidden)
     params = (layer.experts.w1.detach(), layer.experts.w2.detach())
@@ -111,29 +113,17 @@ def measure(ctx, args, tokens: int, rank: int, world: int):
         layer.compute.backward(params, saved, gr, blocks, acc)
         layer.compute.finish(acc)
 
-    res["compute"] = timed(compute_only, args.repeats, args.warmup)
+    fns["compute"] = compute_only
     if not args.no_deepspeed:
-        from deepspeed.moe.layer import MoE
-
-        torch.manual_seed(0)
-        ds = MoE(
-            hidden_size=args.hidden,
-            expert=FeedForward(args.hidden, args.ffn),
-            num_experts=args.experts,
-            ep_size=world,
-            k=args.top_k,
-            drop_tokens=False,
-        )
-        # What DeepSpeed's engine does at start-up: without it the gate has no expert-parallel
-        # group, skips the capacity all-reduce, and gloo aborts on mismatched all-to-all sizes.
-        ds.set_deepspeed_parallelism()
+        ds = deepspeed_moe_like(layer, world, capacity_factor=None)
         xb = x.detach().view(1, tokens, args.hidden).clone().requires_grad_(True)
 
         def ds_step():
             out, _, _ = ds(xb)
             out.backward(g.view_as(out))
 
-        res["deepspeed"] = timed(ds_step, args.repeats, args.warmup)
+        fns["deepspeed"] = ds_step
+    res = timed_interleaved(fns, args.repeats, args.warmup)
     return tokens, res, sum(send) - send[rank]
 
 

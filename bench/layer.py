@@ -6,14 +6,14 @@
 Floor: the same routed (token, slot) rows, already grouped by expert, through the E expert FFNs as
 plain per-expert matrix products (forward and backward), with the layer's own weights and per-expert
 counts. Everything the layer adds (router, top-k, sort, gather, capacity, weighted combine) is
-overhead on it. DeepSpeed: `deepspeed.moe.layer.MoE` with the same FFN as its expert, ep_size=1, on
-gloo. Prints medians over interleaved repeats and the ratios, plus machine, threads and shapes.
+overhead on it. DeepSpeed: `deepspeed.moe.layer.MoE` with the layer's router and expert weights,
+ep_size=1, on gloo. Prints medians over interleaved repeats and the ratios, plus machine, threads
+and shapes.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import platform
 import statistics
@@ -25,7 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moeflow import FeedForward, MoEConfig, MoELayer, RouterConfig
+from bench.peers import deepspeed_moe_like
+from moeflow import MoEConfig, MoELayer, RouterConfig
 from moeflow.moe.ffn import apply_activation
 from moeflow.utils import keep_freed_memory
 
@@ -77,11 +78,9 @@ class Floor:
         torch.autograd.backward(outs, grads)
 
 
-def build_deepspeed(cfg: MoEConfig, capacity_factor: float | None, dense: FeedForward):
+def init_deepspeed_single_process() -> None:
     import deepspeed
-    from deepspeed.moe.layer import MoE
 
-    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29511")
@@ -89,17 +88,6 @@ def build_deepspeed(cfg: MoEConfig, capacity_factor: float | None, dense: FeedFo
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
         deepspeed.init_distributed(dist_backend="gloo")
-    return MoE(
-        hidden_size=cfg.hidden_size,
-        expert=dense,
-        num_experts=cfg.num_experts,
-        ep_size=1,
-        k=cfg.router.top_k,
-        capacity_factor=capacity_factor or 1.0,
-        eval_capacity_factor=capacity_factor or 1.0,
-        min_capacity=0,
-        drop_tokens=capacity_factor is not None,
-    )
 
 
 def main() -> None:
@@ -139,8 +127,8 @@ def main() -> None:
 
         candidates = {"floor": floor.step, "moeflow": ours}
         if not args.no_deepspeed:
-            dense = FeedForward(args.hidden, args.ffn, args.activation)
-            ds = build_deepspeed(cfg, cf, dense)
+            init_deepspeed_single_process()
+            ds = deepspeed_moe_like(layer, ep_size=1, capacity_factor=cf)
             xb = x.clone().view(1, args.tokens, args.hidden).requires_grad_(True)
 
             def deepspeed_step(ds=ds, xb=xb):
