@@ -83,6 +83,8 @@ class MoELayer(nn.Module):
         # L;
         # `experts` holds this rank's L slots. Not saved: checkpoints keep logical ids.
         self.register_buffer("expert_map", torch.arange(config.num_experts), persistent=False)
+        # Logical ids of the experts held here, in slot order (all of them until parallelized).
+        self.register_buffer("local_experts", torch.arange(config.num_experts), persistent=False)
         self.dispatcher = TokenDispatcher(LocalExchange(), slots_per_rank=config.num_experts)
         self.compute = GroupedExpertCompute(config.activation)
 

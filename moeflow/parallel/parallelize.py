@@ -71,7 +71,7 @@ def shard_experts(layer: MoELayer, expert_map: torch.Tensor, ep_index: int, ep: 
     full.w2 = nn.Parameter(w2, requires_grad=full.w2.requires_grad)
     full.num_experts = local
     layer.expert_map = expert_map.to(layer.expert_map.device)
-    layer.local_experts = mine  # logical ids of the experts held here, in slot order
+    layer.local_experts = mine.to(layer.local_experts.device)
 
 
 def _make_exchange(ctx: ParallelContext, dispatch: DispatchConfig):
