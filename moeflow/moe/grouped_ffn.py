@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 Block = tuple[int, int, int]
@@ -48,30 +49,33 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 @dataclass
 class FFNActivations:
-    """What the backward of one `ffn_forward` call needs."""
+    """What the backward of one `ffn_forward` call needs: per block `[a, *hs, (aux)]` with `hs` the
+    pre-activations (`[gate, up]` for SwiGLU, else `[h]`), `aux = silu(gate)` for SwiGLU and `a` the
+    activation. Per-block tensors (not one `[R, F]` buffer each) stay below glibc's mmap threshold,
+    so the allocator reuses them step after step instead of page-faulting them in again."""
 
     x: torch.Tensor
     w1: torch.Tensor
     w2: torch.Tensor
-    hs: list[torch.Tensor]  # [gate, up] for SwiGLU, else [h]
-    aux: torch.Tensor | None  # silu(gate) for SwiGLU
-    a: torch.Tensor
+    per_block: list[list[torch.Tensor]]
     blocks: list[Block]
     activation: str
+
+    @staticmethod
+    def width(activation: str) -> int:
+        return 4 if activation == "swiglu" else 2
 
     def tensors(self) -> list[torch.Tensor]:
         """For `ctx.save_for_backward` (so saved-tensor hooks, e.g. activation checkpointing or
         offloading, see them); `from_tensors` rebuilds the object."""
-        return [self.x, self.w1, self.w2, self.a, *self.hs] + (
-            [self.aux] if self.aux is not None else []
-        )
+        return [self.x, self.w1, self.w2, *[t for block in self.per_block for t in block]]
 
     @classmethod
     def from_tensors(cls, tensors, blocks: list[Block], activation: str) -> FFNActivations:
-        x, w1, w2, a, *rest = tensors
-        parts = 2 if activation == "swiglu" else 1
-        aux = rest[parts] if activation == "swiglu" else None
-        return cls(x, w1, w2, list(rest[:parts]), aux, a, blocks, activation)
+        x, w1, w2, *rest = tensors
+        k = cls.width(activation)
+        per_block = [list(rest[i : i + k]) for i in range(0, len(rest), k)]
+        return cls(x, w1, w2, per_block, blocks, activation)
 
 
 class WeightGrads:
@@ -112,26 +116,23 @@ def ffn_forward(
 ) -> tuple[torch.Tensor, FFNActivations]:
     """Run every block; `x`, `w1`, `w2` already in the compute dtype. Rows in no block give 0."""
     rows, ffn = x.shape[0], w2.shape[1]
-    # SwiGLU's gate and up projections (column blocks of w1) go to two contiguous buffers:
-    # elementwise kernels on strided halves of one buffer run ~2x slower on CPU.
+    # SwiGLU's gate and up projections (column blocks of w1) are separate GEMMs into contiguous
+    # tensors: elementwise kernels on strided halves of one buffer run ~2x slower on CPU.
     w1_parts = list(w1.split(ffn, dim=-1))
-    hs = [x.new_empty(rows, ffn) for _ in w1_parts]
-    aux = x.new_empty(rows, ffn) if activation == "swiglu" else None
-    a = x.new_empty(rows, ffn)
     covered = sum(hi - lo for _, lo, hi in blocks)
     y = x.new_empty(rows, w2.shape[-1]) if covered == rows else x.new_zeros(rows, w2.shape[-1])
+    per_block = []
     for e, lo, hi in blocks:
-        for h, w in zip(hs, w1_parts, strict=True):
-            torch.mm(x[lo:hi], w[e], out=h[lo:hi])
+        hs = [x[lo:hi] @ w[e] for w in w1_parts]
         if activation == "swiglu":
-            torch.ops.aten.silu.out(hs[0][lo:hi], out=aux[lo:hi])
-            torch.mul(aux[lo:hi], hs[1][lo:hi], out=a[lo:hi])
-        elif activation == "gelu":
-            torch.ops.aten.gelu.out(hs[0][lo:hi], out=a[lo:hi])
+            aux = F.silu(hs[0])
+            a = aux * hs[1]
+            per_block.append([a, *hs, aux])
         else:
-            torch.clamp_min(hs[0][lo:hi], 0, out=a[lo:hi])
-        torch.mm(a[lo:hi], w2[e], out=y[lo:hi])
-    return y, FFNActivations(x, w1, w2, hs, aux, a, blocks, activation)
+            a = F.gelu(hs[0]) if activation == "gelu" else F.relu(hs[0])
+            per_block.append([a, *hs])
+        torch.mm(a, w2[e], out=y[lo:hi])
+    return y, FFNActivations(x, w1, w2, per_block, blocks, activation)
 
 
 def ffn_backward(
@@ -143,25 +144,26 @@ def ffn_backward(
     covered = sum(hi - lo for _, lo, hi in s.blocks)
     grad_x = torch.empty_like(s.x) if covered == s.x.shape[0] else torch.zeros_like(s.x)
     w1_parts = list(s.w1.split(s.w2.shape[1], dim=-1))
-    for e, lo, hi in s.blocks:
+    for (e, lo, hi), tensors in zip(s.blocks, s.per_block, strict=True):
+        a, h0 = tensors[0], tensors[1]
         gy = grad_y[lo:hi]
         grad_a = gy @ s.w2[e].t()  # [n, F], consumed below
         if s.activation == "swiglu":
-            gate, up = s.hs[0][lo:hi], s.hs[1][lo:hi]
-            grad_up = grad_a * s.aux[lo:hi]  # d/d up = silu(gate)
+            up, aux = tensors[2], tensors[3]
+            grad_up = grad_a * aux  # d/d up = silu(gate)
             grad_a.mul_(up)  # d/d silu(gate)
-            torch.ops.aten.silu_backward.grad_input(grad_a, gate, grad_input=grad_a)
+            torch.ops.aten.silu_backward.grad_input(grad_a, h0, grad_input=grad_a)
             grad_hs = [grad_a, grad_up]
         elif s.activation == "gelu":
-            torch.ops.aten.gelu_backward.grad_input(grad_a, s.hs[0][lo:hi], grad_input=grad_a)
+            torch.ops.aten.gelu_backward.grad_input(grad_a, h0, grad_input=grad_a)
             grad_hs = [grad_a]
         else:
-            grad_a.masked_fill_(s.hs[0][lo:hi] <= 0, 0)
+            grad_a.masked_fill_(h0 <= 0, 0)
             grad_hs = [grad_a]
         for i, (gh, w) in enumerate(zip(grad_hs, w1_parts, strict=True)):
             # SwiGLU: the up projection's contribution adds to the gate's.
             _mm_into(grad_x[lo:hi], gh, w[e].t(), overwrite=i == 0)
-        weight_grads.accumulate(e, s.x[lo:hi], grad_hs, s.a[lo:hi], gy)
+        weight_grads.accumulate(e, s.x[lo:hi], grad_hs, a, gy)
     return grad_x
 
 
