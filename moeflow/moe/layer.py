@@ -116,16 +116,22 @@ class MoELayer(nn.Module):
             )
         x_TD = x.reshape(-1, cfg.hidden_size)
         route = self.router(x_TD)
-        out_TD, kept_E = self._dispatch_and_compute(x_TD, route, overlap_degree)
-        losses = self._losses(x, route)
+        # Routed (token, slot) pairs per expert, before capacity: the aux loss and the stats use it.
+        routed_E = torch.bincount(route.expert_ids_TK.reshape(-1), minlength=cfg.num_experts)
+        out_TD, kept_E = self._dispatch_and_compute(x_TD, route, routed_E, overlap_degree)
+        losses = self._losses(x, route, routed_E)
         total = cfg.router.aux_loss_coeff * losses[0] + cfg.router.z_loss_coeff * losses[1]
         if self.training and torch.is_grad_enabled():
             out_TD = attach_loss(out_TD, total, self.aux_loss_scale)
-        self.last_stats = self._stats(route, kept_E, losses)
+        self.last_stats = self._stats(routed_E, kept_E, losses, route.expert_ids_TK.numel())
         return out_TD.view(*x.shape[:-1], out_TD.shape[-1])
 
     def _dispatch_and_compute(
-        self, x_TD: torch.Tensor, route: RouterOutput, overlap_degree: int | None
+        self,
+        x_TD: torch.Tensor,
+        route: RouterOutput,
+        routed_E: torch.Tensor,
+        overlap_degree: int | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         rc = self.config.router
         num_tokens = x_TD.shape[0]
@@ -144,7 +150,9 @@ class MoELayer(nn.Module):
             pad_to = capacity if rc.pad_to_capacity else None
         # Capacity is decided on this rank's own tokens, before anything moves, so every rank
         # knows its shapes from the count exchange alone.
-        kept_E = pair_counts(route.expert_ids_TK, self.config.num_experts, keep_TK)[:-1]
+        kept_E = routed_E
+        if keep_TK is not None:
+            kept_E = pair_counts(route.expert_ids_TK, self.config.num_experts, keep_TK)[:-1]
         slot_ids_TK = self.expert_map[route.expert_ids_TK]
         result = self.dispatcher(
             x_TD.to(compute_dtype(x_TD)),
@@ -160,16 +168,17 @@ class MoELayer(nn.Module):
         self.last_dispatch = result.chunks
         return result.out_TD, kept_E
 
-    def _losses(self, x: torch.Tensor, route: RouterOutput) -> tuple[torch.Tensor, torch.Tensor]:
+    def _losses(
+        self, x: torch.Tensor, route: RouterOutput, routed_E: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         rc = self.config.router
         num_experts = self.config.num_experts
         zero = route.logits_TE.sum() * 0.0
         aux = zero
         if rc.aux_loss_type == "aux_loss":
-            counts_E = torch.bincount(route.expert_ids_TK.reshape(-1), minlength=num_experts)
-            aux = load_balancing_loss(route.scores_TE, counts_E, rc.top_k)
+            aux = load_balancing_loss(route.scores_TE, routed_E, rc.top_k)
         elif rc.aux_loss_type == "seq_aux_loss":
-            seq_len = x.shape[-2] if x.dim() >= 3 else x_tokens(x)
+            seq_len = x.shape[-2] if x.dim() >= 3 else route.scores_TE.shape[0]
             num_seqs = route.scores_TE.shape[0] // max(seq_len, 1)
             one_hot = torch.zeros_like(route.scores_TE).scatter_(1, route.expert_ids_TK, 1.0)
             counts_BE = one_hot.view(num_seqs, seq_len, num_experts).sum(dim=1)
@@ -179,12 +188,9 @@ class MoELayer(nn.Module):
         zl = z_loss(route.logits_TE) if rc.z_loss_coeff > 0 else zero
         return aux, zl
 
-    def _stats(self, route: RouterOutput, kept_E: torch.Tensor, losses) -> MoEStats:
+    def _stats(self, routed_E, kept_E, losses, num_pairs: int) -> MoEStats:
         with torch.no_grad():
-            num_pairs = route.expert_ids_TK.numel()
-            routed_E = torch.bincount(
-                route.expert_ids_TK.reshape(-1), minlength=self.config.num_experts
-            ).float()
+            routed_E = routed_E.float()
             mean = routed_E.mean().clamp(min=1e-9)
             dropped = (num_pairs - kept_E.sum()).float() / max(num_pairs, 1)
             return MoEStats(
@@ -194,11 +200,6 @@ class MoELayer(nn.Module):
                 dropped_fraction=dropped,
                 max_load_violation=(routed_E.max() - mean) / mean if num_pairs else mean * 0,
             )
-
-
-def x_tokens(x: torch.Tensor) -> int:
-    """Tokens in a `[..., D]` input."""
-    return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
 
 def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
