@@ -26,6 +26,7 @@ from moeflow.moe.ffn import FeedForward
 from moeflow.moe.grouped_ffn import compute_dtype
 from moeflow.moe.losses import load_balancing_loss, seq_load_balancing_loss, z_loss
 from moeflow.moe.routers.topk import RouterOutput, TopKRouter
+from moeflow.moe.routing_context import RoutingContext
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,26 @@ class MoELayer(nn.Module):
         self.register_buffer("expert_map", torch.arange(config.num_experts), persistent=False)
         # Logical ids of the experts held here, in slot order (all of them until parallelized).
         self.register_buffer("local_experts", torch.arange(config.num_experts), persistent=False)
+        # Host copies, so `reset_buffers` can restore both after `to_empty` from the meta device.
+        self.expert_map_ids = list(range(config.num_experts))
+        self.local_expert_ids = list(range(config.num_experts))
         self.dispatcher = TokenDispatcher(LocalExchange(), slots_per_rank=config.num_experts)
         self.compute = GroupedExpertCompute(config.activation)
+
+    def set_expert_placement(self, expert_map: list[int], local_experts: list[int]) -> None:
+        """Record the logical-to-physical map and the logical ids held here (`parallelize` and
+        re-placement call this), and write them into the buffers."""
+        self.expert_map_ids = [int(e) for e in expert_map]
+        self.local_expert_ids = [int(e) for e in local_experts]
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """Rewrite the map buffers from their host copies, e.g. after `to_empty`."""
+        device = self.expert_map.device
+        if device.type == "meta":
+            return
+        self.expert_map = torch.tensor(self.expert_map_ids, dtype=torch.int64, device=device)
+        self.local_experts = torch.tensor(self.local_expert_ids, dtype=torch.int64, device=device)
 
     @classmethod
     def from_dense(cls, ffn: FeedForward, config: MoEConfig) -> MoELayer:
@@ -105,9 +124,15 @@ class MoELayer(nn.Module):
         layer.experts = GroupedExperts.from_dense(ffn, config.num_experts)
         return layer
 
-    def forward(self, x: torch.Tensor, overlap_degree: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        overlap_degree: int | None = None,
+        routing_context: RoutingContext | None = None,
+    ) -> torch.Tensor:
         """`x: [..., D]` -> `[..., D]`. `overlap_degree` overrides the dispatcher's for this
-        call."""
+        call; `routing_context`, passed by the model from one MoE layer to the next, receives this
+        layer's router logits."""
         cfg = self.config
         if x.dim() < 1 or x.shape[-1] != cfg.hidden_size:
             raise ValueError(
@@ -116,6 +141,8 @@ class MoELayer(nn.Module):
             )
         x_TD = x.reshape(-1, cfg.hidden_size)
         route = self.router(x_TD)
+        if routing_context is not None:
+            routing_context.record(route.logits_TE)
         # Routed (token, slot) pairs per expert, before capacity: the aux loss and the stats use it.
         routed_E = torch.bincount(route.expert_ids_TK.reshape(-1), minlength=cfg.num_experts)
         out_TD, kept_E = self._dispatch_and_compute(x_TD, route, routed_E, overlap_degree)

@@ -62,7 +62,8 @@ def shard_experts(layer: MoELayer, expert_map: torch.Tensor, ep_index: int, ep: 
     local = num_experts // ep
     slot_to_logical = torch.empty_like(expert_map)
     slot_to_logical[expert_map] = torch.arange(num_experts, device=expert_map.device)
-    mine = slot_to_logical[ep_index * local : (ep_index + 1) * local].to(layer.experts.w1.device)
+    mine_ids = slot_to_logical[ep_index * local : (ep_index + 1) * local].tolist()
+    mine = torch.tensor(mine_ids, device=layer.experts.w1.device)
     full = layer.experts
     with torch.no_grad():
         w1 = full.w1.detach()[mine].clone()
@@ -70,8 +71,7 @@ def shard_experts(layer: MoELayer, expert_map: torch.Tensor, ep_index: int, ep: 
     full.w1 = nn.Parameter(w1, requires_grad=full.w1.requires_grad)
     full.w2 = nn.Parameter(w2, requires_grad=full.w2.requires_grad)
     full.num_experts = local
-    layer.expert_map = expert_map.to(layer.expert_map.device)
-    layer.local_experts = mine.to(layer.local_experts.device)
+    layer.set_expert_placement(expert_map.tolist(), mine_ids)
 
 
 def _make_exchange(ctx: ParallelContext, dispatch: DispatchConfig):

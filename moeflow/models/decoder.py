@@ -1,0 +1,190 @@
+"""The reference GPT-style MoE decoder: RMSNorm, rotary positions, causal attention, MoE FFNs.
+
+Legend: B batch, S sequence, D model dim, H heads, V vocabulary.
+
+Every `moe_layer_freq`-th block (blocks 0, freq, 2*freq, ...) has an `MoELayer` as its FFN, the
+others a dense `FeedForward` (Megatron's `moe_layer_freq`). One `RoutingContext` per forward pass
+travels from MoE layer to MoE layer. Build large models on the meta device and materialise them
+rank by rank:
+
+    with torch.device("meta"):
+        model = MoEDecoder(cfg)
+    model.to_empty(device="cpu")   # or the rank's GPU, after parallelize() kept only local experts
+    model.init_weights(seed=0)
+
+Example:
+    >>> cfg = DecoderConfig(dim=32, n_layers=2, n_heads=4, max_seq_len=16,
+    ...                     moe=MoEConfig(hidden_size=32, num_experts=4, ffn_hidden_size=64))
+    >>> MoEDecoder(cfg)(torch.zeros(2, 16, dtype=torch.long)).shape
+    torch.Size([2, 16, 256])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeflow.moe.config import MoEConfig
+from moeflow.moe.ffn import FeedForward
+from moeflow.moe.layer import MoELayer
+from moeflow.moe.routing_context import RoutingContext
+
+
+@dataclass(kw_only=True, frozen=True)
+class DecoderConfig:
+    """Shape of the decoder. `moe.hidden_size` must equal `dim`; dense blocks use
+    `dense_ffn_hidden_size` (default: `moe.ffn_hidden_size`)."""
+
+    vocab_size: int = 256
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    max_seq_len: int = 256
+    moe_layer_freq: int = 1
+    dense_ffn_hidden_size: int | None = None
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    moe: MoEConfig = field(
+        default_factory=lambda: MoEConfig(hidden_size=256, num_experts=8, ffn_hidden_size=512)
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "moe_layer_freq"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"model.{name} ({value!r}) must be an integer >= 1")
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+            raise ValueError(
+                f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads}) "
+                "into an even head dim (rotary positions rotate pairs)"
+            )
+        if self.moe.hidden_size != self.dim:
+            raise ValueError(
+                f"moe.hidden_size ({self.moe.hidden_size}) must equal model.dim ({self.dim})"
+            )
+        if not self.init_std > 0:
+            raise ValueError(f"model.init_std ({self.init_std!r}) must be > 0")
+
+    def is_moe_layer(self, index: int) -> bool:
+        return index % self.moe_layer_freq == 0
+
+
+def rotary_tables(seq_len: int, head_dim: int, theta: float, device=None):
+    """cos/sin `[S, head_dim/2]` for rotary position embeddings."""
+    inv = 1.0 / theta ** (
+        torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
+    )
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x_BHSd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x_BHSd.float().unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    return out.type_as(x_BHSd)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, s, d = x_BSD.shape
+        q, k, v = self.qkv(x_BSD).view(b, s, 3, self.n_heads, d // self.n_heads).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, d]
+        q, k = apply_rotary(q, cos[:s], sin[:s]), apply_rotary(k, cos[:s], sin[:s])
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(out.transpose(1, 2).reshape(b, s, d))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DecoderConfig, index: int) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        if cfg.is_moe_layer(index):
+            self.ffn: nn.Module = MoELayer(cfg.moe)
+        else:
+            width = cfg.dense_ffn_hidden_size or cfg.moe.ffn_hidden_size
+            self.ffn = FeedForward(cfg.dim, width, cfg.moe.activation)
+
+    def forward(self, x, cos, sin, routing_context: RoutingContext) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        h = self.ffn_norm(x)
+        if isinstance(self.ffn, MoELayer):
+            return x + self.ffn(h, routing_context=routing_context)
+        return x + self.ffn(h)
+
+
+class MoEDecoder(nn.Module):
+    """Token ids `[B, S]` -> logits `[B, S, V]`."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        cos, sin = rotary_tables(cfg.max_seq_len, cfg.dim // cfg.n_heads, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        if self.embed.weight.device.type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """(Re)initialise every parameter and buffer in place, e.g. after `to_empty` from the meta
+        device. Linear and embedding weights N(0, init_std); output projections of attention scaled
+        by 1/sqrt(2 * n_layers) (GPT-2); norms 1; experts and routers by their own rules."""
+        cfg = self.config
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=self.embed.weight.device).manual_seed(seed)
+        cos, sin = rotary_tables(
+            cfg.max_seq_len, cfg.dim // cfg.n_heads, cfg.rope_theta, self.rope_cos.device
+        )
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        nn.init.normal_(self.embed.weight, std=cfg.init_std, generator=gen)
+        nn.init.normal_(self.head.weight, std=cfg.init_std, generator=gen)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.qkv.weight, std=cfg.init_std, generator=gen)
+            nn.init.normal_(
+                block.attn.proj.weight,
+                std=cfg.init_std / math.sqrt(2 * cfg.n_layers),
+                generator=gen,
+            )
+            if isinstance(block.ffn, MoELayer):
+                block.ffn.reset_buffers()
+                nn.init.normal_(block.ffn.router.weight, std=cfg.init_std, generator=gen)
+                block.ffn.experts.reset_parameters(generator=gen)
+            else:
+                block.ffn.reset_parameters(generator=gen)
+        for module in self.modules():
+            if isinstance(module, nn.RMSNorm):
+                module.reset_parameters()
+
+    def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        s = tokens_BS.shape[1]
+        if s > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence length {s} exceeds model.max_seq_len ({self.config.max_seq_len})"
+            )
+        routing_context = RoutingContext()
+        x = self.embed(tokens_BS)
+        for block in self.blocks:
+            x = block(x, self.rope_cos, self.rope_sin, routing_context)
+        return self.head(self.norm(x))
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
