@@ -20,10 +20,19 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["moeflow", "moeflow.*"]),
     # A range, so a GPU user keeps the CUDA build of torch they already have.
-    install_requires=["torch>=2.4,<3", "numpy", "pulp>=2.8", "highspy>=1.7"],
+    install_requires=[
+        "torch>=2.4,<3",
+        "numpy",
+        "pulp>=2.8",
+        "highspy>=1.7",
+        "tqdm",
+        "tomli>=2; python_version < '3.11'",
+    ],
     extras_require={
+        "plot": ["matplotlib>=3.7"],
         "wandb": ["wandb"],
         "integrations": PEERS,
-        "dev": ["pytest>=8", "ruff>=0.6", *PEERS],
+        "dev": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.7", *PEERS],
     },
+    entry_points={"console_scripts": ["moeflow = moeflow.launch.cli:main"]},
 )

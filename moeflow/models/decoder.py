@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from moeflow.moe.config import MoEConfig
-from moeflow.moe.ffn import FeedForward
+from moeflow.moe.ffn import FeedForward, init_ffn_weights_
 from moeflow.moe.layer import MoELayer
 from moeflow.moe.routing_context import RoutingContext
 
@@ -138,6 +139,9 @@ class MoEDecoder(nn.Module):
         cos, sin = rotary_tables(cfg.max_seq_len, cfg.dim // cfg.n_heads, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # Recompute each block's activations in backward instead of keeping them (the trainer
+        # sets it from train.activation_checkpointing).
+        self.activation_checkpointing = False
         if self.embed.weight.device.type != "meta":
             self.init_weights()
 
@@ -157,7 +161,7 @@ class MoEDecoder(nn.Module):
         self.rope_sin.copy_(sin)
         nn.init.normal_(self.embed.weight, std=cfg.init_std, generator=gen)
         nn.init.normal_(self.head.weight, std=cfg.init_std, generator=gen)
-        for block in self.blocks:
+        for index, block in enumerate(self.blocks):
             nn.init.normal_(block.attn.qkv.weight, std=cfg.init_std, generator=gen)
             nn.init.normal_(
                 block.attn.proj.weight,
@@ -167,12 +171,26 @@ class MoEDecoder(nn.Module):
             if isinstance(block.ffn, MoELayer):
                 block.ffn.reset_buffers()
                 nn.init.normal_(block.ffn.router.weight, std=cfg.init_std, generator=gen)
-                block.ffn.experts.reset_parameters(generator=gen)
+                self._init_experts(block.ffn, index, seed)
             else:
                 block.ffn.reset_parameters(generator=gen)
         for module in self.modules():
             if isinstance(module, nn.RMSNorm):
                 module.reset_parameters()
+
+    @staticmethod
+    def _init_experts(layer: MoELayer, index: int, seed: int | None) -> None:
+        """Each expert from its own generator, seeded by (seed, block, logical id): a rank that
+        holds experts {4..7} initialises them exactly as a single process holding all 8 does."""
+        if seed is None:
+            layer.experts.reset_parameters()
+            return
+        w1, w2 = layer.experts.w1, layer.experts.w2
+        for slot, logical in enumerate(layer.local_expert_ids):
+            gen = torch.Generator(device=w1.device).manual_seed(
+                (seed * 1_000_003 + index) * 1_000_003 + logical
+            )
+            init_ffn_weights_(w1[slot], w2[slot], gen)
 
     def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
         s = tokens_BS.shape[1]
@@ -183,8 +201,28 @@ class MoEDecoder(nn.Module):
         routing_context = RoutingContext()
         x = self.embed(tokens_BS)
         for block in self.blocks:
-            x = block(x, self.rope_cos, self.rope_sin, routing_context)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x, routing_context = self._checkpointed(block, x, routing_context)
+            else:
+                x = block(x, self.rope_cos, self.rope_sin, routing_context)
         return self.head(self.norm(x))
+
+    def _checkpointed(self, block: Block, x: torch.Tensor, routing_context: RoutingContext):
+        """Run `block` under non-reentrant activation checkpointing. The recomputation in backward
+        starts from a copy of the routing context as it was before the block, so a router that
+        reads the context recomputes exactly what it computed; the forward's context goes on."""
+        before = routing_context.copy()
+        forward_context: list[RoutingContext] = []
+
+        def run(x_: torch.Tensor) -> torch.Tensor:
+            ctx = before.copy()
+            out = block(x_, self.rope_cos, self.rope_sin, ctx)
+            if not forward_context:  # the first call is the forward; later ones recompute
+                forward_context.append(ctx)
+            return out
+
+        out = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
+        return out, forward_context[0]
 
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]

@@ -27,6 +27,11 @@ class RoutingContext:
     layers_seen: int = 0
     state: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def copy(self) -> RoutingContext:
+        """A shallow copy (same tensors, own `state` dict): a snapshot that later layers' records
+        do not change."""
+        return RoutingContext(self.previous_logits, self.layers_seen, dict(self.state))
+
     def record(self, logits_TE: torch.Tensor) -> None:
         self.previous_logits = logits_TE
         self.layers_seen += 1

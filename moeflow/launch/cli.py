@@ -1,0 +1,158 @@
+"""The `moeflow` command line.
+
+    moeflow train CONFIG.toml [--resume [CKPT]] [--overwrite] [--section.key VALUE ...]
+    moeflow train CONFIG.toml --dry-run [--world-size N]      # validate, build mesh + model
+    moeflow launch --nproc N -- train CONFIG.toml ...          # N local ranks (torchrun)
+    moeflow slurm --nodes N --gpus-per-node G [--partition P --time T ...] CONFIG.toml [...]
+
+`train` runs as a plain process (a world of one) or as every rank of a torchrun job. Errors in the
+config or the command line exit with status 2 and one line that says what to fix; a run stopped
+by SIGTERM writes a checkpoint and exits 0.
+
+Example:
+    >>> main(["slurm", "--nodes", "1", "--gpus-per-node", "1", "--job-name", "a;b", "c.toml"])
+    Traceback (most recent call last):
+    ...
+    SystemExit: 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from moeflow.launch.slurm import SlurmJob, render_sbatch
+from moeflow.train.config import RunConfig
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="moeflow train", allow_abbrev=False,
+        description="Train the MoE decoder from a TOML config; --section.key VALUE overrides.",
+    )  # fmt: skip
+    p.add_argument("config", help="TOML config, e.g. examples/configs/tiny_cpu.toml")
+    p.add_argument(
+        "--resume", nargs="?", const="latest", default=None, metavar="CKPT",
+        help="continue from the latest complete checkpoint of train.out_dir (or from CKPT)",
+    )  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in out_dir")
+    p.add_argument("--dry-run", action="store_true", help="validate and build, do not train")
+    p.add_argument(
+        "--world-size", type=int, default=None,
+        help="with --dry-run: check the layout for this many ranks on a fake process group",
+    )  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    return p
+
+
+def cmd_train(argv: list[str]) -> int:
+    args, overrides = _train_parser().parse_known_args(argv)
+    cfg = RunConfig.from_toml(args.config, overrides)
+    if args.world_size is not None and not args.dry_run:
+        raise UsageError("--world-size only applies to --dry-run; launch ranks with torchrun")
+    if args.dry_run:
+        from moeflow.train.dry_run import dry_run, format_report
+
+        print(format_report(dry_run(cfg, args.world_size)))
+        return 0
+    from moeflow.train.trainer import train
+
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+    return 0 if result.last_step >= result.first_step else 1
+
+
+def cmd_launch(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="moeflow launch", allow_abbrev=False,
+        description="Run `moeflow ...` on N local processes (torch.distributed.run, standalone).",
+    )  # fmt: skip
+    p.add_argument("--nproc", type=int, required=True, help="processes on this machine")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="-- train CONFIG.toml [...]")
+    args = p.parse_args(argv)
+    rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+    if args.nproc < 1:
+        raise UsageError(f"--nproc ({args.nproc}) must be >= 1")
+    if not rest or rest[0] != "train":
+        raise UsageError(
+            "moeflow launch runs a train command: moeflow launch --nproc N -- train ..."
+        )
+    targs, overrides = _train_parser().parse_known_args(rest[1:])
+    cfg = RunConfig.from_toml(targs.config, overrides)  # fail here, not in N ranks
+    if not targs.dry_run:
+        cfg.parallel.dp_for(args.nproc)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        torchrun(["--standalone", f"--nproc-per-node={args.nproc}", "-m", "moeflow", *rest])
+    except ChildFailedError:
+        return 1  # torchrun has printed which rank failed and why
+    return 0
+
+
+def cmd_slurm(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="moeflow slurm", allow_abbrev=False,
+        description="Print (or write) an sbatch file that runs `moeflow train` under torchrun.",
+    )  # fmt: skip
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, required=True)
+    for name in ("--partition", "--account", "--time", "--venv"):
+        p.add_argument(name, default=None)
+    p.add_argument("--job-name", default="moeflow")
+    p.add_argument("--cpus-per-task", type=int, default=None)
+    p.add_argument("--log", dest="output", default="moeflow-%j.out", help="Slurm's output file")
+    p.add_argument("--port", type=int, default=29500, help="c10d rendezvous port")
+    p.add_argument("-o", "--out", default=None, help="write the script here instead of stdout")
+    p.add_argument("--force", action="store_true", help="with -o: replace an existing file")
+    p.add_argument("config")
+    args, train_args = p.parse_known_args(argv)
+    job = SlurmJob(
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, job_name=args.job_name,
+        partition=args.partition, account=args.account, time=args.time,
+        cpus_per_task=args.cpus_per_task, output=args.output, port=args.port, venv=args.venv,
+    )  # fmt: skip
+    _, overrides = _train_parser().parse_known_args([args.config, *train_args])
+    cfg = RunConfig.from_toml(args.config, overrides)
+    cfg.parallel.dp_for(job.nodes * job.gpus_per_node)  # raises if ep does not divide the world
+    script = render_sbatch(job, args.config, train_args)
+    if args.out is None:
+        sys.stdout.write(script)
+        return 0
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise UsageError(f"-o {args.out}: the file exists; pass --force to replace it")
+    out.write_text(script, encoding="utf-8")
+    print(f"wrote {out}; submit with: sbatch {out}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "launch": cmd_launch, "slurm": cmd_slurm}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.split("Example:")[0].rstrip(), file=sys.stderr)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nmoeflow: error: unknown command {argv[0]!r}", file=sys.stderr)
+            raise SystemExit(2)
+        return 0
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except ValueError as exc:  # config and usage errors: one line, no traceback
+        rank = os.environ.get("RANK")
+        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
+        print(f"{prefix}moeflow: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

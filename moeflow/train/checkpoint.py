@@ -1,0 +1,246 @@
+"""Sharded, atomic, resharding checkpoints with `torch.distributed.checkpoint` (DCP).
+
+Layout of `<out_dir>/checkpoints/step_00000100/`:
+- DCP files (`.metadata`, `__<rank>_0.distcp`): model and AdamW moments. Expert weights are stored
+  one key per **logical** expert (`blocks.0.ffn.experts.17.w1`, `optim.blocks.0.ffn.experts.17.w1.
+  exp_avg`), so each rank saves and loads only the experts it holds, and a checkpoint written at
+  ep=2 loads at ep=1 or ep=4 (or after re-placement). Dense weights are saved once (DCP dedups).
+- `moeflow.json`: step, config, world layout, learning rate; written last, by rank 0.
+- `rank_<r>.json`: that rank's data position and RNG states (base64).
+
+Save schedule (every rank calls `save_checkpoint`):
+1. rank 0 empties `.step_<n>.partial/`; barrier.
+2. DCP save into it (collective; rank 0 writes `.metadata` after every rank's data is written).
+3. every rank writes its `rank_<r>.json`; barrier.
+4. rank 0 writes `moeflow.json`, then renames the directory to `step_<n>` (atomic on POSIX; an
+   existing `step_<n>` is moved aside first and removed after), and prunes old checkpoints.
+5. barrier. A crash at any point leaves either the old complete checkpoint or a `.partial`
+   directory, which `latest_checkpoint` ignores. `out_dir` must be one shared filesystem.
+
+Loading reads the metadata with `SafeFileSystemReader` (no pickled code runs) and everything else
+from JSON.
+
+Example:
+    >>> latest_checkpoint("/nonexistent") is None
+    True
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import FileSystemWriter
+
+from moeflow.moe.layer import MoELayer
+from moeflow.train.safe_reader import SafeFileSystemReader
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def _expert_params(model: nn.Module) -> dict[str, tuple[str, str, MoELayer]]:
+    """Qualified expert parameter name -> (layer name, parameter name, layer)."""
+    out = {}
+    for layer_name, module in model.named_modules():
+        if isinstance(module, MoELayer):
+            for pname, _ in module.experts.named_parameters():
+                prefix = f"{layer_name}.experts" if layer_name else "experts"
+                out[f"{prefix}.{pname}"] = (prefix, pname, module)
+    return out
+
+
+def _split_by_logical_id(
+    name: str, tensor: torch.Tensor, experts: dict, out: dict, prefix: str = "", suffix: str = ""
+) -> None:
+    if name in experts:
+        base, pname, layer = experts[name]
+        for slot, logical in enumerate(layer.local_expert_ids):
+            out[f"{prefix}{base}.{logical}.{pname}{suffix}"] = tensor[slot]
+    else:
+        out[f"{prefix}{name}{suffix}"] = tensor
+
+
+def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and persistent buffer, experts split by logical id. Values are views of the
+    model's tensors, so DCP loads straight into the model."""
+    experts = _expert_params(model)
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        _split_by_logical_id(name, tensor, experts, out)
+    return out
+
+
+def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create AdamW's moments now (zeros, as its first step would), so a checkpoint can be loaded
+    into them before any step."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """AdamW moments by parameter name (experts by logical id). The step count is the same for
+    every parameter and lives in `moeflow.json`."""
+    init_optimizer_state(optimizer)
+    experts = _expert_params(model)
+    out: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        state = optimizer.state.get(p)
+        if not state:
+            continue
+        for key in ("exp_avg", "exp_avg_sq"):
+            _split_by_logical_id(name, state[key], experts, out, prefix="optim.", suffix=f".{key}")
+    return out
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available():
+        cuda = torch.cuda.get_rng_state()
+        state["cuda"] = base64.b64encode(cuda.numpy().tobytes()).decode()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    raw = base64.b64decode(state["torch"])
+    torch.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        raw = base64.b64decode(state["cuda"])
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "moeflow.json").is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    meta: dict,
+    rank_state: dict,
+    group: dist.ProcessGroup | None = None,
+    keep: int = 0,
+) -> Path:
+    """Write checkpoint `step` (collective over `group`); returns its final directory."""
+    root = Path(root)
+    rank = dist.get_rank(group)
+    final = root / f"step_{step:08d}"
+    partial = root / f".step_{step:08d}.partial"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir()
+    dist.barrier(group=group)
+    state = {**model_state_dict(model), **optimizer_state_dict(model, optimizer)}
+    dcp.save(state, storage_writer=FileSystemWriter(partial), process_group=group)
+    _write_json(partial / f"rank_{rank:05d}.json", {**rank_state, "rng": rng_state()})
+    dist.barrier(group=group)
+    if rank == 0:
+        _write_json(partial / "moeflow.json", {**meta, "step": step, "format": FORMAT_VERSION})
+        trash = root / f".step_{step:08d}.old"
+        if final.exists():
+            os.replace(final, trash)
+        os.replace(partial, final)
+        if trash.exists():
+            shutil.rmtree(trash)
+        if keep:
+            for old in list_checkpoints(root)[:-keep]:
+                shutil.rmtree(old)
+    dist.barrier(group=group)
+    return final
+
+
+def read_meta(path: str | Path) -> dict:
+    """The `moeflow.json` of a checkpoint directory; `CheckpointError` if missing or corrupt."""
+    path = Path(path)
+    file = path / "moeflow.json"
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if not file.is_file():
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is incomplete (no moeflow.json); it was not finished"
+        )
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: {file} ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION or "step" not in meta:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is corrupt or not a moeflow checkpoint (format "
+            f"{meta.get('format') if isinstance(meta, dict) else None!r}, want {FORMAT_VERSION})"
+        )
+    return meta
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    group: dist.ProcessGroup | None = None,
+) -> tuple[dict, dict | None]:
+    """Load model (and optimizer moments) in place; returns `(meta, rank_state)`. `rank_state` is
+    None when the checkpoint was written by a different world size (data positions and RNG states
+    belong to the old ranks)."""
+    path = Path(path)
+    meta = read_meta(path)
+    state = model_state_dict(model)
+    if optimizer is not None:
+        state.update(optimizer_state_dict(model, optimizer))
+    try:
+        dcp.load(state, storage_reader=SafeFileSystemReader(path), process_group=group)
+    except Exception as exc:  # DCP wraps per-rank failures; name the checkpoint and the cause
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} could not be loaded into this model: "
+            f"{type(exc).__name__}: {str(exc)[:2000]}"
+        ) from exc
+    if optimizer is not None:
+        for group_ in optimizer.param_groups:
+            for p in group_["params"]:
+                optimizer.state[p]["step"] = torch.tensor(float(meta["optimizer_steps"]))
+    rank = dist.get_rank(group)
+    rank_file = path / f"rank_{rank:05d}.json"
+    if meta.get("world_size") != dist.get_world_size(group) or not rank_file.is_file():
+        return meta, None
+    try:
+        return meta, json.loads(rank_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: {rank_file} ({exc})") from None

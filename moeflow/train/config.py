@@ -1,0 +1,378 @@
+"""The run config of `moeflow train`: small dataclasses, one per component, loaded from TOML.
+
+A TOML file has one table per section; `[model.moe]` and `[model.moe.router]` nest the MoE layer's
+own config (`moe.hidden_size` defaults to `model.dim`):
+
+    [model]                   # DecoderConfig
+    dim = 128
+    [model.moe]               # MoEConfig
+    num_experts = 8
+    [model.moe.router]        # RouterConfig
+    top_k = 2
+    [data]  [optim]  [train]  [parallel]  [metrics]  [checkpoint]
+
+Overrides from the command line use dotted keys: `--train.steps 50 --model.moe.router.top_k 1`; a
+value is read as a TOML value (`3`, `1e-3`, `true`, `"text"`, `[0.9, 0.95]`), or as a plain string
+if it is not one. Unknown keys raise a `ValueError` naming the closest known keys.
+
+Example:
+    >>> cfg = RunConfig.from_dict({"train": {"steps": 10}}, overrides=["--optim.lr", "1e-3"])
+    >>> cfg.train.steps, cfg.optim.lr
+    (10, 0.001)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moeflow.models.decoder import DecoderConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+def _positive_int(path: str, value, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{path} ({value!r}) must be an integer >= {minimum}")
+
+
+def _choice(path: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{path} ({value!r}) must be one of {list(allowed)}")
+
+
+DATA_KINDS = ("stdlib", "text", "tokens")
+
+
+@dataclass(kw_only=True, frozen=True)
+class DataConfig:
+    """Where tokens come from.
+
+    - `stdlib` (default): the Python standard library's own source (`*.py` under the running
+      interpreter's stdlib, without its test suite and codec tables), byte tokens; a file goes
+      to validation when `crc32(relative path) % 100 < val_percent`, so the split depends only
+      on file names.
+    - `text`: `path` is a text file or a folder (files matching `glob`, recursively), byte tokens,
+      the same split by file; a single file is split by bytes (its last `val_percent`%).
+    - `tokens`: `path` is a folder with nanoGPT-style `train.bin` and `val.bin` (`uint16`,
+      memory-mapped); `vocab_size` must cover the ids.
+    `max_bytes` caps the training tokens read (0: no cap); validation is capped at a tenth of it.
+    """
+
+    kind: str = "stdlib"
+    path: str | None = None
+    glob: str = "*"
+    val_percent: int = 10
+    max_bytes: int = 8_000_000
+
+    def __post_init__(self) -> None:
+        _choice("data.kind", self.kind, DATA_KINDS)
+        if self.kind != "stdlib" and not self.path:
+            raise ValueError(f"data.path must be set for data.kind = {self.kind!r}")
+        if not isinstance(self.val_percent, int) or not 0 < self.val_percent < 100:
+            raise ValueError(f"data.val_percent ({self.val_percent!r}) must be in 1..99")
+        _positive_int("data.max_bytes", self.max_bytes, minimum=0)
+
+
+@dataclass(kw_only=True, frozen=True)
+class OptimConfig:
+    """AdamW with two parameter groups: matrices (embeddings, attention, experts, router) get
+    `weight_decay`; vectors (norms) do not. Learning rate: linear warmup over `warmup_steps`, then
+    cosine from `lr` to `lr * min_lr_ratio` at the last step. `grad_clip` 0 disables clipping."""
+
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr ({self.lr!r}) must be > 0")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"optim.weight_decay ({self.weight_decay!r}) must be >= 0")
+        betas = tuple(self.betas)
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"optim.betas ({self.betas!r}) must be two numbers in [0, 1)")
+        object.__setattr__(self, "betas", betas)
+        _positive_int("optim.warmup_steps", self.warmup_steps, minimum=0)
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio ({self.min_lr_ratio!r}) must be in [0, 1]")
+        if not self.grad_clip >= 0:
+            raise ValueError(f"optim.grad_clip ({self.grad_clip!r}) must be >= 0 (0: off)")
+
+
+AUTOCAST = ("auto", "none", "bf16", "fp16")
+
+
+@dataclass(kw_only=True, frozen=True)
+class TrainConfig:
+    """The loop. Each optimizer step sees `micro_batch_size * grad_accum_steps` sequences of
+    `seq_len` tokens per rank. `autocast`: `auto` is bf16 on GPU and off on CPU. Validation runs
+    every `eval_every` steps (0: only at the end) on `eval_windows` fixed windows, split over the
+    ranks, so its value does not depend on the world size."""
+
+    steps: int = 300
+    seed: int = 0
+    seq_len: int = 128
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    autocast: str = "auto"
+    activation_checkpointing: bool = False
+    eval_every: int = 100
+    eval_windows: int = 64
+    out_dir: str = "runs/default"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "seq_len", "micro_batch_size", "grad_accum_steps", "eval_windows"):
+            _positive_int(f"train.{name}", getattr(self, name))
+        _positive_int("train.seed", self.seed, minimum=0)
+        _positive_int("train.eval_every", self.eval_every, minimum=0)
+        _choice("train.autocast", self.autocast, AUTOCAST)
+        if not self.out_dir:
+            raise ValueError("train.out_dir must be a non-empty path")
+
+
+@dataclass(kw_only=True, frozen=True)
+class ParallelConfig:
+    """`ep`: expert-parallel degree; the data-parallel degree is `world_size / ep` (set `dp` to
+    insist on one). `overlap_degree`: chunks of the pipelined all-to-all; `two_level` with
+    `ranks_per_node` (default: torchrun's LOCAL_WORLD_SIZE) for multi-node runs."""
+
+    ep: int = 1
+    dp: int | None = None
+    timeout_s: float = 600.0
+    overlap_degree: int = 1
+    two_level: bool = False
+    ranks_per_node: int | None = None
+
+    def __post_init__(self) -> None:
+        _positive_int("parallel.ep", self.ep)
+        _positive_int("parallel.overlap_degree", self.overlap_degree)
+        if self.dp is not None:
+            _positive_int("parallel.dp", self.dp)
+        if self.ranks_per_node is not None:
+            _positive_int("parallel.ranks_per_node", self.ranks_per_node)
+        if not self.timeout_s > 0:
+            raise ValueError(f"parallel.timeout_s ({self.timeout_s!r}) must be > 0")
+
+    def dp_for(self, world_size: int) -> int:
+        if world_size % self.ep:
+            raise ValueError(
+                f"the world size ({world_size}) is not divisible by parallel.ep ({self.ep}); "
+                f"launch a multiple of {self.ep} processes or change parallel.ep"
+            )
+        dp = world_size // self.ep
+        if self.dp is not None and self.dp != dp:
+            raise ValueError(
+                f"parallel.dp ({self.dp}) x parallel.ep ({self.ep}) must equal the world size "
+                f"({world_size}); remove parallel.dp or set it to {dp}"
+            )
+        return dp
+
+
+@dataclass(kw_only=True, frozen=True)
+class MetricsConfig:
+    """Logging: a JSONL line every `log_every` steps (always), a progress bar on rank 0, Weights &
+    Biases if `wandb` (offline unless `wandb_mode = "online"`), and `plot` a PNG at the end. MFU
+    divides the model's FLOP/s per rank by `peak_flops` (per device; 0 leaves MFU out)."""
+
+    log_every: int = 10
+    progress: bool = True
+    wandb: bool = False
+    wandb_project: str = "moeflow"
+    wandb_mode: str = "offline"
+    plot: bool = True
+    peak_flops: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive_int("metrics.log_every", self.log_every)
+        _choice("metrics.wandb_mode", self.wandb_mode, ("offline", "online", "disabled"))
+        if not self.peak_flops >= 0:
+            raise ValueError(f"metrics.peak_flops ({self.peak_flops!r}) must be >= 0")
+
+
+@dataclass(kw_only=True, frozen=True)
+class CheckpointConfig:
+    """A checkpoint every `every` steps (0: only at the end and on SIGTERM); the newest `keep`
+    complete ones are kept (0: all)."""
+
+    every: int = 0
+    keep: int = 2
+
+    def __post_init__(self) -> None:
+        _positive_int("checkpoint.every", self.every, minimum=0)
+        _positive_int("checkpoint.keep", self.keep, minimum=0)
+
+
+@dataclass(kw_only=True, frozen=True)
+class RunConfig:
+    model: DecoderConfig = field(default_factory=DecoderConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"train.seq_len ({self.train.seq_len}) must be <= model.max_seq_len "
+                f"({self.model.max_seq_len})"
+            )
+        if self.data.kind != "tokens" and self.model.vocab_size < 256:
+            raise ValueError(
+                f"model.vocab_size ({self.model.vocab_size}) must be >= 256 for byte tokens "
+                f"(data.kind = {self.data.kind!r})"
+            )
+
+    @classmethod
+    def from_dict(cls, data: dict, overrides: list[str] | None = None) -> RunConfig:
+        data = _deep_copy(data)
+        for key, value in parse_overrides(overrides or []):
+            _set_dotted(data, key, value)
+        model = data.setdefault("model", {})
+        if isinstance(model, dict):
+            moe = model.setdefault("moe", {})
+            if isinstance(moe, dict):
+                moe.setdefault("hidden_size", model.get("dim", DecoderConfig.dim))
+                moe.setdefault("num_experts", 8)
+                moe.setdefault("ffn_hidden_size", 2 * moe["hidden_size"])
+        return _build(cls, data, "")
+
+    @classmethod
+    def from_toml(cls, path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+        return cls.from_dict(data, overrides)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self, sections: tuple[str, ...] = ("model",)) -> str:
+        blob = json.dumps({s: self.to_dict()[s] for s in sections}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, object]]:
+    """`["--a.b", "3", "--c=x"]` -> `[("a.b", 3), ("c", "x")]`."""
+    pairs, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ValueError(f"override {arg!r} must look like --section.key VALUE")
+        key, sep, value = arg[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(args):
+                raise ValueError(f"override --{key} has no value")
+            value, i = args[i + 1], i + 1
+        pairs.append((key, _parse_value(value)))
+        i += 1
+    return pairs
+
+
+def _parse_value(text: str):
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _deep_copy(data):
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    return data
+
+
+def _set_dotted(data: dict, key: str, value) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override --{key}: {part!r} is a value, not a section")
+    node[parts[-1]] = value
+
+
+def _known_keys(cls: type, prefix: str) -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        keys.append(path)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(_known_keys(hints[f.name], f"{path}."))
+    return keys
+
+
+def _unknown_key_error(path: str, key: str) -> ValueError:
+    full = f"{path}{key}"
+    known = _known_keys(RunConfig, "")
+    close = difflib.get_close_matches(full, known, n=3, cutoff=0.6)
+    close += [k for k in known if k.rsplit(".", 1)[-1] == key and k not in close]
+    hint = f"; did you mean {', '.join(close[:3])}?" if close else ""
+    section = path.rstrip(".")
+    siblings = sorted(
+        k[len(path) :] for k in known if k.startswith(path) and "." not in k[len(path) :]
+    )
+    where = f"[{section}] has" if section else "the top level has"
+    return ValueError(f"unknown config key {full!r}{hint} ({where}: {', '.join(siblings)})")
+
+
+def _coerce(path: str, hint, value):
+    """TOML values to the dataclass field's type (lists to tuples, ints to floats)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(hint)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is tuple and isinstance(value, list):
+        return tuple(value)
+    expected = origin or hint
+    if isinstance(expected, type) and not isinstance(value, expected):
+        raise ValueError(
+            f"{path} ({value!r}) must be of type {getattr(expected, '__name__', expected)}"
+        )
+    return value
+
+
+def _build(cls: type, data, path: str):
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ValueError(f"{path.rstrip('.')} must be a table of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise _unknown_key_error(path, key)
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, f"{path}{key}.")
+        else:
+            kwargs[key] = _coerce(f"{path}{key}", hint, value)
+    return cls(**kwargs)

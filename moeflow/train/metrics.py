@@ -1,0 +1,179 @@
+"""Metrics of a training run: a JSONL file (always), a progress bar, Weights & Biases, a PNG.
+
+Only rank 0 writes. Each line of `metrics.jsonl` is one JSON object with a `kind`: `"train"` (every
+`metrics.log_every` steps: loss, aux/z losses, lr, grad norm, tokens/s, MFU, and per MoE layer the
+tokens per expert, dropped fraction and max load violation), `"val"` (validation loss and bits per
+byte) or `"end"`. On resume, lines past the checkpoint's step are dropped first (rewritten through a
+temporary file), so the file reads as one uninterrupted run.
+
+Example:
+    >>> from moeflow.moe.config import MoEConfig
+    >>> flops_per_token(DecoderConfig(dim=64, n_layers=2, n_heads=4, max_seq_len=32,
+    ...     moe=MoEConfig(hidden_size=64, num_experts=4, ffn_hidden_size=128)), seq_len=32)
+    936960
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from moeflow.models.decoder import DecoderConfig
+from moeflow.moe.ffn import gate_multiplier
+
+
+def flops_per_token(cfg: DecoderConfig, seq_len: int) -> int:
+    """Training FLOPs per token (forward + backward = 3x forward), counting only the experts a
+    token is routed to: `6 * active matmul params + 12 * n_layers * dim * seq_len` (attention
+    scores and values, PaLM's estimate)."""
+    moe = cfg.moe
+    g = gate_multiplier(moe.activation)
+    attn = 4 * cfg.dim * cfg.dim
+    dense_ffn = (g + 1) * cfg.dim * (cfg.dense_ffn_hidden_size or moe.ffn_hidden_size)
+    moe_ffn = moe.router.top_k * (g + 1) * cfg.dim * moe.ffn_hidden_size + cfg.dim * moe.num_experts
+    active = cfg.vocab_size * cfg.dim  # the output head
+    for i in range(cfg.n_layers):
+        active += attn + (moe_ffn if cfg.is_moe_layer(i) else dense_ffn)
+    return 6 * active + 12 * cfg.n_layers * cfg.dim * seq_len
+
+
+def truncate_jsonl(path: Path, after_step: int) -> None:
+    """Drop the records of steps > `after_step` (a resumed run writes them again)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if record.get("step", 0) <= after_step and record.get("kind") != "end":
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class MetricsLogger:
+    """Rank 0's sink for metrics; on other ranks every method does nothing."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        enabled: bool,
+        total_steps: int,
+        start_step: int,
+        progress: bool,
+        wandb_cfg: dict | None,
+    ) -> None:
+        self.enabled = enabled
+        self.path = out_dir / "metrics.jsonl"
+        self.records: list[dict] = []
+        self.bar = self.wandb = None
+        if not enabled:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        truncate_jsonl(self.path, start_step)
+        self.records = (
+            [json.loads(line) for line in self.path.read_text().splitlines()]
+            if (self.path.is_file())
+            else []
+        )
+        self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total_steps, initial=start_step, unit="step", mininterval=1.0,
+                dynamic_ncols=True, file=sys.stderr,
+            )  # fmt: skip
+        if wandb_cfg is not None:
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError(
+                    "metrics.wandb = true needs the wandb package: pip install 'moeflow[wandb]' "
+                    "(or set metrics.wandb = false)"
+                ) from None
+            self.wandb = wandb.init(**wandb_cfg)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.records.append(record)
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            flat = {
+                f"{record['kind']}/{k}": v
+                for k, v in record.items()
+                if isinstance(v, int | float) and k != "step"
+            }
+            self.wandb.log(flat, step=record["step"])
+
+    def advance(self, step: int, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            self.bar.refresh()
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def plot_run(records: list[dict], path: Path) -> Path:
+    """Loss curves and a per-layer expert-load heatmap (share of tokens per expert, summed over the
+    run) into a PNG. Needs matplotlib (`pip install 'moeflow[plot]'`)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError(
+            "metrics.plot = true needs matplotlib: pip install 'moeflow[plot]' "
+            "(or set metrics.plot = false)"
+        ) from None
+    train = [r for r in records if r["kind"] == "train"]
+    val = [r for r in records if r["kind"] == "val"]
+    fig, (ax_loss, ax_load) = plt.subplots(1, 2, figsize=(12, 4.5))
+    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss (nats)")
+    if val:
+        ax_loss.plot(
+            [r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss (nats)"
+        )
+    ax_loss.set_xlabel("step")
+    ax_loss.set_title("loss")
+    ax_loss.legend()
+    loads = [r["tokens_per_expert"] for r in train if r.get("tokens_per_expert")]
+    if loads:
+        layers = len(loads[0])
+        total = [[sum(rec[i][e] for rec in loads) for e in range(len(loads[0][i]))]
+                 for i in range(layers)]  # fmt: skip
+        share = [[c / max(sum(row), 1) for c in row] for row in total]
+        image = ax_load.imshow(share, aspect="auto", cmap="viridis")
+        fig.colorbar(image, ax=ax_load, label="share of routed tokens")
+        ax_load.set_xlabel("expert (logical id)")
+        ax_load.set_ylabel("MoE layer")
+        ax_load.set_yticks(range(layers))
+    ax_load.set_title("expert load over the run")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

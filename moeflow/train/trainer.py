@@ -1,0 +1,429 @@
+"""The training loop of `moeflow train`: an MoE decoder on one process, under torchrun, or on Slurm.
+
+Per optimizer step, on every rank:
+1. set the learning rate for the step (warmup + cosine);
+2. `grad_accum_steps` micro-batches from this rank's data shard: forward (under autocast, with
+   activation checkpointing if asked), backward of `loss / grad_accum_steps` (the balancing losses
+   ride on the MoE outputs, scaled the same way by `set_aux_loss_scale`);
+3. `GradSync`: dense gradients averaged over the world, expert gradients over the
+   expert-data-parallel group;
+4. clip by the global gradient norm (expert parts summed over the `ep` group), AdamW step;
+5. one all-reduce of a stop flag (SIGTERM on any rank: checkpoint after this step and exit 0);
+   every `log_every` steps one all-reduce of the metrics; validation, checkpoints when due.
+
+Example (one process, a few steps on the embedded corpus):
+    >>> import tempfile
+    >>> cfg = RunConfig.from_dict({"model": {"dim": 32, "n_layers": 1, "n_heads": 2,
+    ...     "max_seq_len": 16, "moe": {"num_experts": 2}}, "data": {"max_bytes": 20000},
+    ...     "train": {"steps": 2, "seq_len": 16, "micro_batch_size": 2, "out_dir": tempfile.mkdtemp()},
+    ...     "metrics": {"progress": False, "plot": False}})
+    >>> train(cfg, quiet=True).last_step
+    2
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from moeflow.comm.dispatcher import DispatchConfig
+from moeflow.models.decoder import MoEDecoder
+from moeflow.moe.layer import MoELayer, set_aux_loss_scale
+from moeflow.parallel.dims import ParallelContext, ParallelDims
+from moeflow.parallel.grad_sync import GradSync, expert_parameter_names
+from moeflow.parallel.parallelize import parallelize
+from moeflow.train import checkpoint as ckpt
+from moeflow.train.config import RunConfig
+from moeflow.train.data import BatchStream, Corpus, eval_batches, load_corpus
+from moeflow.train.distributed import Runtime, init_distributed, shutdown
+from moeflow.train.metrics import MetricsLogger, flops_per_token, plot_run
+from moeflow.train.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
+
+
+@dataclass
+class TrainResult:
+    """What a run did. `losses[i]`: the mean training loss (over micro-batches and ranks) of the
+    `log_every` steps up to `loss_steps[i]`."""
+
+    out_dir: Path
+    first_step: int
+    last_step: int
+    losses: list[float] = field(default_factory=list)
+    loss_steps: list[int] = field(default_factory=list)
+    val_loss: float | None = None
+    val_bpb: float | None = None
+    unigram_bpb: float | None = None
+    checkpoint: Path | None = None
+    metrics_path: Path | None = None
+    plot_path: Path | None = None
+    stopped_by_signal: bool = False
+
+
+def unigram_bpb(corpus: Corpus) -> float | None:
+    """Bits per byte of the best context-free model of the validation bytes (training byte
+    frequencies, add-one): the baseline a language model must beat."""
+    if corpus.bytes_per_token is None:
+        return None
+    counts = torch.bincount(torch.from_numpy(corpus.train.astype("int64")), minlength=256)
+    logp = ((counts.double() + 1) / (counts.sum() + 256)).log2()
+    return -logp[torch.from_numpy(corpus.val.astype("int64"))].mean().item()
+
+
+def _agree(ctx: ParallelContext, check) -> None:
+    """Run `check()` (returns an error message or None) on rank 0 and raise the same `ValueError`
+    on every rank, so a bad output directory stops all ranks before any work."""
+    message = [check() if ctx.rank == 0 else None]
+    dist.broadcast_object_list(message, src=0, group=ctx.world_group)
+    if message[0]:
+        raise ValueError(message[0])
+
+
+def _resolve_output(cfg: RunConfig, ctx: ParallelContext, resume: str | None, overwrite: bool):
+    out = Path(cfg.train.out_dir)
+    root = out / "checkpoints"
+    if resume is not None and overwrite:
+        raise ValueError("--resume and --overwrite contradict each other; pass one of them")
+    if resume is None:
+
+        def check_fresh() -> str | None:
+            existing = ckpt.list_checkpoints(root)
+            metrics = out / "metrics.jsonl"
+            if not existing and not metrics.exists():
+                return None
+            if not overwrite:
+                what = f"{len(existing)} checkpoint(s)" if existing else "a metrics.jsonl"
+                return (
+                    f"train.out_dir ({str(out)!r}) already holds {what} of another run; pass "
+                    "--resume to continue it, --overwrite to replace it, or choose another "
+                    "--train.out_dir"
+                )
+            shutil.rmtree(root, ignore_errors=True)
+            for name in ("metrics.jsonl", "training.png"):
+                (out / name).unlink(missing_ok=True)
+            return None
+
+        _agree(ctx, check_fresh)
+        return None
+    path = ckpt.latest_checkpoint(root) if resume == "latest" else Path(resume)
+
+    def check_resume() -> str | None:
+        if path is None:
+            return (
+                f"--resume: no complete checkpoint under {str(root)!r}; run without --resume to "
+                "start a new run"
+            )
+        try:
+            meta = ckpt.read_meta(path)
+        except ckpt.CheckpointError as exc:
+            return f"--resume: {exc}"
+        if meta.get("model_fingerprint") != cfg.fingerprint():
+            return (
+                f"--resume: checkpoint {str(path)!r} was written for another model config "
+                f"({meta.get('config', {}).get('model')}); resume with the same [model] section"
+            )
+        return None
+
+    _agree(ctx, check_resume)
+    return path
+
+
+class Trainer:
+    """Builds everything a run needs from a `RunConfig`, then `run()`s it. See the module doc."""
+
+    def __init__(self, cfg: RunConfig, runtime: Runtime, resume: str | None, overwrite: bool):
+        self.cfg, self.runtime = cfg, runtime
+        p = cfg.parallel
+        dims = ParallelDims(dp=p.dp_for(runtime.world_size), ep=p.ep, timeout_s=p.timeout_s)
+        self.ctx = dims.build(runtime.device.type)
+        self.out_dir = Path(cfg.train.out_dir)
+        self.resume_path = _resolve_output(cfg, self.ctx, resume, overwrite)
+        self.model = build_model(cfg, self.ctx, runtime.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        ckpt.init_optimizer_state(self.optimizer)
+        self.grad_sync = GradSync(self.model, self.ctx)
+        expert_names = expert_parameter_names(self.model)
+        named = list(self.model.named_parameters())
+        self.dense_params = [q for n, q in named if n not in expert_names]
+        self.expert_params = [q for n, q in named if n in expert_names]
+        self.moe_layers = [m for m in self.model.modules() if isinstance(m, MoELayer)]
+        self.corpus = load_corpus(cfg.data)
+        t = cfg.train
+        self.stream = BatchStream(
+            self.corpus.train, t.seq_len, t.micro_batch_size, self.ctx.rank,
+            runtime.world_size, t.seed,
+        )  # fmt: skip
+        self.step = 0
+        self.stop_requested = False
+
+    # -- setup -------------------------------------------------------------------------------
+    def _load(self) -> None:
+        meta, rank_state = ckpt.load_checkpoint(
+            self.resume_path, self.model, self.optimizer, self.ctx.world_group
+        )
+        self.step = int(meta["step"])
+        if rank_state is not None:
+            self.stream.load_state_dict(rank_state["data"])
+            ckpt.set_rng_state(rank_state["rng"])
+        return meta
+
+    def _autocast(self):
+        mode = self.cfg.train.autocast
+        device = self.runtime.device.type
+        if mode == "auto":
+            mode = "bf16" if device == "cuda" else "none"
+        if mode == "none":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if mode == "bf16" else torch.float16
+        return torch.autocast(device_type=device, dtype=dtype)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.stop_requested = True
+
+    # -- one step ----------------------------------------------------------------------------
+    def _train_step(self, acc: dict) -> None:
+        cfg, device = self.cfg, self.runtime.device
+        accum = cfg.train.grad_accum_steps
+        set_lr(self.optimizer, lr_at(self.step, cfg.optim, cfg.train.steps))
+        for _ in range(accum):
+            x, y = (t.to(device, non_blocking=True) for t in self.stream.next_batch())
+            with self._autocast():
+                logits = self.model(x)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            (loss / accum).backward()
+            acc["loss"] += loss.detach().float()
+            acc["micro"] += 1
+            for i, layer in enumerate(self.moe_layers):
+                s = layer.last_stats
+                acc["aux"] += s.aux_loss.float()
+                acc["z"] += s.z_loss.float()
+                acc["dropped"] += s.dropped_fraction.float()
+                acc["violation"] += s.max_load_violation.float()
+                acc["tokens"][i] += s.tokens_per_expert.to(acc["tokens"][i].dtype)
+        self.grad_sync.sync()
+        acc["grad_norm"] = clip_grad_norm_(
+            self.dense_params, self.expert_params, cfg.optim.grad_clip, self.ctx.ep_group
+        )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+    def _new_accumulator(self) -> dict:
+        zero = torch.zeros((), device=self.runtime.device)
+        acc = {k: zero.clone() for k in ("loss", "aux", "z", "dropped", "violation")}
+        acc["micro"] = 0
+        acc["tokens"] = [
+            torch.zeros(m.config.num_experts, device=self.runtime.device, dtype=torch.float64)
+            for m in self.moe_layers
+        ]
+        return acc
+
+    def _reduce_metrics(self, acc: dict, seconds: float, steps: int) -> dict:
+        """One all-reduce of everything logged; the mean over micro-batches, ranks and layers."""
+        n_layers = max(len(self.moe_layers), 1)
+        scalars = torch.stack(
+            [acc[k].double() for k in ("loss", "aux", "z", "dropped", "violation")]
+        )
+        flat = torch.cat([scalars, *acc["tokens"]]) if acc["tokens"] else scalars
+        dist.all_reduce(flat, group=self.ctx.world_group)
+        micro = acc["micro"] * self.runtime.world_size
+        values = (flat[:5] / micro).tolist()  # host sync: once per log interval
+        t = self.cfg.train
+        tokens = steps * t.grad_accum_steps * t.micro_batch_size * t.seq_len
+        tok_s = tokens * self.runtime.world_size / max(seconds, 1e-9)
+        record = {
+            "kind": "train",
+            "step": self.step,
+            "loss": values[0],
+            "aux_loss": values[1] / n_layers,
+            "z_loss": values[2] / n_layers,
+            "dropped_fraction": values[3] / n_layers,
+            "max_load_violation": values[4] / n_layers,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": float(acc["grad_norm"]),
+            "tokens_per_s": tok_s,
+        }
+        if self.cfg.metrics.peak_flops:
+            per_rank = tok_s / self.runtime.world_size
+            flops = flops_per_token(self.cfg.model, t.seq_len) * per_rank
+            record["mfu"] = flops / self.cfg.metrics.peak_flops
+        offsets = 5
+        per_layer = []
+        for m in self.moe_layers:
+            e = m.config.num_experts
+            per_layer.append([int(v) for v in flat[offsets : offsets + e].tolist()])
+            offsets += e
+        record["tokens_per_expert"] = per_layer
+        return record
+
+    # -- validation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float | None]:
+        """Mean validation loss (nats per token) over the fixed windows, and bits per byte."""
+        t = self.cfg.train
+        self.model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.runtime.device)
+        for x, y, mask in eval_batches(
+            self.corpus.val, t.seq_len, t.eval_windows, t.micro_batch_size,
+            self.ctx.rank, self.runtime.world_size,
+        ):  # fmt: skip
+            x, y, mask = (v.to(self.runtime.device) for v in (x, y, mask))
+            with self._autocast():
+                logits = self.model(x)
+            nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+            nll = nll.view(y.shape)[mask]
+            total += torch.stack([nll.double().sum(), torch.tensor(float(nll.numel()))])
+        dist.all_reduce(total, group=self.ctx.world_group)
+        self.model.train()
+        loss = (total[0] / total[1]).item()
+        bpt = self.corpus.bytes_per_token
+        return loss, (loss / math.log(2) / bpt if bpt else None)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save(self) -> Path:
+        meta = {
+            "config": self.cfg.to_dict(),
+            "model_fingerprint": self.cfg.fingerprint(),
+            "world_size": self.runtime.world_size,
+            "parallel": {"dp": self.ctx.dims.dp, "ep": self.ctx.dims.ep},
+            "optimizer_steps": self.step,
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+        rank_state = {"data": self.stream.state_dict()}
+        return ckpt.save_checkpoint(
+            self.out_dir / "checkpoints", self.step, self.model, self.optimizer, meta,
+            rank_state, group=self.ctx.world_group, keep=self.cfg.checkpoint.keep,
+        )  # fmt: skip
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self, quiet: bool = False) -> TrainResult:
+        cfg, rank0 = self.cfg, self.ctx.rank == 0
+        if self.resume_path is not None:
+            self._load()
+        first = self.step
+        m = cfg.metrics
+        wandb_cfg = None
+        if m.wandb:
+            wandb_cfg = {
+                "project": m.wandb_project, "mode": m.wandb_mode, "dir": str(self.out_dir),
+                "config": cfg.to_dict(), "resume": "allow",
+            }  # fmt: skip
+        log = MetricsLogger(
+            self.out_dir, rank0, cfg.train.steps, first, m.progress and not quiet, wandb_cfg
+        )
+        result = TrainResult(self.out_dir, first, first, metrics_path=log.path)
+        result.unigram_bpb = unigram_bpb(self.corpus)
+        say = (lambda text: None) if quiet else log.message
+        say(self.describe())
+        set_aux_loss_scale(self.model, 1.0 / cfg.train.grad_accum_steps)
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            self._loop(log, result, say)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        if not result.stopped_by_signal:
+            result.val_loss, result.val_bpb = self.evaluate()
+            log.log({"kind": "val", "step": self.step, "val_loss": result.val_loss,
+                     "val_bpb": result.val_bpb})  # fmt: skip
+        result.checkpoint = self.save()
+        result.last_step = self.step
+        log.log({"kind": "end", "step": self.step, "signal": result.stopped_by_signal})
+        log.close()
+        if rank0 and m.plot:
+            result.plot_path = plot_run(log.records, self.out_dir / "training.png")
+        self._summary(result, say)
+        return result
+
+    def _loop(self, log: MetricsLogger, result: TrainResult, say) -> None:
+        cfg = self.cfg
+        acc, since, t0 = self._new_accumulator(), 0, time.perf_counter()
+        stop = torch.zeros(1, device=self.runtime.device)
+        while self.step < cfg.train.steps:
+            self._train_step(acc)
+            since += 1
+            stop.fill_(float(self.stop_requested))
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=self.ctx.world_group)
+            last = self.step == cfg.train.steps or bool(stop.item())
+            if self.step % cfg.metrics.log_every == 0 or last:
+                record = self._reduce_metrics(acc, time.perf_counter() - t0, since)
+                log.log(record)
+                log.advance(self.step, record["loss"])
+                result.losses.append(record["loss"])
+                result.loss_steps.append(self.step)
+                acc, since, t0 = self._new_accumulator(), 0, time.perf_counter()
+            if stop.item():
+                result.stopped_by_signal = True
+                say(f"SIGTERM: stopping after step {self.step}, writing a checkpoint")
+                return
+            every = cfg.train.eval_every
+            if every and self.step % every == 0 and self.step < cfg.train.steps:
+                loss, bpb = self.evaluate()
+                log.log({"kind": "val", "step": self.step, "val_loss": loss, "val_bpb": bpb})
+                say(f"step {self.step}: validation {loss:.4f} nats/token"
+                    + (f", {bpb:.3f} bits/byte" if bpb is not None else ""))  # fmt: skip
+            every = cfg.checkpoint.every
+            if every and self.step % every == 0 and self.step < cfg.train.steps:
+                self.save()
+
+    def describe(self) -> str:
+        n_params = sum(p.numel() for p in self.model.parameters())
+        d = self.ctx.dims
+        return (
+            f"moeflow train: {self.runtime.world_size} rank(s) (dp={d.dp}, ep={d.ep}) on "
+            f"{self.runtime.device.type}; {n_params / 1e6:.2f}M parameters on this rank; data: "
+            f"{self.corpus.description}, {len(self.corpus.train) / 1e6:.2f}M train / "
+            f"{len(self.corpus.val) / 1e6:.2f}M validation tokens; steps {self.step} -> "
+            f"{self.cfg.train.steps}"
+        )
+
+    def _summary(self, result: TrainResult, say) -> None:
+        lines = []
+        if result.val_bpb is not None:
+            verdict = "below" if result.val_bpb < (result.unigram_bpb or math.inf) else "NOT below"
+            lines.append(
+                f"validation {result.val_bpb:.3f} bits/byte vs unigram baseline "
+                f"{result.unigram_bpb:.3f} ({verdict} the baseline)"
+            )
+        elif result.val_loss is not None:
+            lines.append(f"validation loss {result.val_loss:.4f} nats/token")
+        lines.append(f"checkpoint: {result.checkpoint}")
+        lines.append(f"metrics:    {result.metrics_path}")
+        if result.plot_path is not None:
+            lines.append(f"plot:       {result.plot_path}")
+        say("\n".join(lines))
+
+
+def build_model(cfg: RunConfig, ctx: ParallelContext, device: torch.device) -> MoEDecoder:
+    """Build on the meta device, keep only this rank's experts, then materialise and initialise:
+    a large model is never whole on one rank."""
+    with torch.device("meta"):
+        model = MoEDecoder(cfg.model)
+    p = cfg.parallel
+    dispatch = DispatchConfig(
+        overlap_degree=p.overlap_degree, two_level=p.two_level, ranks_per_node=p.ranks_per_node
+    )
+    parallelize(model, ctx, dispatch)
+    if device.type != "meta":
+        model.to_empty(device=device)
+        model.init_weights(seed=cfg.train.seed)
+    model.activation_checkpointing = cfg.train.activation_checkpointing
+    return model
+
+
+def train(
+    cfg: RunConfig, resume: str | None = None, overwrite: bool = False, quiet: bool = False
+) -> TrainResult:
+    """Run `cfg` in this process (one rank of a torchrun job, or a world of one)."""
+    runtime = init_distributed(cfg.parallel.timeout_s)
+    try:
+        return Trainer(cfg, runtime, resume, overwrite).run(quiet=quiet)
+    finally:
+        shutdown(runtime)
