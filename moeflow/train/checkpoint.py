@@ -39,9 +39,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 
 from moeflow.moe.layer import MoELayer
-from moeflow.train.safe_reader import SafeFileSystemReader
+from moeflow.train.safe_reader import SafeFileSystemReader, UnsafeCheckpointError
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 FORMAT_VERSION = 1
@@ -225,9 +226,17 @@ def load_checkpoint(
     state = model_state_dict(model)
     if optimizer is not None:
         state.update(optimizer_state_dict(model, optimizer))
+    reader = SafeFileSystemReader(path)
+    try:  # DCP would wrap this error in per-rank tracebacks; check the metadata first
+        reader.read_metadata()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: no .metadata") from None
+    except UnsafeCheckpointError as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: {exc}") from None
     try:
         dcp.load(state, storage_reader=SafeFileSystemReader(path), process_group=group)
-    except Exception as exc:  # DCP wraps per-rank failures; name the checkpoint and the cause
+    # DCP's CheckpointException (a BaseException) gathers every rank's failure.
+    except (Exception, CheckpointException) as exc:
         raise CheckpointError(
             f"checkpoint {str(path)!r} could not be loaded into this model: "
             f"{type(exc).__name__}: {str(exc)[:2000]}"

@@ -15,7 +15,8 @@ Example (one process, a few steps on the embedded corpus):
     >>> import tempfile
     >>> cfg = RunConfig.from_dict({"model": {"dim": 32, "n_layers": 1, "n_heads": 2,
     ...     "max_seq_len": 16, "moe": {"num_experts": 2}}, "data": {"max_bytes": 20000},
-    ...     "train": {"steps": 2, "seq_len": 16, "micro_batch_size": 2, "out_dir": tempfile.mkdtemp()},
+    ...     "train": {"steps": 2, "seq_len": 16, "micro_batch_size": 2,
+    ...               "out_dir": tempfile.mkdtemp()},
     ...     "metrics": {"progress": False, "plot": False}})
     >>> train(cfg, quiet=True).last_step
     2

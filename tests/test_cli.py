@@ -1,0 +1,216 @@
+"""End-to-end runs of the `moeflow` command in subprocesses: resume after a kill or SIGTERM gives
+the uninterrupted run's losses; bad input fails before any work; dry runs; Slurm scripts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from moeflow.launch.slurm import SlurmJob, render_sbatch
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = """
+[model]
+dim = 32
+n_layers = 2
+n_heads = 2
+max_seq_len = 32
+[model.moe]
+num_experts = 4
+ffn_hidden_size = 32
+[data]
+max_bytes = 200000
+[optim]
+warmup_steps = 3
+[train]
+steps = {steps}
+seq_len = 32
+micro_batch_size = 4
+eval_every = 0
+eval_windows = 16
+out_dir = "{out}"
+[parallel]
+ep = {ep}
+[metrics]
+log_every = 1
+progress = false
+plot = {plot}
+[checkpoint]
+every = {every}
+"""
+
+
+def write_config(path: Path, out: Path, steps=40, ep=1, every=0, plot="false") -> Path:
+    path.write_text(TINY.format(steps=steps, out=out, ep=ep, every=every, plot=plot))
+    return path
+
+
+def moeflow(*args: str, nproc: int = 0, **kw) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "moeflow"]
+    if nproc:
+        cmd += ["launch", "--nproc", str(nproc), "--"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [*cmd, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, **kw
+    )
+
+
+def start(*args: str, nproc: int = 0) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "moeflow"]
+    if nproc:
+        cmd += ["launch", "--nproc", str(nproc), "--"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [*cmd, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+def train_losses(out: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            pytest.fail(f"run ended before the interruption:\n{proc.stdout.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("the run did not get far enough in time")
+        time.sleep(0.01)
+
+
+def test_resume_after_kill_gives_the_same_losses(tmp_path):
+    straight = tmp_path / "straight"
+    done = moeflow("train", str(write_config(tmp_path / "a.toml", straight)), "--quiet")
+    assert done.returncode == 0, done.stderr
+    expected = train_losses(straight)
+    assert sorted(expected) == list(range(1, 41))
+
+    out = tmp_path / "killed"
+    cfg = write_config(tmp_path / "b.toml", out, every=5)
+    proc = start("train", str(cfg), "--quiet")
+    wait_for(lambda: (out / "checkpoints" / "step_00000005").is_dir(), proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    latest = max(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert latest < "step_00000040", "the run finished before the kill; nothing was tested"
+    resumed = moeflow("train", str(cfg), "--resume", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert train_losses(out) == expected  # bitwise: same floats, every step, no duplicates
+
+
+def test_sigterm_on_two_ranks_checkpoints_exits_and_resumes_exactly(tmp_path):
+    straight = tmp_path / "straight"
+    done = moeflow("train", str(write_config(tmp_path / "a.toml", straight, ep=2)), nproc=2)
+    assert done.returncode == 0, done.stderr
+    expected = train_losses(straight)
+
+    out = tmp_path / "preempted"
+    cfg = write_config(tmp_path / "b.toml", out, ep=2)
+    proc = start("train", str(cfg), nproc=2)
+    metrics = out / "metrics.jsonl"
+    wait_for(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 3, proc)
+    os.killpg(proc.pid, signal.SIGTERM)  # as Slurm signals every process of the job step
+    log = proc.communicate(timeout=120)[0]
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert records[-1]["kind"] == "end" and records[-1]["signal"] is True, log
+    stopped = records[-1]["step"]
+    assert 3 <= stopped < 40
+    assert (out / "checkpoints" / f"step_{stopped:08d}" / "moeflow.json").is_file()
+    resumed = moeflow("train", str(cfg), "--resume", nproc=2)
+    assert resumed.returncode == 0, resumed.stderr
+    assert train_losses(out) == expected
+
+
+def test_main_job_writes_metrics_plot_and_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.toml", out, steps=6, plot="true")
+    done = moeflow("train", str(cfg))
+    assert done.returncode == 0, done.stderr
+    assert (out / "training.png").stat().st_size > 10_000
+    assert (out / "checkpoints" / "step_00000006" / "moeflow.json").is_file()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert len(train) == 6 and len(train[-1]["tokens_per_expert"]) == 2
+    assert sum(train[-1]["tokens_per_expert"][0]) == 4 * 32 * 2  # every (token, top-2) pair
+    assert {"aux_loss", "z_loss", "tokens_per_s", "dropped_fraction", "max_load_violation"} <= set(
+        train[-1]
+    )
+    assert records[-2]["kind"] == "val" and records[-2]["val_bpb"] > 0
+    assert "bits/byte vs unigram baseline" in done.stderr + done.stdout
+
+
+def test_bad_input_fails_before_any_work(tmp_path):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.toml", out, steps=2)
+    r = moeflow("train", str(cfg), "--resume")
+    assert r.returncode == 2 and "no complete checkpoint under" in r.stderr
+    assert moeflow("train", str(cfg)).returncode == 0
+    before = (out / "metrics.jsonl").read_bytes()
+    r = moeflow("train", str(cfg))
+    assert r.returncode == 2 and "already holds 1 checkpoint(s) of another run" in r.stderr
+    assert (out / "metrics.jsonl").read_bytes() == before  # nothing touched
+    r = moeflow("train", str(cfg), "--train.stpes", "3")
+    assert r.returncode == 2 and "did you mean train.steps" in r.stderr
+    r = moeflow("train", str(cfg), "--resume", "--model.dim", "64", "--model.n_heads", "4")
+    assert r.returncode == 2 and "written for another model config" in r.stderr
+    r = moeflow("train", str(write_config(tmp_path / "d.toml", out, ep=2)), nproc=3)
+    assert r.returncode == 2 and "world size (3) is not divisible by parallel.ep (2)" in r.stderr
+    assert moeflow("train", str(cfg), "--overwrite").returncode == 0
+
+
+def test_dry_run_of_the_gpu_recipe_on_a_fake_world():
+    r = moeflow(
+        "train", "examples/configs/olmoe_1b7b_64gpu.toml", "--dry-run", "--world-size", "64"
+    )
+    assert r.returncode == 0, r.stderr
+    assert "world 64 = dp 8 x ep 8" in r.stdout and "6.919B total" in r.stdout
+    r = moeflow(
+        "train", "examples/configs/olmoe_1b7b_64gpu.toml", "--dry-run", "--world-size", "60"
+    )
+    assert r.returncode == 2 and "not divisible by parallel.ep (8)" in r.stderr
+
+
+@pytest.mark.parametrize("nodes", [1, 4])
+def test_slurm_script_is_valid_bash_with_rendezvous(tmp_path, nodes):
+    job = SlurmJob(nodes=nodes, gpus_per_node=8, partition="gpu", time="12:00:00", venv="/x y/v")
+    script = render_sbatch(job, "my configs/run.toml", ["--train.out_dir", "/runs/a b;rm -rf ~"])
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    assert f"#SBATCH --nodes={nodes}" in script and "#SBATCH --signal=TERM@120" in script
+    assert "--rdzv-backend=c10d" in script and '--rdzv-endpoint="$head_node:29500"' in script
+    assert "'my configs/run.toml'" in script and "'/runs/a b;rm -rf ~'" in script
+    assert "source '/x y/v/bin/activate'" in script
+
+
+@pytest.mark.parametrize(
+    "field", [{"job_name": "a;b"}, {"job_name": "two words"}, {"partition": "gpu'"},
+              {"time": "1h; ls"}, {"output": "$(x).out"}, {"nodes": 0}],
+)  # fmt: skip
+def test_slurm_rejects_values_that_would_break_the_shell(field):
+    kwargs = {"nodes": 1, "gpus_per_node": 8, **field}
+    with pytest.raises(ValueError, match=next(iter(field)).replace("_", "-")):
+        SlurmJob(**kwargs)
+
+
+def test_slurm_cli_validates_the_config_and_never_overwrites(tmp_path):
+    cfg = "examples/configs/olmoe_1b7b_64gpu.toml"
+    r = moeflow("slurm", "--nodes", "4", "--gpus-per-node", "8", cfg)
+    assert r.returncode == 0 and '--nnodes="$SLURM_NNODES"' in r.stdout
+    r = moeflow("slurm", "--nodes", "1", "--gpus-per-node", "4", cfg)
+    assert r.returncode == 2 and "world size (4) is not divisible by parallel.ep (8)" in r.stderr
+    target = tmp_path / "job.sbatch"
+    target.write_text("mine")
+    r = moeflow("slurm", "--nodes", "1", "--gpus-per-node", "8", "-o", str(target), cfg)
+    assert r.returncode == 2 and target.read_text() == "mine"
