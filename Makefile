@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.moeflow-installed
 
-.PHONY: setup test demo bench lint format clean
+.PHONY: setup test demo quickstart bench lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,13 @@ setup: $(STAMP)
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests
 
+# The main job on the embedded default. A second run replaces runs/tiny_cpu (it is the demo's own
+# output); DEMO_ARGS=--resume continues it instead.
+DEMO_ARGS ?= --overwrite
 demo: setup
+	$(BIN)/moeflow launch --nproc 2 -- train examples/configs/tiny_cpu.toml $(DEMO_ARGS)
+
+quickstart: setup
 	$(BIN)/python examples/quickstart.py
 
 bench: setup

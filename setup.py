@@ -32,7 +32,7 @@ setup(
         "plot": ["matplotlib>=3.7"],
         "wandb": ["wandb"],
         "integrations": PEERS,
-        "dev": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.7", *PEERS],
+        "dev": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.7", "wandb", *PEERS],
     },
     entry_points={"console_scripts": ["moeflow = moeflow.launch.cli:main"]},
 )

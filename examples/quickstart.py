@@ -1,6 +1,6 @@
 """Quick start: a small byte-level transformer whose FFNs are MoELayers, trained on CPU.
 
-    make demo                                           # sets up .venv, then runs this file
+    make quickstart                                     # sets up .venv, then runs this file
     .venv/bin/python examples/quickstart.py --steps 300  # the same, by hand
 
 The text is the Python standard library's own source (present on every machine, no download):

@@ -48,6 +48,7 @@ from moeflow.train.data import BatchStream, Corpus, eval_batches, load_corpus
 from moeflow.train.distributed import Runtime, init_distributed, shutdown
 from moeflow.train.metrics import MetricsLogger, flops_per_token, plot_run
 from moeflow.train.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
+from moeflow.utils.cpu_alloc import keep_freed_memory
 
 
 @dataclass
@@ -164,6 +165,8 @@ class Trainer:
         )  # fmt: skip
         self.step = 0
         self.stop_requested = False
+        if runtime.device.type == "cpu":
+            keep_freed_memory()  # reuse freed activations instead of page-faulting them back
 
     # -- setup -------------------------------------------------------------------------------
     def _load(self) -> None:
@@ -190,7 +193,8 @@ class Trainer:
         self.stop_requested = True
 
     # -- one step ----------------------------------------------------------------------------
-    def _train_step(self, acc: dict) -> None:
+    def train_step(self, acc: dict) -> None:
+        """One optimizer step (steps 1-4 of the module doc); statistics are added to `acc`."""
         cfg, device = self.cfg, self.runtime.device
         accum = cfg.train.grad_accum_steps
         set_lr(self.optimizer, lr_at(self.step, cfg.optim, cfg.train.steps))
@@ -217,7 +221,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
 
-    def _new_accumulator(self) -> dict:
+    def new_accumulator(self) -> dict:
         zero = torch.zeros((), device=self.runtime.device)
         acc = {k: zero.clone() for k in ("loss", "aux", "z", "dropped", "violation")}
         acc["micro"] = 0
@@ -345,10 +349,10 @@ class Trainer:
 
     def _loop(self, log: MetricsLogger, result: TrainResult, say) -> None:
         cfg = self.cfg
-        acc, since, t0 = self._new_accumulator(), 0, time.perf_counter()
+        acc, since, t0 = self.new_accumulator(), 0, time.perf_counter()
         stop = torch.zeros(1, device=self.runtime.device)
         while self.step < cfg.train.steps:
-            self._train_step(acc)
+            self.train_step(acc)
             since += 1
             stop.fill_(float(self.stop_requested))
             dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=self.ctx.world_group)
@@ -359,7 +363,7 @@ class Trainer:
                 log.advance(self.step, record["loss"])
                 result.losses.append(record["loss"])
                 result.loss_steps.append(self.step)
-                acc, since, t0 = self._new_accumulator(), 0, time.perf_counter()
+                acc, since, t0 = self.new_accumulator(), 0, time.perf_counter()
             if stop.item():
                 result.stopped_by_signal = True
                 say(f"SIGTERM: stopping after step {self.step}, writing a checkpoint")

@@ -1,0 +1,133 @@
+"""End-to-end training throughput of the demo model (examples/configs/tiny_cpu.toml).
+
+    .venv/bin/python bench/train.py [--steps 30] [--warmup 5] [--repeats 3]
+
+Runs the real trainer step (`Trainer.train_step`: forward, backward, GradSync, clipping, AdamW) on
+the embedded corpus in three layouts on this machine: 1 rank with 1 thread, 1 rank with 2 threads,
+and 2 ranks (ep=2) with 1 thread each, launched by torchrun. Prints tokens/s (all ranks together,
+median over repeats), the scaling against 1 rank x 1 thread, and the share of the step spent inside
+the MoE layers (forward and backward, timed by module hooks on the slowest rank).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "examples" / "configs" / "tiny_cpu.toml"
+
+
+class MoETimer:
+    """Wall time spent inside every MoELayer, forward and backward (module hooks)."""
+
+    def __init__(self, layers) -> None:
+        self.total = 0.0
+        self._start: dict[int, float] = {}
+        for layer in layers:
+            layer.register_forward_pre_hook(self._begin)
+            layer.register_forward_hook(self._end)
+            layer.register_full_backward_pre_hook(self._begin)
+            layer.register_full_backward_hook(self._end)
+
+    def _begin(self, module, *args) -> None:
+        self._start[id(module)] = time.perf_counter()
+
+    def _end(self, module, *args) -> None:
+        self.total += time.perf_counter() - self._start.pop(id(module))
+
+
+def worker(steps: int, warmup: int, out_file: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from moeflow.train.config import RunConfig
+    from moeflow.train.distributed import init_distributed, shutdown
+    from moeflow.train.trainer import Trainer
+
+    threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
+    torch.set_num_threads(threads)
+    runtime = init_distributed(120)
+    world = runtime.world_size
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = RunConfig.from_toml(
+            CONFIG,
+            ["--parallel.ep", str(world), "--train.out_dir", tmp, "--train.steps", "100000"],
+        )
+        trainer = Trainer(cfg, runtime, resume=None, overwrite=True)
+        timer = MoETimer(trainer.moe_layers)
+        acc = trainer.new_accumulator()
+        for _ in range(warmup):
+            trainer.train_step(acc)
+        dist.barrier()
+        timer.total = 0.0
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step(acc)
+        dist.barrier()
+        seconds = time.perf_counter() - t0
+    t = cfg.train
+    tokens = steps * t.micro_batch_size * t.grad_accum_steps * t.seq_len * world
+    shares = [None] * world
+    dist.all_gather_object(shares, (seconds, timer.total))
+    if runtime.rank == 0:
+        slowest = max(shares)
+        Path(out_file).write_text(
+            json.dumps({"tokens_per_s": tokens / slowest[0], "moe_share": slowest[1] / slowest[0]})
+        )
+    shutdown(runtime)
+
+
+def run_layout(ranks: int, threads: int, steps: int, warmup: int) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={ranks}", __file__, "--worker", "--steps", str(steps),
+            "--warmup", str(warmup), "--out", out.name,
+        ]  # fmt: skip
+        subprocess.run(cmd, env=env, check=True, cwd=ROOT, capture_output=True)
+        return json.loads(Path(out.name).read_text())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args.steps, args.warmup, args.out)
+        return
+    layouts = [(1, 1), (1, 2), (2, 1)]
+    results: dict[tuple[int, int], list[dict]] = {layout: [] for layout in layouts}
+    for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits every layout
+        for ranks, threads in layouts:
+            results[(ranks, threads)].append(run_layout(ranks, threads, args.steps, args.warmup))
+    print(
+        f"moeflow bench/train.py: {CONFIG.name} (dim 128, 2 MoE layers x 8 experts, top-2, "
+        f"8 x 128 tokens per rank per step), {args.steps} steps after {args.warmup} "
+        f"warm-up, median of {args.repeats}; {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, fp32, gloo"
+    )
+    print("| ranks x threads | tokens/s | vs 1x1 | MoE layers' share of the step |")
+    print("|---|---|---|---|")
+    base = statistics.median(r["tokens_per_s"] for r in results[(1, 1)])
+    for (ranks, threads), runs in results.items():
+        tok = statistics.median(r["tokens_per_s"] for r in runs)
+        share = statistics.median(r["moe_share"] for r in runs)
+        print(f"| {ranks} x {threads} | {tok:,.0f} | {tok / base:.2f} | {share:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
