@@ -83,3 +83,14 @@ def test_eval_windows_do_not_depend_on_world_size(world_size):
     single = [x[i, 0].item() for x, _, m in eval_batches(tokens, 16, 10, 3, 0, 1)
               for i in range(len(m))]  # fmt: skip
     assert sorted(rows) == sorted(single) and len(single) == 10
+
+
+def test_skip_lands_where_drawing_would():
+    tokens = np.arange(5000, dtype=np.int64)
+    drawn = BatchStream(tokens, 16, 4, rank=0, world_size=1, seed=5)
+    for _ in range(170):  # past two epoch boundaries (77 batches per epoch)
+        drawn.next_batch()
+    skipped = BatchStream(tokens, 16, 4, rank=0, world_size=1, seed=5)
+    skipped.skip(170)
+    assert skipped.state_dict() == drawn.state_dict()
+    assert (skipped.next_batch()[0] == drawn.next_batch()[0]).all()

@@ -161,6 +161,14 @@ class BatchStream:
         rows = _windows(self.tokens, picks * self.seq_len, self.seq_len)
         return rows[:, :-1], rows[:, 1:]
 
+    def skip(self, batches: int) -> None:
+        """Advance as if `batches` batches had been drawn (a resumed run whose checkpoint came
+        from another world size starts where this rank would have been)."""
+        per_epoch = self.num_windows // self.batch_size
+        self.epoch, done = divmod(batches, per_epoch)
+        self.index = done * self.batch_size
+        self._order = self._shuffle(self.epoch)
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
 

@@ -177,6 +177,9 @@ class Trainer:
         if rank_state is not None:
             self.stream.load_state_dict(rank_state["data"])
             ckpt.set_rng_state(rank_state["rng"])
+        else:  # written by another world size: its ranks' data positions do not map onto ours
+            self.stream.skip(self.step * self.cfg.train.grad_accum_steps)
+            torch.manual_seed(self.cfg.train.seed + self.ctx.rank + self.step)
         return meta
 
     def _autocast(self):
