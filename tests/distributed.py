@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
+import queue as queue_module
 import socket
 import traceback
 from collections.abc import Callable
@@ -53,7 +55,9 @@ def _worker(rank, world_size, port, fn, args, env, queue, pg_timeout_s) -> None:
             timeout=datetime.timedelta(seconds=pg_timeout_s),
         )
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        # Pickled here, by value: torch's queue pickler would pass tensors as shared-memory handles
+        # that die with this process if it exits before the parent unpickles them.
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException as exc:  # reported to the parent, never swallowed
         queue.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
     finally:
@@ -91,7 +95,7 @@ def run_on_ranks(
                 break
             try:
                 rank, status, payload = queue.get(timeout=min(remaining, 1.0))
-            except Exception:  # queue.Empty: poll again, and notice ranks that died silently
+            except queue_module.Empty:  # poll again, and notice ranks that died silently
                 if all(not p.is_alive() for p in procs) and queue.empty():
                     break
                 continue
@@ -115,4 +119,4 @@ def run_on_ranks(
         raise DistributedTestError(
             f"{len(failures)} of {world_size} ranks failed:\n" + "\n".join(failures)
         )
-    return [results[r][1] for r in range(world_size)]
+    return [pickle.loads(results[r][1]) for r in range(world_size)]
