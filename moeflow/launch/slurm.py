@@ -88,8 +88,8 @@ def render_sbatch(job: SlurmJob, config_path: str, train_args: list[str]) -> str
     lines += [
         'head_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
         "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}",
-        "# One torchrun per node; they rendezvous (c10d) on the first node. torchrun forwards",
-        "# Slurm's SIGTERM to the ranks, which checkpoint and exit 0.",
+        "# One torchrun per node; they rendezvous (c10d) on the first node. On Slurm's SIGTERM",
+        "# the ranks finish the step, checkpoint and exit 0 (torchrun waits 30 s, then kills).",
         "srun --kill-on-bad-exit=1 torchrun \\",
         '  --nnodes="$SLURM_NNODES" \\',
         f"  --nproc-per-node={job.gpus_per_node} \\",

@@ -65,18 +65,25 @@ def dry_run(cfg: RunConfig, world_size: int | None = None) -> dict:
         shutdown(runtime)
 
 
+def _count(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3f}{unit}"
+    return f"{n:.0f}"
+
+
 def format_report(report: dict) -> str:
     return "\n".join(
         [
             f"dry run: config valid; world {report['world_size']} = dp {report['dp']} x ep "
             f"{report['ep']}; {report['moe_layers']} MoE layers, {report['experts_per_rank']} "
             "experts per rank",
-            f"  parameters: {report['total_params'] / 1e9:.3f}B total, "
-            f"{report['active_params_per_token'] / 1e9:.3f}B active per token, "
-            f"{report['params_per_rank'] / 1e9:.3f}B per rank "
-            f"({report['train_state_gib_per_rank']:.1f} GiB of fp32 weights, grads and AdamW "
+            f"  parameters: {_count(report['total_params'])} total, "
+            f"{_count(report['active_params_per_token'])} active per token, "
+            f"{_count(report['params_per_rank'])} per rank "
+            f"({report['train_state_gib_per_rank']:.3g} GiB of fp32 weights, grads and AdamW "
             "state per rank)",
-            f"  {report['flops_per_token'] / 1e9:.2f} GFLOP per token (fwd+bwd), "
+            f"  {report['flops_per_token'] / 1e9:.4g} GFLOP per token (fwd+bwd), "
             f"{report['tokens_per_step']:,} tokens per optimizer step",
         ]
     )

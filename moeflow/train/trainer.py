@@ -288,7 +288,9 @@ class Trainer:
                 logits = self.model(x)
             nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
             nll = nll.view(y.shape)[mask]
-            total += torch.stack([nll.double().sum(), torch.tensor(float(nll.numel()))])
+            total += torch.stack(
+                [nll.double().sum(), nll.new_tensor(nll.numel(), dtype=torch.float64)]
+            )
         dist.all_reduce(total, group=self.ctx.world_group)
         self.model.train()
         loss = (total[0] / total[1]).item()
