@@ -3,8 +3,9 @@
     make quickstart                                     # sets up .venv, then runs this file
     .venv/bin/python examples/quickstart.py --steps 300  # the same, by hand
 
-The text is the Python standard library's own source (present on every machine, no download):
-top-level modules sorted by name, the last tenth of the files held out for validation. Prints the
+The text is the Python standard library's own source (present on every machine, no download), split
+by file as `moeflow train` does (`moeflow.train.data`). For the full trainer (checkpoints, expert
+parallelism, metrics) see `make demo` and examples/configs/. Prints the
 training loss, the validation loss in bits per byte against the unigram baseline, and each layer's
 share of tokens per expert, so you can watch the balancing loss work.
 """
@@ -14,37 +15,17 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sysconfig
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moeflow import MoEConfig, MoELayer, RouterConfig
+from moeflow.train.config import DataConfig
+from moeflow.train.data import load_corpus
+from moeflow.train.trainer import unigram_bpb
 from moeflow.utils import keep_freed_memory
-
-
-def load_stdlib_bytes(max_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train/validation byte tensors from the stdlib's top-level `.py` files, split by file."""
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-    if len(files) < 10:
-        raise RuntimeError(f"found only {len(files)} stdlib files under {files[:1]}; need >= 10")
-    n_val = max(1, len(files) // 10)
-    chunks: dict[str, list[bytes]] = {"train": [], "val": []}
-    budget = {"train": max_bytes, "val": max_bytes // 9}
-    for i, path in enumerate(files):
-        split = "val" if i >= len(files) - n_val else "train"
-        if budget[split] > 0:
-            data = path.read_bytes()[: budget[split]]
-            chunks[split].append(data)
-            budget[split] -= len(data)
-
-    def as_tensor(parts: list[bytes]) -> torch.Tensor:
-        return torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8).long()
-
-    return as_tensor(chunks["train"]), as_tensor(chunks["val"])
 
 
 class Block(nn.Module):
@@ -102,13 +83,6 @@ def validation_bpb(model: nn.Module, val: torch.Tensor, seq_len: int, batches: i
     return sum(losses) / len(losses) / math.log(2)
 
 
-def unigram_bpb(train: torch.Tensor, val: torch.Tensor) -> float:
-    """Bits per byte of the best context-free model: the training byte frequencies (add-one)."""
-    counts = torch.bincount(train, minlength=256).double() + 1
-    logp = (counts / counts.sum()).log2()
-    return -logp[val].mean().item()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--steps", type=int, default=300)
@@ -126,7 +100,8 @@ def main() -> None:
     keep_freed_memory()  # CPU: reuse freed activations instead of page-faulting them in again
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     torch.manual_seed(args.seed)
-    train, val = load_stdlib_bytes(max_bytes=4_000_000)
+    corpus = load_corpus(DataConfig(max_bytes=4_000_000))  # the stdlib corpus of `moeflow train`
+    train, val = (torch.from_numpy(a.astype("int64")) for a in (corpus.train, corpus.val))
     moe = MoEConfig(
         hidden_size=args.dim,
         num_experts=args.experts,
@@ -145,7 +120,7 @@ def main() -> None:
         f"{args.experts} experts (top-{args.top_k}); {len(train) / 1e6:.1f} MB train / "
         f"{len(val) / 1e6:.2f} MB validation bytes of Python stdlib source"
     )
-    baseline = unigram_bpb(train, val)
+    baseline = unigram_bpb(corpus)
     print(
         f"unigram baseline: {baseline:.3f} bits/byte; step 0 validation: "
         f"{validation_bpb(model, val, args.seq_len):.3f} bits/byte"

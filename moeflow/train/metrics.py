@@ -137,9 +137,10 @@ class MetricsLogger:
             self.wandb.finish()
 
 
-def plot_run(records: list[dict], path: Path) -> Path:
-    """Loss curves and a per-layer expert-load heatmap (share of tokens per expert, summed over the
-    run) into a PNG. Needs matplotlib (`pip install 'moeflow[plot]'`)."""
+def plot_run(records: list[dict], path: Path, baseline_loss: float | None = None) -> Path:
+    """Loss curves (with the unigram baseline, if given, in nats per token) and a per-layer
+    expert-load heatmap (share of tokens per expert, summed over the run) into a PNG. Needs
+    matplotlib (`pip install 'moeflow[plot]'`)."""
     try:
         import matplotlib
 
@@ -158,6 +159,8 @@ def plot_run(records: list[dict], path: Path) -> Path:
         ax_loss.plot(
             [r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss (nats)"
         )
+    if baseline_loss is not None:
+        ax_loss.axhline(baseline_loss, color="gray", linestyle="--", label="unigram baseline")
     ax_loss.set_xlabel("step")
     ax_loss.set_title("loss")
     ax_loss.legend()

@@ -348,7 +348,10 @@ class Trainer:
         log.log({"kind": "end", "step": self.step, "signal": result.stopped_by_signal})
         log.close()
         if rank0 and m.plot:
-            result.plot_path = plot_run(log.records, self.out_dir / "training.png")
+            baseline = None
+            if result.unigram_bpb is not None:
+                baseline = result.unigram_bpb * math.log(2) * self.corpus.bytes_per_token
+            result.plot_path = plot_run(log.records, self.out_dir / "training.png", baseline)
         self._summary(result, say)
         return result
 
