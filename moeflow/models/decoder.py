@@ -32,6 +32,7 @@ from torch import nn
 from moeflow.moe.config import MoEConfig
 from moeflow.moe.ffn import FeedForward, init_ffn_weights_
 from moeflow.moe.layer import MoELayer
+from moeflow.moe.routers.recurrent import reset_gru
 from moeflow.moe.routing_context import RoutingContext
 
 
@@ -107,13 +108,13 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: DecoderConfig, index: int) -> None:
+    def __init__(self, cfg: DecoderConfig, index: int, shared: nn.ModuleDict) -> None:
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         if cfg.is_moe_layer(index):
-            self.ffn: nn.Module = MoELayer(cfg.moe)
+            self.ffn: nn.Module = MoELayer(cfg.moe, shared)
         else:
             width = cfg.dense_ffn_hidden_size or cfg.moe.ffn_hidden_size
             self.ffn = FeedForward(cfg.dim, width, cfg.moe.activation)
@@ -133,7 +134,9 @@ class MoEDecoder(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        # Router modules shared by the MoE layers (RMoE's GRU cell), registered here once.
+        self.router_shared = nn.ModuleDict()
+        self.blocks = nn.ModuleList(Block(cfg, i, self.router_shared) for i in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         cos, sin = rotary_tables(cfg.max_seq_len, cfg.dim // cfg.n_heads, cfg.rope_theta)
@@ -170,10 +173,15 @@ class MoEDecoder(nn.Module):
             )
             if isinstance(block.ffn, MoELayer):
                 block.ffn.reset_buffers()
-                nn.init.normal_(block.ffn.router.weight, std=cfg.init_std, generator=gen)
+                block.ffn.router.reset_parameters(generator=gen)
+                block.ffn.router.expert_bias.zero_()
+                if block.ffn.zc_experts is not None:
+                    block.ffn.zc_experts.reset_parameters(generator=gen)
                 self._init_experts(block.ffn, index, seed)
             else:
                 block.ffn.reset_parameters(generator=gen)
+        for module in self.router_shared.values():
+            reset_gru(module, gen)
         for module in self.modules():
             if isinstance(module, nn.RMSNorm):
                 module.reset_parameters()
@@ -216,6 +224,7 @@ class MoEDecoder(nn.Module):
 
         def run(x_: torch.Tensor) -> torch.Tensor:
             ctx = before.copy()
+            ctx.recomputing = bool(forward_context)
             out = block(x_, self.rope_cos, self.rope_sin, ctx)
             if not forward_context:  # the first call is the forward; later ones recompute
                 forward_context.append(ctx)

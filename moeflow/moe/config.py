@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 ACTIVATIONS = ("swiglu", "gelu", "relu")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 DROP_POLICIES = ("probs", "position")
-AUX_LOSS_TYPES = ("none", "aux_loss", "seq_aux_loss")
+AUX_LOSS_TYPES = ("none", "aux_loss", "seq_aux_loss", "global_aux_loss")
 ROUTER_DTYPES = ("fp32", "fp64")
 
 
@@ -65,9 +65,19 @@ class RouterConfig:
     - `pad_to_capacity=True` gives every expert exactly C rows (zero rows as padding): static
       shapes.
     - Aux loss (Megatron's normalisation, 1 at perfect balance):
-      `L = E/(k*T^2) * sum_i (sum_t p_ti) * count_i` with `p` the full softmax (or normalised
-      sigmoid) and `count` the top-k selections before any drop. `seq_aux_loss` computes it per
-      sequence and averages. z-loss: `mean_t logsumexp(logits_t)^2`.
+      `L = E/(k*T^2) * sum_i (sum_t p_ti) * count_i = E * sum_i f_i P_i` with `p` the full softmax
+      (or normalised sigmoid) and `count` the top-k selections before any drop. `seq_aux_loss`
+      computes it per sequence and averages. `global_aux_loss` takes f from counts all-reduced over
+      every rank and summed over the micro-batches of the optimizer step so far (Megatron's global
+      batch balancing; P stays local). z-loss: `mean_t logsumexp(logits_t)^2`.
+    - `type` picks the router from the registry (`moeflow.moe.routers.register_router`):
+      `"topk"`; `"null"` (AdaMoE: `num_null_experts` null experts); `"moepp"` (MoE++:
+      `zero_experts`, `copy_experts`, `constant_experts` beside the FFN experts, `gating_residual`,
+      balancing weight `zc_tau` for them); `"rmoe"` (a GRU of width `rnn_dim` shared by the layers).
+      A router's own fields are rejected for other types.
+    - `bias_update_rate > 0`: aux-loss-free balancing (DeepSeek-V3). A per-expert bias is added to
+      the scores for selection only; after each optimizer step `bias_i += rate * sign(mean load -
+      load_i)`, with loads counted over the step and all ranks (`finish_optimizer_step`).
 
     Example:
         >>> RouterConfig(top_k=1, pre_softmax=True, normalize_topk=False).capacity_factor is None
@@ -87,6 +97,15 @@ class RouterConfig:
     z_loss_coeff: float = 0.0
     input_jitter_eps: float | None = None
     router_dtype: str = "fp32"
+    type: str = "topk"
+    num_null_experts: int = 0
+    zero_experts: int = 0
+    copy_experts: int = 0
+    constant_experts: int = 0
+    gating_residual: bool = True
+    zc_tau: float = 1.0
+    rnn_dim: int = 128
+    bias_update_rate: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate("router")
@@ -117,6 +136,53 @@ class RouterConfig:
             raise ValueError(
                 f"{path}.input_jitter_eps ({self.input_jitter_eps!r}) must be in (0, 1), or None"
             )
+        _check_non_negative(f"{path}.bias_update_rate", self.bias_update_rate)
+        self._validate_router_fields(path)
+
+    def _validate_router_fields(self, path: str) -> None:
+        if not isinstance(self.type, str) or not self.type:
+            raise ValueError(f"{path}.type ({self.type!r}) must be a router name, e.g. 'topk'")
+        for name in ("num_null_experts", "zero_experts", "copy_experts", "constant_experts"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{path}.{name} ({value!r}) must be an integer >= 0")
+        if not isinstance(self.rnn_dim, int) or self.rnn_dim < 1:
+            raise ValueError(f"{path}.rnn_dim ({self.rnn_dim!r}) must be an integer >= 1")
+        if not self.zc_tau > 0:
+            raise ValueError(f"{path}.zc_tau ({self.zc_tau!r}) must be > 0")
+        defaults = RouterConfig.__dataclass_fields__
+        owned = {
+            "null": ("num_null_experts",),
+            "moepp": ("zero_experts", "copy_experts", "constant_experts", "gating_residual",
+                      "zc_tau"),
+            "rmoe": ("rnn_dim",),
+        }  # fmt: skip
+        for router, names in owned.items():
+            if self.type == router:
+                continue
+            for name in names:
+                if getattr(self, name) != defaults[name].default:
+                    raise ValueError(
+                        f"{path}.{name} ({getattr(self, name)!r}) only applies to "
+                        f"{path}.type = {router!r} (this router is {self.type!r})"
+                    )
+        if self.type == "null" and self.num_null_experts < 1:
+            raise ValueError(f"{path}.num_null_experts must be >= 1 for {path}.type = 'null'")
+        zc = self.zero_experts + self.copy_experts + self.constant_experts
+        if self.type == "moepp" and zc < 1:
+            raise ValueError(
+                f"{path}.type = 'moepp' needs at least one of {path}.zero_experts, "
+                f"{path}.copy_experts, {path}.constant_experts"
+            )
+
+    @property
+    def extra_experts(self) -> int:
+        """Choices beyond the FFN experts: null or zero-computation experts."""
+        if self.type == "null":
+            return self.num_null_experts
+        if self.type == "moepp":
+            return self.zero_experts + self.copy_experts + self.constant_experts
+        return 0
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -145,11 +211,14 @@ class MoEConfig:
         _check_choice("moe.activation", self.activation, ACTIVATIONS)
         if not isinstance(self.router, RouterConfig):
             raise ValueError(f"moe.router must be a RouterConfig, got {type(self.router).__name__}")
-        if self.router.top_k > self.num_experts:
+        choices = self.num_experts + self.router.extra_experts
+        if self.router.top_k > choices:
             raise ValueError(
                 f"moe.router.top_k ({self.router.top_k}) must be <= moe.num_experts "
                 f"({self.num_experts})"
-            )
+                + (f" + {self.router.extra_experts} extra experts" if choices > self.num_experts
+                   else "")
+            )  # fmt: skip
 
     def to_dict(self) -> dict:
         """Plain nested dict (TOML/JSON friendly)."""

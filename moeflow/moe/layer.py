@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from moeflow.comm.all_to_all import LocalExchange
@@ -19,13 +20,16 @@ from moeflow.comm.capacity import capacity_keep_mask, expert_capacity
 from moeflow.comm.dispatcher import TokenDispatcher
 from moeflow.comm.permutation import pair_counts
 from moeflow.moe.aux_loss import attach_loss
+from moeflow.moe.balance_state import BalanceState
 from moeflow.moe.config import MoEConfig
 from moeflow.moe.expert_compute import GroupedExpertCompute
 from moeflow.moe.experts import GroupedExperts
 from moeflow.moe.ffn import FeedForward
 from moeflow.moe.grouped_ffn import compute_dtype
-from moeflow.moe.losses import load_balancing_loss, seq_load_balancing_loss, z_loss
-from moeflow.moe.routers.topk import RouterOutput, TopKRouter
+from moeflow.moe.losses import balance_loss, seq_balance_loss, z_loss
+from moeflow.moe.routers.base import RouterOutput
+from moeflow.moe.routers.moepp import ZeroComputationExperts
+from moeflow.moe.routers.registry import build_router
 from moeflow.moe.routing_context import RoutingContext
 
 
@@ -34,9 +38,12 @@ class MoEStats:
     """What the last forward measured, detached (read them with `.item()` when logging).
 
     `aux_loss` / `z_loss` are the unscaled loss values (before their coefficients);
-    `tokens_per_expert` counts the pairs each expert computed (after drops); `dropped_fraction` is
-    the share of (token, slot) pairs dropped by capacity; `max_load_violation` is `(max_i routed_i -
-    mean) / mean` over the router's choices before drops (DeepSeek's MaxVio; 0 is perfect balance).
+    `tokens_per_expert` counts the pairs each FFN expert computed (after drops); `dropped_fraction`
+    is the share of FFN (token, slot) pairs dropped by capacity; `max_load_violation` is `(max_i
+    routed_i - mean) / mean` over the FFN experts before drops (DeepSeek's MaxVio; 0 is perfect
+    balance). `routed_per_choice` counts the pairs of every choice (null and zero-computation
+    experts too); `ffn_experts_per_token` is the mean number of FFN experts that computed each
+    token, and `ffn_experts_histogram[j]` the number of tokens that got j of them.
 
     Example:
         >>> moe = MoELayer(MoEConfig(hidden_size=8, num_experts=2, ffn_hidden_size=8))
@@ -50,16 +57,26 @@ class MoEStats:
     tokens_per_expert: torch.Tensor
     dropped_fraction: torch.Tensor
     max_load_violation: torch.Tensor
+    routed_per_choice: torch.Tensor
+    ffn_experts_per_token: torch.Tensor
+    ffn_experts_histogram: torch.Tensor
 
 
 class MoELayer(nn.Module):
-    """Top-k mixture of `num_experts` FFNs; input `[..., D]`, output the same shape.
+    """Mixture of `num_experts` FFNs (plus a router's null or zero-computation experts); input
+    `[..., D]`, output the same shape.
 
     In training mode (with grad enabled) `aux_loss_coeff * aux + z_loss_coeff * z` reaches the
     router's gradient through the output's backward, scaled by `aux_loss_scale` (set it to `1 /
     grad_accum_steps` if the main loss is averaged over micro-batches). For `seq_aux_loss` the input
     is read as `[B, S, D]` (batch first; any further leading dims count as batch) and a 2-D input as
-    one sequence.
+    one sequence. `router.type` picks the router (`moeflow.moe.routers`); `shared` holds modules the
+    model shares between its MoE layers (RMoE's GRU cell).
+
+    Pairs routed to a null or zero-computation expert are computed on this rank (0, `x`, or the
+    constant expert) and never enter the dispatcher: `last_sent_bytes` counts what the forward
+    all-to-all sent to other ranks. After each optimizer step call `finish_optimizer_step(model)`
+    (the trainer does): it resets the step's global-batch counts and updates the aux-loss-free bias.
 
     Example:
         >>> cfg = MoEConfig(hidden_size=16, num_experts=4, ffn_hidden_size=32)
@@ -69,20 +86,24 @@ class MoELayer(nn.Module):
         (torch.Size([2, 5, 16]), 20)
     """
 
-    def __init__(self, config: MoEConfig) -> None:
+    def __init__(self, config: MoEConfig, shared: nn.ModuleDict | None = None) -> None:
         super().__init__()
         self.config = config
-        self.router = TopKRouter(config.hidden_size, config.num_experts, config.router)
+        self.router = build_router(config, shared)
         self.experts = GroupedExperts(
             config.num_experts, config.hidden_size, config.ffn_hidden_size, config.activation
         )
+        extra_kinds = self.router.expert_kinds[config.num_experts :]
+        self.zc_experts = None
+        if any(kind in ("copy", "constant") for kind in extra_kinds):
+            self.zc_experts = ZeroComputationExperts(extra_kinds, config.hidden_size)
         self.aux_loss_scale = 1.0
         self.last_stats: MoEStats | None = None
         self.last_sent_rows = 0  # (token, slot) rows the last forward sent to other ranks
+        self.last_sent_bytes = 0  # and their bytes
         self.last_dispatch = None  # the last forward's ChunkPlan (split sizes, expert blocks)
-        # Logical expert -> physical slot. Slot p is local slot p % L of expert-parallel rank p //
-        # L;
-        # `experts` holds this rank's L slots. Not saved: checkpoints keep logical ids.
+        # Logical expert -> physical slot. Slot p is local slot p % L of expert-parallel rank
+        # p // L; `experts` holds this rank's L slots. Not saved: checkpoints keep logical ids.
         self.register_buffer("expert_map", torch.arange(config.num_experts), persistent=False)
         # Logical ids of the experts held here, in slot order (all of them until parallelized).
         self.register_buffer("local_experts", torch.arange(config.num_experts), persistent=False)
@@ -91,6 +112,7 @@ class MoELayer(nn.Module):
         self.local_expert_ids = list(range(config.num_experts))
         self.dispatcher = TokenDispatcher(LocalExchange(), slots_per_rank=config.num_experts)
         self.compute = GroupedExpertCompute(config.activation)
+        self.balance = BalanceState(self.router.num_choices)
 
     def set_expert_placement(self, expert_map: list[int], local_experts: list[int]) -> None:
         """Record the logical-to-physical map and the logical ids held here (`parallelize` and
@@ -106,6 +128,7 @@ class MoELayer(nn.Module):
             return
         self.expert_map = torch.tensor(self.expert_map_ids, dtype=torch.int64, device=device)
         self.local_experts = torch.tensor(self.local_expert_ids, dtype=torch.int64, device=device)
+        self.balance.reset(device)
 
     @classmethod
     def from_dense(cls, ffn: FeedForward, config: MoEConfig) -> MoELayer:
@@ -131,56 +154,67 @@ class MoELayer(nn.Module):
         routing_context: RoutingContext | None = None,
     ) -> torch.Tensor:
         """`x: [..., D]` -> `[..., D]`. `overlap_degree` overrides the dispatcher's for this
-        call; `routing_context`, passed by the model from one MoE layer to the next, receives this
-        layer's router logits."""
+        call; `routing_context`, passed by the model from one MoE layer to the next, carries router
+        state and receives this layer's router logits."""
         cfg = self.config
         if x.dim() < 1 or x.shape[-1] != cfg.hidden_size:
             raise ValueError(
                 f"MoELayer input last dim ({x.shape[-1] if x.dim() else None}) must equal "
                 f"moe.hidden_size ({cfg.hidden_size}); got input shape {tuple(x.shape)}"
             )
+        # An activation-checkpointing recomputation must not count or communicate again.
+        recomputing = routing_context is not None and routing_context.recomputing
         x_TD = x.reshape(-1, cfg.hidden_size)
-        route = self.router(x_TD)
+        route = self.router(x_TD, routing_context)
         if routing_context is not None:
             routing_context.record(route.logits_TE)
-        # Routed (token, slot) pairs per expert, before capacity: the aux loss and the stats use it.
-        routed_E = torch.bincount(route.expert_ids_TK.reshape(-1), minlength=cfg.num_experts)
-        out_TD, kept_E = self._dispatch_and_compute(x_TD, route, routed_E, overlap_degree)
-        losses = self._losses(x, route, routed_E)
+        # Routed (token, slot) pairs per choice, before capacity: the losses and the stats use it.
+        routed_E = torch.bincount(
+            route.expert_ids_TK.reshape(-1), minlength=self.router.num_choices
+        )
+        out_TD, kept_E, keep_TK = self._dispatch_and_compute(x_TD, route, overlap_degree)
+        if self.zc_experts is not None:
+            zc_TD = self.zc_experts(x_TD.to(out_TD.dtype), route.expert_ids_TK, route.weights_TK)
+            out_TD = out_TD + zc_TD
+        training = self.training and torch.is_grad_enabled()
+        losses = self._losses(x, route, routed_E, training and not recomputing, recomputing)
         total = cfg.router.aux_loss_coeff * losses[0] + cfg.router.z_loss_coeff * losses[1]
-        if self.training and torch.is_grad_enabled():
+        if training:
             out_TD = attach_loss(out_TD, total, self.aux_loss_scale)
-        self.last_stats = self._stats(routed_E, kept_E, losses, route.expert_ids_TK.numel())
+        if not recomputing:
+            if training:
+                self.balance.add_step_counts(routed_E)
+            self.last_stats = self._stats(routed_E, kept_E, keep_TK, losses, route)
         return out_TD.view(*x.shape[:-1], out_TD.shape[-1])
 
     def _dispatch_and_compute(
-        self,
-        x_TD: torch.Tensor,
-        route: RouterOutput,
-        routed_E: torch.Tensor,
-        overlap_degree: int | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, x_TD: torch.Tensor, route: RouterOutput, overlap_degree: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """FFN pairs through the dispatcher; returns (out, kept pairs per FFN expert, keep mask)."""
         rc = self.config.router
+        n = self.config.num_experts
+        ids_TK = route.expert_ids_TK
         num_tokens = x_TD.shape[0]
-        keep_TK = pad_to = None
+        # Pairs of null/zero-computation experts stay here: masked out like dropped pairs.
+        keep_TK = (ids_TK < n) if self.router.num_choices > n else None
+        pad_to = None
         if rc.capacity_factor is not None:
-            capacity = expert_capacity(
-                num_tokens, self.config.num_experts, rc.top_k, rc.capacity_factor, rc.min_capacity
+            capacity = expert_capacity(num_tokens, n, rc.top_k, rc.capacity_factor, rc.min_capacity)
+            # Non-FFN pairs go to a bucket of their own (id n), so they take no FFN capacity.
+            cap_ids = ids_TK if keep_TK is None else torch.where(keep_TK, ids_TK, n)
+            in_capacity = capacity_keep_mask(
+                cap_ids, route.weights_TK, n + (keep_TK is not None), capacity, rc.drop_policy
             )
-            keep_TK = capacity_keep_mask(
-                route.expert_ids_TK,
-                route.weights_TK,
-                self.config.num_experts,
-                capacity,
-                rc.drop_policy,
-            )
+            keep_TK = in_capacity if keep_TK is None else in_capacity & keep_TK
             pad_to = capacity if rc.pad_to_capacity else None
         # Capacity is decided on this rank's own tokens, before anything moves, so every rank
         # knows its shapes from the count exchange alone.
-        kept_E = routed_E
-        if keep_TK is not None:
-            kept_E = pair_counts(route.expert_ids_TK, self.config.num_experts, keep_TK)[:-1]
-        slot_ids_TK = self.expert_map[route.expert_ids_TK]
+        if keep_TK is None:
+            kept_E = torch.bincount(ids_TK.reshape(-1), minlength=n)
+            slot_ids_TK = self.expert_map[ids_TK]
+        else:
+            kept_E = pair_counts(ids_TK, n, keep_TK)[:-1]
+            slot_ids_TK = self.expert_map[ids_TK.clamp(max=n - 1)]
         result = self.dispatcher(
             x_TD.to(compute_dtype(x_TD)),
             route.weights_TK,
@@ -192,41 +226,106 @@ class MoELayer(nn.Module):
             overlap_degree=overlap_degree,
         )
         self.last_sent_rows = result.sent_rows
+        self.last_sent_bytes = result.sent_rows * x_TD.shape[1] * result.out_TD.element_size()
         self.last_dispatch = result.chunks
-        return result.out_TD, kept_E
+        return result.out_TD, kept_E, keep_TK
 
     def _losses(
-        self, x: torch.Tensor, route: RouterOutput, routed_E: torch.Tensor
+        self,
+        x: torch.Tensor,
+        route: RouterOutput,
+        routed_E: torch.Tensor,
+        count_globally: bool,
+        recomputing: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         rc = self.config.router
-        num_experts = self.config.num_experts
+        scores_TE = route.scores_TE
+        weights_E = self.router.balance_weights()
         zero = route.logits_TE.sum() * 0.0
         aux = zero
         if rc.aux_loss_type == "aux_loss":
-            aux = load_balancing_loss(route.scores_TE, routed_E, rc.top_k)
+            aux = balance_loss(scores_TE, self.router.balance_counts(routed_E), weights_E)
+        elif rc.aux_loss_type == "global_aux_loss":
+            counts_E = self.balance.global_counts(routed_E, count_globally, recomputing)
+            aux = balance_loss(scores_TE, self.router.balance_counts(counts_E), weights_E)
         elif rc.aux_loss_type == "seq_aux_loss":
-            seq_len = x.shape[-2] if x.dim() >= 3 else route.scores_TE.shape[0]
-            num_seqs = route.scores_TE.shape[0] // max(seq_len, 1)
-            one_hot = torch.zeros_like(route.scores_TE).scatter_(1, route.expert_ids_TK, 1.0)
-            counts_BE = one_hot.view(num_seqs, seq_len, num_experts).sum(dim=1)
-            aux = seq_load_balancing_loss(
-                route.scores_TE.view(num_seqs, seq_len, num_experts), counts_BE, rc.top_k
+            num_choices = scores_TE.shape[1]
+            seq_len = x.shape[-2] if x.dim() >= 3 else scores_TE.shape[0]
+            num_seqs = scores_TE.shape[0] // max(seq_len, 1)
+            one_hot = torch.zeros_like(scores_TE).scatter_(1, route.expert_ids_TK, 1.0)
+            counts_BE = one_hot.view(num_seqs, seq_len, num_choices).sum(dim=1)
+            aux = seq_balance_loss(
+                scores_TE.view(num_seqs, seq_len, num_choices),
+                self.router.balance_counts(counts_BE),
+                weights_E,
             )
         zl = z_loss(route.logits_TE) if rc.z_loss_coeff > 0 else zero
         return aux, zl
 
-    def _stats(self, routed_E, kept_E, losses, num_pairs: int) -> MoEStats:
+    def _stats(self, routed_E, kept_E, keep_TK, losses, route: RouterOutput) -> MoEStats:
+        n, k = self.config.num_experts, self.config.router.top_k
         with torch.no_grad():
-            routed_E = routed_E.float()
-            mean = routed_E.mean().clamp(min=1e-9)
-            dropped = (num_pairs - kept_E.sum()).float() / max(num_pairs, 1)
+            routed_ffn = routed_E[:n].float()
+            num_ffn_pairs = routed_ffn.sum()
+            dropped = (num_ffn_pairs - kept_E.sum()) / num_ffn_pairs.clamp(min=1)
+            mean = routed_ffn.mean().clamp(min=1e-9)
+            if keep_TK is None:
+                ffn_T = torch.full(route.expert_ids_TK.shape[:1], k, device=routed_E.device)
+            else:
+                ffn_T = keep_TK.sum(dim=1)
             return MoEStats(
                 aux_loss=losses[0].detach(),
                 z_loss=losses[1].detach(),
                 tokens_per_expert=kept_E.detach(),
                 dropped_fraction=dropped,
-                max_load_violation=(routed_E.max() - mean) / mean if num_pairs else mean * 0,
+                max_load_violation=(routed_ffn.max() - mean) / mean
+                if route.expert_ids_TK.numel()
+                else mean * 0,
+                routed_per_choice=routed_E.detach(),
+                ffn_experts_per_token=ffn_T.float().mean()
+                if ffn_T.numel()
+                else torch.zeros((), device=routed_E.device),
+                ffn_experts_histogram=torch.bincount(ffn_T, minlength=k + 1),
             )
+
+    def finish_optimizer_step(self, group: dist.ProcessGroup | None = None) -> None:
+        """After each optimizer step: update the aux-loss-free bias from the step's loads (summed
+        over `group`, default the layer's `balance_group`) and reset the step's counts."""
+        rate = self.config.router.bias_update_rate
+        if rate > 0:
+            load_E = self.balance.step_loads(group if group is not None else self.balance_group)
+            with torch.no_grad():
+                self.router.expert_bias += rate * torch.sign(load_E.mean() - load_E).to(
+                    self.router.expert_bias.dtype
+                )
+        self.balance.reset(self.balance.step_counts.device)
+
+    @property
+    def balance_group(self) -> dist.ProcessGroup | None:
+        """Ranks over which balancing counts are summed (`parallelize` sets the world group)."""
+        return self.balance.group
+
+    @balance_group.setter
+    def balance_group(self, group: dist.ProcessGroup | None) -> None:
+        self.balance.group = group
+
+
+def finish_optimizer_step(model: nn.Module) -> None:
+    """Call after every optimizer step (collective over each layer's balance group when the
+    aux-loss-free bias is on): resets global-batch counts, updates selection biases.
+
+    Example:
+        >>> from moeflow.moe.config import RouterConfig
+        >>> model = torch.nn.Sequential(MoELayer(MoEConfig(hidden_size=8, num_experts=2,
+        ...     ffn_hidden_size=8, router=RouterConfig(bias_update_rate=0.1))))
+        >>> _ = model(torch.randn(6, 8))
+        >>> finish_optimizer_step(model)
+        >>> sorted(model[0].router.expert_bias.abs().tolist()) in ([0.0, 0.0], [0.1, 0.1])
+        True
+    """
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            module.finish_optimizer_step()
 
 
 def set_aux_loss_scale(model: nn.Module, scale: float) -> None:

@@ -43,3 +43,36 @@ def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     if logits_TE.shape[0] == 0:
         return logits_TE.sum() * 0.0
     return torch.logsumexp(logits_TE, dim=-1).square().mean()
+
+
+def balance_loss(
+    scores_TE: torch.Tensor, counts_E: torch.Tensor, weights_E: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`E * sum_i w_i f_i P_i` with `f = counts / sum(counts)` and `P = mean_t p_t`: the loss every
+    router uses. With top-k counts (summing to K*T) and w = 1 it equals `load_balancing_loss`;
+    routers change `counts` (AdaMoE's null mean, global-batch sums) and `w` (MoE++'s tau)."""
+    num_tokens, num_experts = scores_TE.shape
+    counts_E = counts_E.to(torch.float64)
+    total = counts_E.sum()
+    if num_tokens == 0 or total == 0:
+        return scores_TE.sum() * 0.0
+    f_E = (counts_E / total).to(scores_TE.dtype)
+    term_E = f_E * scores_TE.mean(dim=0)
+    if weights_E is not None:
+        term_E = term_E * weights_E.to(scores_TE.dtype)
+    return num_experts * term_E.sum()
+
+
+def seq_balance_loss(
+    scores_BSE: torch.Tensor, counts_BE: torch.Tensor, weights_E: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`balance_loss` per sequence (f and P from that sequence's tokens), averaged over B."""
+    num_seqs, seq_len, num_experts = scores_BSE.shape
+    if num_seqs == 0 or seq_len == 0:
+        return scores_BSE.sum() * 0.0
+    counts_BE = counts_BE.to(torch.float64)
+    f_BE = (counts_BE / counts_BE.sum(dim=1, keepdim=True).clamp(min=1)).to(scores_BSE.dtype)
+    term_BE = f_BE * scores_BSE.mean(dim=1)
+    if weights_E is not None:
+        term_BE = term_BE * weights_E.to(scores_BSE.dtype)
+    return num_experts * term_BE.sum(dim=1).mean()

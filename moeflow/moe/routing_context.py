@@ -26,11 +26,15 @@ class RoutingContext:
     previous_logits: torch.Tensor | None = None
     layers_seen: int = 0
     state: dict[str, torch.Tensor] = field(default_factory=dict)
+    # True while activation checkpointing recomputes a block: layers skip side effects.
+    recomputing: bool = False
 
     def copy(self) -> RoutingContext:
         """A shallow copy (same tensors, own `state` dict): a snapshot that later layers' records
         do not change."""
-        return RoutingContext(self.previous_logits, self.layers_seen, dict(self.state))
+        return RoutingContext(
+            self.previous_logits, self.layers_seen, dict(self.state), self.recomputing
+        )
 
     def record(self, logits_TE: torch.Tensor) -> None:
         self.previous_logits = logits_TE

@@ -8,7 +8,8 @@ GPUs); this function makes them expert-parallel afterwards. Steps, on every rank
 2. Check each layer: `num_experts` divisible by `ep`, and its logical-to-physical map a permutation.
 3. Keep only this rank's experts: physical slots `[ep_index * L, (ep_index + 1) * L)`, L = E / ep,
    holding the logical experts the map sends there (contiguous blocks by default).
-4. Give the layer a `TokenDispatcher` over the `ep` group.
+4. Give the layer a `TokenDispatcher` over the `ep` group, and the world group as its balance
+   group (global-batch balancing counts, aux-loss-free bias loads).
 
 The model must hold the full set of experts, identical on every rank (same seed or same checkpoint),
 when this is called.
@@ -132,4 +133,6 @@ def parallelize(
         dispatcher = TokenDispatcher(exchange, layer.config.num_experts // ep, dispatch)
         dispatcher.name = f"MoE layer '{name}'"
         layer.dispatcher = dispatcher
+        # Global-batch balancing and aux-loss-free bias updates count over every rank.
+        layer.balance_group = ctx.world_group
     return model

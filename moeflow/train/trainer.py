@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from moeflow.comm.dispatcher import DispatchConfig
 from moeflow.models.decoder import MoEDecoder
-from moeflow.moe.layer import MoELayer, set_aux_loss_scale
+from moeflow.moe.layer import MoELayer, finish_optimizer_step, set_aux_loss_scale
 from moeflow.parallel.dims import ParallelContext, ParallelDims
 from moeflow.parallel.grad_sync import GradSync, expert_parameter_names
 from moeflow.parallel.parallelize import parallelize
@@ -49,6 +49,9 @@ from moeflow.train.distributed import Runtime, init_distributed, shutdown
 from moeflow.train.metrics import MetricsLogger, flops_per_token, plot_run
 from moeflow.train.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
 from moeflow.utils.cpu_alloc import keep_freed_memory
+
+# Summed per micro-batch (MoE ones over layers too), all-reduced at each log step.
+SCALARS = ("loss", "aux", "z", "dropped", "violation", "ffn_per_token")
 
 
 @dataclass
@@ -215,6 +218,7 @@ class Trainer:
                 acc["z"] += s.z_loss.float()
                 acc["dropped"] += s.dropped_fraction.float()
                 acc["violation"] += s.max_load_violation.float()
+                acc["ffn_per_token"] += s.ffn_experts_per_token.float()
                 acc["tokens"][i] += s.tokens_per_expert.to(acc["tokens"][i].dtype)
         self.grad_sync.sync()
         acc["grad_norm"] = clip_grad_norm_(
@@ -222,11 +226,12 @@ class Trainer:
         )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        finish_optimizer_step(self.model)  # global-batch counts reset, aux-free bias update
         self.step += 1
 
     def new_accumulator(self) -> dict:
         zero = torch.zeros((), device=self.runtime.device)
-        acc = {k: zero.clone() for k in ("loss", "aux", "z", "dropped", "violation")}
+        acc = {k: zero.clone() for k in SCALARS}
         acc["micro"] = 0
         acc["tokens"] = [
             torch.zeros(m.config.num_experts, device=self.runtime.device, dtype=torch.float64)
@@ -237,13 +242,11 @@ class Trainer:
     def _reduce_metrics(self, acc: dict, seconds: float, steps: int) -> dict:
         """One all-reduce of everything logged; the mean over micro-batches, ranks and layers."""
         n_layers = max(len(self.moe_layers), 1)
-        scalars = torch.stack(
-            [acc[k].double() for k in ("loss", "aux", "z", "dropped", "violation")]
-        )
+        scalars = torch.stack([acc[k].double() for k in SCALARS])
         flat = torch.cat([scalars, *acc["tokens"]]) if acc["tokens"] else scalars
         dist.all_reduce(flat, group=self.ctx.world_group)
         micro = acc["micro"] * self.runtime.world_size
-        values = (flat[:5] / micro).tolist()  # host sync: once per log interval
+        values = (flat[: len(SCALARS)] / micro).tolist()  # host sync: once per log interval
         t = self.cfg.train
         tokens = steps * t.grad_accum_steps * t.micro_batch_size * t.seq_len
         tok_s = tokens * self.runtime.world_size / max(seconds, 1e-9)
@@ -255,6 +258,7 @@ class Trainer:
             "z_loss": values[2] / n_layers,
             "dropped_fraction": values[3] / n_layers,
             "max_load_violation": values[4] / n_layers,
+            "ffn_experts_per_token": values[5] / n_layers,
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": float(acc["grad_norm"]),
             "tokens_per_s": tok_s,
@@ -263,7 +267,7 @@ class Trainer:
             per_rank = tok_s / self.runtime.world_size
             flops = flops_per_token(self.cfg.model, t.seq_len) * per_rank
             record["mfu"] = flops / self.cfg.metrics.peak_flops
-        offsets = 5
+        offsets = len(SCALARS)
         per_layer = []
         for m in self.moe_layers:
             e = m.config.num_experts

@@ -1,5 +1,19 @@
-"""Routers: map tokens to (weights, expert ids) plus what the balancing losses need."""
+"""Routers: map tokens to (weights, expert ids) plus what the balancing losses need.
 
-from moeflow.moe.routers.topk import RouterOutput, TopKRouter, topk_routing
+Built in: `topk`, `null` (AdaMoE), `moepp` (MoE++), `rmoe` (recurrent router). Pick one with
+`RouterConfig.type`; add your own with `register_router`.
+"""
 
-__all__ = ["RouterOutput", "TopKRouter", "topk_routing"]
+from moeflow.moe.routers.base import Router, RouterOutput
+from moeflow.moe.routers.registry import build_router, register_router, router_names
+from moeflow.moe.routers.topk import TopKRouter, topk_routing
+
+__all__ = [
+    "Router",
+    "RouterOutput",
+    "TopKRouter",
+    "build_router",
+    "register_router",
+    "router_names",
+    "topk_routing",
+]

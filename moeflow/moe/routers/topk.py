@@ -2,90 +2,88 @@
 
 Legend: T tokens, D model dim, E experts, K top-k. Router math runs in fp32 (fp64 for fp64 inputs or
 `router_dtype="fp64"`), outside any autocast region.
+
+Example:
+    >>> from moeflow.moe.config import RouterConfig
+    >>> w, ids, _ = topk_routing(torch.tensor([[0.0, 2.0, 1.0]]), RouterConfig(top_k=2))
+    >>> ids.tolist(), [round(v, 3) for v in w[0].tolist()]
+    ([[1, 2]], [0.731, 0.269])
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeflow.moe.config import RouterConfig
+from moeflow.moe.config import MoEConfig, RouterConfig
+from moeflow.moe.routers.base import Router, RouterOutput
+from moeflow.moe.routers.registry import register_router
+
+__all__ = ["RouterOutput", "TopKRouter", "topk_routing"]
 
 
-@dataclass(frozen=True)
-class RouterOutput:
-    """What a router hands to the layer.
-
-    `weights_TK` / `expert_ids_TK`: the k choices per token, best first. `scores_TE`: the
-    full-distribution probabilities the balancing loss uses (softmax over all experts, or sigmoid
-    scores normalised per token). `logits_TE`: raw logits, for the z-loss.
-    """
-
-    weights_TK: torch.Tensor
-    expert_ids_TK: torch.Tensor
-    scores_TE: torch.Tensor
-    logits_TE: torch.Tensor
+def _select(key_TE: torch.Tensor, k: int, bias_E: torch.Tensor | None) -> torch.Tensor:
+    if bias_E is None:
+        return torch.topk(key_TE, k, dim=-1).indices
+    return torch.topk(key_TE + bias_E.to(key_TE.dtype), k, dim=-1).indices
 
 
 def topk_routing(
-    logits_TE: torch.Tensor, config: RouterConfig
+    logits_TE: torch.Tensor, config: RouterConfig, bias_E: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pure top-k routing on logits. Returns `(weights_TK, expert_ids_TK, scores_TE)`.
 
     Matches Megatron-Core's `topk_routing_with_score_function` (pre/post softmax, sigmoid with
     normalisation) and, with `pre_softmax=True, normalize_topk=True`, DeepSpeed's `topkgating`.
+    `bias_E` (aux-loss-free balancing) is added to the selection key only (the logits for a
+    post-softmax, the scores otherwise); the weights come from the unbiased values.
     """
     k = config.top_k
     if config.score_function == "softmax":
         scores_TE = torch.softmax(logits_TE, dim=-1)
         if config.pre_softmax:
-            weights_TK, ids_TK = torch.topk(scores_TE, k, dim=-1)
+            ids_TK = _select(scores_TE, k, bias_E)
+            weights_TK = scores_TE.gather(1, ids_TK)
             if config.normalize_topk:
                 weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         else:
             # The softmax over the k selected logits is normalised by construction.
-            top_logits_TK, ids_TK = torch.topk(logits_TE, k, dim=-1)
-            weights_TK = torch.softmax(top_logits_TK, dim=-1)
+            ids_TK = _select(logits_TE, k, bias_E)
+            weights_TK = torch.softmax(logits_TE.gather(1, ids_TK), dim=-1)
     else:
         sig_TE = torch.sigmoid(logits_TE)
-        weights_TK, ids_TK = torch.topk(sig_TE, k, dim=-1)
+        ids_TK = _select(sig_TE, k, bias_E)
+        weights_TK = sig_TE.gather(1, ids_TK)
         if config.normalize_topk:
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
         scores_TE = sig_TE / (sig_TE.sum(dim=-1, keepdim=True) + 1e-20)
     return weights_TK, ids_TK, scores_TE
 
 
-class TopKRouter(nn.Module):
+class TopKRouter(Router):
     """Linear gate `W_r: D -> E` (no bias) followed by `topk_routing`.
 
     The gate is initialised N(0, 0.02) like Megatron's router, so early routing is near uniform.
     """
 
-    def __init__(self, hidden_size: int, num_experts: int, config: RouterConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.num_experts = num_experts
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__(config)
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, mean=0.0, std=0.02)
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        std = 0.02
+        nn.init.normal_(self.weight, mean=0.0, std=std, generator=generator)
 
-    def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
-        if self.config.router_dtype == "fp64" or x.dtype == torch.float64:
-            return torch.float64
-        return torch.float32
-
-    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, context=None) -> RouterOutput:
         dtype = self.compute_dtype(x_TD)
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            x = x_TD.to(dtype)
-            eps = self.config.input_jitter_eps
-            if eps is not None and self.training:
-                x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
-            logits_TE = F.linear(x, self.weight.to(dtype))
-            weights_TK, ids_TK, scores_TE = topk_routing(logits_TE, self.config)
+            logits_TE = F.linear(self.prepare_input(x_TD), self.weight.to(dtype))
+            weights_TK, ids_TK, scores_TE = topk_routing(
+                logits_TE, self.config, self.selection_bias()
+            )
         return RouterOutput(weights_TK, ids_TK, scores_TE, logits_TE)
+
+
+register_router("topk", lambda config, shared: TopKRouter(config))
