@@ -174,7 +174,9 @@ class MoELayer(nn.Module):
         )
         out_TD, kept_E, keep_TK = self._dispatch_and_compute(x_TD, route, overlap_degree)
         if self.zc_experts is not None:
-            zc_TD = self.zc_experts(x_TD.to(out_TD.dtype), route.expert_ids_TK, route.weights_TK)
+            # Ids relative to the zero-computation experts (FFN ids become negative: no match).
+            rel_TK = route.expert_ids_TK - cfg.num_experts
+            zc_TD = self.zc_experts(x_TD.to(out_TD.dtype), rel_TK, route.weights_TK)
             out_TD = out_TD + zc_TD
         training = self.training and torch.is_grad_enabled()
         losses = self._losses(x, route, routed_E, training and not recomputing, recomputing)

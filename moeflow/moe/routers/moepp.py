@@ -77,8 +77,9 @@ class MoEPlusPlusRouter(Router):
 
 class ZeroComputationExperts(nn.Module):
     """MoE++'s zero (`0`), copy (`x`) and constant (`a1*x + a2*v_j`, `[a1, a2] = softmax(W_j x)`)
-    experts. `forward` returns the weighted sum of their outputs for every token; ids of FFN
-    experts (or null experts) contribute nothing. `v_j ~ N(0, 1)`, `W_j` N(0, 0.02)."""
+    experts. `forward(x, ids, weights)` takes ids relative to these experts (0 = the first of
+    `kinds`) and returns the weighted sum of their outputs for every token; other ids (negative
+    for FFN experts) contribute nothing. `v_j ~ N(0, 1)`, `W_j` N(0, 0.02)."""
 
     def __init__(self, kinds: tuple[str, ...], hidden_size: int) -> None:
         super().__init__()

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeflow.moe.balance_state import BalanceState
 from moeflow.moe.config import MoEConfig
 from moeflow.moe.routers.base import Router, RouterOutput
 from moeflow.moe.routers.registry import register_router
@@ -115,6 +116,9 @@ def convert_topk_to_null(layer: nn.Module, num_null_experts: int, top_k: int) ->
     router.train(old.training)
     layer.router = router
     layer.config = new_cfg
+    group = layer.balance.group
+    layer.balance = BalanceState(router.num_choices).to(old.weight.device)
+    layer.balance.group = group
 
 
 register_router("null", lambda config, shared: NullExpertRouter(config))
