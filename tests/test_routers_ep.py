@@ -1,0 +1,188 @@
+"""Every router under expert parallelism (ep = 2, 4 on gloo) against the single process, and the
+all-to-all byte counter: null and zero-computation pairs never leave their rank."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from moeflow import MoEConfig, MoELayer, RouterConfig, set_aux_loss_scale
+from moeflow.comm.capacity import capacity_keep_mask, expert_capacity
+from moeflow.moe.layer import finish_optimizer_step
+from moeflow.moe.routing_context import RoutingContext
+from moeflow.parallel import GradSync, ParallelDims, parallelize
+from tests.distributed import run_on_ranks
+
+D, E = 8, 8
+ROUTERS = {
+    "topk": RouterConfig(top_k=2),
+    "null": RouterConfig(type="null", num_null_experts=8, top_k=3),
+    "moepp": RouterConfig(
+        type="moepp", zero_experts=2, copy_experts=1, constant_experts=1, zc_tau=0.75, top_k=2
+    ),
+    "rmoe": RouterConfig(type="rmoe", rnn_dim=6, top_k=2),
+    "null-capacity": RouterConfig(type="null", num_null_experts=4, top_k=2, capacity_factor=1.0),
+}
+
+
+class Net(nn.Module):
+    """Dense, two MoE layers sharing a routing context (and RMoE's cell), dense."""
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.shared = nn.ModuleDict()
+        self.pre = nn.Linear(D, D, bias=False)
+        self.moe1 = MoELayer(cfg, self.shared)
+        self.moe2 = MoELayer(cfg, self.shared)
+        self.post = nn.Linear(D, D, bias=False)
+
+    def forward(self, x):
+        ctx = RoutingContext()
+        h = self.pre(x)
+        h = h + self.moe1(h, routing_context=ctx)
+        h = h + self.moe2(h, routing_context=ctx)
+        return self.post(h)
+
+
+def build(cfg: MoEConfig) -> Net:
+    torch.manual_seed(0)
+    model = Net(cfg).double()
+    with torch.no_grad():
+        for layer in (model.moe1, model.moe2):
+            for name, p in layer.router.named_parameters():
+                if name in ("weight", "null_weight", "head"):
+                    p.normal_(0.0, 1.0)
+            if layer.router.config.type == "moepp":
+                layer.router.residual.normal_(0.0, 0.3)
+    return model
+
+
+def remote_ffn_pairs(layer: MoELayer, x_TD: torch.Tensor, ep_index: int, ep: int) -> int:
+    """(token, slot) pairs of kept FFN experts held by another rank, recomputed from the router."""
+    with torch.no_grad():
+        route = layer.router(x_TD)
+    ids = route.expert_ids_TK
+    n = layer.config.num_experts
+    keep = ids < n
+    rc = layer.config.router
+    if rc.capacity_factor is not None:  # non-FFN pairs in a bucket of their own (id n)
+        cap = expert_capacity(ids.shape[0], n, rc.top_k, rc.capacity_factor)
+        keep = keep & capacity_keep_mask(
+            torch.where(keep, ids, n), route.weights_TK, n + 1, cap, rc.drop_policy
+        )
+    owner = layer.expert_map[ids.clamp(max=n - 1)] // (n // ep)
+    return int((keep & (owner != ep_index)).sum())
+
+
+def _check(rank, world, names, shards):
+    ctx = ParallelDims(ep=world).build()
+    checked = {}
+    for name in names:
+        cfg = MoEConfig(hidden_size=D, num_experts=E, ffn_hidden_size=12, router=ROUTERS[name])
+        ref, par = build(cfg), build(cfg)
+        parallelize(par, ctx)
+        gen = torch.Generator().manual_seed(5)
+        xs = [torch.randn(n, D, dtype=torch.float64, generator=gen) for n in shards]
+        gs = [torch.randn(n, D, dtype=torch.float64, generator=gen) for n in shards]
+        seen = {}
+
+        def grab(module, args, seen=seen):
+            seen["x"] = args[0].detach()  # returns None: the input is left as it is
+
+        par.moe1.register_forward_pre_hook(grab)
+        x = xs[rank].clone().requires_grad_(True)
+        out = par(x)
+        (out * gs[rank]).sum().backward()
+        GradSync(par, ctx).sync()
+        set_aux_loss_scale(ref, 1.0 / world)
+        ref_x = [t.clone().requires_grad_(True) for t in xs]
+        ref_out = [ref(t) for t in ref_x]
+        sum((o * g).sum() for o, g in zip(ref_out, gs, strict=True)).div(world).backward()
+        tol = {"rtol": 1e-9, "atol": 1e-11}
+        torch.testing.assert_close(
+            out, ref_out[rank], **tol, msg=lambda m, name=name: f"{name}: {m}"
+        )
+        torch.testing.assert_close(x.grad, world * ref_x[rank].grad, **tol)
+        expert_names = {f"{layer}.experts.{w}" for layer in ("moe1", "moe2") for w in ("w1", "w2")}
+        for pname, p in par.named_parameters():
+            want = ref.get_parameter(pname).grad
+            if want is None:  # unused (moe1's gating residual has no previous layer): GradSync
+                want = torch.zeros_like(ref.get_parameter(pname))  # gives zeros
+            if pname in expert_names:
+                want = want[par.get_submodule(pname.split(".")[0]).local_experts]
+            torch.testing.assert_close(
+                p.grad, want, **tol, msg=lambda m, n=pname, name=name: f"{name} {n}"
+            )
+        # The byte counter: only kept FFN pairs bound for another rank cross the wire.
+        layer = par.moe1
+        pairs = remote_ffn_pairs(layer, seen["x"], ctx.ep_index, world)
+        assert layer.last_sent_bytes == pairs * D * 8, (name, layer.last_sent_bytes, pairs)
+        routed = layer.last_stats.routed_per_choice
+        checked[name] = (pairs, int(routed[E:].sum()), int(routed.sum()))
+        finish_optimizer_step(par)
+    return checked
+
+
+@pytest.mark.parametrize("ep", [2, 4])
+def test_routers_match_single_process_under_ep(ep):
+    shards = [10 + 3 * r for r in range(ep)]
+    names = list(ROUTERS)
+    results = run_on_ranks(_check, ep, args=(names, shards), timeout=300)
+    for name in ("null", "moepp"):
+        assert all(r[name][1] > 0 for r in results), "no pair went to a null/zc expert"
+
+
+def _global_batch(rank, world, micro_batches):
+    """2 ranks x 2 micro-batches with global-batch balancing: f from all ranks' counts so far."""
+    ctx = ParallelDims(dp=world, ep=1).build()
+    cfg = MoEConfig(hidden_size=D, num_experts=E, ffn_hidden_size=12,
+                    router=RouterConfig(top_k=2, aux_loss_type="global_aux_loss"))  # fmt: skip
+    torch.manual_seed(0)
+    layer = MoELayer(cfg).double()
+    with torch.no_grad():
+        layer.router.weight.normal_()
+    parallelize(layer, ctx)
+    losses = []
+    for xs in micro_batches:
+        out = layer(xs[rank])
+        out.sum().backward()
+        losses.append(layer.last_stats.aux_loss.item())
+    finish_optimizer_step(layer)
+    return losses, layer.balance.running_counts.sum().item()
+
+
+def test_global_batch_balancing_matches_the_concatenated_batch():
+    gen = torch.Generator().manual_seed(3)
+    # micro[m][rank]: micro-batch m of each rank
+    micro = [[torch.randn(16, D, dtype=torch.float64, generator=gen) for _ in range(2)]
+             for _ in range(2)]  # fmt: skip
+    results = run_on_ranks(_global_batch, 2, args=(micro,))
+    # Reference: one process sees the global batch, micro-batch by micro-batch.
+    torch.manual_seed(0)
+    cfg = MoEConfig(hidden_size=D, num_experts=E, ffn_hidden_size=12, router=RouterConfig(top_k=2))
+    ref = MoELayer(cfg).double()
+    with torch.no_grad():
+        ref.router.weight.normal_()
+    counts = torch.zeros(E, dtype=torch.float64)
+    for m in range(2):
+        both = torch.cat(micro[m])  # every rank's micro-batch m, concatenated
+        with torch.no_grad():
+            route = ref.router(both)
+        counts += torch.bincount(route.expert_ids_TK.reshape(-1), minlength=E)
+        f = counts / counts.sum()
+        for rank in range(2):
+            with torch.no_grad():
+                p_mine = ref.router(micro[m][rank]).scores_TE.mean(0)
+            want = E * (f * p_mine).sum().item()
+            assert results[rank][0][m] == pytest.approx(want, rel=1e-12)
+    # The step's last micro-batch uses the counts of the whole global batch (4 micro-batches).
+    everything = torch.cat([torch.cat(mb) for mb in micro])
+    with torch.no_grad():
+        route = ref.router(everything)
+    global_f = torch.bincount(route.expert_ids_TK.reshape(-1), minlength=E) / (2 * len(everything))
+    torch.testing.assert_close(f, global_f.double())
+    mean_last = sum(results[r][0][1] for r in range(2)) / 2
+    p_last = ref.router(torch.cat(micro[1])).scores_TE.mean(0).detach()
+    assert mean_last == pytest.approx(E * (global_f.double() * p_last).sum().item(), rel=1e-12)
+    assert [r[1] for r in results] == [0.0, 0.0]  # reset at the optimizer step
