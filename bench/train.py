@@ -29,8 +29,9 @@ CONFIG = ROOT / "examples" / "configs" / "tiny_cpu.toml"
 class MoETimer:
     """Wall time spent inside every MoELayer, forward and backward (module hooks)."""
 
-    def __init__(self, layers) -> None:
+    def __init__(self, layers, training_only: bool = False) -> None:
         self.total = 0.0
+        self.training_only = training_only  # leave evaluation forwards out
         self._start: dict[int, float] = {}
         for layer in layers:
             layer.register_forward_pre_hook(self._begin)
@@ -39,10 +40,13 @@ class MoETimer:
             layer.register_full_backward_hook(self._end)
 
     def _begin(self, module, *args) -> None:
-        self._start[id(module)] = time.perf_counter()
+        if module.training or not self.training_only:
+            self._start[id(module)] = time.perf_counter()
 
     def _end(self, module, *args) -> None:
-        self.total += time.perf_counter() - self._start.pop(id(module))
+        start = self._start.pop(id(module), None)
+        if start is not None:
+            self.total += time.perf_counter() - start
 
 
 def worker(steps: int, warmup: int, out_file: str) -> None:
