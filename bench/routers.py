@@ -1,6 +1,6 @@
 """The routers of PAPERS.md trained head to head on the demo model (examples/configs/tiny_cpu.toml).
 
-    .venv/bin/python bench/routers.py [--steps 1200] [--ranks 2] [--only topk,null]
+    .venv/bin/python bench/routers.py [--steps 3000] [--ranks 2] [--only topk,null]
 
 Each router trains the same model (2 MoE layers x 8 FFN experts, dim 128) for the same steps, seed
 and data on the embedded corpus, on `--ranks` gloo ranks with ep = ranks (torchrun), one after the
@@ -82,7 +82,7 @@ def worker(name: str, steps: int, out_file: str, run_dir: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--steps", type=int, default=3000)  # ~27 min for all four on 2 cores
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--only", default=",".join(ROUTERS))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)

@@ -220,6 +220,8 @@ class Trainer:
                 acc["violation"] += s.max_load_violation.float()
                 acc["ffn_per_token"] += s.ffn_experts_per_token.float()
                 acc["tokens"][i] += s.tokens_per_expert.to(acc["tokens"][i].dtype)
+                acc["choices"][i] += s.routed_per_choice.to(torch.float64)
+                acc["ffn_hist"][i] += s.ffn_experts_histogram.to(torch.float64)
         self.grad_sync.sync()
         acc["grad_norm"] = clip_grad_norm_(
             self.dense_params, self.expert_params, cfg.optim.grad_clip, self.ctx.ep_group
@@ -233,6 +235,15 @@ class Trainer:
         zero = torch.zeros((), device=self.runtime.device)
         acc = {k: zero.clone() for k in SCALARS}
         acc["micro"] = 0
+        device = self.runtime.device
+        acc["choices"] = [
+            torch.zeros(m.router.num_choices, device=device, dtype=torch.float64)
+            for m in self.moe_layers
+        ]
+        acc["ffn_hist"] = [
+            torch.zeros(m.config.router.top_k + 1, device=device, dtype=torch.float64)
+            for m in self.moe_layers
+        ]
         acc["tokens"] = [
             torch.zeros(m.config.num_experts, device=self.runtime.device, dtype=torch.float64)
             for m in self.moe_layers
@@ -243,10 +254,12 @@ class Trainer:
         """One all-reduce of everything logged; the mean over micro-batches, ranks and layers."""
         n_layers = max(len(self.moe_layers), 1)
         scalars = torch.stack([acc[k].double() for k in SCALARS])
-        flat = torch.cat([scalars, *acc["tokens"]]) if acc["tokens"] else scalars
+        per_layer = [*acc["tokens"], *acc["choices"], *acc["ffn_hist"]]
+        flat = torch.cat([scalars, *per_layer])
         dist.all_reduce(flat, group=self.ctx.world_group)
         micro = acc["micro"] * self.runtime.world_size
-        values = (flat[: len(SCALARS)] / micro).tolist()  # host sync: once per log interval
+        host = flat.tolist()  # the one host sync of a log interval
+        values = [v / micro for v in host[: len(SCALARS)]]
         t = self.cfg.train
         tokens = steps * t.grad_accum_steps * t.micro_batch_size * t.seq_len
         tok_s = tokens * self.runtime.world_size / max(seconds, 1e-9)
@@ -267,13 +280,18 @@ class Trainer:
             per_rank = tok_s / self.runtime.world_size
             flops = flops_per_token(self.cfg.model, t.seq_len) * per_rank
             record["mfu"] = flops / self.cfg.metrics.peak_flops
-        offsets = len(SCALARS)
-        per_layer = []
-        for m in self.moe_layers:
-            e = m.config.num_experts
-            per_layer.append([int(v) for v in flat[offsets : offsets + e].tolist()])
-            offsets += e
-        record["tokens_per_expert"] = per_layer
+        # Per MoE layer: kept tokens per FFN expert, routed pairs per choice (null and
+        # zero-computation experts too), and how many tokens got 0..K FFN experts.
+        offset = len(SCALARS)
+        for key, parts in (("tokens_per_expert", acc["tokens"]),
+                           ("routed_per_choice", acc["choices"]),
+                           ("ffn_experts_histogram", acc["ffn_hist"])):  # fmt: skip
+            values_per_layer = []
+            for part in parts:
+                n = part.numel()
+                values_per_layer.append([int(v) for v in host[offset : offset + n]])
+                offset += n
+            record[key] = values_per_layer
         return record
 
     # -- validation --------------------------------------------------------------------------
