@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from moeflow import MoEConfig, MoELayer, RouterConfig, set_aux_loss_scale
+from moeflow import MoEConfig, MoELayer, RouterConfig
 from moeflow.comm.dispatcher import DispatchConfig
-from moeflow.parallel import GradSync, ParallelDims, parallelize
+from moeflow.parallel import ParallelDims, parallelize
 from tests.distributed import run_on_ranks
+from tests.ep_reference import parallel_and_reference_step
 
 D, E = 8, 8
 
@@ -71,15 +72,7 @@ def check_case(ctx, case: dict, shards: list[int]) -> None:
     xs = [torch.randn(n, D, dtype=torch.float64, generator=gen) for n in shards]
     gs = [torch.randn(n, D, dtype=torch.float64, generator=gen) for n in shards]
 
-    x = xs[rank].clone().requires_grad_(True)
-    out = par(x)
-    (out * gs[rank]).sum().backward()
-    GradSync(par, ctx).sync()
-
-    set_aux_loss_scale(ref, 1.0 / world)
-    ref_x = [t.clone().requires_grad_(True) for t in xs]
-    ref_out = [ref(t) for t in ref_x]
-    sum((o * g).sum() for o, g in zip(ref_out, gs, strict=True)).div(world).backward()
+    out, x, ref_out, ref_x = parallel_and_reference_step(par, ref, ctx, xs, gs)
 
     tol = {"rtol": 1e-9, "atol": 1e-11}
     torch.testing.assert_close(out, ref_out[rank], **tol, msg=lambda m: f"{case} output: {m}")
