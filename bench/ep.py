@@ -23,7 +23,6 @@ import argparse
 import logging
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -38,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.peers import deepspeed_moe_like
 from moeflow import MoEConfig, MoELayer, RouterConfig
 from moeflow.parallel import ParallelDims, parallelize
+from moeflow.train.distributed import free_port, local_rank_env
 from moeflow.utils import keep_freed_memory
 
 
@@ -128,14 +128,7 @@ def measure(ctx, args, tokens: int, rank: int, world: int):
 
 
 def bench_rank(rank: int, world: int, port: int, args, queue) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-    )
+    os.environ.update(local_rank_env(rank, world, port))
     torch.set_num_threads(1)
     keep_freed_memory()
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
@@ -163,9 +156,7 @@ def main() -> None:
     ctx = mp.get_context("spawn")
     for world in args.ranks:
         queue = ctx.Queue()
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         procs = [
             ctx.Process(target=bench_rank, args=(r, world, port, args, queue)) for r in range(world)
         ]

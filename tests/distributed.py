@@ -15,34 +15,22 @@ import datetime
 import os
 import pickle
 import queue as queue_module
-import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
 
 import torch.multiprocessing as mp
 
+from moeflow.train.distributed import free_port, local_rank_env
+
 
 class DistributedTestError(AssertionError):
     pass
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world_size, port, fn, args, env, queue, pg_timeout_s) -> None:
     os.environ.update(env)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        OMP_NUM_THREADS="1",
-    )
+    os.environ.update(local_rank_env(rank, world_size, port), OMP_NUM_THREADS="1")
     import torch
     import torch.distributed as dist
 

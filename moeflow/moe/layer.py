@@ -172,7 +172,7 @@ class MoELayer(nn.Module):
         routed_E = torch.bincount(
             route.expert_ids_TK.reshape(-1), minlength=self.router.num_choices
         )
-        out_TD, kept_E, keep_TK = self._dispatch_and_compute(x_TD, route, overlap_degree)
+        out_TD, kept_E, keep_TK = self._dispatch_and_compute(x_TD, route, routed_E, overlap_degree)
         if self.zc_experts is not None:
             # Ids relative to the zero-computation experts (FFN ids become negative: no match).
             rel_TK = route.expert_ids_TK - cfg.num_experts
@@ -190,7 +190,11 @@ class MoELayer(nn.Module):
         return out_TD.view(*x.shape[:-1], out_TD.shape[-1])
 
     def _dispatch_and_compute(
-        self, x_TD: torch.Tensor, route: RouterOutput, overlap_degree: int | None
+        self,
+        x_TD: torch.Tensor,
+        route: RouterOutput,
+        routed_E: torch.Tensor,
+        overlap_degree: int | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """FFN pairs through the dispatcher; returns (out, kept pairs per FFN expert, keep mask)."""
         rc = self.config.router
@@ -211,8 +215,8 @@ class MoELayer(nn.Module):
             pad_to = capacity if rc.pad_to_capacity else None
         # Capacity is decided on this rank's own tokens, before anything moves, so every rank
         # knows its shapes from the count exchange alone.
-        if keep_TK is None:
-            kept_E = torch.bincount(ids_TK.reshape(-1), minlength=n)
+        if keep_TK is None:  # every pair is an FFN pair and kept: the routed counts are final
+            kept_E = routed_E
             slot_ids_TK = self.expert_map[ids_TK]
         else:
             kept_E = pair_counts(ids_TK, n, keep_TK)[:-1]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -61,3 +62,23 @@ def init_distributed(timeout_s: float, fake_world_size: int | None = None) -> Ru
 def shutdown(runtime: Runtime) -> None:
     if runtime.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a single-machine rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
+    """The environment torchrun would give rank `rank` of a `world_size`-rank job on this machine
+    (`env://` rendezvous on 127.0.0.1:`port`), for code that spawns ranks itself."""
+    return {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_RANK": str(rank),
+        "LOCAL_WORLD_SIZE": str(world_size),
+    }
