@@ -102,6 +102,7 @@ class MoELayer(nn.Module):
         self.last_sent_rows = 0  # (token, slot) rows the last forward sent to other ranks
         self.last_sent_bytes = 0  # and their bytes
         self.last_dispatch = None  # the last forward's ChunkPlan (split sizes, expert blocks)
+        self.last_expert_ids: torch.Tensor | None = None  # [T, K] logical choices (RoutingStats)
         # Logical expert -> physical slot. Slot p is local slot p % L of expert-parallel rank
         # p // L; `experts` holds this rank's L slots. Not saved: checkpoints keep logical ids.
         self.register_buffer("expert_map", torch.arange(config.num_experts), persistent=False)
@@ -119,16 +120,21 @@ class MoELayer(nn.Module):
         re-placement call this), and write them into the buffers."""
         self.expert_map_ids = [int(e) for e in expert_map]
         self.local_expert_ids = [int(e) for e in local_experts]
-        self.reset_buffers()
+        self._write_maps()
 
-    def reset_buffers(self) -> None:
-        """Rewrite the map buffers from their host copies, e.g. after `to_empty`."""
+    def _write_maps(self) -> None:
         device = self.expert_map.device
         if device.type == "meta":
             return
         self.expert_map = torch.tensor(self.expert_map_ids, dtype=torch.int64, device=device)
         self.local_experts = torch.tensor(self.local_expert_ids, dtype=torch.int64, device=device)
-        self.balance.reset(device)
+
+    def reset_buffers(self) -> None:
+        """Rewrite the map buffers from their host copies and zero the balancing counts, e.g.
+        after `to_empty`."""
+        self._write_maps()
+        if self.expert_map.device.type != "meta":
+            self.balance.reset(self.expert_map.device)
 
     @classmethod
     def from_dense(cls, ffn: FeedForward, config: MoEConfig) -> MoELayer:
@@ -187,6 +193,7 @@ class MoELayer(nn.Module):
             if training:
                 self.balance.add_step_counts(routed_E)
             self.last_stats = self._stats(routed_E, kept_E, keep_TK, losses, route)
+            self.last_expert_ids = route.expert_ids_TK.detach()
         return out_TD.view(*x.shape[:-1], out_TD.shape[-1])
 
     def _dispatch_and_compute(

@@ -9,7 +9,7 @@ own config (`moe.hidden_size` defaults to `model.dim`):
     num_experts = 8
     [model.moe.router]        # RouterConfig
     top_k = 2
-    [data]  [optim]  [train]  [parallel]  [metrics]  [checkpoint]
+    [data]  [optim]  [train]  [parallel]  [metrics]  [checkpoint]  [placement]
 
 Overrides from the command line use dotted keys: `--train.steps 50 --model.moe.router.top_k 1`; a
 value is read as a TOML value (`3`, `1e-3`, `true`, `"text"`, `[0.9, 0.95]`), or as a plain string
@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moeflow.models.decoder import DecoderConfig
+from moeflow.placement.problem import PlacementConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -218,6 +219,70 @@ class CheckpointConfig:
 
 
 @dataclass(kw_only=True, frozen=True)
+class PlacementRunConfig:
+    """Routing statistics and live expert re-placement (`moeflow.placement`).
+
+    `stats`: count per-layer expert loads and cross-layer co-routing every micro-batch, decayed by
+    `decay` per step, and write `<out_dir>/routing_stats.json` at checkpoints and at the end
+    (`moeflow plan` reads it). Re-placement is considered at multiples of `every` steps, and at
+    multiples of `check_every` when the current placement's max/mean rank load exceeds
+    `imbalance_threshold` (0: no threshold trigger), never before `min_steps`; it is applied
+    when `method`'s placement scores at least `min_gain` (a fraction) below the current one.
+    The other fields are `moeflow.placement.PlacementConfig`'s; `ranks_per_node` defaults to
+    `parallel.ranks_per_node`, then torchrun's LOCAL_WORLD_SIZE, then all ranks on one node."""
+
+    stats: bool = True
+    decay: float = 0.98
+    every: int = 0
+    imbalance_threshold: float = 0.0
+    check_every: int = 10
+    min_steps: int = 10
+    min_gain: float = 0.02
+    method: str = "ilp"
+    traffic_weight: float = 0.1
+    node_weight: float = 4.0
+    balance_slack: float = 0.05
+    time_limit_s: float = 5.0
+    solver: str = "auto"
+    ranks_per_node: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.decay <= 1.0:
+            raise ValueError(f"placement.decay ({self.decay!r}) must be in (0, 1]")
+        for name in ("every", "check_every", "min_steps"):
+            _positive_int(f"placement.{name}", getattr(self, name), minimum=0)
+        if self.imbalance_threshold != 0 and self.imbalance_threshold < 1:
+            raise ValueError(
+                f"placement.imbalance_threshold ({self.imbalance_threshold!r}) is a max/mean load "
+                "ratio: 0 (off) or >= 1"
+            )
+        if self.imbalance_threshold and not self.check_every:
+            raise ValueError("placement.imbalance_threshold needs placement.check_every > 0")
+        if not 0.0 <= self.min_gain < 1.0:
+            raise ValueError(f"placement.min_gain ({self.min_gain!r}) must be in [0, 1)")
+        _choice("placement.method", self.method, ("contiguous", "round_robin", "greedy", "ilp"))
+        if (self.every or self.imbalance_threshold) and not self.stats:
+            raise ValueError(
+                "placement.every / placement.imbalance_threshold re-place experts from measured "
+                "routing: set placement.stats = true"
+            )
+        if self.ranks_per_node is not None:
+            _positive_int("placement.ranks_per_node", self.ranks_per_node)
+        self.problem(1)  # the solver fields, validated by the component that reads them
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.every or self.imbalance_threshold)
+
+    def problem(self, num_ranks: int, ranks_per_node: int | None = None) -> PlacementConfig:
+        return PlacementConfig(
+            num_ranks=num_ranks, ranks_per_node=ranks_per_node,
+            traffic_weight=self.traffic_weight, node_weight=self.node_weight,
+            balance_slack=self.balance_slack, time_limit_s=self.time_limit_s, solver=self.solver,
+        )  # fmt: skip
+
+
+@dataclass(kw_only=True, frozen=True)
 class RunConfig:
     model: DecoderConfig = field(default_factory=DecoderConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -226,6 +291,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    placement: PlacementRunConfig = field(default_factory=PlacementRunConfig)
 
     def __post_init__(self) -> None:
         if self.train.seq_len > self.model.max_seq_len:

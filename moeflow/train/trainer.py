@@ -9,7 +9,8 @@ Per optimizer step, on every rank:
    expert-data-parallel group;
 4. clip by the global gradient norm (expert parts summed over the `ep` group), AdamW step;
 5. one all-reduce of a stop flag (SIGTERM on any rank: checkpoint after this step and exit 0);
-   every `log_every` steps one all-reduce of the metrics; validation, checkpoints when due.
+   every `log_every` steps one all-reduce of the metrics; expert re-placement
+   (`moeflow.train.replacement`), validation and checkpoints when due.
 
 Example (one process, a few steps on the embedded corpus):
     >>> import tempfile
@@ -42,12 +43,14 @@ from moeflow.moe.layer import MoELayer, finish_optimizer_step, set_aux_loss_scal
 from moeflow.parallel.dims import ParallelContext, ParallelDims
 from moeflow.parallel.grad_sync import GradSync, expert_parameter_names
 from moeflow.parallel.parallelize import parallelize
+from moeflow.parallel.replace import current_expert_maps
 from moeflow.train import checkpoint as ckpt
 from moeflow.train.config import RunConfig
 from moeflow.train.data import BatchStream, Corpus, eval_batches, load_corpus
 from moeflow.train.distributed import Runtime, init_distributed, shutdown
 from moeflow.train.metrics import MetricsLogger, flops_per_token, plot_run
 from moeflow.train.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
+from moeflow.train.replacement import Replacer
 from moeflow.utils.cpu_alloc import keep_freed_memory
 
 # Summed per micro-batch (MoE ones over layers too), all-reduced at each log step.
@@ -151,7 +154,7 @@ class Trainer:
         self.ctx = dims.build(runtime.device.type)
         self.out_dir = Path(cfg.train.out_dir)
         self.resume_path = _resolve_output(cfg, self.ctx, resume, overwrite)
-        self.model = build_model(cfg, self.ctx, runtime.device)
+        self.model = build_model(cfg, self.ctx, runtime.device, self._saved_maps())
         self.optimizer = build_optimizer(self.model, cfg.optim)
         ckpt.init_optimizer_state(self.optimizer)
         self.grad_sync = GradSync(self.model, self.ctx)
@@ -160,6 +163,7 @@ class Trainer:
         self.dense_params = [q for n, q in named if n not in expert_names]
         self.expert_params = [q for n, q in named if n in expert_names]
         self.moe_layers = [m for m in self.model.modules() if isinstance(m, MoELayer)]
+        self.replacer = Replacer(cfg, self.ctx, self.model, runtime.device)
         self.corpus = load_corpus(cfg.data)
         t = cfg.train
         self.stream = BatchStream(
@@ -172,6 +176,16 @@ class Trainer:
             keep_freed_memory()  # reuse freed activations instead of page-faulting them back
 
     # -- setup -------------------------------------------------------------------------------
+    def _saved_maps(self) -> dict[str, list[int]] | None:
+        """The expert placement a resumed checkpoint ran with (same `ep` only): resuming keeps
+        a re-placed run's placement. Values load by logical id whatever the placement."""
+        if self.resume_path is None:
+            return None
+        meta = ckpt.read_meta(self.resume_path)
+        if meta.get("parallel", {}).get("ep") != self.ctx.dims.ep:
+            return None
+        return meta.get("expert_maps") or None
+
     def _load(self) -> None:
         meta, rank_state = ckpt.load_checkpoint(
             self.resume_path, self.model, self.optimizer, self.ctx.world_group
@@ -212,6 +226,7 @@ class Trainer:
             (loss / accum).backward()
             acc["loss"] += loss.detach().float()
             acc["micro"] += 1
+            self.replacer.observe()
             for i, layer in enumerate(self.moe_layers):
                 s = layer.last_stats
                 acc["aux"] += s.aux_loss.float()
@@ -229,6 +244,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         finish_optimizer_step(self.model)  # global-batch counts reset, aux-free bias update
+        self.replacer.end_step()
         self.step += 1
 
     def new_accumulator(self) -> dict:
@@ -328,7 +344,9 @@ class Trainer:
             "parallel": {"dp": self.ctx.dims.dp, "ep": self.ctx.dims.ep},
             "optimizer_steps": self.step,
             "lr": self.optimizer.param_groups[0]["lr"],
+            "expert_maps": current_expert_maps(self.model),
         }
+        self.replacer.write()
         rank_state = {"data": self.stream.state_dict()}
         return ckpt.save_checkpoint(
             self.out_dir / "checkpoints", self.step, self.model, self.optimizer, meta,
@@ -394,6 +412,8 @@ class Trainer:
                 result.losses.append(record["loss"])
                 result.loss_steps.append(self.step)
                 acc, since, t0 = self.new_accumulator(), 0, time.perf_counter()
+            if not stop.item():
+                self._maybe_replace(log, say)
             if stop.item():
                 result.stopped_by_signal = True
                 say(f"SIGTERM: stopping after step {self.step}, writing a checkpoint")
@@ -407,6 +427,21 @@ class Trainer:
             every = cfg.checkpoint.every
             if every and self.step % every == 0 and self.step < cfg.train.steps:
                 self.save()
+
+    def _maybe_replace(self, log: MetricsLogger, say) -> None:
+        record = self.replacer.maybe_replace(self.step, self.optimizer)
+        if record is None:
+            return
+        log.log(record)
+        b, a = record["before"], record["after"]
+        verb = "re-placed" if record["applied"] else "kept the placement"
+        moved = f", {record['moved_experts']} experts moved" if record["applied"] else ""
+        say(
+            f"step {self.step}: {verb} ({record['method']}, {record['status']}, "
+            f"{record['solve_s']:.2f} s{moved}): max/mean load {b['max_mean_load']:.3f} -> "
+            f"{a['max_mean_load']:.3f}, cross-rank tokens {b['cross_rank_fraction']:.1%} -> "
+            f"{a['cross_rank_fraction']:.1%}, objective {record['gain']:+.1%} better"
+        )
 
     def describe(self) -> str:
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -436,16 +471,22 @@ class Trainer:
         say("\n".join(lines))
 
 
-def build_model(cfg: RunConfig, ctx: ParallelContext, device: torch.device) -> MoEDecoder:
-    """Build on the meta device, keep only this rank's experts, then materialise and initialise:
-    a large model is never whole on one rank."""
+def build_model(
+    cfg: RunConfig,
+    ctx: ParallelContext,
+    device: torch.device,
+    expert_maps: dict[str, list[int]] | None = None,
+) -> MoEDecoder:
+    """Build on the meta device, keep only this rank's experts (placed by `expert_maps`, default
+    contiguous blocks), then materialise and initialise: a large model is never whole on one
+    rank."""
     with torch.device("meta"):
         model = MoEDecoder(cfg.model)
     p = cfg.parallel
     dispatch = DispatchConfig(
         overlap_degree=p.overlap_degree, two_level=p.two_level, ranks_per_node=p.ranks_per_node
     )
-    parallelize(model, ctx, dispatch)
+    parallelize(model, ctx, dispatch, expert_maps)
     if device.type != "meta":
         model.to_empty(device=device)
         model.init_weights(seed=cfg.train.seed)

@@ -1,0 +1,202 @@
+"""Placements without a solver: contiguous blocks (moeflow's default), round-robin, and greedy
+balanced packing with hot-expert replication (DeepSeek EPLB's method, PAPERS.md "Expert placement").
+
+Greedy, per layer:
+1. Replicas: start with one copy per expert; while copies < `num_slots`, give one more copy to the
+   expert with the largest load per copy (at most one copy per rank).
+2. Packing: copies by load per copy, largest first, each onto the least-loaded rank that has a free
+   slot and no copy of the same expert (ties: the lowest rank).
+
+Example:
+    >>> import numpy as np
+    >>> trace = RoutingTrace(np.array([[8.0, 1.0, 1.0, 6.0]]), np.zeros((0, 4, 4)))
+    >>> cfg = PlacementConfig(num_ranks=2)
+    >>> contiguous(trace, cfg).layers, greedy(trace, cfg).layers
+    ([[[0, 1], [2, 3]]], [[[0, 2], [3, 1]]])
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moeflow.placement.problem import Placement, PlacementConfig
+from moeflow.placement.trace import RoutingTrace
+
+
+def replica_counts(load_E: np.ndarray, num_slots: int, num_ranks: int) -> np.ndarray:
+    """Copies per expert (EPLB's rule: each extra copy to the largest load per copy)."""
+    counts = np.ones(len(load_E), dtype=np.int64)
+    for _ in range(num_slots - len(load_E)):
+        per_copy = np.where(counts < num_ranks, load_E / counts, -np.inf)
+        counts[int(np.argmax(per_copy))] += 1
+    return counts
+
+
+def _copies(trace: RoutingTrace, cfg: PlacementConfig, layer: int) -> list[tuple[int, float]]:
+    """(expert, load per copy) for every copy of every expert of `layer`, in expert order."""
+    budget = cfg.total_slots(trace.num_experts)
+    counts = replica_counts(trace.loads[layer], budget, cfg.num_ranks)
+    return [
+        (e, float(trace.loads[layer, e] / counts[e]))
+        for e in range(trace.num_experts)
+        for _ in range(int(counts[e]))
+    ]
+
+
+def _fill_in_order(copies: list[int], slots: list[int], start: int = 0, stride: bool = False):
+    """Place copies rank by rank (`stride=False`) or cycling over ranks (`stride=True`), skipping
+    full ranks and ranks that already hold the expert."""
+    ranks: list[list[int]] = [[] for _ in slots]
+    g = start
+    for e in copies:
+        for _ in range(len(slots)):
+            if len(ranks[g]) < slots[g] and e not in ranks[g]:
+                break
+            g = (g + 1) % len(slots)
+        else:
+            raise ValueError(f"no rank can take another copy of expert {e}")
+        ranks[g].append(e)
+        if stride:
+            g = (g + 1) % len(slots)
+    return ranks
+
+
+def contiguous(trace: RoutingTrace, cfg: PlacementConfig) -> Placement:
+    """Expert e on rank e // S: what `parallelize` does when given no map."""
+    slots = cfg.slots(trace.num_experts)
+    return Placement(
+        [
+            _fill_in_order([e for e, _ in _copies(trace, cfg, layer)], slots)
+            for layer in range(trace.num_layers)
+        ]
+    )
+
+
+def round_robin(trace: RoutingTrace, cfg: PlacementConfig) -> Placement:
+    """Copy k on rank k mod R (skipping full ranks)."""
+    slots = cfg.slots(trace.num_experts)
+    return Placement(
+        [
+            _fill_in_order([e for e, _ in _copies(trace, cfg, layer)], slots, stride=True)
+            for layer in range(trace.num_layers)
+        ]
+    )
+
+
+def greedy(trace: RoutingTrace, cfg: PlacementConfig) -> Placement:
+    """EPLB: replicate hot experts, then balanced packing (see the module doc)."""
+    slots = cfg.slots(trace.num_experts)
+    layers = []
+    for layer in range(trace.num_layers):
+        copies = sorted(_copies(trace, cfg, layer), key=lambda c: (-c[1], c[0]))
+        ranks: list[list[int]] = [[] for _ in slots]
+        load = np.zeros(len(slots))
+        for e, w in copies:
+            free = [g for g in range(len(slots)) if len(ranks[g]) < slots[g] and e not in ranks[g]]
+            if not free:
+                raise ValueError(f"layer {layer}: no rank can take another copy of expert {e}")
+            g = min(free, key=lambda r: (load[r], r))
+            ranks[g].append(e)
+            load[g] += w
+        layers.append(ranks)
+    return Placement(layers)
+
+
+def colocation_gain(
+    trace: RoutingTrace, cfg: PlacementConfig, placed: Placement, layer: int
+) -> np.ndarray:
+    """`[E, R]`: traffic cost saved (objective units) per token share of expert j of `layer` + 1
+    served on rank g, given `placed`'s layer `layer`: `traffic_weight * (D^T a)[j, g]` for the
+    same rank, plus `(node_weight - 1) * ...` for the same node."""
+    a_ER = placed.fractions(layer, trace.num_experts)
+    d_EE = trace.co_routing[layer]
+    rpn = cfg.ranks_per_node or cfg.num_ranks
+    same_rank = d_EE.T @ a_ER
+    node_EN = d_EE.T @ a_ER.reshape(a_ER.shape[0], cfg.nodes, rpn).sum(axis=2)
+    same_node = np.repeat(node_EN, rpn, axis=1)
+    if cfg.nodes == 1:
+        return cfg.traffic_weight * same_rank
+    if rpn == 1:
+        return cfg.traffic_weight * cfg.node_weight * same_rank
+    return cfg.traffic_weight * (same_rank + (cfg.node_weight - 1.0) * same_node)
+
+
+def affinity_greedy(trace: RoutingTrace, cfg: PlacementConfig, base: Placement) -> Placement:
+    """Greedy with cross-layer affinity (the ILP's warm start): layer 0 as in `base`, each next
+    layer by `affinity_layer` given the one before."""
+    placed = Placement([list(map(list, base.layers[0]))])
+    for layer in range(1, trace.num_layers):
+        placed.layers.append(affinity_layer(trace, cfg, base, placed, layer))
+    return placed
+
+
+def affinity_layer(
+    trace: RoutingTrace, cfg: PlacementConfig, base: Placement, placed: Placement, layer: int
+) -> list[list[int]]:
+    """Layer `layer` given `placed`'s layer `layer - 1`, with `base`'s replica counts: copies,
+    heaviest first, go to the rank that saves the most traffic among ranks with a free slot whose
+    load stays within `(1 + balance_slack)` of `base`'s max load for the layer (else the least
+    loaded); then `_repair` moves copies off ranks still above that cap."""
+    slots = cfg.slots(trace.num_experts)
+    slack = cfg.balance_slack if cfg.balance_slack is not None else 0.0
+    counts = base.replica_counts(layer, trace.num_experts)
+    cap = float((trace.loads[layer] @ base.fractions(layer, trace.num_experts)).max())
+    cap *= 1.0 + slack
+    gain = colocation_gain(trace, cfg, placed, layer - 1)
+    copies = sorted(
+        ((e, float(trace.loads[layer, e] / counts[e])) for e in range(trace.num_experts)
+         for _ in range(int(counts[e]))),
+        key=lambda c: (-c[1], c[0]),
+    )  # fmt: skip
+    ranks: list[list[int]] = [[] for _ in slots]
+    load = np.zeros(len(slots))
+    for e, w in copies:
+        free = [g for g in range(len(slots)) if len(ranks[g]) < slots[g] and e not in ranks[g]]
+        if not free:
+            raise ValueError(f"layer {layer}: no rank can take another copy of expert {e}")
+        fits = [g for g in free if load[g] + w <= cap + 1e-9]
+        if fits:
+            g = max(fits, key=lambda r: (gain[e, r] / counts[e], -load[r], -r))
+        else:
+            g = min(free, key=lambda r: (load[r], r))
+        ranks[g].append(e)
+        load[g] += w
+    _repair(ranks, trace.loads[layer] / counts, gain / counts[:, None], cap, slots)
+    return ranks
+
+
+def _repair(ranks: list[list[int]], weight, gain, cap: float, slots: list[int]) -> None:
+    """Moves and swaps off the most loaded rank until every rank is within `cap`, each time the
+    one that loses the least co-location gain (gives up after R * S tries)."""
+    load = np.array([sum(weight[e] for e in ids) for ids in ranks])
+    for _ in range(sum(slots)):
+        g = int(np.argmax(load))
+        if load[g] <= cap + 1e-9:
+            return
+        best = None
+        for c in ranks[g]:
+            for h in range(len(ranks)):
+                if h == g or c in ranks[h]:
+                    continue
+                options = [d for d in ranks[h] if d not in ranks[g] and weight[d] < weight[c]]
+                if len(ranks[h]) < slots[h]:
+                    options.append(None)
+                for d in options:
+                    wd = 0.0 if d is None else weight[d]
+                    new_g, new_h = load[g] - weight[c] + wd, load[h] + weight[c] - wd
+                    if max(new_g, new_h) >= load[g]:
+                        continue
+                    loss = gain[c, g] - gain[c, h]
+                    if d is not None:
+                        loss += gain[d, h] - gain[d, g]
+                    key = (max(new_g, new_h) > cap + 1e-9, loss, max(new_g, new_h))
+                    if best is None or key < best[0]:
+                        best = (key, c, h, d, new_g, new_h)
+        if best is None:
+            return
+        _, c, h, d, load[g], load[h] = best
+        ranks[g].remove(c)
+        ranks[h].append(c)
+        if d is not None:
+            ranks[h].remove(d)
+            ranks[g].append(d)

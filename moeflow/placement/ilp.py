@@ -1,0 +1,439 @@
+"""The placement ILP (MoETuner's formulation, PAPERS.md "Expert placement"), in PuLP.
+
+Shape legend: L MoE layers, E experts, R ranks, N nodes; a "copy" is an expert or one replica.
+
+Joint model (`decompose="none"`), for copies c of layer l with load w_c (load / copies):
+- `x[l,c,g] in {0,1}`: copy c on rank g. Each copy on one rank; rank g holds <= slots[g] copies;
+  copies of one expert on distinct ranks.
+- `Lambda_l >= sum_c w_c x[l,c,g]` for every g, and, with `balance_slack`,
+  `Lambda_l <= (1 + slack) * greedy's max load of layer l` (PAPERS.md: a single weighted objective
+  trades balance for locality; bound the max load and minimise traffic under it).
+- For the heaviest `max_pairs_per_expert` successors j of each expert i (by `D[i,j]`), per copy
+  pair: `y[p,g] <= x[l,i,g]`, `y[p,g] <= x[l+1,j,g]` (co-located on g); the same over nodes
+  (`z[p,n]`). Pairs left out count as crossing (an upper bound; `evaluate` scores the real value).
+- minimise `sum_l Lambda_l + lambda * sum_p D_p * ((1 - sum_g y) + (node_weight - 1)(1 - sum_n z))`.
+
+Per-layer decomposition (`decompose="layer"`, or "auto" past `max_joint_binaries`): layer 0 for
+balance alone, then each layer l+1 with layer l fixed. The co-location terms become linear in x
+(no y, z), so each sub-model is an assignment problem with load rows; the time limit is split
+evenly over the layers. Not a global optimum: the status says "decomposed".
+
+Solvers: HiGHS through `pulp.HiGHS` (needs `highspy`), warm-started with the greedy placement via
+`Highs.setSolution`; CBC (shipped with PuLP) as fallback, warm-started via PuLP's `warmStart`. The
+status comes from the solver itself, not from PuLP's `LpStatus` (which says "Optimal" when the time
+limit stops the search): `optimal` (proven), `time_limit` (best found, with HiGHS's relative gap),
+`failed`.
+
+Example:
+    >>> import numpy as np
+    >>> from moeflow.placement.baselines import greedy
+    >>> trace = RoutingTrace(np.array([[5.0, 3.0, 3.0, 1.0]]), np.zeros((0, 4, 4)))
+    >>> cfg = PlacementConfig(num_ranks=2, solver="cbc")
+    >>> placement, info = solve_ilp(trace, cfg, greedy(trace, cfg))
+    >>> sorted(map(sorted, placement.layers[0])), info.status
+    ([[0, 3], [1, 2]], 'optimal')
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from moeflow.placement.baselines import affinity_greedy, affinity_layer, colocation_gain
+from moeflow.placement.problem import Placement, PlacementConfig, evaluate
+from moeflow.placement.trace import RoutingTrace
+
+
+class SolverUnavailableError(RuntimeError):
+    pass
+
+
+@dataclass
+class SolveInfo:
+    status: str  # optimal | time_limit | failed
+    solver: str
+    seconds: float
+    decomposition: str  # joint | per-layer
+    gap: float | None = None  # relative MIP gap reported by the solver (None: unknown)
+    subproblems: int = 1
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        text = f"{self.status} ({self.solver}, {self.decomposition}"
+        if self.gap is not None:
+            text += f", gap {self.gap:.2%}"
+        return text + ")"
+
+
+def available_solvers() -> list[str]:
+    """Solvers this machine can run, in the order `solver="auto"` tries them."""
+    import pulp
+
+    out = []
+    try:
+        import highspy  # noqa: F401
+
+        out.append("highs")
+    except ImportError:
+        pass
+    if pulp.PULP_CBC_CMD(msg=False).available():
+        out.append("cbc")
+    return out
+
+
+def pick_solver(cfg: PlacementConfig) -> str:
+    """The solver to use; raises `SolverUnavailableError` naming the fix."""
+    have = available_solvers()
+    if cfg.solver == "auto":
+        if not have:
+            raise SolverUnavailableError(
+                "no ILP solver: install highspy (`pip install highspy`) or a PuLP with CBC"
+            )
+        return have[0]
+    if cfg.solver not in have:
+        fix = "pip install highspy" if cfg.solver == "highs" else "reinstall pulp (it ships CBC)"
+        raise SolverUnavailableError(
+            f"placement solver {cfg.solver!r} is not available here ({fix}); available: {have}"
+        )
+    return cfg.solver
+
+
+# -- model building -----------------------------------------------------------------------------
+@dataclass
+class _Layer:
+    copies: list[tuple[int, float]]  # (expert, load per copy)
+    x: dict  # (copy, rank) -> LpVariable
+    lam: object  # LpVariable
+
+
+def _copies_of(placement: Placement, layer: int, trace: RoutingTrace) -> list[tuple[int, float]]:
+    counts = placement.replica_counts(layer, trace.num_experts)
+    return [
+        (e, float(trace.loads[layer, e] / counts[e]))
+        for e in range(trace.num_experts)
+        for _ in range(int(counts[e]))
+    ]
+
+
+def _add_layer(prob, layer: int, copies, cfg: PlacementConfig, slots, bound: float | None):
+    import pulp
+
+    ranks = range(cfg.num_ranks)
+    x = {
+        (c, g): pulp.LpVariable(f"x_{layer}_{c}_{g}", cat=pulp.LpBinary)
+        for c in range(len(copies))
+        for g in ranks
+    }
+    # Valid lower bounds that the LP relaxation would not find: no rank is below the mean, and
+    # the rank holding the heaviest copy carries at least that copy.
+    floor = max(max(w for _, w in copies), sum(w for _, w in copies) / cfg.num_ranks)
+    lam = pulp.LpVariable(f"lam_{layer}", lowBound=floor, upBound=bound)
+    for c in range(len(copies)):
+        prob += pulp.lpSum(x[c, g] for g in ranks) == 1, f"one_{layer}_{c}"
+    for g in ranks:
+        prob += pulp.lpSum(x[c, g] for c in range(len(copies))) <= slots[g], f"slots_{layer}_{g}"
+        prob += (
+            pulp.lpSum(w * x[c, g] for c, (_, w) in enumerate(copies)) <= lam,
+            f"load_{layer}_{g}",
+        )
+    by_expert: dict[int, list[int]] = {}
+    for c, (e, _) in enumerate(copies):
+        by_expert.setdefault(e, []).append(c)
+    for e, cs in by_expert.items():
+        if len(cs) > 1:
+            for g in ranks:
+                prob += pulp.lpSum(x[c, g] for c in cs) <= 1, f"distinct_{layer}_{e}_{g}"
+    return _Layer(copies, x, lam)
+
+
+def _all_crossing(d_EE: np.ndarray, cfg: PlacementConfig) -> float:
+    """Traffic cost if every token crossed: the objective's constant, from which the model's
+    co-location terms subtract."""
+    return cfg.traffic_weight * (cfg.node_weight if cfg.nodes > 1 else 1.0) * float(d_EE.sum())
+
+
+def _top_pairs(d_EE: np.ndarray, per_expert: int) -> list[tuple[int, int, float]]:
+    pairs = []
+    for i in range(d_EE.shape[0]):
+        order = np.argsort(-d_EE[i], kind="stable")[:per_expert]
+        pairs += [(i, int(j), float(d_EE[i, j])) for j in order if d_EE[i, j] > 0]
+    return pairs
+
+
+def _copy_index(copies) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for c, (e, _) in enumerate(copies):
+        out.setdefault(e, []).append(c)
+    return out
+
+
+def _traffic_terms(prob, layer: int, a: _Layer, b: _Layer, d_EE, cfg: PlacementConfig) -> list:
+    """Co-location variables for layers (layer, layer+1); returns the objective's terms."""
+    import pulp
+
+    ranks, nodes = range(cfg.num_ranks), range(cfg.nodes)
+    rpn = cfg.ranks_per_node or cfg.num_ranks
+    intra = cfg.nodes > 1 and rpn > 1  # both rank and node crossings exist
+    rank_cost = 1.0 if cfg.nodes == 1 else (1.0 if intra else cfg.node_weight)
+    ia, ib = _copy_index(a.copies), _copy_index(b.copies)
+    terms = []
+    for n_pair, (i, j, d) in enumerate(_top_pairs(d_EE, cfg.max_pairs_per_expert)):
+        w = cfg.traffic_weight * d / (len(ia[i]) * len(ib[j]))
+        for ca in ia[i]:
+            for cb in ib[j]:
+                tag = f"{layer}_{n_pair}_{ca}_{cb}"
+                y = [pulp.LpVariable(f"y_{tag}_{g}", 0, 1) for g in ranks]
+                for g in ranks:
+                    prob += y[g] <= a.x[ca, g]
+                    prob += y[g] <= b.x[cb, g]
+                terms += [(yg, -w * rank_cost) for yg in y]
+                if intra:
+                    z = [pulp.LpVariable(f"z_{tag}_{n}", 0, 1) for n in nodes]
+                    for n in nodes:
+                        members = range(n * rpn, (n + 1) * rpn)
+                        prob += z[n] <= pulp.lpSum(a.x[ca, g] for g in members)
+                        prob += z[n] <= pulp.lpSum(b.x[cb, g] for g in members)
+                    terms += [(zn, -w * (cfg.node_weight - 1.0)) for zn in z]
+    return terms
+
+
+def _fixed_traffic_terms(prev: Placement, layer: int, b: _Layer, trace, cfg) -> list:
+    """Layer `layer` fixed by `prev`, layer+1 free in `b`: co-location is linear in b's x, with
+    every co-routing pair in its coefficients (no sparsification)."""
+    gain_ER = colocation_gain(trace, cfg, prev, layer)
+    counts = {}
+    for e, _ in b.copies:
+        counts[e] = counts.get(e, 0) + 1
+    return [
+        (b.x[c, g], -gain_ER[e, g] / counts[e])
+        for c, (e, _) in enumerate(b.copies)
+        for g in range(cfg.num_ranks)
+        if gain_ER[e, g] > 0
+    ]
+
+
+# -- solving ------------------------------------------------------------------------------------
+def _run(prob, solver: str, cfg: PlacementConfig, time_limit: float, warm: bool):
+    """Solve `prob`; returns (status, gap) from the solver's own report."""
+    import pulp
+
+    if solver == "highs":
+        import highspy
+
+        class WarmHiGHS(pulp.HiGHS):
+            def callSolver(self, lp):  # noqa: N802 (PuLP's name)
+                if warm:
+                    variables = lp.variables()
+                    index = np.array([v.index for v in variables], dtype=np.int32)
+                    value = np.array([v.varValue or 0.0 for v in variables], dtype=np.float64)
+                    lp.solverModel.setSolution(len(index), index, value)
+                # PuLP leaves the objective's constant out of the HiGHS model; put it back so
+                # the objective (and the relative gap) are in placement-objective units.
+                lp.solverModel.changeObjectiveOffset(float(lp.objective.constant))
+                lp.solverModel.run()
+
+        engine = WarmHiGHS(msg=False, timeLimit=time_limit, threads=1)
+        prob.solve(engine)
+        model = prob.solverModel
+        status = model.getModelStatus()
+        info = model.getInfo()
+        has_solution = info.primal_solution_status == 2  # kSolutionStatusFeasible
+        if status == highspy.HighsModelStatus.kOptimal:
+            return "optimal", 0.0 if info.mip_gap < 1e-9 else float(info.mip_gap)
+        if has_solution:
+            return "time_limit", float(info.mip_gap)
+        return "failed", None
+    engine = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, warmStart=warm, threads=1)
+    prob.solve(engine)
+    if prob.sol_status == pulp.LpSolutionOptimal:
+        return "optimal", 0.0
+    if prob.sol_status == pulp.LpSolutionIntegerFeasible:
+        return "time_limit", None
+    return "failed", None
+
+
+def _read(layer_vars: _Layer, cfg: PlacementConfig) -> list[list[int]]:
+    ranks: list[list[int]] = [[] for _ in range(cfg.num_ranks)]
+    for c, (e, _) in enumerate(layer_vars.copies):
+        values = [layer_vars.x[c, g].varValue or 0.0 for g in range(cfg.num_ranks)]
+        ranks[int(np.argmax(values))].append(e)
+    return ranks
+
+
+def _warm_start(layer_vars: _Layer, ranks: list[list[int]], cfg: PlacementConfig) -> None:
+    """Set x from a placement (copies of one expert matched in rank order)."""
+    queue: dict[int, list[int]] = {}
+    for g, ids in enumerate(ranks):
+        for e in ids:
+            queue.setdefault(e, []).append(g)
+    for c, (e, _) in enumerate(layer_vars.copies):
+        g_c = queue[e].pop(0)
+        for g in range(cfg.num_ranks):
+            layer_vars.x[c, g].setInitialValue(1.0 if g == g_c else 0.0)
+
+
+def _bound(trace, warm: Placement, cfg: PlacementConfig, layer: int) -> float | None:
+    if cfg.balance_slack is None:
+        return None
+    a = warm.fractions(layer, trace.num_experts)
+    return float((trace.loads[layer] @ a).max()) * (1.0 + cfg.balance_slack) + 1e-6
+
+
+def _lam_start(layer_vars: _Layer, ranks, cfg) -> None:
+    load = {e: w for e, w in layer_vars.copies}
+    layer_vars.lam.setInitialValue(max(sum(load[e] for e in ids) for ids in ranks))
+
+
+def _solve_joint(trace, cfg, warm: Placement, bounds, solver: str):
+    import pulp
+
+    prob = pulp.LpProblem("placement", pulp.LpMinimize)
+    slots = cfg.slots(trace.num_experts)
+    layers = []
+    for layer in range(trace.num_layers):
+        lv = _add_layer(prob, layer, _copies_of(warm, layer, trace), cfg, slots, bounds[layer])
+        _warm_start(lv, warm.layers[layer], cfg)
+        _lam_start(lv, warm.layers[layer], cfg)
+        layers.append(lv)
+    terms = []
+    for layer in range(trace.num_layers - 1):
+        terms += _traffic_terms(
+            prob, layer, layers[layer], layers[layer + 1], trace.co_routing[layer], cfg
+        )
+    constant = sum(_all_crossing(trace.co_routing[layer], cfg) for layer in range(len(layers) - 1))
+    prob += pulp.lpSum(lv.lam for lv in layers) + pulp.LpAffineExpression(terms, constant)
+    _set_co_location_start(prob)
+    status, gap = _run(prob, solver, cfg, cfg.time_limit_s, warm=True)
+    if status == "failed":
+        return warm, status, gap
+    return Placement([_read(lv, cfg) for lv in layers]), status, gap
+
+
+def _set_co_location_start(prob) -> None:
+    """y, z start at the largest value their constraints allow under the x start."""
+    import pulp
+
+    upper: dict[str, float] = {}
+    for constraint in prob.constraints.values():
+        if constraint.sense != pulp.LpConstraintLE:
+            continue
+        names = [v.name for v in constraint if v.name[0] in "yz"]
+        if len(names) != 1:
+            continue
+        var_name = names[0]
+        rest = sum(
+            (coef * (v.varValue or 0.0)) for v, coef in constraint.items() if v.name != var_name
+        )
+        upper[var_name] = min(upper.get(var_name, 1.0), max(0.0, -rest))
+    for v in prob.variables():
+        if v.name[0] in "yz":
+            v.setInitialValue(round(upper.get(v.name, 0.0)))
+
+
+def _solve_per_layer(trace, cfg, warm: Placement, base: Placement, bounds, solver: str):
+    import pulp
+
+    slots = cfg.slots(trace.num_experts)
+    limit = cfg.time_limit_s / trace.num_layers
+    placed = Placement([list(map(list, ranks)) for ranks in warm.layers])
+    statuses, gaps = [], []
+    for layer in range(trace.num_layers):
+        prob = pulp.LpProblem(f"placement_layer_{layer}", pulp.LpMinimize)
+        lv = _add_layer(prob, layer, _copies_of(warm, layer, trace), cfg, slots, bounds[layer])
+        terms, constant = [], 0.0
+        if layer > 0:
+            terms = _fixed_traffic_terms(placed, layer - 1, lv, trace, cfg)
+            constant = _all_crossing(trace.co_routing[layer - 1], cfg)
+        prob += lv.lam + pulp.LpAffineExpression(terms, constant)
+        # Warm start: the affinity greedy given the layer just solved, if it fits the bound and
+        # scores better than the warm placement's own layer.
+        start = warm.layers[layer]
+        if layer > 0:
+            candidate = affinity_layer(trace, cfg, base, placed, layer)
+            if _layer_cost(trace, cfg, placed, layer, candidate, bounds[layer]) < _layer_cost(
+                trace, cfg, placed, layer, start, bounds[layer]
+            ):
+                start = candidate
+        _warm_start(lv, start, cfg)
+        _lam_start(lv, start, cfg)
+        status, gap = _run(prob, solver, cfg, limit, warm=True)
+        statuses.append(status)
+        gaps.append(gap)
+        if status != "failed":
+            placed.layers[layer] = _read(lv, cfg)
+    if "failed" in statuses:
+        status = "failed"
+    elif all(s == "optimal" for s in statuses):
+        status = "optimal"
+    else:
+        status = "time_limit"
+    known = [g for g in gaps if g is not None]
+    gap = max(known) if known and len(known) == len(gaps) else None
+    return placed, status, gap
+
+
+def _layer_cost(trace, cfg, placed: Placement, layer: int, ranks, bound) -> float:
+    """Max load of `ranks` plus its traffic cost to `placed`'s previous layer (inf above bound)."""
+    trial = Placement([*placed.layers[:layer], ranks])
+    a_ER = trial.fractions(layer, trace.num_experts)
+    max_load = float((trace.loads[layer] @ a_ER).max())
+    if bound is not None and max_load > bound:
+        return float("inf")
+    gain = colocation_gain(trace, cfg, trial, layer - 1)
+    return max_load - float((gain * a_ER).sum())
+
+
+def joint_binaries(trace: RoutingTrace, cfg: PlacementConfig) -> int:
+    """Binary variables of the joint model (copies x ranks, summed over layers)."""
+    return trace.num_layers * cfg.total_slots(trace.num_experts) * cfg.num_ranks
+
+
+def solve_ilp(
+    trace: RoutingTrace, cfg: PlacementConfig, warm: Placement
+) -> tuple[Placement, SolveInfo]:
+    """Solve the placement ILP, warm-started (and replica counts fixed) by `warm`, normally the
+    greedy placement. Never returns a placement worse than `warm` on `evaluate`'s objective: when
+    the solver's is worse (a decomposed model, sparsified pairs) or it fails, `warm` is returned
+    and the notes say so. Raises `SolverUnavailableError` when no solver can run."""
+    solver = pick_solver(cfg)
+    start = time.perf_counter()
+    base = warm
+    bounds = [_bound(trace, base, cfg, layer) for layer in range(trace.num_layers)]
+    affinity = affinity_greedy(trace, cfg, warm)
+    fits = all(
+        b is None or (trace.loads[layer] @ affinity.fractions(layer, trace.num_experts)).max() <= b
+        for layer, b in enumerate(bounds)
+    )
+    if fits and evaluate(trace, affinity, cfg).objective < evaluate(trace, warm, cfg).objective:
+        warm = affinity
+    mode = cfg.decompose
+    if mode == "auto":
+        big = joint_binaries(trace, cfg) > cfg.max_joint_binaries
+        mode = "layer" if big and trace.num_layers > 1 else "none"
+    if mode == "none":
+        placement, status, gap = _solve_joint(trace, cfg, warm, bounds, solver)
+        info = SolveInfo(status, solver, 0.0, "joint", gap)
+    else:
+        placement, status, gap = _solve_per_layer(trace, cfg, warm, base, bounds, solver)
+        info = SolveInfo(status, solver, 0.0, "per-layer", gap, subproblems=trace.num_layers)
+        info.notes.append(
+            f"decomposed: {trace.num_layers} layers solved one after another (each with the "
+            "previous layer fixed); optimal per layer, not jointly"
+        )
+    info.seconds = time.perf_counter() - start
+    sparse = any((d > 0).sum(axis=1).max() > cfg.max_pairs_per_expert for d in trace.co_routing)
+    if mode == "none" and sparse:
+        info.notes.append(
+            f"co-routing sparsified to the {cfg.max_pairs_per_expert} heaviest successors per "
+            "expert; the rest count as crossing in the model (scores use all of them)"
+        )
+    if status == "failed":
+        info.notes.append("the solver found no solution in its time limit; kept the warm start")
+        return warm, info
+    placement.validate(trace, cfg)
+    if evaluate(trace, placement, cfg).objective > evaluate(trace, warm, cfg).objective + 1e-9:
+        info.notes.append("the solver's placement scored worse than the warm start; kept it")
+        return warm, info
+    return placement, info
