@@ -214,3 +214,35 @@ def test_slurm_cli_validates_the_config_and_never_overwrites(tmp_path):
     target.write_text("mine")
     r = moeflow("slurm", "--nodes", "1", "--gpus-per-node", "8", "-o", str(target), cfg)
     assert r.returncode == 2 and target.read_text() == "mine"
+
+
+def test_plan_reads_the_trainers_statistics_and_compares_methods(tmp_path):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.toml", out, steps=3)
+    assert moeflow("train", str(cfg)).returncode == 0
+    stats = out / "routing_stats.json"
+    data = json.loads(stats.read_text())
+    assert data["layer_names"] == ["blocks.0.ffn", "blocks.1.ffn"]
+    assert len(data["co_routing"]) == 1 and len(data["co_routing"][0]) == 4
+    result = tmp_path / "plan.json"
+    r = moeflow("plan", str(stats), "--ranks", "2", "--json", str(result))
+    assert r.returncode == 0, r.stderr
+    for method in ("contiguous", "round_robin", "greedy", "ilp"):
+        assert method in r.stdout
+    assert "placement (" in r.stdout and "rank 1:" in r.stdout
+    plans = {p["method"]: p for p in json.loads(result.read_text())["results"]}
+    assert plans["ilp"]["objective"] <= plans["greedy"]["objective"]
+    assert plans["ilp"]["status"] in ("optimal", "time_limit")
+    assert sorted(e for ids in plans["ilp"]["placement"][0] for e in ids) == [0, 1, 2, 3]
+    # Never overwrite what the user has; bad problems and bad statistics: one clear line.
+    again = moeflow("plan", str(stats), "--ranks", "2", "--json", str(result))
+    assert again.returncode == 2 and "pass --force" in again.stderr
+    r = moeflow("plan", str(stats), "--ranks", "2", "--slots-per-rank", "1")
+    assert r.returncode == 2 and "more experts than slots" in r.stderr
+    r = moeflow("plan", str(stats), "--ranks", "2", "--num-slots", "3")
+    assert r.returncode == 2 and "num_slots (3) is below the expert count (4)" in r.stderr
+    data["loads"][0][1] = -1.0
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    r = moeflow("plan", str(bad), "--ranks", "2")
+    assert r.returncode == 2 and "negative count (-1.0) at (0, 1)" in r.stderr

@@ -4,6 +4,7 @@
     moeflow train CONFIG.toml --dry-run [--world-size N]      # validate, build mesh + model
     moeflow launch --nproc N -- train CONFIG.toml ...          # N local ranks (torchrun)
     moeflow slurm --nodes N --gpus-per-node G [--partition P --time T ...] CONFIG.toml [...]
+    moeflow plan STATS.json --ranks R [--ranks-per-node G]   # expert placement from routing
 
 `train` runs as a plain process (a world of one) or as every rank of a torchrun job. Errors in the
 config or the command line exit with status 2 and one line that says what to fix; a run stopped
@@ -134,7 +135,13 @@ def cmd_slurm(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "launch": cmd_launch, "slurm": cmd_slurm}
+def cmd_plan(argv: list[str]) -> int:
+    from moeflow.launch.plan import cmd_plan as run_plan
+
+    return run_plan(argv)
+
+
+COMMANDS = {"train": cmd_train, "launch": cmd_launch, "slurm": cmd_slurm, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

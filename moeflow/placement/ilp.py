@@ -291,9 +291,13 @@ def _solve_joint(trace, cfg, warm: Placement, bounds, solver: str):
 
     prob = pulp.LpProblem("placement", pulp.LpMinimize)
     slots = cfg.slots(trace.num_experts)
+    warm, breaking = _symmetry_breaking(warm, cfg, slots)
     layers = []
     for layer in range(trace.num_layers):
         lv = _add_layer(prob, layer, _copies_of(warm, layer, trace), cfg, slots, bounds[layer])
+        if layer == 0:
+            for c, g in breaking(len(lv.copies)):
+                prob += lv.x[c, g] == 0, f"symmetry_{c}_{g}"
         _warm_start(lv, warm.layers[layer], cfg)
         _lam_start(lv, warm.layers[layer], cfg)
         layers.append(lv)
@@ -309,6 +313,43 @@ def _solve_joint(trace, cfg, warm: Placement, bounds, solver: str):
     if status == "failed":
         return warm, status, gap
     return Placement([_read(lv, cfg) for lv in layers]), status, gap
+
+
+def _symmetry_breaking(warm: Placement, cfg: PlacementConfig, slots: list[int]):
+    """Relabel `warm`'s ranks into canonical form, and return (the relabelled placement, a
+    function giving the (copy, rank) pairs of layer 0 to forbid). Interchangeable ranks make
+    many equal optima: with equal slots and all ranks alike (one node, or one rank per node),
+    copy c of layer 0 may only sit on ranks <= c (labels in order of first use); with several
+    multi-rank nodes, copy 0 sits on rank 0 (swap nodes, then ranks within the node)."""
+    if len(set(slots)) != 1:
+        return warm, lambda n: []
+    rpn = cfg.ranks_per_node or cfg.num_ranks
+    order: list[int] = []
+    if cfg.nodes == 1 or rpn == 1:
+        for e in sorted({e for ids in warm.layers[0] for e in ids}):
+            order += [g for g in range(cfg.num_ranks) if e in warm.layers[0][g] and g not in order]
+        order += [g for g in range(cfg.num_ranks) if g not in order]
+
+        def forbid(n: int) -> list[tuple[int, int]]:
+            return [(c, g) for c in range(n) for g in range(c + 1, cfg.num_ranks)]
+
+    else:
+        holder = min(g for g in range(cfg.num_ranks) if 0 in warm.layers[0][g])  # copy 0's
+        node = holder // rpn
+        nodes = [node] + [n for n in range(cfg.nodes) if n != node]
+        for n in nodes:
+            members = list(range(n * rpn, (n + 1) * rpn))
+            if n == node:
+                members.remove(holder)
+                members.insert(0, holder)
+            order += members
+
+        def forbid(n: int) -> list[tuple[int, int]]:
+            return [(0, g) for g in range(1, cfg.num_ranks)]
+
+    # order[new label] = old rank
+    relabelled = Placement([[list(ranks[old]) for old in order] for ranks in warm.layers])
+    return relabelled, forbid
 
 
 def _set_co_location_start(prob) -> None:
