@@ -412,7 +412,7 @@ class Trainer:
                 result.losses.append(record["loss"])
                 result.loss_steps.append(self.step)
                 acc, since, t0 = self.new_accumulator(), 0, time.perf_counter()
-            if not stop.item():
+            if not stop.item() and self.step < cfg.train.steps:
                 self._maybe_replace(log, say)
             if stop.item():
                 result.stopped_by_signal = True
