@@ -108,7 +108,7 @@ def placement_rows(name: str, trace: RoutingTrace, ranks: int, rpn: int, args, r
         if r.decomposition == "per-layer":
             status += ", per-layer"
         print(
-            f"{label:<28}{e:>5}{ranks:>4}{rpn:>4} {m:<12}{d['max_mean_load']:>9.3f}"
+            f"{label:<38}{e:>5}{ranks:>4}{rpn:>4} {m:<12}{d['max_mean_load']:>9.3f}"
             f"{d['cross_rank_fraction']:>8.1%}{d['cross_node_fraction']:>8.1%}"
             f"{r.metrics.objective:>12.0f}{r.metrics.objective / greedy_obj - 1:>+9.1%}"
             f"{r.seconds:>8.2f}  {status}"
@@ -245,7 +245,7 @@ def main() -> None:
         traces.append(("synthetic affinity 0.8", e, r, rpn, synthetic_trace(e), [0.0, 0.25]))
         traces.append(("synthetic no affinity", e, r, rpn, synthetic_trace(e, affinity=0.0), [0.0]))
     head = (
-        f"\n{'trace':<28}{'E':>5}{'R':>4}{'RpN':>4} {'method':<12}{'max/mean':>9}{'x-rank':>8}"
+        f"\n{'trace':<38}{'E':>5}{'R':>4}{'RpN':>4} {'method':<12}{'max/mean':>9}{'x-rank':>8}"
         f"{'x-node':>8}{'objective':>12}{'vs grdy':>9}{'solve s':>8}  status"
     )
     print(head)

@@ -127,3 +127,39 @@ def test_replacement_changes_nothing_but_the_placement(tmp_path, world_size):
     assert mine.keys() == ref.keys() and len(mine) == 2 * 8 * 2 * 3
     for key in mine:
         torch.testing.assert_close(mine[key], ref[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def _resume_maps(rank, world_size, out_dir):
+    placement = {"every": 2, "min_steps": 1, "method": "greedy", "min_gain": 0.0}
+    cfg = run_cfg(Path(out_dir), world_size, placement)
+    runtime = init_distributed(60)
+    try:
+        first = Trainer(cfg, runtime, resume=None, overwrite=True)
+        first.run(quiet=True)
+        saved = current_expert_maps(first.model)
+        path = ckpt.latest_checkpoint(Path(out_dir) / "checkpoints")
+        again = Trainer(cfg, runtime, resume=str(path), overwrite=False)
+        again._load()
+        w1 = {
+            (name, logical): layer.experts.w1[slot].detach().clone()
+            for name, layer in again.model.named_modules()
+            if hasattr(layer, "local_expert_ids") and hasattr(layer, "experts")
+            for slot, logical in enumerate(layer.local_expert_ids)
+        }
+        ref = {
+            (name, logical): layer.experts.w1[slot].detach().clone()
+            for name, layer in first.model.named_modules()
+            if hasattr(layer, "local_expert_ids") and hasattr(layer, "experts")
+            for slot, logical in enumerate(layer.local_expert_ids)
+        }
+        return saved, current_expert_maps(again.model), ckpt.read_meta(path)["expert_maps"], w1, ref
+    finally:
+        shutdown(runtime)
+
+
+def test_a_resumed_run_keeps_its_placement(tmp_path):
+    for saved, resumed, meta, w1, ref in run_on_ranks(_resume_maps, 2, args=(str(tmp_path),)):
+        assert saved == resumed == meta
+        assert any(m != list(range(8)) for m in saved.values())
+        assert w1.keys() == ref.keys()
+        assert all(torch.equal(w1[k], ref[k]) for k in ref)

@@ -16,13 +16,22 @@ Joint model (`decompose="none"`), for copies c of layer l with load w_c (load / 
 Per-layer decomposition (`decompose="layer"`, or "auto" past `max_joint_binaries`): layer 0 for
 balance alone, then each layer l+1 with layer l fixed. The co-location terms become linear in x
 (no y, z), so each sub-model is an assignment problem with load rows; the time limit is split
-evenly over the layers. Not a global optimum: the status says "decomposed".
+over the layers (each gets an even share of what is left). Not a global optimum:
+`SolveInfo.decomposition` is "per-layer" and a note says so. The co-location coefficients use
+every co-routing pair here (no sparsification).
 
-Solvers: HiGHS through `pulp.HiGHS` (needs `highspy`), warm-started with the greedy placement via
-`Highs.setSolution`; CBC (shipped with PuLP) as fallback, warm-started via PuLP's `warmStart`. The
-status comes from the solver itself, not from PuLP's `LpStatus` (which says "Optimal" when the time
-limit stops the search): `optimal` (proven), `time_limit` (best found, with HiGHS's relative gap),
-`failed`.
+Warm start: the better of greedy and `affinity_greedy` (greedy's layer 0, then each layer placed
+next to its predecessor's experts within the load bound); in the per-layer mode each layer starts
+from the better of its greedy packing and the affinity greedy given the layer just solved. The
+interchangeable ranks are broken (`_symmetry_breaking`), and each Lambda_l has the valid floor
+max(heaviest copy, mean load), which the LP relaxation alone does not see.
+
+Solvers: HiGHS through `pulp.HiGHS` (needs `highspy`), its warm start set via
+`Highs.setSolution`, the objective's constant restored (`changeObjectiveOffset`) so the reported
+gap is relative to the placement objective; CBC (shipped with PuLP) as fallback, warm-started via
+PuLP's `warmStart`. The status comes from the solver itself, not from PuLP's `LpStatus` (which
+says "Optimal" when the time limit stops the search): `optimal` (proven), `time_limit` (best
+found, with HiGHS's relative gap), `failed`.
 
 Example:
     >>> import numpy as np
@@ -377,7 +386,9 @@ def _solve_per_layer(trace, cfg, warm: Placement, base: Placement, bounds, solve
     import pulp
 
     slots = cfg.slots(trace.num_experts)
-    limit = cfg.time_limit_s / trace.num_layers
+    # One budget for the whole solve, model building included: each layer gets an even share
+    # of what is left, so time a quick layer does not use goes to the layers after it.
+    deadline = time.perf_counter() + cfg.time_limit_s
     placed = Placement([list(map(list, ranks)) for ranks in warm.layers])
     statuses, gaps = [], []
     for layer in range(trace.num_layers):
@@ -399,7 +410,8 @@ def _solve_per_layer(trace, cfg, warm: Placement, base: Placement, bounds, solve
                 start = candidate
         _warm_start(lv, start, cfg)
         _lam_start(lv, start, cfg)
-        status, gap = _run(prob, solver, cfg, limit, warm=True)
+        left = (deadline - time.perf_counter()) / (trace.num_layers - layer)
+        status, gap = _run(prob, solver, cfg, max(left, 0.05), warm=True)
         statuses.append(status)
         gaps.append(gap)
         if status != "failed":
