@@ -105,6 +105,8 @@ def placement_rows(name: str, trace: RoutingTrace, ranks: int, rpn: int, args, r
     for m, r in results.items():
         d = r.metrics.as_dict()
         status = r.status + (f" gap {r.gap:.1%}" if r.gap else "")
+        if r.status == "time_limit" and r.gap is None:
+            status += " (gap unknown)"
         if r.decomposition == "per-layer":
             status += ", per-layer"
         print(

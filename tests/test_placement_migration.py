@@ -68,8 +68,8 @@ def run_cfg(out_dir: Path, ep: int, placement: dict) -> RunConfig:
     )  # fmt: skip
 
 
-def _train_and_collect(rank, world_size, out_dir, placement):
-    cfg = run_cfg(Path(out_dir), world_size, placement)
+def _train_and_collect(rank, world_size, out_dir, placement, ep):
+    cfg = run_cfg(Path(out_dir), ep, placement)
     runtime = init_distributed(60)
     try:
         trainer = Trainer(cfg, runtime, resume=None, overwrite=True)
@@ -86,15 +86,16 @@ def _train_and_collect(rank, world_size, out_dir, placement):
         shutdown(runtime)
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_replacement_changes_nothing_but_the_placement(tmp_path, world_size):
+@pytest.mark.parametrize("world_size, ep", [(2, 2), (4, 4), (4, 2)])
+def test_replacement_changes_nothing_but_the_placement(tmp_path, world_size, ep):
+    # (4, 2): two ep groups of 2 (dp=2) migrate side by side, each within its own group.
     plain = run_on_ranks(
-        _train_and_collect, world_size, args=(str(tmp_path / "plain"), {}), timeout=240
+        _train_and_collect, world_size, args=(str(tmp_path / "plain"), {}, ep), timeout=240
     )
     moving = run_on_ranks(
         _train_and_collect, world_size,
         args=(str(tmp_path / "moving"), {"every": 3, "min_steps": 1, "method": "greedy",
-                                         "min_gain": 0.0}),
+                                         "min_gain": 0.0}, ep),
         timeout=240,
     )  # fmt: skip
     # The trainer's statistics file: 7 steps of `world_size` ranks x 4 x 32 tokens x top-2, decayed.
@@ -116,17 +117,18 @@ def test_replacement_changes_nothing_but_the_placement(tmp_path, world_size):
         # Same keys (experts by logical id) on this rank, same values: weights and moments.
         held = {k for k in state if ".experts." in k}
         ref_held = {k for k in ref_state if ".experts." in k}
-        assert len(held) == len(ref_held) == 2 * 8 * 2 * 3 // world_size  # w1, w2 x 3 tensors
+        assert len(held) == len(ref_held) == 2 * 8 * 2 * 3 // ep  # w1, w2 x 3 tensors
         dense = {k for k in state if ".experts." not in k}
         assert dense == {k for k in ref_state if ".experts." not in k}
         for key in dense:
             torch.testing.assert_close(state[key], ref_state[key], rtol=1e-5, atol=1e-6, msg=key)
-    # Expert keys: the union over ranks is every logical expert, equal to the plain run's.
-    mine = {k: v for r in moving for k, v in r[2].items() if ".experts." in k}
-    ref = {k: v for r in plain for k, v in r[2].items() if ".experts." in k}
-    assert mine.keys() == ref.keys() and len(mine) == 2 * 8 * 2 * 3
-    for key in mine:
-        torch.testing.assert_close(mine[key], ref[key], rtol=1e-5, atol=1e-6, msg=key)
+        # Each rank's experts, by logical id, equal the plain run's copy of the same expert.
+        ref_all = {k: v for r in plain for k, v in r[2].items() if ".experts." in k}
+        for key in held:
+            torch.testing.assert_close(state[key], ref_all[key], rtol=1e-5, atol=1e-6, msg=key)
+    # The union over ranks is every logical expert.
+    mine = {k for r in moving for k in r[2] if ".experts." in k}
+    assert mine == set(ref_all) and len(mine) == 2 * 8 * 2 * 3
 
 
 def _resume_maps(rank, world_size, out_dir):

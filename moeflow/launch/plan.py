@@ -70,6 +70,8 @@ def _table(results: list[PlanResult], trace: RoutingTrace) -> str:
         if greedy is not None:
             vs = f"{r.metrics.objective / greedy.metrics.objective - 1:+.1%}"
         status = r.status + (f" (gap {r.gap:.2%})" if r.gap else "")
+        if r.status == "time_limit" and r.gap is None:
+            status += " (gap unknown)"
         if r.decomposition:
             status += f", {r.solver}, {r.decomposition}"
         lines.append(

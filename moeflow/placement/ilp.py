@@ -252,7 +252,9 @@ def _run(prob, solver: str, cfg: PlacementConfig, time_limit: float, warm: bool)
         if status == highspy.HighsModelStatus.kOptimal:
             return "optimal", 0.0 if info.mip_gap < 1e-9 else float(info.mip_gap)
         if has_solution:
-            return "time_limit", float(info.mip_gap)
+            # No finite dual bound yet (stopped before the root LP finished): gap unknown.
+            gap = float(info.mip_gap)
+            return "time_limit", gap if np.isfinite(gap) else None
         return "failed", None
     engine = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, warmStart=warm, threads=1)
     prob.solve(engine)
