@@ -165,3 +165,27 @@ def test_a_resumed_run_keeps_its_placement(tmp_path):
         assert any(m != list(range(8)) for m in saved.values())
         assert w1.keys() == ref.keys()
         assert all(torch.equal(w1[k], ref[k]) for k in ref)
+
+
+def _threshold_runs(rank, world_size, out_dir):
+    records = {}
+    for threshold in (1.0001, 50.0):
+        placement = {"imbalance_threshold": threshold, "check_every": 2, "min_steps": 1,
+                     "method": "greedy", "min_gain": 0.0}  # fmt: skip
+        out = Path(out_dir) / str(threshold)
+        runtime = init_distributed(60)
+        try:
+            Trainer(run_cfg(out, world_size, placement), runtime, None, True).run(quiet=True)
+        finally:
+            shutdown(runtime)
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        records[threshold] = [r for r in map(json.loads, lines) if r.get("kind") == "placement"]
+    return records
+
+
+def test_imbalance_threshold_triggers_replacement_only_above_it(tmp_path):
+    records = run_on_ranks(_threshold_runs, 2, args=(str(tmp_path),))[0]
+    assert [r["step"] for r in records[1.0001]] == [2, 4, 6]
+    assert all(r["trigger"] == "imbalance" for r in records[1.0001])
+    assert all(r["before"]["max_mean_load"] > 1.0001 for r in records[1.0001])
+    assert records[50.0] == []  # never that imbalanced: no solve, no record
