@@ -20,9 +20,11 @@ the measured MoE step time on 4 gloo ranks before and after re-placement.
 3. Step time: 4 gloo ranks (OMP_NUM_THREADS=1 each), two MoE layers (D=256, F=512, E=16, top-2,
    T=2048 tokens per rank) whose routers prefer a Zipf-skewed set of experts that the default
    contiguous placement puts on the same ranks. Routing statistics from 8 forwards; greedy and ILP
-   placements applied with `apply_placement`; forward+backward of both layers timed, the
-   placements interleaved within each repeat (migration not timed), the step time the slowest
-   rank's, median over repeats. Also the cost of `RoutingStats.observe` + `end_step` per step.
+   placements applied with `apply_placement`, also on the same layers built with one replica slot
+   per rank (20 slots for 16 experts: the hot experts get copies); forward+backward of both
+   layers timed, the placements interleaved within each repeat (migration not timed), the step
+   time the slowest rank's, median over repeats. Also the cost of `RoutingStats.observe` +
+   `end_step` per step.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moeflow import MoEConfig, MoELayer, RouterConfig
 from moeflow.parallel import ParallelDims, parallelize
+from moeflow.parallel.parallelize import initial_slots
 from moeflow.parallel.replace import apply_placement
 from moeflow.placement import PlacementConfig, RoutingStats, RoutingTrace, plan, synthetic_trace
 from moeflow.train.distributed import free_port, local_rank_env
@@ -144,72 +147,83 @@ def step_time_rank(rank: int, world: int, port: int, args, queue) -> None:
     dist.init_process_group("gloo")
     ctx = ParallelDims(ep=world).build()
     hidden, ffn, experts, tokens = 256, 512, 16, 2048
-    model = torch.nn.ModuleList(
-        [skewed_layer(0, True, hidden, ffn, experts), skewed_layer(1, False, hidden, ffn, experts)]
-    )
-    parallelize(model, ctx)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    names = ["0", "1"]
+
+    def build(replicas: int):
+        model = torch.nn.ModuleList(
+            [skewed_layer(0, True, hidden, ffn, experts),
+             skewed_layer(1, False, hidden, ffn, experts)]
+        )  # fmt: skip
+        slots = {n: initial_slots(experts, world, replicas) for n in names}
+        parallelize(model, ctx, expert_slots=slots)
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    # The same two layers twice: E / ranks slots per rank, and one replica slot more per rank.
+    models = {0: build(0), 1: build(1)}
     gen = torch.Generator().manual_seed(rank)
 
-    def forward(x):
+    def forward(model, x):
         y = x + model[0](x)
         return y + model[1](y)
 
+    model = models[0][0]
     stats = RoutingStats(2, experts, decay=1.0)
     for _ in range(8):
         with torch.no_grad():
-            forward(torch.randn(tokens, hidden, generator=gen))
+            forward(model, torch.randn(tokens, hidden, generator=gen))
         stats.observe([layer.last_expert_ids for layer in model])
         stats.end_step()
     trace = stats.snapshot(ctx.world_group)
     decision = [None]
     if rank == 0:
-        cfg = PlacementConfig(num_ranks=world, time_limit_s=args.time_limit)
-        plans = {m: plan(trace, cfg, m) for m in ("contiguous", "greedy", "ilp")}
-        decision[0] = {
-            m: ([r.placement.expert_map(i) for i in range(2)], r.metrics.max_mean, r.status)
-            for m, r in plans.items()
-        }
+        chosen = {}
+        for replicas, methods in ((0, ("contiguous", "greedy", "ilp")), (1, ("greedy", "ilp"))):
+            per_rank = experts // world + replicas
+            cfg = PlacementConfig(
+                num_ranks=world, slots_per_rank=per_rank, num_slots=per_rank * world,
+                time_limit_s=args.time_limit,
+            )  # fmt: skip
+            for m in methods:
+                r = plan(trace, cfg, m)
+                label = m + (f" +{replicas} replica slot" if replicas else "")
+                slots = [r.placement.expert_slots(i) for i in range(2)]
+                chosen[label] = (replicas, slots, r.metrics.max_mean, r.status)
+        decision[0] = chosen
     dist.broadcast_object_list(decision, src=0)
-    maps = decision[0]
-    names = ["0", "1"]
+    chosen = decision[0]
     x = torch.randn(tokens, hidden, generator=gen, requires_grad=True)
     grad = torch.randn(tokens, hidden, generator=gen)
 
-    def step():
-        forward(x).backward(grad)
-        optimizer.zero_grad(set_to_none=True)
-
-    times: dict[str, list[float]] = {m: [] for m in maps}
+    times: dict[str, list[float]] = {m: [] for m in chosen}
     rows: dict[str, float] = {}
     observe = []
     for rep in range(args.repeats + 1):
-        for m, (layer_maps, _, _) in maps.items():
-            apply_placement(
-                model, dict(zip(names, layer_maps, strict=True)), ctx.ep_group, optimizer
-            )
+        for label, (replicas, slots, _, _) in chosen.items():
+            model, optimizer = models[replicas]
+            apply_placement(model, dict(zip(names, slots, strict=True)), ctx.ep_group, optimizer)
             dist.barrier()
             t0 = time.perf_counter()
-            step()
+            forward(model, x).backward(grad)
+            optimizer.zero_grad(set_to_none=True)
             t = torch.tensor([time.perf_counter() - t0])
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             if rep:  # the first round warms up
-                times[m].append(t.item())
+                times[label].append(t.item())
             received = torch.tensor(
                 [float(sum(layer.last_dispatch.output_splits[0])) for layer in model]
             )
             gathered = [torch.zeros(2) for _ in range(world)]
             dist.all_gather(gathered, received)
             per_rank = torch.stack(gathered)  # [ranks, layers]
-            rows[m] = float((per_rank.max(0).values.sum() / per_rank.mean(0).sum()).item())
+            rows[label] = float((per_rank.max(0).values.sum() / per_rank.mean(0).sum()).item())
         t0 = time.perf_counter()
-        stats.observe([layer.last_expert_ids for layer in model])
+        stats.observe([layer.last_expert_ids for layer in models[0][0]])
         stats.end_step()
         observe.append(time.perf_counter() - t0)
     if rank == 0:
         queue.put(
             {
-                m: (statistics.median(v) * 1e3, rows[m], maps[m][1], maps[m][2])
+                m: (statistics.median(v) * 1e3, rows[m], chosen[m][2], chosen[m][3])
                 for m, v in times.items()
             }
             | {"observe_ms": statistics.median(observe) * 1e3}
@@ -279,11 +293,11 @@ def main() -> None:
         f"T=2048/rank, forward+backward, median of {args.repeats}, slowest rank):"
     )
     print(
-        f"{'placement':<12}{'ms':>8}{'vs contiguous':>15}{'max/mean predicted':>20}"
+        f"{'placement':<26}{'ms':>8}{'vs contiguous':>15}{'max/mean predicted':>20}"
         f"{'measured':>10}  status"
     )
     for m, (ms, measured, predicted, status) in res.items():
-        print(f"{m:<12}{ms:>8.1f}{ms / base:>15.2f}{predicted:>20.3f}{measured:>10.3f}  {status}")
+        print(f"{m:<26}{ms:>8.1f}{ms / base:>15.2f}{predicted:>20.3f}{measured:>10.3f}  {status}")
     print(f"RoutingStats.observe + end_step on this model: {observe_ms:.3f} ms per step "
           f"({observe_ms / base:.2%} of the contiguous step)")  # fmt: skip
 

@@ -164,6 +164,9 @@ def test_bad_input_fails_before_any_work(tmp_path):
     assert r.returncode == 2 and "did you mean train.steps" in r.stderr
     r = moeflow("train", str(cfg), "--resume", "--model.dim", "64", "--model.n_heads", "4")
     assert r.returncode == 2 and "written for another model config" in r.stderr
+    r = moeflow("train", str(cfg), "--placement.replica_slots", "1")
+    assert r.returncode == 2 and "placement.replica_slots (1) needs parallel.ep > 1" in r.stderr
+    assert (out / "metrics.jsonl").read_bytes() == before
     r = moeflow("train", str(write_config(tmp_path / "d.toml", out, ep=2)), nproc=3)
     assert r.returncode == 2 and "world size (3) is not divisible by parallel.ep (2)" in r.stderr
     assert moeflow("train", str(cfg), "--overwrite").returncode == 0

@@ -42,6 +42,20 @@ def build(cfg: MoEConfig, model_cls=Net) -> nn.Module:
     return model
 
 
+def replicated_slots(ep: int, replicas: int, seed: int) -> list[int]:
+    """A random placement of the E experts on `ep` ranks, each rank holding `replicas` more
+    copies of experts it does not hold yet."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(E, generator=gen).tolist()
+    own = E // ep
+    slots = []
+    for g in range(ep):
+        block = order[g * own : (g + 1) * own]
+        others = [e for e in torch.randperm(E, generator=gen).tolist() if e not in block]
+        slots += block + others[:replicas]
+    return slots
+
+
 def check_case(ctx, case: dict, shards: list[int]) -> None:
     """Run one configuration on this rank and compare with the single-process model."""
     world, rank = ctx.world_size, ctx.rank
@@ -66,7 +80,14 @@ def check_case(ctx, case: dict, shards: list[int]) -> None:
         two_level=case.get("two_level", False),
         ranks_per_node=case.get("ranks_per_node"),
     )
-    parallelize(par, ctx, dispatch, expert_maps=maps)
+    slots = None
+    replicas = case.get("replicas", 0) if ctx.dims.ep > 1 else 0
+    if replicas:
+        slots = {name: replicated_slots(ctx.dims.ep, replicas, seed) for seed, name in
+                 enumerate(("moe1", "moe2"))}  # fmt: skip
+    parallelize(par, ctx, dispatch, expert_maps=maps, expert_slots=slots)
+    if replicas:
+        assert len(par.moe1.local_expert_ids) == E // ctx.dims.ep + replicas
 
     gen = torch.Generator().manual_seed(100)
     xs = [torch.randn(n, D, dtype=torch.float64, generator=gen) for n in shards]
@@ -103,6 +124,10 @@ CASES = [
     {"top_k": 2, "capacity_factor": 1.25, "permuted_map": True},
     {"top_k": 2, "two_level": True, "ranks_per_node": 2, "overlap": 2},
     {"top_k": 1, "two_level": True, "ranks_per_node": 1, "capacity_factor": 1.0},
+    # Replicated experts: tokens go to the local copy or are spread over the copies; the copies'
+    # gradients are summed by GradSync, so each equals the expert's single-process gradient.
+    {"top_k": 2, "replicas": 1},
+    {"top_k": 2, "replicas": 2, "overlap": 2, "capacity_factor": 1.25},
 ]
 
 

@@ -201,7 +201,8 @@ def test_time_limited_ilp_reports_time_limit_not_optimal():
     cfg = PlacementConfig(num_ranks=8, decompose="none", time_limit_s=0.3, max_pairs_per_expert=8)
     result = plan(trace, cfg, "ilp")
     assert result.status == "time_limit"
-    assert result.gap is not None and result.gap > 0
+    # The gap is positive, or unknown when the limit struck before the root LP gave a bound.
+    assert result.gap is None or result.gap > 0
     assert result.metrics.objective <= plan(trace, cfg, "greedy").metrics.objective + 1e-6
 
 

@@ -5,15 +5,16 @@ that does not."""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from moeflow.parallel.replace import current_expert_maps
-from moeflow.placement.migrate import local_ids, migrate_rows
+from moeflow.parallel.parallelize import initial_slots
+from moeflow.parallel.replace import current_expert_slots
+from moeflow.placement import PlacementConfig, greedy
+from moeflow.placement.migrate import migrate_rows
 from moeflow.placement.trace import RoutingTrace
 from moeflow.train import checkpoint as ckpt
 from moeflow.train.config import RunConfig
@@ -22,33 +23,43 @@ from moeflow.train.trainer import Trainer
 from tests.distributed import run_on_ranks
 
 
-def _migrate_on_ranks(rank, world_size, experts, seeds):
+def random_slots(experts: int, ranks: int, per_rank: int, seed: int) -> list[int]:
+    """A random valid placement: every expert once, the spare slots replicas (distinct ranks)."""
+    rng = np.random.default_rng(seed)
+    trace = RoutingTrace(rng.uniform(1, 10, size=(1, experts)), np.zeros((0, experts, experts)))
+    cfg = PlacementConfig(num_ranks=ranks, slots_per_rank=per_rank, num_slots=ranks * per_rank)
+    placement = greedy(trace, cfg)
+    order = rng.permutation(ranks)
+    return [e for g in order for e in rng.permutation(placement.layers[0][g]).tolist()]
+
+
+def _migrate_on_ranks(rank, world_size, experts, per_rank, seeds):
     import torch.distributed as dist
 
     ok = []
     for seed in range(seeds):
-        rng = random.Random(seed)
         full = torch.randn(experts, 3, 2, generator=torch.Generator().manual_seed(seed))
-        local = experts // world_size
-        old, new = list(range(experts)), list(range(experts))
-        rng.shuffle(old)
-        rng.shuffle(new)
-        mine = full[local_ids(old, rank, local)]
+        old = random_slots(experts, world_size, per_rank, seed)
+        new = random_slots(experts, world_size, per_rank, seed + 100)
+        mine = full[old[rank * per_rank : (rank + 1) * per_rank]]
         moved, grad_like = migrate_rows([mine, mine.double() * 2], old, new, dist.group.WORLD)
-        expected = full[local_ids(new, rank, local)]
+        expected = full[new[rank * per_rank : (rank + 1) * per_rank]]
         ok.append(torch.equal(moved, expected) and torch.equal(grad_like, expected.double() * 2))
     return ok
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_migrate_rows_puts_every_expert_where_the_new_map_says(world_size):
-    results = run_on_ranks(_migrate_on_ranks, world_size, args=(8, 4))
+@pytest.mark.parametrize("world_size, per_rank", [(2, 4), (4, 2), (4, 3)])
+def test_migrate_rows_puts_every_expert_where_the_new_placement_says(world_size, per_rank):
+    # (4, 3): 8 experts in 12 slots, 4 of them replicas, before and after.
+    results = run_on_ranks(_migrate_on_ranks, world_size, args=(8, per_rank, 4))
     assert all(all(r) for r in results) and len(results[0]) == 4
 
 
-def test_migrate_rows_rejects_maps_that_are_not_permutations():
-    with pytest.raises(ValueError, match=r"must be permutations of 0\.\.3"):
-        migrate_rows([torch.zeros(4, 2)], [0, 1, 2, 3], [0, 1, 1, 3])
+def test_migrate_rows_rejects_placements_it_cannot_source():
+    with pytest.raises(ValueError, match="only experts the old one holds"):
+        migrate_rows([torch.zeros(4, 2)], [0, 1, 2, 3], [0, 1, 4, 3])
+    with pytest.raises(ValueError, match="must have the same length"):
+        migrate_rows([torch.zeros(4, 2)], [0, 1, 2, 3], [0, 1, 2])
 
 
 def run_cfg(out_dir: Path, ep: int, placement: dict) -> RunConfig:
@@ -81,21 +92,25 @@ def _train_and_collect(rank, world_size, out_dir, placement, ep):
         if rank == 0:
             lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
             records = [r for r in map(json.loads, lines) if r.get("kind") == "placement"]
-        return result.losses, result.val_loss, state, records, current_expert_maps(trainer.model)
+        return result.losses, result.val_loss, state, records, current_expert_slots(trainer.model)
     finally:
         shutdown(runtime)
 
 
-@pytest.mark.parametrize("world_size, ep", [(2, 2), (4, 4), (4, 2)])
-def test_replacement_changes_nothing_but_the_placement(tmp_path, world_size, ep):
-    # (4, 2): two ep groups of 2 (dp=2) migrate side by side, each within its own group.
+@pytest.mark.parametrize(
+    "world_size, ep, replicas", [(2, 2, 0), (4, 4, 0), (4, 2, 0), (2, 2, 1), (4, 4, 1)]
+)
+def test_replacement_changes_nothing_but_the_placement(tmp_path, world_size, ep, replicas):
+    # (4, 2, 0): two ep groups of 2 (dp=2) migrate side by side, each within its own group.
+    # replicas 1: every rank holds one more expert slot; the moving run starts with replicas of
+    # the next rank's experts and re-places them onto the hot experts; still the plain run's math.
     plain = run_on_ranks(
         _train_and_collect, world_size, args=(str(tmp_path / "plain"), {}, ep), timeout=240
     )
     moving = run_on_ranks(
         _train_and_collect, world_size,
         args=(str(tmp_path / "moving"), {"every": 3, "min_steps": 1, "method": "greedy",
-                                         "min_gain": 0.0}, ep),
+                                         "min_gain": 0.0, "replica_slots": replicas}, ep),
         timeout=240,
     )  # fmt: skip
     # The trainer's statistics file: 7 steps of `world_size` ranks x 4 x 32 tokens x top-2, decayed.
@@ -107,7 +122,8 @@ def test_replacement_changes_nothing_but_the_placement(tmp_path, world_size, ep)
     assert [r["step"] for r in records] == [3, 6]
     applied = [r for r in records if r["applied"]]
     assert applied and all(r["moved_experts"] > 0 for r in applied)
-    assert any(m != list(range(8)) for m in moving[0][4].values())  # really re-placed
+    start = initial_slots(8, ep, replicas)
+    assert any(m != start for m in moving[0][4].values())  # really re-placed
     for rank in range(world_size):
         losses, val, state, _, _ = moving[rank]
         ref_losses, ref_val, ref_state, _, _ = plain[rank]
@@ -117,7 +133,8 @@ def test_replacement_changes_nothing_but_the_placement(tmp_path, world_size, ep)
         # Same keys (experts by logical id) on this rank, same values: weights and moments.
         held = {k for k in state if ".experts." in k}
         ref_held = {k for k in ref_state if ".experts." in k}
-        assert len(held) == len(ref_held) == 2 * 8 * 2 * 3 // ep  # w1, w2 x 3 tensors
+        assert len(ref_held) == 2 * 8 * 2 * 3 // ep  # 2 layers, w1 and w2, weight + 2 moments
+        assert len(held) == 2 * (8 // ep + replicas) * 2 * 3
         dense = {k for k in state if ".experts." not in k}
         assert dense == {k for k in ref_state if ".experts." not in k}
         for key in dense:
@@ -132,13 +149,14 @@ def test_replacement_changes_nothing_but_the_placement(tmp_path, world_size, ep)
 
 
 def _resume_maps(rank, world_size, out_dir):
-    placement = {"every": 2, "min_steps": 1, "method": "greedy", "min_gain": 0.0}
+    placement = {"every": 2, "min_steps": 1, "method": "greedy", "min_gain": 0.0,
+                 "replica_slots": 1}  # fmt: skip
     cfg = run_cfg(Path(out_dir), world_size, placement)
     runtime = init_distributed(60)
     try:
         first = Trainer(cfg, runtime, resume=None, overwrite=True)
         first.run(quiet=True)
-        saved = current_expert_maps(first.model)
+        saved = current_expert_slots(first.model)
         path = ckpt.latest_checkpoint(Path(out_dir) / "checkpoints")
         again = Trainer(cfg, runtime, resume=str(path), overwrite=False)
         again._load()
@@ -154,15 +172,17 @@ def _resume_maps(rank, world_size, out_dir):
             if hasattr(layer, "local_expert_ids") and hasattr(layer, "experts")
             for slot, logical in enumerate(layer.local_expert_ids)
         }
-        return saved, current_expert_maps(again.model), ckpt.read_meta(path)["expert_maps"], w1, ref
+        meta = ckpt.read_meta(path)["expert_slots"]
+        return saved, current_expert_slots(again.model), meta, w1, ref
     finally:
         shutdown(runtime)
 
 
-def test_a_resumed_run_keeps_its_placement(tmp_path):
+def test_a_resumed_run_keeps_its_placement_with_replicas(tmp_path):
     for saved, resumed, meta, w1, ref in run_on_ranks(_resume_maps, 2, args=(str(tmp_path),)):
         assert saved == resumed == meta
-        assert any(m != list(range(8)) for m in saved.values())
+        assert any(m != initial_slots(8, 2, 1) for m in saved.values())
+        assert all(len(m) == 10 for m in saved.values())  # 8 experts + 1 replica per rank
         assert w1.keys() == ref.keys()
         assert all(torch.equal(w1[k], ref[k]) for k in ref)
 

@@ -103,38 +103,78 @@ class MoELayer(nn.Module):
         self.last_sent_bytes = 0  # and their bytes
         self.last_dispatch = None  # the last forward's ChunkPlan (split sizes, expert blocks)
         self.last_expert_ids: torch.Tensor | None = None  # [T, K] logical choices (RoutingStats)
-        # Logical expert -> physical slot. Slot p is local slot p % L of expert-parallel rank
-        # p // L; `experts` holds this rank's L slots. Not saved: checkpoints keep logical ids.
-        self.register_buffer("expert_map", torch.arange(config.num_experts), persistent=False)
+        # Placement: `slot_experts[p]` is the logical expert in physical slot p; slot p is local
+        # slot p % L of expert-parallel rank p // L, and `experts` holds this rank's L slots. An
+        # expert in several slots (on distinct ranks) is replicated: a token goes to the copy on
+        # its own rank if there is one, else to copy (token + choice) mod copies. Not saved:
+        # checkpoints keep logical ids.
+        e = config.num_experts
+        self.slot_experts = list(range(e))
+        self.ep_rank, self.slots_per_rank = 0, e
+        # Per logical expert, the slots this rank sends its tokens to ([E, C]) and how many.
+        self.register_buffer("slot_table", torch.arange(e)[:, None], persistent=False)
+        self.register_buffer("slot_count", torch.ones(e, dtype=torch.int64), persistent=False)
         # Logical ids of the experts held here, in slot order (all of them until parallelized).
-        self.register_buffer("local_experts", torch.arange(config.num_experts), persistent=False)
-        # Host copies, so `reset_buffers` can restore both after `to_empty` from the meta device.
-        self.expert_map_ids = list(range(config.num_experts))
-        self.local_expert_ids = list(range(config.num_experts))
+        self.register_buffer("local_experts", torch.arange(e), persistent=False)
+        self.local_expert_ids = list(range(e))
+        self._spread = False  # some expert's tokens are spread over several remote copies
         self.dispatcher = TokenDispatcher(LocalExchange(), slots_per_rank=config.num_experts)
         self.compute = GroupedExpertCompute(config.activation)
         self.balance = BalanceState(self.router.num_choices)
 
-    def set_expert_placement(self, expert_map: list[int], local_experts: list[int]) -> None:
-        """Record the logical-to-physical map and the logical ids held here (`parallelize` and
-        re-placement call this), and write them into the buffers."""
-        self.expert_map_ids = [int(e) for e in expert_map]
-        self.local_expert_ids = [int(e) for e in local_experts]
+    def set_expert_placement(
+        self, slot_experts: list[int], ep_rank: int = 0, slots_per_rank: int | None = None
+    ) -> None:
+        """Record the placement (`slot_experts[p]`: the logical expert in global slot p, this
+        rank being `ep_rank` with `slots_per_rank` slots; `parallelize` and re-placement call
+        this) and rebuild the routing tables."""
+        slots = [int(x) for x in slot_experts]
+        per_rank = slots_per_rank or len(slots)
+        if len(slots) % per_rank or sorted(set(slots)) != list(range(self.config.num_experts)):
+            raise ValueError(
+                f"slot_experts ({slots}) must hold every one of the {self.config.num_experts} "
+                f"experts in a whole number of ranks of {per_rank} slots"
+            )
+        self.slot_experts, self.ep_rank, self.slots_per_rank = slots, int(ep_rank), per_rank
+        self.local_expert_ids = slots[ep_rank * per_rank : (ep_rank + 1) * per_rank]
         self._write_maps()
 
+    @property
+    def expert_copies(self) -> list[int]:
+        """Slots (copies) of each logical expert, over all ranks."""
+        counts = [0] * self.config.num_experts
+        for e in self.slot_experts:
+            counts[e] += 1
+        return counts
+
+    @property
+    def expert_map(self) -> torch.Tensor:
+        """`[E]`: the slot this rank sends each expert's tokens to first (the logical-to-physical
+        map when nothing is replicated)."""
+        return self.slot_table[:, 0]
+
     def _write_maps(self) -> None:
-        device = self.expert_map.device
+        device = self.slot_table.device
         if device.type == "meta":
             return
-        self.expert_map = torch.tensor(self.expert_map_ids, dtype=torch.int64, device=device)
+        rows = []
+        for e in range(self.config.num_experts):
+            holders = [p for p, x in enumerate(self.slot_experts) if x == e]
+            here = [p for p in holders if p // self.slots_per_rank == self.ep_rank]
+            rows.append(here[:1] or holders)
+        width = max(len(r) for r in rows)
+        self._spread = width > 1
+        table = [r + [r[0]] * (width - len(r)) for r in rows]
+        self.slot_table = torch.tensor(table, dtype=torch.int64, device=device)
+        self.slot_count = torch.tensor([len(r) for r in rows], dtype=torch.int64, device=device)
         self.local_experts = torch.tensor(self.local_expert_ids, dtype=torch.int64, device=device)
 
     def reset_buffers(self) -> None:
-        """Rewrite the map buffers from their host copies and zero the balancing counts, e.g.
-        after `to_empty`."""
+        """Rewrite the placement buffers from their host copies and zero the balancing counts,
+        e.g. after `to_empty`."""
         self._write_maps()
-        if self.expert_map.device.type != "meta":
-            self.balance.reset(self.expert_map.device)
+        if self.slot_table.device.type != "meta":
+            self.balance.reset(self.slot_table.device)
 
     @classmethod
     def from_dense(cls, ffn: FeedForward, config: MoEConfig) -> MoELayer:
@@ -224,10 +264,10 @@ class MoELayer(nn.Module):
         # knows its shapes from the count exchange alone.
         if keep_TK is None:  # every pair is an FFN pair and kept: the routed counts are final
             kept_E = routed_E
-            slot_ids_TK = self.expert_map[ids_TK]
+            slot_ids_TK = self._slots(ids_TK)
         else:
             kept_E = pair_counts(ids_TK, n, keep_TK)[:-1]
-            slot_ids_TK = self.expert_map[ids_TK.clamp(max=n - 1)]
+            slot_ids_TK = self._slots(ids_TK.clamp(max=n - 1))
         result = self.dispatcher(
             x_TD.to(compute_dtype(x_TD)),
             route.weights_TK,
@@ -242,6 +282,16 @@ class MoELayer(nn.Module):
         self.last_sent_bytes = result.sent_rows * x_TD.shape[1] * result.out_TD.element_size()
         self.last_dispatch = result.chunks
         return result.out_TD, kept_E, keep_TK
+
+    def _slots(self, ids_TK: torch.Tensor) -> torch.Tensor:
+        """Physical slot of each (token, choice): the local copy, or spread over the copies."""
+        if not self._spread:
+            return self.slot_table[ids_TK, 0]
+        t, k = ids_TK.shape
+        order_TK = torch.arange(t, device=ids_TK.device)[:, None] + torch.arange(
+            k, device=ids_TK.device
+        )
+        return self.slot_table[ids_TK, order_TK % self.slot_count[ids_TK]]
 
     def _losses(
         self,

@@ -6,6 +6,7 @@ Call `GradSync(model, ctx).sync()` after `loss.backward()` and before `optimizer
    async) over the whole world; all buckets are issued before any is waited for.
 2. Expert gradients: the same over the expert-data-parallel group (the `dp` axis).
 3. Wait for all, divide by the world size, copy back into `.grad`.
+4. Replicated experts: the copies' gradients summed over the `ep` group (`_sum_replicas`).
 
 Dividing expert gradients by the world size (not the group size) is what makes the result equal the
 single-process gradient of the mean loss: each expert's gradient already sums the contributions of
@@ -60,6 +61,7 @@ class GradSync:
         self.expert = [p for n, p in params if n in expert_names] if experts else []
         self.ctx = ctx
         self.bucket_bytes = int(bucket_mb * 2**20)
+        self.layers = [m for m in model.modules() if isinstance(m, MoELayer)] if experts else []
 
     def _buckets(self, params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
         buckets, current, size = [], [], 0
@@ -96,3 +98,36 @@ class GradSync:
                     p.grad = synced.clone()
                 else:
                     p.grad.copy_(synced)
+        self._sum_replicas()
+
+    def _sum_replicas(self) -> None:
+        """Step 4: replicated experts (several slots on distinct ranks) sum their copies'
+        gradients over the `ep` group, so every copy takes the same step. One all-reduce of the
+        replicated experts' rows per layer; the placement is read each time (it may change)."""
+        if self.ctx.dims.ep == 1:
+            return
+        for layer in self.layers:
+            copies = layer.expert_copies
+            replicated = [e for e, c in enumerate(copies) if c > 1]
+            if not replicated:
+                continue
+            row = {e: i for i, e in enumerate(replicated)}
+            slots = [s for s, e in enumerate(layer.local_expert_ids) if e in row]
+            params = [p for p in layer.experts.parameters() if p.requires_grad]
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            device = grads[0].device
+            index = torch.tensor([row[layer.local_expert_ids[s]] for s in slots], device=device)
+            local = torch.tensor(slots, dtype=torch.long, device=device)
+            width = sum(g[0].numel() for g in grads)
+            buf = torch.zeros(len(replicated), width, dtype=grads[0].dtype, device=device)
+            mine = torch.cat([g[local].reshape(len(slots), -1) for g in grads], dim=1)
+            buf.index_add_(0, index, mine)
+            dist.all_reduce(buf, group=self.ctx.ep_group)
+            summed = buf[index]
+            start = 0
+            for p, g in zip(params, grads, strict=True):
+                n = g[0].numel()
+                g[local] = summed[:, start : start + n].reshape(len(slots), *g.shape[1:])
+                start += n
+                if p.grad is None:
+                    p.grad = g

@@ -1,18 +1,19 @@
 """apply_placement: re-place the experts of a running model, with their optimizer state.
 
-Per MoE layer whose map changes, on every rank (collective over the `ep` group; every dp replica
-does the same within its own `ep` group):
+Per MoE layer whose placement changes, on every rank (collective over the `ep` group; every dp
+replica does the same within its own `ep` group):
 1. `migrate_rows` moves the expert weights, their gradients if any, and every per-row optimizer
    tensor (AdamW's `exp_avg`, `exp_avg_sq`) from the old slots to the new ones (one
-   `all_to_all_single` per tensor).
+   `all_to_all_single` per tensor). A new replica is a copy of an old one, moments included.
 2. The moved rows are copied **in place** into the same `Parameter`s and state tensors, so the
    optimizer's parameter groups, `GradSync`'s buckets and any other reference stay valid.
-3. `set_expert_placement` records the new logical-to-physical map in the layer, whose dispatcher
-   uses it from the next forward on. Router, bias and balancing counts use logical ids and are
-   untouched; checkpoints store logical ids, so they do not change.
+3. `set_expert_placement` records the new placement in the layer, whose dispatcher uses it from
+   the next forward on. Router, bias and balancing counts use logical ids and are untouched;
+   checkpoints store logical ids, so they do not change.
 
 Call it between optimizer steps. The model's math does not change: only which rank computes which
-expert.
+expert (replicas of an expert hold the same weights and moments and get the same summed gradient,
+see `GradSync`).
 """
 
 from __future__ import annotations
@@ -22,21 +23,21 @@ import torch.distributed as dist
 from torch import nn
 
 from moeflow.moe.layer import MoELayer
-from moeflow.parallel.parallelize import moe_layers
-from moeflow.placement.migrate import local_ids, migrate_rows
+from moeflow.parallel.parallelize import check_slots, moe_layers
+from moeflow.placement.migrate import migrate_rows
 
 
-def current_expert_maps(model: nn.Module) -> dict[str, list[int]]:
-    """Every MoE layer's logical-to-physical map, by module name.
+def current_expert_slots(model: nn.Module) -> dict[str, list[int]]:
+    """Every MoE layer's placement (the logical expert of each global slot), by module name.
 
     Example:
         >>> from moeflow.moe.config import MoEConfig
         >>> model = nn.Sequential(MoELayer(MoEConfig(hidden_size=8, num_experts=2,
         ...                                          ffn_hidden_size=8)))
-        >>> current_expert_maps(model)
+        >>> current_expert_slots(model)
         {'0': [0, 1]}
     """
-    return {name: list(layer.expert_map_ids) for name, layer in moe_layers(model)}
+    return {name: list(layer.slot_experts) for name, layer in moe_layers(model)}
 
 
 def _per_row_state(optimizer: torch.optim.Optimizer | None, param: nn.Parameter) -> list:
@@ -50,12 +51,12 @@ def _per_row_state(optimizer: torch.optim.Optimizer | None, param: nn.Parameter)
 
 def apply_placement(
     model: nn.Module,
-    expert_maps: dict[str, list[int]],
+    expert_slots: dict[str, list[int]],
     ep_group: dist.ProcessGroup | None,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> int:
-    """Re-place every layer named in `expert_maps` (see the module doc); returns how many experts
-    changed rank, summed over layers.
+    """Re-place every layer named in `expert_slots` (see the module doc); returns how many expert
+    copies are new on their rank, summed over layers and ranks.
 
     Example:
         >>> from moeflow.moe.config import MoEConfig
@@ -68,33 +69,52 @@ def apply_placement(
         (True, [1, 0])
     """
     layers = dict(moe_layers(model))
-    unknown = sorted(set(expert_maps) - set(layers))
+    unknown = sorted(set(expert_slots) - set(layers))
     if unknown:
         raise ValueError(f"no MoE layer named {unknown}; the model's MoE layers: {sorted(layers)}")
     ranks = 1 if ep_group is None else dist.get_world_size(ep_group)
     rank = 0 if ep_group is None else dist.get_rank(ep_group)
     moved = 0
-    for name, new_map in expert_maps.items():
+    for name, new in expert_slots.items():
         layer: MoELayer = layers[name]
-        new_map = [int(p) for p in new_map]
-        old_map = list(layer.expert_map_ids)
-        if new_map == old_map:
+        new = [int(x) for x in new]
+        old = list(layer.slot_experts)
+        if new == old:
             continue
-        local = layer.config.num_experts // ranks
-        if layer.experts.w1.shape[0] != local:
+        check_slots(name, new, layer.config.num_experts, ranks)
+        local = len(old) // ranks
+        if len(new) != len(old) or layer.experts.w1.shape[0] != local:
             raise ValueError(
-                f"MoE layer '{name}' holds {layer.experts.w1.shape[0]} experts but the ep group "
-                f"of {ranks} ranks gives it {local}: parallelize the model first"
+                f"MoE layer '{name}' holds {layer.experts.w1.shape[0]} expert slots per rank; "
+                f"the new placement gives {len(new) // ranks} (the slot count is fixed when the "
+                "model is parallelized)"
             )
-        moved += sum(old_map[e] // local != new_map[e] // local for e in range(len(old_map)))
+        for g in range(ranks):
+            moved += len(
+                set(new[g * local : (g + 1) * local]) - set(old[g * local : (g + 1) * local])
+            )
         for param in layer.experts.parameters():
             keys = _per_row_state(optimizer, param)
             tensors = [param.data, *(optimizer.state[param][k] for k in keys)]
             if param.grad is not None:
                 tensors.append(param.grad)
-            new = migrate_rows(tensors, old_map, new_map, ep_group)
+            rows = migrate_rows(tensors, old, new, ep_group)
             with torch.no_grad():
-                for target, value in zip(tensors, new, strict=True):
+                for target, value in zip(tensors, rows, strict=True):
                     target.copy_(value)
-        layer.set_expert_placement(new_map, local_ids(new_map, rank, local))
+        layer.set_expert_placement(new, rank, local)
     return moved
+
+
+def replica_row_weights(model: nn.Module) -> dict[nn.Parameter, torch.Tensor]:
+    """For the expert weights of layers with replicas: per local slot, 1 / copies of its expert,
+    so that a sum over every rank's slots counts each logical expert once (gradient norms)."""
+    out = {}
+    for _, layer in moe_layers(model):
+        copies = layer.expert_copies
+        if max(copies) == 1:
+            continue
+        w = torch.tensor([1.0 / copies[e] for e in layer.local_expert_ids], dtype=torch.float64)
+        for param in layer.experts.parameters():
+            out[param] = w.to(param.device)
+    return out

@@ -15,7 +15,7 @@ Example:
 
 from moeflow.placement.baselines import affinity_greedy, contiguous, greedy, round_robin
 from moeflow.placement.ilp import SolveInfo, SolverUnavailableError, available_solvers, solve_ilp
-from moeflow.placement.migrate import local_ids, migrate_rows
+from moeflow.placement.migrate import migrate_rows
 from moeflow.placement.planner import METHODS, PlanResult, compare, plan
 from moeflow.placement.problem import Placement, PlacementConfig, PlacementMetrics, evaluate
 from moeflow.placement.stats import RoutingStats
@@ -37,7 +37,6 @@ __all__ = [
     "contiguous",
     "evaluate",
     "greedy",
-    "local_ids",
     "migrate_rows",
     "plan",
     "round_robin",

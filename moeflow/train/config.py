@@ -228,8 +228,11 @@ class PlacementRunConfig:
     multiples of `check_every` when the current placement's max/mean rank load exceeds
     `imbalance_threshold` (0: no threshold trigger), never before `min_steps`; it is applied
     when `method`'s placement scores at least `min_gain` (a fraction) below the current one.
-    The other fields are `moeflow.placement.PlacementConfig`'s; `ranks_per_node` defaults to
-    `parallel.ranks_per_node`, then torchrun's LOCAL_WORLD_SIZE, then all ranks on one node."""
+    `replica_slots`: expert slots per rank beyond E / ep, each holding a replica (of the next
+    ranks' experts at first; re-placement gives them to the hot experts); they cost the memory of
+    that many more experts and their AdamW state. The other fields are
+    `moeflow.placement.PlacementConfig`'s; `ranks_per_node` defaults to `parallel.ranks_per_node`,
+    then torchrun's LOCAL_WORLD_SIZE, then all ranks on one node."""
 
     stats: bool = True
     decay: float = 0.98
@@ -245,8 +248,10 @@ class PlacementRunConfig:
     time_limit_s: float = 5.0
     solver: str = "auto"
     ranks_per_node: int | None = None
+    replica_slots: int = 0
 
     def __post_init__(self) -> None:
+        _positive_int("placement.replica_slots", self.replica_slots, minimum=0)
         if not 0.0 < self.decay <= 1.0:
             raise ValueError(f"placement.decay ({self.decay!r}) must be in (0, 1]")
         for name in ("every", "check_every", "min_steps"):
@@ -274,9 +279,17 @@ class PlacementRunConfig:
     def enabled(self) -> bool:
         return bool(self.every or self.imbalance_threshold)
 
-    def problem(self, num_ranks: int, ranks_per_node: int | None = None) -> PlacementConfig:
+    def problem(
+        self, num_ranks: int, ranks_per_node: int | None = None, num_experts: int | None = None
+    ) -> PlacementConfig:
+        """The placement problem of `num_ranks` expert-parallel ranks holding `num_experts`
+        experts per layer plus `replica_slots` replicas each."""
+        slots = None
+        if num_experts is not None:
+            slots = num_experts // num_ranks + self.replica_slots
         return PlacementConfig(
             num_ranks=num_ranks, ranks_per_node=ranks_per_node,
+            slots_per_rank=slots, num_slots=None if slots is None else slots * num_ranks,
             traffic_weight=self.traffic_weight, node_weight=self.node_weight,
             balance_slack=self.balance_slack, time_limit_s=self.time_limit_s, solver=self.solver,
         )  # fmt: skip
@@ -298,6 +311,18 @@ class RunConfig:
             raise ValueError(
                 f"train.seq_len ({self.train.seq_len}) must be <= model.max_seq_len "
                 f"({self.model.max_seq_len})"
+            )
+        replicas, ep = self.placement.replica_slots, self.parallel.ep
+        if replicas and ep == 1:
+            raise ValueError(
+                f"placement.replica_slots ({replicas}) needs parallel.ep > 1: with one "
+                "expert-parallel rank every expert is already local"
+            )
+        experts = self.model.moe.num_experts
+        if replicas and experts // ep + replicas > experts:
+            raise ValueError(
+                f"placement.replica_slots ({replicas}) + {experts // ep} experts per rank exceeds "
+                f"moe.num_experts ({experts}): a rank holds at most one copy of each expert"
             )
         if self.data.kind != "tokens" and self.model.vocab_size < 256:
             raise ValueError(

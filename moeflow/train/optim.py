@@ -53,18 +53,29 @@ def clip_grad_norm_(
     expert: list[torch.Tensor],
     max_norm: float,
     ep_group: dist.ProcessGroup,
+    row_weights: dict | None = None,
 ) -> torch.Tensor:
     """Clip by the norm of the whole model's gradient, as one process holding every expert would.
 
     After `GradSync`, dense gradients are the same on every rank and each rank holds its own
     experts' gradients, so `norm^2 = dense^2 + sum over the ep group of expert^2` (one all-reduce
-    of a scalar). `max_norm` 0 only measures. Returns the norm before clipping.
+    of a scalar). `row_weights[param]` (`replica_row_weights`): per-slot weights of replicated
+    experts' rows, so each logical expert counts once. `max_norm` 0 only measures. Returns the
+    norm before clipping.
     """
+    row_weights = row_weights or {}
     grads_d = [p.grad for p in dense if p.grad is not None]
-    grads_e = [p.grad for p in expert if p.grad is not None]
-    device = (grads_d or grads_e)[0].device
+    grads_e = [(p.grad, row_weights.get(p)) for p in expert if p.grad is not None]
+    device = (grads_d or [g for g, _ in grads_e])[0].device
+
+    def sq(g: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+        if w is None:
+            return g.double().pow(2).sum()
+        return (g.double().pow(2).reshape(g.shape[0], -1).sum(dim=1) * w).sum()
+
     sq_d = sum((g.double().pow(2).sum() for g in grads_d), torch.zeros((), device=device))
-    sq_e = sum((g.double().pow(2).sum() for g in grads_e), torch.zeros((), device=device))
+    sq_e = sum((sq(g, w) for g, w in grads_e), torch.zeros((), device=device))
+    grads_e = [g for g, _ in grads_e]
     sq_e = sq_e.to(torch.float64)
     dist.all_reduce(sq_e, group=ep_group)
     norm = (sq_d + sq_e).sqrt()

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from moeflow.moe.layer import MoELayer
 from moeflow.parallel.dims import ParallelContext
-from moeflow.parallel.replace import apply_placement, current_expert_maps
+from moeflow.parallel.replace import apply_placement, current_expert_slots
 from moeflow.placement.planner import plan
 from moeflow.placement.problem import Placement, PlacementConfig, evaluate
 from moeflow.placement.stats import RoutingStats
@@ -56,7 +56,7 @@ class Replacer:
         ep = self.ctx.dims.ep
         if rpn is None or ep % min(rpn, ep):
             rpn = None
-        return p.problem(ep, min(rpn, ep) if rpn else None)
+        return p.problem(ep, min(rpn, ep) if rpn else None, self.layers[0].config.num_experts)
 
     # -- every micro-batch / step ---------------------------------------------------------------
     def observe(self) -> None:
@@ -89,7 +89,7 @@ class Replacer:
             return None
         trace = trace or self.snapshot()
         if self.ctx.rank == 0 and trace is not None and trace.loads.sum() > 0:
-            trace.meta["expert_maps"] = current_expert_maps(self.model)
+            trace.meta["expert_slots"] = current_expert_slots(self.model)
             trace.meta["ep"] = self.ctx.dims.ep
             trace.save(self.path)
         return self.path
@@ -123,8 +123,8 @@ class Replacer:
     def _decide(self, trace: RoutingTrace, step: int, periodic: bool) -> dict | None:
         p, cfg = self.cfg.placement, self.problem()
         ep = self.ctx.dims.ep
-        maps = [self.layers[i].expert_map_ids for i in range(len(self.layers))]
-        current = evaluate(trace, Placement.from_expert_maps(maps, ep), cfg)
+        slots = [layer.slot_experts for layer in self.layers]
+        current = evaluate(trace, Placement.from_expert_slots(slots, ep), cfg)
         imbalance = current.max_mean
         if not periodic and imbalance <= p.imbalance_threshold:
             return None
@@ -142,7 +142,7 @@ class Replacer:
             "after": result.metrics.as_dict(),
             "gain": round(gain, 4),
             "applied": applied,
-            "maps": [result.placement.expert_map(i) for i in range(len(self.layers))]
+            "maps": [result.placement.expert_slots(i) for i in range(len(self.layers))]
             if applied
             else None,
         }

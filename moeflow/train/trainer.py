@@ -42,8 +42,8 @@ from moeflow.models.decoder import MoEDecoder
 from moeflow.moe.layer import MoELayer, finish_optimizer_step, set_aux_loss_scale
 from moeflow.parallel.dims import ParallelContext, ParallelDims
 from moeflow.parallel.grad_sync import GradSync, expert_parameter_names
-from moeflow.parallel.parallelize import parallelize
-from moeflow.parallel.replace import current_expert_maps
+from moeflow.parallel.parallelize import initial_slots, moe_layers, parallelize
+from moeflow.parallel.replace import current_expert_slots, replica_row_weights
 from moeflow.train import checkpoint as ckpt
 from moeflow.train.config import RunConfig
 from moeflow.train.data import BatchStream, Corpus, eval_batches, load_corpus
@@ -154,7 +154,7 @@ class Trainer:
         self.ctx = dims.build(runtime.device.type)
         self.out_dir = Path(cfg.train.out_dir)
         self.resume_path = _resolve_output(cfg, self.ctx, resume, overwrite)
-        self.model = build_model(cfg, self.ctx, runtime.device, self._saved_maps())
+        self.model = build_model(cfg, self.ctx, runtime.device, self._saved_slots())
         self.optimizer = build_optimizer(self.model, cfg.optim)
         ckpt.init_optimizer_state(self.optimizer)
         self.grad_sync = GradSync(self.model, self.ctx)
@@ -176,15 +176,21 @@ class Trainer:
             keep_freed_memory()  # reuse freed activations instead of page-faulting them back
 
     # -- setup -------------------------------------------------------------------------------
-    def _saved_maps(self) -> dict[str, list[int]] | None:
-        """The expert placement a resumed checkpoint ran with (same `ep` only): resuming keeps
-        a re-placed run's placement. Values load by logical id whatever the placement."""
+    def _saved_slots(self) -> dict[str, list[int]] | None:
+        """The expert placement a resumed checkpoint ran with (same `ep` and slot count only):
+        resuming keeps a re-placed run's placement. Values load by logical id whatever the
+        placement."""
         if self.resume_path is None:
             return None
         meta = ckpt.read_meta(self.resume_path)
-        if meta.get("parallel", {}).get("ep") != self.ctx.dims.ep:
+        slots = meta.get("expert_slots")
+        if meta.get("parallel", {}).get("ep") != self.ctx.dims.ep or not isinstance(slots, dict):
             return None
-        return meta.get("expert_maps") or None
+        m = self.cfg.model.moe
+        want = m.num_experts + self.ctx.dims.ep * self.cfg.placement.replica_slots
+        if any(not isinstance(v, list) or len(v) != want for v in slots.values()):
+            return None
+        return slots
 
     def _load(self) -> None:
         meta, rank_state = ckpt.load_checkpoint(
@@ -239,8 +245,9 @@ class Trainer:
                 acc["ffn_hist"][i] += s.ffn_experts_histogram.to(torch.float64)
         self.grad_sync.sync()
         acc["grad_norm"] = clip_grad_norm_(
-            self.dense_params, self.expert_params, cfg.optim.grad_clip, self.ctx.ep_group
-        )
+            self.dense_params, self.expert_params, cfg.optim.grad_clip, self.ctx.ep_group,
+            replica_row_weights(self.model),
+        )  # fmt: skip
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         finish_optimizer_step(self.model)  # global-batch counts reset, aux-free bias update
@@ -344,7 +351,7 @@ class Trainer:
             "parallel": {"dp": self.ctx.dims.dp, "ep": self.ctx.dims.ep},
             "optimizer_steps": self.step,
             "lr": self.optimizer.param_groups[0]["lr"],
-            "expert_maps": current_expert_maps(self.model),
+            "expert_slots": current_expert_slots(self.model),
         }
         self.replacer.write()
         rank_state = {"data": self.stream.state_dict()}
@@ -475,18 +482,24 @@ def build_model(
     cfg: RunConfig,
     ctx: ParallelContext,
     device: torch.device,
-    expert_maps: dict[str, list[int]] | None = None,
+    expert_slots: dict[str, list[int]] | None = None,
 ) -> MoEDecoder:
-    """Build on the meta device, keep only this rank's experts (placed by `expert_maps`, default
-    contiguous blocks), then materialise and initialise: a large model is never whole on one
-    rank."""
+    """Build on the meta device, keep only this rank's experts (placed by `expert_slots`,
+    default contiguous blocks plus `placement.replica_slots` replicas per rank), then
+    materialise and initialise: a large model is never whole on one rank."""
     with torch.device("meta"):
         model = MoEDecoder(cfg.model)
     p = cfg.parallel
     dispatch = DispatchConfig(
         overlap_degree=p.overlap_degree, two_level=p.two_level, ranks_per_node=p.ranks_per_node
     )
-    parallelize(model, ctx, dispatch, expert_maps)
+    replicas = cfg.placement.replica_slots  # validated against parallel.ep by RunConfig
+    if expert_slots is None:
+        e = cfg.model.moe.num_experts
+        expert_slots = {
+            name: initial_slots(e, ctx.dims.ep, replicas) for name, _ in moe_layers(model)
+        }
+    parallelize(model, ctx, dispatch, expert_slots=expert_slots)
     if device.type != "meta":
         model.to_empty(device=device)
         model.init_weights(seed=cfg.train.seed)
