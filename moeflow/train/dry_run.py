@@ -50,6 +50,7 @@ def dry_run(cfg: RunConfig, world_size: int | None = None) -> dict:
             "ep": dims.ep,
             "moe_layers": len(layers),
             "experts_per_rank": m.moe.num_experts // dims.ep,
+            "replica_slots": cfg.placement.replica_slots,
             "total_params": total,
             "active_params_per_token": active,
             "params_per_rank": rank_params,
@@ -73,11 +74,13 @@ def _count(n: float) -> str:
 
 
 def format_report(report: dict) -> str:
+    replicas = report.get("replica_slots")
+    extra = f" + {replicas} replica slot(s)" if replicas else ""
     return "\n".join(
         [
             f"dry run: config valid; world {report['world_size']} = dp {report['dp']} x ep "
             f"{report['ep']}; {report['moe_layers']} MoE layers, {report['experts_per_rank']} "
-            "experts per rank",
+            "experts per rank" + extra,
             f"  parameters: {_count(report['total_params'])} total, "
             f"{_count(report['active_params_per_token'])} active per token, "
             f"{_count(report['params_per_rank'])} per rank "
