@@ -300,6 +300,7 @@ def _lam_start(layer_vars: _Layer, ranks, cfg) -> None:
 def _solve_joint(trace, cfg, warm: Placement, bounds, solver: str):
     import pulp
 
+    deadline = time.perf_counter() + cfg.time_limit_s  # model building counts too
     prob = pulp.LpProblem("placement", pulp.LpMinimize)
     slots = cfg.slots(trace.num_experts)
     warm, breaking = _symmetry_breaking(warm, cfg, slots)
@@ -320,7 +321,8 @@ def _solve_joint(trace, cfg, warm: Placement, bounds, solver: str):
     constant = sum(_all_crossing(trace.co_routing[layer], cfg) for layer in range(len(layers) - 1))
     prob += pulp.lpSum(lv.lam for lv in layers) + pulp.LpAffineExpression(terms, constant)
     _set_co_location_start(prob)
-    status, gap = _run(prob, solver, cfg, cfg.time_limit_s, warm=True)
+    left = max(deadline - time.perf_counter(), 0.05)
+    status, gap = _run(prob, solver, cfg, left, warm=True)
     if status == "failed":
         return warm, status, gap
     return Placement([_read(lv, cfg) for lv in layers]), status, gap

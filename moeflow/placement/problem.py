@@ -37,7 +37,9 @@ class PlacementConfig:
     """`slots_per_rank`: an int (every rank) or one int per rank (memory limits); default E / R.
     `num_slots`: total expert copies, originals plus replicas; default E (no replication).
     `balance_slack`: the ILP keeps each layer's max load within this fraction of the greedy
-    packing's (None: unbounded, the objective alone trades balance for traffic)."""
+    packing's (None: unbounded, the objective alone trades balance for traffic).
+    `time_limit_s`: the ILP's whole budget, building the model included (PuLP adds well under a
+    second past it on the sizes of `bench/placement.py`)."""
 
     num_ranks: int
     ranks_per_node: int | None = None  # default: all ranks on one node
