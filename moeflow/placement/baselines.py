@@ -32,15 +32,34 @@ def replica_counts(load_E: np.ndarray, num_slots: int, num_ranks: int) -> np.nda
     return counts
 
 
+def copies_of(load_E: np.ndarray, counts: np.ndarray) -> list[tuple[int, float]]:
+    """(expert, load per copy) for every copy of every expert, in expert order."""
+    return [(e, float(load_E[e] / counts[e])) for e in range(len(load_E)) for _ in range(counts[e])]
+
+
 def _copies(trace: RoutingTrace, cfg: PlacementConfig, layer: int) -> list[tuple[int, float]]:
-    """(expert, load per copy) for every copy of every expert of `layer`, in expert order."""
+    """`layer`'s copies, with EPLB's replica counts for the slot budget."""
     budget = cfg.total_slots(trace.num_experts)
-    counts = replica_counts(trace.loads[layer], budget, cfg.num_ranks)
-    return [
-        (e, float(trace.loads[layer, e] / counts[e]))
-        for e in range(trace.num_experts)
-        for _ in range(int(counts[e]))
-    ]
+    return copies_of(trace.loads[layer], replica_counts(trace.loads[layer], budget, cfg.num_ranks))
+
+
+def _pack(copies, slots: list[int], layer: int, choose) -> list[list[int]]:
+    """Copies heaviest first, each onto `choose(e, w, free ranks, loads)` among the ranks with a
+    free slot and no copy of the same expert."""
+    ranks: list[list[int]] = [[] for _ in slots]
+    load = np.zeros(len(slots))
+    for e, w in sorted(copies, key=lambda c: (-c[1], c[0])):
+        free = [g for g in range(len(slots)) if len(ranks[g]) < slots[g] and e not in ranks[g]]
+        if not free:
+            raise ValueError(f"layer {layer}: no rank can take another copy of expert {e}")
+        g = choose(e, w, free, load)
+        ranks[g].append(e)
+        load[g] += w
+    return ranks
+
+
+def _least_loaded(e: int, w: float, free: list[int], load: np.ndarray) -> int:
+    return min(free, key=lambda r: (load[r], r))
 
 
 def _fill_in_order(copies: list[int], slots: list[int], start: int = 0, stride: bool = False):
@@ -86,20 +105,12 @@ def round_robin(trace: RoutingTrace, cfg: PlacementConfig) -> Placement:
 def greedy(trace: RoutingTrace, cfg: PlacementConfig) -> Placement:
     """EPLB: replicate hot experts, then balanced packing (see the module doc)."""
     slots = cfg.slots(trace.num_experts)
-    layers = []
-    for layer in range(trace.num_layers):
-        copies = sorted(_copies(trace, cfg, layer), key=lambda c: (-c[1], c[0]))
-        ranks: list[list[int]] = [[] for _ in slots]
-        load = np.zeros(len(slots))
-        for e, w in copies:
-            free = [g for g in range(len(slots)) if len(ranks[g]) < slots[g] and e not in ranks[g]]
-            if not free:
-                raise ValueError(f"layer {layer}: no rank can take another copy of expert {e}")
-            g = min(free, key=lambda r: (load[r], r))
-            ranks[g].append(e)
-            load[g] += w
-        layers.append(ranks)
-    return Placement(layers)
+    return Placement(
+        [
+            _pack(_copies(trace, cfg, layer), slots, layer, _least_loaded)
+            for layer in range(trace.num_layers)
+        ]
+    )
 
 
 def colocation_gain(
@@ -143,24 +154,15 @@ def affinity_layer(
     cap = float((trace.loads[layer] @ base.fractions(layer, trace.num_experts)).max())
     cap *= 1.0 + slack
     gain = colocation_gain(trace, cfg, placed, layer - 1)
-    copies = sorted(
-        ((e, float(trace.loads[layer, e] / counts[e])) for e in range(trace.num_experts)
-         for _ in range(int(counts[e]))),
-        key=lambda c: (-c[1], c[0]),
-    )  # fmt: skip
-    ranks: list[list[int]] = [[] for _ in slots]
-    load = np.zeros(len(slots))
-    for e, w in copies:
-        free = [g for g in range(len(slots)) if len(ranks[g]) < slots[g] and e not in ranks[g]]
-        if not free:
-            raise ValueError(f"layer {layer}: no rank can take another copy of expert {e}")
+
+    def toward_partners(e: int, w: float, free: list[int], load: np.ndarray) -> int:
         fits = [g for g in free if load[g] + w <= cap + 1e-9]
-        if fits:
-            g = max(fits, key=lambda r: (gain[e, r] / counts[e], -load[r], -r))
-        else:
-            g = min(free, key=lambda r: (load[r], r))
-        ranks[g].append(e)
-        load[g] += w
+        if not fits:
+            return _least_loaded(e, w, free, load)
+        return max(fits, key=lambda r: (gain[e, r] / counts[e], -load[r], -r))
+
+    copies = copies_of(trace.loads[layer], counts)
+    ranks = _pack(copies, slots, layer, toward_partners)
     _repair(ranks, trace.loads[layer] / counts, gain / counts[:, None], cap, slots)
     return ranks
 

@@ -50,7 +50,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moeflow.placement.baselines import affinity_greedy, affinity_layer, colocation_gain
+from moeflow.placement.baselines import (
+    affinity_greedy,
+    affinity_layer,
+    colocation_gain,
+    copies_of,
+)
 from moeflow.placement.problem import Placement, PlacementConfig, evaluate
 from moeflow.placement.trace import RoutingTrace
 
@@ -118,12 +123,7 @@ class _Layer:
 
 
 def _copies_of(placement: Placement, layer: int, trace: RoutingTrace) -> list[tuple[int, float]]:
-    counts = placement.replica_counts(layer, trace.num_experts)
-    return [
-        (e, float(trace.loads[layer, e] / counts[e]))
-        for e in range(trace.num_experts)
-        for _ in range(int(counts[e]))
-    ]
+    return copies_of(trace.loads[layer], placement.replica_counts(layer, trace.num_experts))
 
 
 def _add_layer(prob, layer: int, copies, cfg: PlacementConfig, slots, bound: float | None):
