@@ -44,10 +44,9 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moeflow import MoEConfig, MoELayer, RouterConfig
-from moeflow.parallel import ParallelDims, parallelize
-from moeflow.parallel.parallelize import initial_slots
-from moeflow.parallel.replace import apply_placement
-from moeflow.placement import PlacementConfig, RoutingStats, RoutingTrace, plan, synthetic_trace
+from moeflow.parallel import ParallelDims, RoutingStats, parallelize
+from moeflow.parallel.replace import apply_placement, placement_slots
+from moeflow.placement import PlacementConfig, RoutingTrace, plan, synthetic_trace
 from moeflow.train.distributed import free_port, local_rank_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,8 +153,7 @@ def step_time_rank(rank: int, world: int, port: int, args, queue) -> None:
             [skewed_layer(0, True, hidden, ffn, experts),
              skewed_layer(1, False, hidden, ffn, experts)]
         )  # fmt: skip
-        slots = {n: initial_slots(experts, world, replicas) for n in names}
-        parallelize(model, ctx, expert_slots=slots)
+        parallelize(model, ctx, replica_slots=replicas)
         return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     # The same two layers twice: E / ranks slots per rank, and one replica slot more per rank.
@@ -186,7 +184,7 @@ def step_time_rank(rank: int, world: int, port: int, args, queue) -> None:
             for m in methods:
                 r = plan(trace, cfg, m)
                 label = m + (f" +{replicas} replica slot" if replicas else "")
-                slots = [r.placement.expert_slots(i) for i in range(2)]
+                slots = [placement_slots(r.placement, i) for i in range(2)]
                 chosen[label] = (replicas, slots, r.metrics.max_mean, r.status)
         decision[0] = chosen
     dist.broadcast_object_list(decision, src=0)

@@ -95,7 +95,8 @@ def test_bad_input_is_a_clear_error_on_every_rank():
     for errors in run_on_ranks(_bad_inputs, 2):
         assert len(errors) == 3
         assert "parallel.dp (1) x parallel.ep (4) = 4 must equal the world size (2)" in errors[0]
-        assert "moe.num_experts (3)" in errors[1] and "divisible by parallel.ep (2)" in errors[1]
+        assert "moe.num_experts (3)" in errors[1] and "expert group of 2 ranks" in errors[1]
+        assert "Valid expert-group sizes for these sizes: [1, 3, 6, 12]" in errors[1]
         assert "MoE layers differ between ranks 0 and 1" in errors[2]
 
 

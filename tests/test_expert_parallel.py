@@ -71,21 +71,20 @@ def check_case(ctx, case: dict, shards: list[int]) -> None:
         ),
     )
     ref, par = build(cfg), build(cfg)
-    maps = None
+    slots = None
     if case.get("permuted_map"):
         gen = torch.Generator().manual_seed(7)
-        maps = {name: torch.randperm(E, generator=gen) for name in ("moe1", "moe2")}
+        slots = {name: torch.randperm(E, generator=gen).tolist() for name in ("moe1", "moe2")}
     dispatch = DispatchConfig(
         overlap_degree=case.get("overlap", 1),
         two_level=case.get("two_level", False),
         ranks_per_node=case.get("ranks_per_node"),
     )
-    slots = None
     replicas = case.get("replicas", 0) if ctx.dims.ep > 1 else 0
     if replicas:
         slots = {name: replicated_slots(ctx.dims.ep, replicas, seed) for seed, name in
                  enumerate(("moe1", "moe2"))}  # fmt: skip
-    parallelize(par, ctx, dispatch, expert_maps=maps, expert_slots=slots)
+    parallelize(par, ctx, dispatch, expert_slots=slots)
     if replicas:
         assert len(par.moe1.local_expert_ids) == E // ctx.dims.ep + replicas
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from moeflow.parallel import RoutingStats
 from moeflow.placement import (
     Placement,
     PlacementConfig,
-    RoutingStats,
     RoutingTrace,
     contiguous,
     evaluate,

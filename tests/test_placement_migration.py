@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from moeflow.parallel.parallelize import initial_slots
+from moeflow.moe.layout import ExpertLayout
+from moeflow.parallel.migrate import migrate_rows
 from moeflow.parallel.replace import current_expert_slots
 from moeflow.placement import PlacementConfig, greedy
-from moeflow.placement.migrate import migrate_rows
 from moeflow.placement.trace import RoutingTrace
 from moeflow.train import checkpoint as ckpt
 from moeflow.train.config import RunConfig
@@ -33,33 +33,45 @@ def random_slots(experts: int, ranks: int, per_rank: int, seed: int) -> list[int
     return [e for g in order for e in rng.permutation(placement.layers[0][g]).tolist()]
 
 
-def _migrate_on_ranks(rank, world_size, experts, per_rank, seeds):
+def _migrate_on_ranks(rank, world_size, experts, per_group, seeds, shards=1):
+    """Random re-placements over `world_size / shards` shard groups: every rank ends with the
+    rows (and its own F-slice) of the experts the new layout gives it, bitwise."""
     import torch.distributed as dist
 
     ok = []
+    groups = world_size // shards
     for seed in range(seeds):
-        full = torch.randn(experts, 3, 2, generator=torch.Generator().manual_seed(seed))
-        old = random_slots(experts, world_size, per_rank, seed)
-        new = random_slots(experts, world_size, per_rank, seed + 100)
-        mine = full[old[rank * per_rank : (rank + 1) * per_rank]]
+        full = torch.randn(experts, 3, 2 * shards, generator=torch.Generator().manual_seed(seed))
+        base = ExpertLayout.canonical(experts, 2 * shards, world_size)
+        old = base.with_slots(random_slots(experts, groups, per_group, seed))
+        new = base.with_slots(random_slots(experts, groups, per_group, seed + 100))
+        lo, hi = old.ffn_range(rank)
+        mine = full[old.local_experts(rank)][..., lo:hi]
         moved, grad_like = migrate_rows([mine, mine.double() * 2], old, new, dist.group.WORLD)
-        expected = full[new[rank * per_rank : (rank + 1) * per_rank]]
+        expected = full[new.local_experts(rank)][..., lo:hi]
         ok.append(torch.equal(moved, expected) and torch.equal(grad_like, expected.double() * 2))
     return ok
 
 
-@pytest.mark.parametrize("world_size, per_rank", [(2, 4), (4, 2), (4, 3)])
-def test_migrate_rows_puts_every_expert_where_the_new_placement_says(world_size, per_rank):
-    # (4, 3): 8 experts in 12 slots, 4 of them replicas, before and after.
-    results = run_on_ranks(_migrate_on_ranks, world_size, args=(8, per_rank, 4))
+@pytest.mark.parametrize(
+    "world_size, experts, per_group, shards",
+    [(2, 8, 4, 1), (4, 8, 2, 1), (4, 8, 3, 1), (4, 2, 2, 2)],
+)
+def test_migrate_rows_puts_every_expert_where_the_new_placement_says(
+    world_size, experts, per_group, shards
+):
+    # (4, 8, 3): 8 experts in 12 slots, 4 of them replicas, before and after. (4, 2, 2, 2): 2
+    # experts sliced over 2 ranks each, 2 shard groups holding both (one replica each).
+    results = run_on_ranks(_migrate_on_ranks, world_size, args=(experts, per_group, 4, shards))
     assert all(all(r) for r in results) and len(results[0]) == 4
 
 
 def test_migrate_rows_rejects_placements_it_cannot_source():
-    with pytest.raises(ValueError, match="only experts the old one holds"):
-        migrate_rows([torch.zeros(4, 2)], [0, 1, 2, 3], [0, 1, 4, 3])
-    with pytest.raises(ValueError, match="must have the same length"):
-        migrate_rows([torch.zeros(4, 2)], [0, 1, 2, 3], [0, 1, 2])
+    layout = ExpertLayout.canonical(4, 4, 1)
+    with pytest.raises(ValueError, match=r"every id in 0\.\.3 at least once"):
+        migrate_rows([torch.zeros(4, 2)], layout, layout.with_slots([0, 1, 1, 3]))
+    with pytest.raises(ValueError, match="keeps the sizes and the slot count"):
+        migrate_rows([torch.zeros(4, 2)], layout, ExpertLayout.canonical(4, 4, 2))
 
 
 def run_cfg(out_dir: Path, ep: int, placement: dict) -> RunConfig:
@@ -122,7 +134,7 @@ def test_replacement_changes_nothing_but_the_placement(tmp_path, world_size, ep,
     assert [r["step"] for r in records] == [3, 6]
     applied = [r for r in records if r["applied"]]
     assert applied and all(r["moved_experts"] > 0 for r in applied)
-    start = initial_slots(8, ep, replicas)
+    start = list(ExpertLayout.canonical(8, 32, ep, replicas).slots)
     assert any(m != start for m in moving[0][4].values())  # really re-placed
     for rank in range(world_size):
         losses, val, state, _, _ = moving[rank]
@@ -181,7 +193,7 @@ def _resume_maps(rank, world_size, out_dir):
 def test_a_resumed_run_keeps_its_placement_with_replicas(tmp_path):
     for saved, resumed, meta, w1, ref in run_on_ranks(_resume_maps, 2, args=(str(tmp_path),)):
         assert saved == resumed == meta
-        assert any(m != initial_slots(8, 2, 1) for m in saved.values())
+        assert any(m != list(ExpertLayout.canonical(8, 32, 2, 1).slots) for m in saved.values())
         assert all(len(m) == 10 for m in saved.values())  # 8 experts + 1 replica per rank
         assert w1.keys() == ref.keys()
         assert all(torch.equal(w1[k], ref[k]) for k in ref)

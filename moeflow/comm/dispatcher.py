@@ -31,23 +31,32 @@ from moeflow.comm.all_to_all import Exchange
 from moeflow.comm.permutation import RoutingPlan, build_plan, pair_counts, permute, unpermute
 from moeflow.comm.pipeline import ChunkPlan, exchange_compute
 
+# Parallel modes of an MoE layer (`moeflow.moe.expert_dispatch`): tokens to the experts, tokens to
+# every slice of their expert, or the experts to the tokens.
+MODES = ("ep", "sharded", "dp")
+
 
 @dataclass(kw_only=True, frozen=True)
 class DispatchConfig:
-    """How tokens travel. `overlap_degree` C: chunks pipelined so communication hides behind
-    compute (1 = no overlap). `two_level`: all-to-all within a node first, then across nodes
-    (`moeflow.comm.hierarchical`), with nodes of `ranks_per_node` ranks.
+    """How tokens travel. `mode`: the parallel mode a layer call uses unless it names one
+    (`ep`, `sharded` or `dp`, see `moeflow.moe.expert_dispatch`). `overlap_degree` C: chunks
+    pipelined so communication hides behind compute (1 = no overlap). `two_level`: all-to-all
+    within a node first, then across nodes (`moeflow.comm.hierarchical`), with nodes of
+    `ranks_per_node` ranks.
 
     Example:
         >>> DispatchConfig(overlap_degree=2).overlap_degree
         2
     """
 
+    mode: str = "ep"
     overlap_degree: int = 1
     two_level: bool = False
     ranks_per_node: int | None = None  # for two_level; default: LOCAL_WORLD_SIZE (torchrun)
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"dispatch.mode ({self.mode!r}) must be one of {list(MODES)}")
         if self.ranks_per_node is not None and (
             not isinstance(self.ranks_per_node, int) or self.ranks_per_node < 1
         ):

@@ -7,14 +7,17 @@ rank sends in chunk c, ordered by destination rank; `plan.input_splits[c]` / `pl
 say how many rows go to / come from each rank. `compute` is any object with
 
     forward(params, x_recv, chunk) -> (y_recv, saved: list[Tensor])
+    materialize(params) -> params the compute runs with (e.g. whole experts gathered from slices)
     new_grads(params) -> accumulator
     backward(params, saved, grad_y, chunk, accumulator) -> grad_x_recv
-    finish(accumulator) -> tuple of parameter gradients
+    finish(accumulator) -> tuple of gradients of the params given (not the materialized ones)
 
 so this module knows nothing about experts or models.
 
 Schedule (forward; the backward is the same with dispatch and combine swapped):
 
+0. `compute.materialize(params)` (any collective it needs runs here, before the first dispatch; in
+   backward it runs again: only the given params are saved, never the materialized ones).
 1. Issue the dispatch all-to-all of chunk 0 (async).
 2. For c = 0..C-1: issue the dispatch of chunk c+1 (async); wait for the dispatch of chunk c;
    compute chunk c; issue the combine all-to-all of chunk c's output (async).
@@ -54,12 +57,13 @@ class _ExchangeCompute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, exchange: Exchange, compute, plan: ChunkPlan, num_params: int, *tensors):
         params, x_chunks = tensors[:num_params], tensors[num_params:]
+        run = compute.materialize(params)
         outs, saved, sizes = _pipeline(
             exchange,
             x_chunks,
             plan.input_splits,
             plan.output_splits,
-            lambda c, x_recv: compute.forward(params, x_recv, plan.chunk_meta[c]),
+            lambda c, x_recv: compute.forward(run, x_recv, plan.chunk_meta[c]),
             plan.matrices,
         )
         ctx.exchange, ctx.compute, ctx.plan, ctx.num_params = exchange, compute, plan, num_params
@@ -77,6 +81,7 @@ class _ExchangeCompute(torch.autograd.Function):
             saved.append(list(flat[offset : offset + n]))
             offset += n
         plan: ChunkPlan = ctx.plan
+        params = ctx.compute.materialize(params)
         acc = ctx.compute.new_grads(params)
         grads_x, _, _ = _pipeline(
             ctx.exchange,

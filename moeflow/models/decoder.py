@@ -30,6 +30,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from moeflow.moe.config import MoEConfig
+from moeflow.moe.experts import slice_experts
 from moeflow.moe.ffn import FeedForward, init_ffn_weights_
 from moeflow.moe.layer import MoELayer
 from moeflow.moe.routers.recurrent import reset_gru
@@ -194,11 +195,23 @@ class MoEDecoder(nn.Module):
             layer.experts.reset_parameters()
             return
         w1, w2 = layer.experts.w1, layer.experts.w2
+        cfg = layer.config
+        lo, hi = layer.layout.ffn_range(layer.expert_dispatch.rank)
         for slot, logical in enumerate(layer.local_expert_ids):
             gen = torch.Generator(device=w1.device).manual_seed(
                 (seed * 1_000_003 + index) * 1_000_003 + logical
             )
-            init_ffn_weights_(w1[slot], w2[slot], gen)
+            if (lo, hi) == (0, cfg.ffn_hidden_size):
+                init_ffn_weights_(w1[slot], w2[slot], gen)
+                continue
+            # An F-slice: draw the whole expert, keep the slice (as the single process has it).
+            full1 = w1.new_empty(w1.shape[1], w1.shape[2] // (hi - lo) * cfg.ffn_hidden_size)
+            full2 = w2.new_empty(cfg.ffn_hidden_size, w2.shape[2])
+            init_ffn_weights_(full1, full2, gen)
+            part1, part2 = slice_experts(full1[None], full2[None], None, lo, hi)
+            with torch.no_grad():
+                w1[slot].copy_(part1[0])
+                w2[slot].copy_(part2[0])
 
     def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
         s = tokens_BS.shape[1]

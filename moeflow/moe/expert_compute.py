@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from moeflow.moe.grouped_ffn import Block, FFNActivations, WeightGrads, ffn_backward, ffn_forward
+from moeflow.moe.weight_gather import ExpertWeightGather
 
 
 def expert_major(blocks: list[Block], device) -> tuple[torch.Tensor | None, list[Block]]:
@@ -37,10 +38,18 @@ def expert_major(blocks: list[Block], device) -> tuple[torch.Tensor | None, list
 
 
 class GroupedExpertCompute:
-    """`params = (w1 [L, D, gF], w2 [L, F, D])`; rows arrive already in the compute dtype."""
+    """`params = (w1 [L, D, gF], w2 [L, F, D])`; rows arrive already in the compute dtype.
 
-    def __init__(self, activation: str) -> None:
+    With a `gather` (`ExpertWeightGather`), `params` are this rank's F-slices: `materialize`
+    gathers the whole experts (in forward, and again in backward), and `finish` returns the
+    gradients of the slices, reduce-scattered over the gathering group."""
+
+    def __init__(self, activation: str, gather: ExpertWeightGather | None = None) -> None:
         self.activation = activation
+        self.gather = gather
+
+    def materialize(self, params):
+        return params if self.gather is None else self.gather.gather(*params)
 
     def forward(self, params, x_RD: torch.Tensor, blocks: list[Block]):
         w1, w2 = (p.to(x_RD.dtype) for p in params)
@@ -73,6 +82,8 @@ class GroupedExpertCompute:
     def finish(self, acc: dict) -> tuple[torch.Tensor, torch.Tensor]:
         w1, w2 = acc["params"]
         if acc["grads"] is None:  # no chunk at all reached backward
-            return torch.zeros_like(w1), torch.zeros_like(w2)
+            g1, g2 = torch.zeros_like(w1), torch.zeros_like(w2)
+            return (g1, g2) if self.gather is None else self.gather.scatter(g1, g2)
         g1, g2 = acc["grads"].finish()
-        return g1.to(w1.dtype), g2.to(w2.dtype)
+        g1, g2 = g1.to(w1.dtype), g2.to(w2.dtype)
+        return (g1, g2) if self.gather is None else self.gather.scatter(g1, g2)

@@ -13,6 +13,28 @@ from moeflow.moe.ffn import FeedForward, apply_activation, gate_multiplier, init
 from moeflow.moe.grouped_ffn import grouped_ffn
 
 
+def slice_experts(
+    w1: torch.Tensor, w2: torch.Tensor, expert_ids: list[int] | None, ffn_lo: int, ffn_hi: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Experts `expert_ids` (all when None) of `w1 [E, D, c*F]`, `w2 [E, F, D]`, restricted to FFN
+    columns `[ffn_lo, ffn_hi)`: new tensors `[n, D, c*f]` (gate slice, then up slice), `[n, f, D]`.
+
+    Example:
+        >>> w1, w2 = slice_experts(torch.randn(4, 2, 6), torch.randn(4, 3, 2), [3, 1], 1, 3)
+        >>> w1.shape, w2.shape
+        (torch.Size([2, 2, 4]), torch.Size([2, 2, 2]))
+    """
+    if expert_ids is not None:
+        index = torch.tensor(expert_ids, dtype=torch.int64, device=w1.device)
+        w1, w2 = w1.index_select(0, index), w2.index_select(0, index)
+    ffn = w2.shape[1]
+    if (ffn_lo, ffn_hi) == (0, ffn):
+        return w1.clone() if expert_ids is None else w1, w2.clone() if expert_ids is None else w2
+    c = w1.shape[-1] // ffn
+    w1 = w1.unflatten(-1, (c, ffn))[..., ffn_lo:ffn_hi].flatten(-2).contiguous()
+    return w1, w2[..., ffn_lo:ffn_hi, :].contiguous()
+
+
 class GroupedExperts(nn.Module):
     """Run expert e on rows `[start_e, start_e + rows_per_expert[e])` of the sorted buffer.
 
@@ -50,6 +72,15 @@ class GroupedExperts(nn.Module):
             experts.w1.copy_(ffn.w1.detach().expand(num_experts, hidden, gf))
             experts.w2.copy_(ffn.w2.detach().expand_as(experts.w2))
         return experts
+
+    def keep(self, expert_ids: list[int], ffn_lo: int, ffn_hi: int) -> None:
+        """Keep only experts `expert_ids` (in that order) and FFN columns `[ffn_lo, ffn_hi)` of
+        each (both column blocks of w1 for SwiGLU): a rank's share under an `ExpertLayout`."""
+        with torch.no_grad():
+            w1, w2 = slice_experts(self.w1.detach(), self.w2.detach(), expert_ids, ffn_lo, ffn_hi)
+        self.w1 = nn.Parameter(w1, requires_grad=self.w1.requires_grad)
+        self.w2 = nn.Parameter(w2, requires_grad=self.w2.requires_grad)
+        self.num_experts = len(expert_ids)
 
     def forward(self, x_RD: torch.Tensor, rows_per_expert: list[int]) -> torch.Tensor:
         if len(rows_per_expert) != self.num_experts:

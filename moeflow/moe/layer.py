@@ -15,17 +15,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moeflow.comm.all_to_all import LocalExchange
+from moeflow.comm.all_to_all import Exchange
 from moeflow.comm.capacity import capacity_keep_mask, expert_capacity
-from moeflow.comm.dispatcher import TokenDispatcher
+from moeflow.comm.dispatcher import DispatchConfig
 from moeflow.comm.permutation import pair_counts
 from moeflow.moe.aux_loss import attach_loss
 from moeflow.moe.balance_state import BalanceState
 from moeflow.moe.config import MoEConfig
-from moeflow.moe.expert_compute import GroupedExpertCompute
+from moeflow.moe.expert_dispatch import ExpertDispatch
 from moeflow.moe.experts import GroupedExperts
 from moeflow.moe.ffn import FeedForward
 from moeflow.moe.grouped_ffn import compute_dtype
+from moeflow.moe.layout import ExpertLayout
 from moeflow.moe.losses import balance_loss, seq_balance_loss, z_loss
 from moeflow.moe.routers.base import RouterOutput
 from moeflow.moe.routers.moepp import ZeroComputationExperts
@@ -101,80 +102,90 @@ class MoELayer(nn.Module):
         self.last_stats: MoEStats | None = None
         self.last_sent_rows = 0  # (token, slot) rows the last forward sent to other ranks
         self.last_sent_bytes = 0  # and their bytes
+        self.last_gathered_bytes = 0  # expert-weight bytes the last forward gathered
         self.last_dispatch = None  # the last forward's ChunkPlan (split sizes, expert blocks)
         self.last_expert_ids: torch.Tensor | None = None  # [T, K] logical choices (RoutingStats)
-        # Placement: `slot_experts[p]` is the logical expert in physical slot p; slot p is local
-        # slot p % L of expert-parallel rank p // L, and `experts` holds this rank's L slots. An
-        # expert in several slots (on distinct ranks) is replicated: a token goes to the copy on
-        # its own rank if there is one, else to copy (token + choice) mod copies. Not saved:
-        # checkpoints keep logical ids.
-        e = config.num_experts
-        self.slot_experts = list(range(e))
-        self.ep_rank, self.slots_per_rank = 0, e
-        # Per logical expert, the slots this rank sends its tokens to ([E, C]) and how many.
-        self.register_buffer("slot_table", torch.arange(e)[:, None], persistent=False)
-        self.register_buffer("slot_count", torch.ones(e, dtype=torch.int64), persistent=False)
-        # Logical ids of the experts held here, in slot order (all of them until parallelized).
-        self.register_buffer("local_experts", torch.arange(e), persistent=False)
-        self.local_expert_ids = list(range(e))
-        self._spread = False  # some expert's tokens are spread over several remote copies
-        self.dispatcher = TokenDispatcher(LocalExchange(), slots_per_rank=config.num_experts)
-        self.compute = GroupedExpertCompute(config.activation)
+        # Where the experts live and how pairs reach them in each parallel mode: one layout
+        # (all experts here until `attach`), every mode per call. Not saved: checkpoints keep
+        # logical ids.
+        self.expert_dispatch = ExpertDispatch(
+            config.num_experts, config.ffn_hidden_size, config.activation
+        )
         self.balance = BalanceState(self.router.num_choices)
 
-    def set_expert_placement(
-        self, slot_experts: list[int], ep_rank: int = 0, slots_per_rank: int | None = None
+    # -- layout ----------------------------------------------------------------------------------
+    def attach(
+        self,
+        layout: ExpertLayout,
+        exchange: Exchange,
+        group: dist.ProcessGroup | None = None,
+        shard_group: dist.ProcessGroup | None = None,
+        dispatch: DispatchConfig | None = None,
+        balance_group: dist.ProcessGroup | None = None,
+        name: str = "moe",
     ) -> None:
-        """Record the placement (`slot_experts[p]`: the logical expert in global slot p, this
-        rank being `ep_rank` with `slots_per_rank` slots; `parallelize` and re-placement call
-        this) and rebuild the routing tables."""
-        slots = [int(x) for x in slot_experts]
-        per_rank = slots_per_rank or len(slots)
-        if len(slots) % per_rank or sorted(set(slots)) != list(range(self.config.num_experts)):
+        """Lay the experts out over an expert group (`moeflow.parallel.parallelize` calls this on
+        every rank): keep this rank's expert rows and F-slice, and communicate over `exchange`
+        (tokens), `group` (the expert group: agreement, `dp` gathers) and `shard_group` (the
+        ranks holding slices of the same experts). `balance_group`: ranks over which
+        global-batch counts and aux-free loads are summed. The layer must hold every expert."""
+        cfg = self.config
+        if layout.num_experts != cfg.num_experts or layout.ffn_hidden_size != cfg.ffn_hidden_size:
             raise ValueError(
-                f"slot_experts ({slots}) must hold every one of the {self.config.num_experts} "
-                f"experts in a whole number of ranks of {per_rank} slots"
+                f"MoE layer '{name}': the layout is for {layout.num_experts} experts of FFN dim "
+                f"{layout.ffn_hidden_size}, the layer has {cfg.num_experts} of "
+                f"{cfg.ffn_hidden_size}"
             )
-        self.slot_experts, self.ep_rank, self.slots_per_rank = slots, int(ep_rank), per_rank
-        self.local_expert_ids = slots[ep_rank * per_rank : (ep_rank + 1) * per_rank]
-        self._write_maps()
+        if tuple(self.experts.w2.shape[:2]) != (cfg.num_experts, cfg.ffn_hidden_size):
+            raise ValueError(f"MoE layer '{name}' is already parallelized")
+        self.experts.keep(layout.local_experts(exchange.rank), *layout.ffn_range(exchange.rank))
+        self.expert_dispatch.attach(
+            layout,
+            exchange,
+            group,
+            shard_group,
+            dispatch or DispatchConfig(),
+            f"MoE layer '{name}'",
+        )
+        self.balance.group = balance_group
 
     @property
-    def expert_copies(self) -> list[int]:
-        """Slots (copies) of each logical expert, over all ranks."""
-        counts = [0] * self.config.num_experts
-        for e in self.slot_experts:
-            counts[e] += 1
-        return counts
+    def layout(self) -> ExpertLayout:
+        return self.expert_dispatch.layout
+
+    def set_layout(self, layout: ExpertLayout) -> None:
+        """Record a re-placement whose expert rows have already moved (`apply_placement`)."""
+        old = self.layout
+        if (layout.group_size, layout.slots_per_group) != (old.group_size, old.slots_per_group):
+            raise ValueError(
+                f"a re-placement keeps the group size ({old.group_size}) and the rows per rank "
+                f"({old.slots_per_group}); got {layout.group_size} and {layout.slots_per_group}"
+            )
+        self.expert_dispatch.set_layout(layout)
+
+    @property
+    def local_expert_ids(self) -> list[int]:
+        """Logical ids of the expert rows this rank holds, in row order."""
+        return self.layout.local_experts(self.expert_dispatch.rank)
+
+    @property
+    def local_experts(self) -> torch.Tensor:
+        """`local_expert_ids` as a tensor on the layer's device."""
+        return torch.tensor(self.local_expert_ids, device=self.expert_dispatch.slot_table.device)
 
     @property
     def expert_map(self) -> torch.Tensor:
-        """`[E]`: the slot this rank sends each expert's tokens to first (the logical-to-physical
-        map when nothing is replicated)."""
-        return self.slot_table[:, 0]
-
-    def _write_maps(self) -> None:
-        device = self.slot_table.device
-        if device.type == "meta":
-            return
-        rows = []
-        for e in range(self.config.num_experts):
-            holders = [p for p, x in enumerate(self.slot_experts) if x == e]
-            here = [p for p in holders if p // self.slots_per_rank == self.ep_rank]
-            rows.append(here[:1] or holders)
-        width = max(len(r) for r in rows)
-        self._spread = width > 1
-        table = [r + [r[0]] * (width - len(r)) for r in rows]
-        self.slot_table = torch.tensor(table, dtype=torch.int64, device=device)
-        self.slot_count = torch.tensor([len(r) for r in rows], dtype=torch.int64, device=device)
-        self.local_experts = torch.tensor(self.local_expert_ids, dtype=torch.int64, device=device)
+        """`[E]`: the dispatcher slot this rank sends each expert's tokens to first in `ep` mode
+        (the logical-to-physical map when nothing is replicated or sharded)."""
+        return self.expert_dispatch.slot_table[:, 0]
 
     def reset_buffers(self) -> None:
-        """Rewrite the placement buffers from their host copies and zero the balancing counts,
-        e.g. after `to_empty`."""
-        self._write_maps()
-        if self.slot_table.device.type != "meta":
-            self.balance.reset(self.slot_table.device)
+        """Rewrite the placement buffers from the layout and zero the balancing counts, e.g.
+        after `to_empty`."""
+        self.expert_dispatch.write_tables()
+        device = self.expert_dispatch.slot_table.device
+        if device.type != "meta":
+            self.balance.reset(device)
 
     @classmethod
     def from_dense(cls, ffn: FeedForward, config: MoEConfig) -> MoELayer:
@@ -198,10 +209,13 @@ class MoELayer(nn.Module):
         x: torch.Tensor,
         overlap_degree: int | None = None,
         routing_context: RoutingContext | None = None,
+        mode: str | None = None,
     ) -> torch.Tensor:
-        """`x: [..., D]` -> `[..., D]`. `overlap_degree` overrides the dispatcher's for this
-        call; `routing_context`, passed by the model from one MoE layer to the next, carries router
-        state and receives this layer's router logits."""
+        """`x: [..., D]` -> `[..., D]`. `overlap_degree` and `mode` (`ep`, `sharded`, `dp`; see
+        `moeflow.moe.expert_dispatch`) override the dispatch config's for this call: every mode
+        computes the same math from the same parameters. `routing_context`, passed by the model
+        from one MoE layer to the next, carries router state and receives this layer's router
+        logits."""
         cfg = self.config
         if x.dim() < 1 or x.shape[-1] != cfg.hidden_size:
             raise ValueError(
@@ -218,7 +232,9 @@ class MoELayer(nn.Module):
         routed_E = torch.bincount(
             route.expert_ids_TK.reshape(-1), minlength=self.router.num_choices
         )
-        out_TD, kept_E, keep_TK = self._dispatch_and_compute(x_TD, route, routed_E, overlap_degree)
+        out_TD, kept_E, keep_TK = self._dispatch_and_compute(
+            x_TD, route, routed_E, overlap_degree, mode
+        )
         if self.zc_experts is not None:
             # Ids relative to the zero-computation experts (FFN ids become negative: no match).
             rel_TK = route.expert_ids_TK - cfg.num_experts
@@ -242,6 +258,7 @@ class MoELayer(nn.Module):
         route: RouterOutput,
         routed_E: torch.Tensor,
         overlap_degree: int | None,
+        mode: str | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """FFN pairs through the dispatcher; returns (out, kept pairs per FFN expert, keep mask)."""
         rc = self.config.router
@@ -264,34 +281,24 @@ class MoELayer(nn.Module):
         # knows its shapes from the count exchange alone.
         if keep_TK is None:  # every pair is an FFN pair and kept: the routed counts are final
             kept_E = routed_E
-            slot_ids_TK = self._slots(ids_TK)
         else:
             kept_E = pair_counts(ids_TK, n, keep_TK)[:-1]
-            slot_ids_TK = self._slots(ids_TK.clamp(max=n - 1))
-        result = self.dispatcher(
+            ids_TK = ids_TK.clamp(max=n - 1)
+        result = self.expert_dispatch(
             x_TD.to(compute_dtype(x_TD)),
             route.weights_TK,
-            slot_ids_TK,
-            self.compute,
+            ids_TK,
+            keep_TK,
+            pad_to,
             (self.experts.w1, self.experts.w2),
-            keep_TK=keep_TK,
-            pad_to=pad_to,
+            mode=mode,
             overlap_degree=overlap_degree,
         )
         self.last_sent_rows = result.sent_rows
         self.last_sent_bytes = result.sent_rows * x_TD.shape[1] * result.out_TD.element_size()
+        self.last_gathered_bytes = self.expert_dispatch.last_gathered_bytes
         self.last_dispatch = result.chunks
         return result.out_TD, kept_E, keep_TK
-
-    def _slots(self, ids_TK: torch.Tensor) -> torch.Tensor:
-        """Physical slot of each (token, choice): the local copy, or spread over the copies."""
-        if not self._spread:
-            return self.slot_table[ids_TK, 0]
-        t, k = ids_TK.shape
-        order_TK = torch.arange(t, device=ids_TK.device)[:, None] + torch.arange(
-            k, device=ids_TK.device
-        )
-        return self.slot_table[ids_TK, order_TK % self.slot_count[ids_TK]]
 
     def _losses(
         self,

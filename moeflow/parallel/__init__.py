@@ -1,13 +1,22 @@
-"""Parallelism: degrees and groups, expert sharding, gradient synchronisation."""
+"""Parallelism: degrees and groups, the expert layout over them, parallel modes, gradient
+synchronisation, routing statistics and live re-placement."""
 
+from moeflow.moe.layout import ExpertLayout
 from moeflow.parallel.dims import ParallelContext, ParallelDims
+from moeflow.parallel.dispatch import MODES, DispatchConfig
 from moeflow.parallel.grad_sync import GradSync, expert_parameter_names
-from moeflow.parallel.parallelize import moe_layers, parallelize
+from moeflow.parallel.parallelize import expert_layouts, moe_layers, parallelize
+from moeflow.parallel.routing_stats import RoutingStats
 
 __all__ = [
+    "MODES",
+    "DispatchConfig",
+    "ExpertLayout",
     "GradSync",
     "ParallelContext",
     "ParallelDims",
+    "RoutingStats",
+    "expert_layouts",
     "expert_parameter_names",
     "moe_layers",
     "parallelize",

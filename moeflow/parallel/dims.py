@@ -19,10 +19,10 @@ Example:
 from __future__ import annotations
 
 import datetime
+import os
 from dataclasses import dataclass
 
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -66,10 +66,14 @@ class ParallelDims:
 
 
 class ParallelContext:
-    """The groups of one run, built once and passed explicitly (never global).
+    """The groups of one run, built once and passed explicitly (never global): the one source of
+    distributed state.
 
-    `mesh` is a named `DeviceMesh` (axes `dp`, `ep`) for tools that take one (FSDP, DTensor);
-    `ep_group`, `edp_group` and `world_group` are moeflow's own groups, created with the timeout.
+    `ep_group`, `edp_group` and `world_group` are created with the timeout at construction; the
+    shard groups of a layout (`shard_group`) and the intra/inter-node groups of a two-level
+    all-to-all (`node_groups`) on first use, once each (collective: every rank asks in the same
+    order, as `parallelize` does). The node size comes from `ranks_per_node` (torchrun's
+    `LOCAL_WORLD_SIZE`, read here and nowhere else).
     """
 
     def __init__(self, dims: ParallelDims, device_type: str) -> None:
@@ -89,17 +93,45 @@ class ParallelContext:
             if e == self.ep_index:
                 self.edp_group = group
         self.world_group = dist.new_group(list(range(dims.world_size)), timeout=timeout)
-        self.mesh: DeviceMesh = init_device_mesh(
-            device_type, (dims.dp, dims.ep), mesh_dim_names=("dp", "ep")
-        )
+        self.device_type = device_type
+        self._shard_groups: dict[int, dist.ProcessGroup | None] = {1: None}
+        self._node_groups: dict[int, tuple[dist.ProcessGroup, dist.ProcessGroup]] = {}
 
     @property
     def world_size(self) -> int:
         return self.dims.world_size
 
+    def ranks_per_node(self, requested: int | None = None) -> int | None:
+        """Ranks per node: `requested`, else torchrun's `LOCAL_WORLD_SIZE`, else None (unknown);
+        capped at `ep` (an expert group inside one node is one node for its all-to-all)."""
+        value = requested
+        if value is None and os.environ.get("LOCAL_WORLD_SIZE"):
+            value = int(os.environ["LOCAL_WORLD_SIZE"])
+        return None if value is None else min(value, self.dims.ep)
+
+    def shard_group(self, shards: int) -> dist.ProcessGroup | None:
+        """The group of the `shards` consecutive ranks of this rank's expert group that hold
+        slices of the same experts (`ExpertLayout`); None for 1. Collective on first use."""
+        if shards not in self._shard_groups:
+            if self.dims.ep % shards:
+                raise ValueError(f"{shards} shards do not divide parallel.ep ({self.dims.ep})")
+            timeout = datetime.timedelta(seconds=self.dims.timeout_s)
+            mine = None
+            for first in range(0, self.world_size, shards):
+                group = dist.new_group(list(range(first, first + shards)), timeout=timeout)
+                if first <= self.rank < first + shards:
+                    mine = group
+            self._shard_groups[shards] = mine
+        return self._shard_groups[shards]
+
     def node_groups(self, ranks_per_node: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
         """(intra-node, inter-node) groups of this rank's expert-parallel group, for a two-level
-        all-to-all. Collective: every rank creates every group, in the same order."""
+        all-to-all. Collective on first use: every rank creates every group, in the same order."""
+        if ranks_per_node not in self._node_groups:
+            self._node_groups[ranks_per_node] = self._make_node_groups(ranks_per_node)
+        return self._node_groups[ranks_per_node]
+
+    def _make_node_groups(self, ranks_per_node: int):
         ep, G = self.dims.ep, ranks_per_node
         if ep % G:
             raise ValueError(

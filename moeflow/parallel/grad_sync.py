@@ -101,25 +101,31 @@ class GradSync:
         self._sum_replicas()
 
     def _sum_replicas(self) -> None:
-        """Step 4: replicated experts (several slots on distinct ranks) sum their copies'
-        gradients over the `ep` group, so every copy takes the same step. One all-reduce of the
-        replicated experts' rows per layer; the placement is read each time (it may change)."""
+        """Step 4: replicated experts (several slots on distinct shard groups) sum their copies'
+        gradients over the `ep` group, so every copy takes the same step. One all-reduce per layer
+        of a buffer with one row per (replicated expert, F-shard): a rank adds its slices into
+        their rows, so slices of one expert never mix. The layout is read each time (it may
+        change)."""
         if self.ctx.dims.ep == 1:
             return
         for layer in self.layers:
-            copies = layer.expert_copies
-            replicated = [e for e, c in enumerate(copies) if c > 1]
+            layout = layer.layout
+            replicated = [e for e, c in enumerate(layout.copies()) if c > 1]
             if not replicated:
                 continue
-            row = {e: i for i, e in enumerate(replicated)}
-            slots = [s for s, e in enumerate(layer.local_expert_ids) if e in row]
+            local_ids = layer.local_expert_ids
+            shard = layout.shard_of(self.ctx.ep_index)
+            row = {e: i * layout.shards + shard for i, e in enumerate(replicated)}
+            slots = [s for s, e in enumerate(local_ids) if e in row]
             params = [p for p in layer.experts.parameters() if p.requires_grad]
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             device = grads[0].device
-            index = torch.tensor([row[layer.local_expert_ids[s]] for s in slots], device=device)
+            index = torch.tensor([row[local_ids[s]] for s in slots], device=device)
             local = torch.tensor(slots, dtype=torch.long, device=device)
             width = sum(g[0].numel() for g in grads)
-            buf = torch.zeros(len(replicated), width, dtype=grads[0].dtype, device=device)
+            buf = torch.zeros(
+                len(replicated) * layout.shards, width, dtype=grads[0].dtype, device=device
+            )
             mine = torch.cat([g[local].reshape(len(slots), -1) for g in grads], dim=1)
             buf.index_add_(0, index, mine)
             dist.all_reduce(buf, group=self.ctx.ep_group)

@@ -1,17 +1,17 @@
-"""parallelize(model, ctx): shard every MoELayer's experts over `ep` and wire its dispatcher.
+"""parallelize(model, ctx): lay out every MoELayer's experts over `ep` and attach its communication.
 
 Layers are built without any process group (the same model code runs on one CPU process and on many
-GPUs); this function makes them expert-parallel afterwards. Steps, on every rank:
+GPUs); this function makes them parallel afterwards. Steps, on every rank:
 
 1. Gather every rank's list of (layer name, config fingerprint) over the world group: ranks built
    with different MoE configs get the same error, instead of a hang in their first all-to-all.
-2. Check each layer: `num_experts` divisible by `ep`, and its placement valid (every expert in
-   some slot, ranks with equal slot counts, no rank holding an expert twice).
-3. Keep only this rank's experts: physical slots `[ep_index * L, (ep_index + 1) * L)` (L = E / ep,
-   or more with replicas), holding the logical experts the placement puts there (contiguous blocks
-   by default).
-4. Give the layer a `TokenDispatcher` over the `ep` group, and the world group as its balance
-   group (global-batch balancing counts, aux-loss-free bias loads).
+2. Each layer's `ExpertLayout` over the `ep` group: Tutel's canonical layout (every rank 1/ep of
+   the expert parameters: whole experts when E >= ep, an F-slice of one expert when ep > E), placed
+   by `expert_slots` (re-placement, replicas) or contiguous blocks; bad sizes raise here, on every
+   rank, naming the valid expert-group sizes.
+3. `MoELayer.attach`: the layer keeps this rank's expert rows and F-slice and takes its exchange
+   (flat or two-level all-to-all over `ep`), its expert and shard groups, the dispatch settings and
+   the world group as its balance group (global-batch counts, aux-loss-free bias loads).
 
 The model must hold the full set of experts, identical on every rank (same seed or same checkpoint),
 when this is called.
@@ -19,16 +19,14 @@ when this is called.
 
 from __future__ import annotations
 
-import os
-
-import torch
 import torch.distributed as dist
 from torch import nn
 
 from moeflow.comm.all_to_all import GroupExchange
-from moeflow.comm.dispatcher import DispatchConfig, TokenDispatcher
+from moeflow.comm.dispatcher import DispatchConfig
 from moeflow.comm.hierarchical import HierarchicalExchange
 from moeflow.moe.layer import MoELayer
+from moeflow.moe.layout import ExpertLayout, check_sizes
 from moeflow.parallel.dims import ParallelContext
 
 
@@ -49,137 +47,86 @@ def _check_same_configs(layers: list[tuple[str, MoELayer]], ctx: ParallelContext
             )
 
 
-def map_to_slots(expert_map: list[int]) -> list[int]:
-    """Logical-to-physical map (a permutation) -> slot list (`slots[map[e]] = e`)."""
-    slots = [-1] * len(expert_map)
-    for e, p in enumerate(expert_map):
-        slots[int(p)] = e
-    return slots
-
-
-def initial_slots(num_experts: int, ep: int, replica_slots: int = 0) -> list[int]:
-    """Contiguous blocks of E / ep experts per rank, then `replica_slots` more per rank holding
-    copies of the next ranks' first experts (never one the rank already holds).
-
-    Example:
-        >>> initial_slots(4, 2), initial_slots(4, 2, replica_slots=1)
-        ([0, 1, 2, 3], [0, 1, 2, 2, 3, 0])
-    """
-    own = num_experts // ep
-    if replica_slots and own + replica_slots > num_experts:
-        raise ValueError(
-            f"placement.replica_slots ({replica_slots}) + {own} experts per rank exceeds the "
-            f"{num_experts} experts: a rank holds at most one copy of each"
-        )
-    slots = []
-    for g in range(ep):
-        block = list(range(g * own, (g + 1) * own))
-        extra = [(g * own + own + j) % num_experts for j in range(replica_slots)]
-        slots += block + extra
-    return slots
-
-
-def check_slots(name: str, slots: list[int], num_experts: int, ep: int) -> None:
-    """Raise unless `slots` places every expert, in `ep` ranks of equal slot counts (at least
-    E / ep), with no rank holding an expert twice."""
-    ok = len(slots) % ep == 0 and len(slots) >= num_experts
-    ok = ok and all(isinstance(x, int) and 0 <= x < num_experts for x in slots)
-    ok = ok and sorted(set(slots)) == list(range(num_experts))
-    per_rank = len(slots) // ep if ok else 0
-    ok = ok and all(
-        len(set(slots[g * per_rank : (g + 1) * per_rank])) == per_rank for g in range(ep)
-    )
-    if not ok:
-        raise ValueError(
-            f"expert placement of MoE layer '{name}' ({slots}) must list, for each of {ep} "
-            f"ranks in turn, the same number (>= {num_experts // ep}) of distinct expert ids, "
-            f"every id in 0..{num_experts - 1} at least once"
-        )
-
-
-def shard_experts(layer: MoELayer, slots: list[int], ep_index: int, ep: int) -> None:
-    """Keep the experts that `slots` gives rank `ep_index`, in slot order."""
-    local = len(slots) // ep
-    mine_ids = slots[ep_index * local : (ep_index + 1) * local]
-    mine = torch.tensor(mine_ids, device=layer.experts.w1.device)
-    full = layer.experts
-    with torch.no_grad():
-        w1 = full.w1.detach()[mine].clone()
-        w2 = full.w2.detach()[mine].clone()
-    full.w1 = nn.Parameter(w1, requires_grad=full.w1.requires_grad)
-    full.w2 = nn.Parameter(w2, requires_grad=full.w2.requires_grad)
-    full.num_experts = local
-    layer.set_expert_placement(slots, ep_index, local)
-
-
 def _make_exchange(ctx: ParallelContext, dispatch: DispatchConfig):
     if not dispatch.two_level:
         return GroupExchange(ctx.ep_group)
-    ranks_per_node = dispatch.ranks_per_node
+    ranks_per_node = ctx.ranks_per_node(dispatch.ranks_per_node)
     if ranks_per_node is None:
-        local = os.environ.get("LOCAL_WORLD_SIZE")
-        if local is None:
-            raise ValueError(
-                "dispatch.two_level needs dispatch.ranks_per_node, or LOCAL_WORLD_SIZE in the "
-                "environment (torchrun sets it)"
-            )
-        ranks_per_node = int(local)
-    ranks_per_node = min(ranks_per_node, ctx.dims.ep)
+        raise ValueError(
+            "dispatch.two_level needs dispatch.ranks_per_node, or LOCAL_WORLD_SIZE in the "
+            "environment (torchrun sets it)"
+        )
     intra, inter = ctx.node_groups(ranks_per_node)
     return HierarchicalExchange(ctx.ep_group, intra, inter, ranks_per_node)
+
+
+def expert_layouts(model: nn.Module) -> dict[str, ExpertLayout]:
+    """Every MoE layer's layout, by module name.
+
+    Example:
+        >>> from moeflow.moe.config import MoEConfig
+        >>> model = nn.Sequential(MoELayer(MoEConfig(hidden_size=8, num_experts=2,
+        ...                                          ffn_hidden_size=8)))
+        >>> expert_layouts(model)["0"].slots
+        (0, 1)
+    """
+    return {name: layer.layout for name, layer in moe_layers(model)}
 
 
 def parallelize(
     model: nn.Module,
     ctx: ParallelContext,
     dispatch: DispatchConfig | None = None,
-    expert_maps: dict[str, torch.Tensor | list[int]] | None = None,
     expert_slots: dict[str, list[int]] | None = None,
+    replica_slots: int = 0,
 ) -> nn.Module:
-    """Make every `MoELayer` of `model` expert-parallel over `ctx`'s `ep` axis, in place.
+    """Lay every `MoELayer` of `model` out over `ctx`'s `ep` axis and attach it, in place.
 
-    Placement per layer name: `expert_maps[name]`, a logical-to-physical map (a permutation), or
-    `expert_slots[name]`, the logical expert of every physical slot, rank after rank, which may
-    hold replicas (more than E / ep slots per rank; see `initial_slots`). Default: contiguous
-    blocks of expert ids per rank. World size 1 and ep=1 take the same path.
+    `expert_slots[name]`: the logical expert of every slot, shard group after shard group (see
+    `ExpertLayout`); it may hold replicas. Default: contiguous blocks of expert ids per shard
+    group plus `replica_slots` replica slots per group. World size 1 and ep=1 take the same path.
 
-    Example:
-        >>> parallelize.__name__
-        'parallelize'
+    Example (one process; the same call on every rank of a job):
+        >>> import torch.distributed as dist
+        >>> from moeflow.moe.config import MoEConfig
+        >>> from moeflow.parallel.dims import ParallelDims
+        >>> from moeflow.train.distributed import init_distributed, shutdown
+        >>> runtime = init_distributed(60.0)
+        >>> model = nn.Sequential(MoELayer(MoEConfig(hidden_size=8, num_experts=2,
+        ...                                          ffn_hidden_size=8)))
+        >>> _ = parallelize(model, ParallelDims().build())
+        >>> model[0].layout.group_size, model(torch.randn(3, 8)).shape
+        (1, torch.Size([3, 8]))
+        >>> shutdown(runtime)
     """
     layers = moe_layers(model)
     _check_same_configs(layers, ctx)
+    dispatch = dispatch or DispatchConfig()
     ep = ctx.dims.ep
-    placements = {}
+    layouts = {}
     for name, layer in layers:
-        n = layer.config.num_experts
-        if n % ep:
-            raise ValueError(
-                f"moe.num_experts ({n}) of layer '{name}' must be divisible by parallel.ep ({ep})"
-            )
-        if layer.experts.w1.shape[0] != n:
+        cfg = layer.config
+        where = f"MoE layer '{name}': "
+        check_sizes(cfg.num_experts, cfg.ffn_hidden_size, ep, where)
+        if layer.layout.group_size != 1 or layer.experts.w1.shape[0] != cfg.num_experts:
             raise ValueError(f"MoE layer '{name}' is already parallelized")
+        layout = ExpertLayout.canonical(cfg.num_experts, cfg.ffn_hidden_size, ep, replica_slots)
         if expert_slots and name in expert_slots:
-            slots = [int(x) for x in expert_slots[name]]
-        elif expert_maps and name in expert_maps:
-            expert_map = [int(x) for x in torch.as_tensor(expert_maps[name]).tolist()]
-            if sorted(expert_map) != list(range(n)):
-                raise ValueError(
-                    f"expert map of MoE layer '{name}' ({expert_map}) must be a permutation of "
-                    f"0..{n - 1}"
-                )
-            slots = map_to_slots(expert_map)
-        else:
-            slots = list(range(n))
-        check_slots(name, slots, n, ep)
-        placements[name] = slots
-    exchange = _make_exchange(ctx, dispatch or DispatchConfig())
+            try:
+                layout = layout.with_slots([int(x) for x in expert_slots[name]])
+            except ValueError as exc:
+                raise ValueError(f"{where}{exc}") from None
+        layouts[name] = layout
+    exchange = _make_exchange(ctx, dispatch)
     for name, layer in layers:
-        slots = placements[name]
-        shard_experts(layer, slots, ctx.ep_index, ep)
-        dispatcher = TokenDispatcher(exchange, len(slots) // ep, dispatch)
-        dispatcher.name = f"MoE layer '{name}'"
-        layer.dispatcher = dispatcher
-        # Global-batch balancing and aux-loss-free bias updates count over every rank.
-        layer.balance_group = ctx.world_group
+        layout = layouts[name]
+        layer.attach(
+            layout,
+            exchange,
+            group=ctx.ep_group,
+            shard_group=ctx.shard_group(layout.shards),
+            dispatch=dispatch,
+            balance_group=ctx.world_group,
+            name=name,
+        )
     return model

@@ -7,8 +7,8 @@ replica does the same within its own `ep` group):
    `all_to_all_single` per tensor). A new replica is a copy of an old one, moments included.
 2. The moved rows are copied **in place** into the same `Parameter`s and state tensors, so the
    optimizer's parameter groups, `GradSync`'s buckets and any other reference stay valid.
-3. `set_expert_placement` records the new placement in the layer, whose dispatcher uses it from
-   the next forward on. Router, bias and balancing counts use logical ids and are untouched;
+3. `MoELayer.set_layout` records the new layout in the layer, whose dispatch uses it from the
+   next forward on. Router, bias and balancing counts use logical ids and are untouched;
    checkpoints store logical ids, so they do not change.
 
 Call it between optimizer steps. The model's math does not change: only which rank computes which
@@ -23,8 +23,10 @@ import torch.distributed as dist
 from torch import nn
 
 from moeflow.moe.layer import MoELayer
-from moeflow.parallel.parallelize import check_slots, moe_layers
-from moeflow.placement.migrate import migrate_rows
+from moeflow.moe.layout import ExpertLayout
+from moeflow.parallel.migrate import migrate_rows
+from moeflow.parallel.parallelize import moe_layers
+from moeflow.placement.problem import Placement
 
 
 def current_expert_slots(model: nn.Module) -> dict[str, list[int]]:
@@ -37,7 +39,24 @@ def current_expert_slots(model: nn.Module) -> dict[str, list[int]]:
         >>> current_expert_slots(model)
         {'0': [0, 1]}
     """
-    return {name: list(layer.slot_experts) for name, layer in moe_layers(model)}
+    return {name: list(layer.layout.slots) for name, layer in moe_layers(model)}
+
+
+def layouts_placement(layouts: list[ExpertLayout]) -> Placement:
+    """The planner's view of the layers' layouts: per layer, per shard group, its experts (a
+    shard group is one placement 'rank')."""
+    return Placement([[lay.group_experts(v) for v in range(lay.num_groups)] for lay in layouts])
+
+
+def placement_slots(placement: Placement, layer: int) -> list[int]:
+    """A planned placement of one layer as the slot list of an `ExpertLayout`."""
+    groups = placement.layers[layer]
+    if len({len(ids) for ids in groups}) != 1:
+        raise ValueError(
+            f"layer {layer}'s placement holds {sorted(len(i) for i in groups)} experts per "
+            "shard group; a running MoE layer has the same row count on every rank"
+        )
+    return [e for ids in groups for e in ids]
 
 
 def _per_row_state(optimizer: torch.optim.Optimizer | None, param: nn.Parameter) -> list:
@@ -72,27 +91,24 @@ def apply_placement(
     unknown = sorted(set(expert_slots) - set(layers))
     if unknown:
         raise ValueError(f"no MoE layer named {unknown}; the model's MoE layers: {sorted(layers)}")
-    ranks = 1 if ep_group is None else dist.get_world_size(ep_group)
-    rank = 0 if ep_group is None else dist.get_rank(ep_group)
     moved = 0
-    for name, new in expert_slots.items():
+    for name, slots in expert_slots.items():
         layer: MoELayer = layers[name]
-        new = [int(x) for x in new]
-        old = list(layer.slot_experts)
-        if new == old:
+        old = layer.layout
+        if list(slots) == list(old.slots):
             continue
-        check_slots(name, new, layer.config.num_experts, ranks)
-        local = len(old) // ranks
-        if len(new) != len(old) or layer.experts.w1.shape[0] != local:
+        try:
+            new = old.with_slots([int(x) for x in slots])
+        except ValueError as exc:
+            raise ValueError(f"MoE layer '{name}': {exc}") from None
+        if new.slots_per_group != old.slots_per_group:
             raise ValueError(
-                f"MoE layer '{name}' holds {layer.experts.w1.shape[0]} expert slots per rank; "
-                f"the new placement gives {len(new) // ranks} (the slot count is fixed when the "
-                "model is parallelized)"
+                f"MoE layer '{name}' holds {old.slots_per_group} expert rows per rank; the new "
+                f"placement gives {new.slots_per_group} (the row count is fixed when the model "
+                "is parallelized)"
             )
-        for g in range(ranks):
-            moved += len(
-                set(new[g * local : (g + 1) * local]) - set(old[g * local : (g + 1) * local])
-            )
+        for v in range(old.num_groups):  # every rank of a shard group receives its slices
+            moved += old.shards * len(set(new.group_experts(v)) - set(old.group_experts(v)))
         for param in layer.experts.parameters():
             keys = _per_row_state(optimizer, param)
             tensors = [param.data, *(optimizer.state[param][k] for k in keys)]
@@ -102,7 +118,7 @@ def apply_placement(
             with torch.no_grad():
                 for target, value in zip(tensors, rows, strict=True):
                     target.copy_(value)
-        layer.set_expert_placement(new, rank, local)
+        layer.set_layout(new)
     return moved
 
 
@@ -111,7 +127,7 @@ def replica_row_weights(model: nn.Module) -> dict[nn.Parameter, torch.Tensor]:
     so that a sum over every rank's slots counts each logical expert once (gradient norms)."""
     out = {}
     for _, layer in moe_layers(model):
-        copies = layer.expert_copies
+        copies = layer.layout.copies()
         if max(copies) == 1:
             continue
         w = torch.tensor([1.0 / copies[e] for e in layer.local_expert_ids], dtype=torch.float64)

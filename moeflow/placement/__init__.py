@@ -1,10 +1,11 @@
 """Expert placement: routing statistics, the placement ILP and its baselines, live migration.
 
-- `RoutingStats` (measured while training) -> `RoutingTrace` (saved as `routing_stats.json`).
+- `moeflow.parallel.RoutingStats` (measured while training) -> `RoutingTrace` (saved as
+  `routing_stats.json`).
 - `PlacementConfig` + a trace -> `plan(trace, cfg, method)` for `contiguous`, `round_robin`,
   `greedy` (EPLB) or `ilp` (PuLP with HiGHS/CBC) -> a scored `Placement`.
-- `migrate_rows` moves expert rows between ranks; `moeflow.parallel.replace.apply_placement`
-  uses it to re-place a running model's experts with their optimizer state.
+- Pure planning (numpy and PuLP): measuring routing (`moeflow.parallel.routing_stats`) and moving
+  experts (`moeflow.parallel.replace.apply_placement`) live next to the other communicating code.
 
 Example:
     >>> trace = synthetic_trace(8, num_layers=2, tokens=1000)
@@ -15,10 +16,8 @@ Example:
 
 from moeflow.placement.baselines import affinity_greedy, contiguous, greedy, round_robin
 from moeflow.placement.ilp import SolveInfo, SolverUnavailableError, available_solvers, solve_ilp
-from moeflow.placement.migrate import migrate_rows
 from moeflow.placement.planner import METHODS, PlanResult, compare, plan
 from moeflow.placement.problem import Placement, PlacementConfig, PlacementMetrics, evaluate
-from moeflow.placement.stats import RoutingStats
 from moeflow.placement.trace import RoutingTrace, synthetic_trace
 
 __all__ = [
@@ -27,7 +26,6 @@ __all__ = [
     "PlacementConfig",
     "PlacementMetrics",
     "PlanResult",
-    "RoutingStats",
     "RoutingTrace",
     "SolveInfo",
     "SolverUnavailableError",
@@ -37,7 +35,6 @@ __all__ = [
     "contiguous",
     "evaluate",
     "greedy",
-    "migrate_rows",
     "plan",
     "round_robin",
     "solve_ilp",

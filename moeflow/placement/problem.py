@@ -182,26 +182,6 @@ class Placement:
                 out[e] = g * slots + i
         return out
 
-    def expert_slots(self, layer: int) -> list[int]:
-        """The logical expert of every slot, rank after rank (what `parallelize(expert_slots=)`
-        and `apply_placement` take); every rank must hold the same number of copies."""
-        per_rank = {len(ids) for ids in self.layers[layer]}
-        if len(per_rank) != 1:
-            raise ValueError(
-                f"layer {layer}'s placement holds {sorted(len(i) for i in self.layers[layer])} "
-                "experts per rank; a running MoELayer has the same slot count on every rank"
-            )
-        return [e for ids in self.layers[layer] for e in ids]
-
-    @classmethod
-    def from_expert_slots(cls, slots: list[list[int]], num_ranks: int) -> Placement:
-        """From slot lists (one per layer, rank after rank)."""
-        layers = []
-        for flat in slots:
-            per = len(flat) // num_ranks
-            layers.append([list(flat[g * per : (g + 1) * per]) for g in range(num_ranks)])
-        return cls(layers)
-
     @classmethod
     def from_expert_maps(cls, maps: list[list[int]], num_ranks: int) -> Placement:
         layers = []

@@ -4,7 +4,11 @@ Layout of `<out_dir>/checkpoints/step_00000100/`:
 - DCP files (`.metadata`, `__<rank>_0.distcp`): model and AdamW moments. Expert weights are stored
   one key per **logical** expert (`blocks.0.ffn.experts.17.w1`, `optim.blocks.0.ffn.experts.17.w1.
   exp_avg`), so each rank saves and loads only the experts it holds, and a checkpoint written at
-  ep=2 loads at ep=1 or ep=4 (or after re-placement). Dense weights are saved once (DCP dedups).
+  ep=2 loads at ep=1 or ep=4 (or after re-placement). `w1` is stored as `[D, c, F]` (c = 2 column
+  blocks for SwiGLU: gate, up), `w2` as `[F, D]`: a rank holding an F-slice of an expert (ep >
+  num_experts, see `ExpertLayout`) saves and loads its slice as a `DTensor` sharded over F across
+  its shard group, so a run at E < ep resumes at E >= ep and back. Dense weights are saved once
+  (DCP dedups).
 - `moeflow.json`: step, config, world layout, learning rate; written last, by rank 0.
 - `rank_<r>.json`: that rank's data position and RNG states (base64).
 
@@ -40,12 +44,14 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
 
 from moeflow.moe.layer import MoELayer
 from moeflow.train.safe_reader import SafeFileSystemReader, UnsafeCheckpointError
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: expert w1 stored as [D, c, F] (1: [D, c*F], before F-sharded experts)
 
 
 class CheckpointError(ValueError):
@@ -63,13 +69,42 @@ def _expert_params(model: nn.Module) -> dict[str, tuple[str, str, MoELayer]]:
     return out
 
 
+def _expert_value(
+    row: torch.Tensor, pname: str, layer: MoELayer, meshes: dict
+) -> torch.Tensor | DTensor:
+    """One expert row as saved: `w1` viewed `[D, c, f]`; an F-slice (f < F) as a DTensor over the
+    layer's shard group (a view of the row either way, so loading writes into it)."""
+    layout = layer.layout
+    if pname == "w1":
+        row = row.unflatten(-1, (-1, layout.ffn_per_rank))
+    if layout.shards == 1:
+        return row
+    group = layer.expert_dispatch.shard_group
+    if group not in meshes:
+        meshes[group] = DeviceMesh.from_group(group, row.device.type)
+    dim = 2 if pname == "w1" else 0
+    shape = list(row.shape)
+    shape[dim] = layout.ffn_hidden_size
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(
+        row, meshes[group], [Shard(dim)], run_check=False, shape=torch.Size(shape), stride=stride
+    )
+
+
 def _split_by_logical_id(
-    name: str, tensor: torch.Tensor, experts: dict, out: dict, prefix: str = "", suffix: str = ""
+    name: str,
+    tensor: torch.Tensor,
+    experts: dict,
+    out: dict,
+    meshes: dict,
+    prefix: str = "",
+    suffix: str = "",
 ) -> None:
     if name in experts:
         base, pname, layer = experts[name]
         for slot, logical in enumerate(layer.local_expert_ids):
-            out[f"{prefix}{base}.{logical}.{pname}{suffix}"] = tensor[slot]
+            value = _expert_value(tensor[slot], pname, layer, meshes)
+            out[f"{prefix}{base}.{logical}.{pname}{suffix}"] = value
     else:
         out[f"{prefix}{name}{suffix}"] = tensor
 
@@ -79,8 +114,9 @@ def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     model's tensors, so DCP loads straight into the model."""
     experts = _expert_params(model)
     out: dict[str, torch.Tensor] = {}
+    meshes: dict = {}
     for name, tensor in model.state_dict().items():
-        _split_by_logical_id(name, tensor, experts, out)
+        _split_by_logical_id(name, tensor, experts, out, meshes)
     return out
 
 
@@ -102,12 +138,15 @@ def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     init_optimizer_state(optimizer)
     experts = _expert_params(model)
     out: dict[str, torch.Tensor] = {}
+    meshes: dict = {}
     for name, p in model.named_parameters():
         state = optimizer.state.get(p)
         if not state:
             continue
         for key in ("exp_avg", "exp_avg_sq"):
-            _split_by_logical_id(name, state[key], experts, out, prefix="optim.", suffix=f".{key}")
+            _split_by_logical_id(
+                name, state[key], experts, out, meshes, prefix="optim.", suffix=f".{key}"
+            )
     return out
 
 
@@ -204,6 +243,11 @@ def read_meta(path: str | Path) -> dict:
         meta = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: {file} ({exc})") from None
+    if isinstance(meta, dict) and meta.get("format") == 1:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} was written by moeflow before format {FORMAT_VERSION} "
+            "(expert w1 as [D, c*F]); resume it with the moeflow release that wrote it"
+        )
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION or "step" not in meta:
         raise CheckpointError(
             f"checkpoint {str(path)!r} is corrupt or not a moeflow checkpoint (format "

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moeflow.models.decoder import DecoderConfig
+from moeflow.moe.layout import ExpertLayout
+from moeflow.parallel.dispatch import MODES
 from moeflow.placement.problem import PlacementConfig
 
 if sys.version_info >= (3, 11):
@@ -148,13 +150,18 @@ class TrainConfig:
 
 @dataclass(kw_only=True, frozen=True)
 class ParallelConfig:
-    """`ep`: expert-parallel degree; the data-parallel degree is `world_size / ep` (set `dp` to
-    insist on one). `overlap_degree`: chunks of the pipelined all-to-all; `two_level` with
-    `ranks_per_node` (default: torchrun's LOCAL_WORLD_SIZE) for multi-node runs."""
+    """`ep`: expert-parallel degree (the expert group: every rank holds 1/ep of the expert
+    parameters, an F-slice of one expert when ep > num_experts); the data-parallel degree is
+    `world_size / ep` (set `dp` to insist on one). `mode`: how MoE layers run on that layout
+    (`ep`: tokens to their experts; `sharded`: tokens to every slice of their expert; `dp`: the
+    experts gathered to the tokens; see `moeflow.moe.expert_dispatch`). `overlap_degree`: chunks
+    of the pipelined all-to-all; `two_level` with `ranks_per_node` (default: torchrun's
+    LOCAL_WORLD_SIZE) for multi-node runs."""
 
     ep: int = 1
     dp: int | None = None
     timeout_s: float = 600.0
+    mode: str = "ep"
     overlap_degree: int = 1
     two_level: bool = False
     ranks_per_node: int | None = None
@@ -162,6 +169,7 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         _positive_int("parallel.ep", self.ep)
         _positive_int("parallel.overlap_degree", self.overlap_degree)
+        _choice("parallel.mode", self.mode, MODES)
         if self.dp is not None:
             _positive_int("parallel.dp", self.dp)
         if self.ranks_per_node is not None:
@@ -318,12 +326,9 @@ class RunConfig:
                 f"placement.replica_slots ({replicas}) needs parallel.ep > 1: with one "
                 "expert-parallel rank every expert is already local"
             )
-        experts = self.model.moe.num_experts
-        if replicas and experts // ep + replicas > experts:
-            raise ValueError(
-                f"placement.replica_slots ({replicas}) + {experts // ep} experts per rank exceeds "
-                f"moe.num_experts ({experts}): a rank holds at most one copy of each expert"
-            )
+        # The expert layout over parallel.ep (sizes and replicas), checked before any work.
+        moe = self.model.moe
+        ExpertLayout.canonical(moe.num_experts, moe.ffn_hidden_size, ep, replicas)
         if self.data.kind != "tokens" and self.model.vocab_size < 256:
             raise ValueError(
                 f"model.vocab_size ({self.model.vocab_size}) must be >= 256 for byte tokens "

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import torch
 
+from moeflow.moe.ffn import gate_multiplier
 from moeflow.moe.layer import MoELayer
 from moeflow.parallel.dims import ParallelDims
+from moeflow.parallel.dispatch import MODES
 from moeflow.parallel.grad_sync import expert_parameter_names
 from moeflow.train.config import RunConfig
 from moeflow.train.distributed import init_distributed, shutdown
@@ -40,16 +42,23 @@ def dry_run(cfg: RunConfig, world_size: int | None = None) -> dict:
         local_experts = sum(t.numel() for n, t in named.items() if n in experts)
         layers = [m for m in model.modules() if isinstance(m, MoELayer)]
         m = cfg.model
-        per_expert = local_experts // max(sum(len(x.local_expert_ids) for x in layers), 1)
+        c = gate_multiplier(m.moe.activation)
+        per_expert = (c + 1) * m.moe.ffn_hidden_size * m.moe.hidden_size
+        layout = layers[0].layout if layers else None
         total = dense + per_expert * sum(x.config.num_experts for x in layers)
         active = dense + per_expert * m.moe.router.top_k * len(layers)
         rank_params = dense + local_experts
         return {
+            "expert_memory": expert_memory(model),
             "world_size": runtime.world_size,
             "dp": dims.dp,
             "ep": dims.ep,
             "moe_layers": len(layers),
-            "experts_per_rank": m.moe.num_experts // dims.ep,
+            # expert rows per rank (replicas included), each an F-slice 1/shards of an expert
+            "experts_per_rank": layout.slots_per_group - cfg.placement.replica_slots
+            if layout
+            else 0,
+            "expert_shards": layout.shards if layout else 1,
             "replica_slots": cfg.placement.replica_slots,
             "total_params": total,
             "active_params_per_token": active,
@@ -66,6 +75,30 @@ def dry_run(cfg: RunConfig, world_size: int | None = None) -> dict:
         shutdown(runtime)
 
 
+def expert_memory(model) -> list[dict]:
+    """Per MoE layer: the expert-parameter bytes this rank holds (measured on its tensors) and, per
+    parallel mode, the peak during a layer call (held + what the mode gathers, from the layout)."""
+    out = []
+    for name, layer in model.named_modules():
+        if not isinstance(layer, MoELayer):
+            continue
+        held = sum(p.numel() * p.element_size() for p in layer.experts.parameters())
+        size = layer.experts.w1.element_size()
+        c = gate_multiplier(layer.config.activation)
+        d = layer.config.hidden_size
+        peak = {m: held + size * layer.layout.gather_peak_elements(m, d, c) for m in MODES}
+        total = layer.config.num_experts * (c + 1) * layer.config.ffn_hidden_size * d * size
+        out.append({"layer": name, "held_bytes": held, "total_bytes": total, "peak_bytes": peak})
+    return out
+
+
+def _bytes(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
 def _count(n: float) -> str:
     for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= scale:
@@ -76,11 +109,22 @@ def _count(n: float) -> str:
 def format_report(report: dict) -> str:
     replicas = report.get("replica_slots")
     extra = f" + {replicas} replica slot(s)" if replicas else ""
+    memory = [
+        f"  {m['layer']}: experts {_bytes(m['held_bytes'])} per rank of "
+        f"{_bytes(m['total_bytes'])}; peak in a call: "
+        + ", ".join(f"{k} {_bytes(v)}" for k, v in m["peak_bytes"].items())
+        for m in report.get("expert_memory", [])
+    ]
     return "\n".join(
         [
             f"dry run: config valid; world {report['world_size']} = dp {report['dp']} x ep "
             f"{report['ep']}; {report['moe_layers']} MoE layers, {report['experts_per_rank']} "
-            "experts per rank" + extra,
+            + (
+                "experts per rank"
+                if report.get("expert_shards", 1) == 1
+                else f"expert per rank as 1/{report['expert_shards']} F-slice"
+            )
+            + extra,
             f"  parameters: {_count(report['total_params'])} total, "
             f"{_count(report['active_params_per_token'])} active per token, "
             f"{_count(report['params_per_rank'])} per rank "
@@ -88,5 +132,7 @@ def format_report(report: dict) -> str:
             "state per rank)",
             f"  {report['flops_per_token'] / 1e9:.4g} GFLOP per token (fwd+bwd), "
             f"{report['tokens_per_step']:,} tokens per optimizer step",
+            "  expert parameters per MoE layer (fp32 weights; gathered experts are transient):",
+            *memory,
         ]
     )

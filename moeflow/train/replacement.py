@@ -16,7 +16,6 @@ collected when `placement.stats` is on.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -25,10 +24,15 @@ import torch.distributed as dist
 
 from moeflow.moe.layer import MoELayer
 from moeflow.parallel.dims import ParallelContext
-from moeflow.parallel.replace import apply_placement, current_expert_slots
+from moeflow.parallel.replace import (
+    apply_placement,
+    current_expert_slots,
+    layouts_placement,
+    placement_slots,
+)
+from moeflow.parallel.routing_stats import RoutingStats
 from moeflow.placement.planner import plan
-from moeflow.placement.problem import Placement, PlacementConfig, evaluate
-from moeflow.placement.stats import RoutingStats
+from moeflow.placement.problem import PlacementConfig, evaluate
 from moeflow.placement.trace import RoutingTrace
 from moeflow.train.config import RunConfig
 
@@ -49,14 +53,17 @@ class Replacer:
         self.path = Path(cfg.train.out_dir) / STATS_FILE
 
     def problem(self) -> PlacementConfig:
+        """The planning problem: a placement 'rank' is a shard group of the layout (a rank when
+        every rank holds whole experts)."""
         p = self.cfg.placement
-        rpn = p.ranks_per_node or self.cfg.parallel.ranks_per_node
-        if rpn is None and os.environ.get("LOCAL_WORLD_SIZE"):
-            rpn = int(os.environ["LOCAL_WORLD_SIZE"])
-        ep = self.ctx.dims.ep
-        if rpn is None or ep % min(rpn, ep):
-            rpn = None
-        return p.problem(ep, min(rpn, ep) if rpn else None, self.layers[0].config.num_experts)
+        rpn = self.ctx.ranks_per_node(p.ranks_per_node or self.cfg.parallel.ranks_per_node)
+        layout = self.layers[0].layout
+        groups, shards = layout.num_groups, layout.shards
+        if rpn is None or rpn % shards or groups % (rpn // shards):
+            group_rpn = None
+        else:
+            group_rpn = rpn // shards
+        return p.problem(groups, group_rpn, layout.num_experts)
 
     # -- every micro-batch / step ---------------------------------------------------------------
     def observe(self) -> None:
@@ -122,9 +129,7 @@ class Replacer:
 
     def _decide(self, trace: RoutingTrace, step: int, periodic: bool) -> dict | None:
         p, cfg = self.cfg.placement, self.problem()
-        ep = self.ctx.dims.ep
-        slots = [layer.slot_experts for layer in self.layers]
-        current = evaluate(trace, Placement.from_expert_slots(slots, ep), cfg)
+        current = evaluate(trace, layouts_placement([x.layout for x in self.layers]), cfg)
         imbalance = current.max_mean
         if not periodic and imbalance <= p.imbalance_threshold:
             return None
@@ -142,7 +147,7 @@ class Replacer:
             "after": result.metrics.as_dict(),
             "gain": round(gain, 4),
             "applied": applied,
-            "maps": [result.placement.expert_slots(i) for i in range(len(self.layers))]
+            "maps": [placement_slots(result.placement, i) for i in range(len(self.layers))]
             if applied
             else None,
         }

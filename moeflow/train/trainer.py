@@ -37,12 +37,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from moeflow.comm.dispatcher import DispatchConfig
 from moeflow.models.decoder import MoEDecoder
 from moeflow.moe.layer import MoELayer, finish_optimizer_step, set_aux_loss_scale
+from moeflow.moe.layout import ExpertLayout
 from moeflow.parallel.dims import ParallelContext, ParallelDims
+from moeflow.parallel.dispatch import DispatchConfig
 from moeflow.parallel.grad_sync import GradSync, expert_parameter_names
-from moeflow.parallel.parallelize import initial_slots, moe_layers, parallelize
+from moeflow.parallel.parallelize import parallelize
 from moeflow.parallel.replace import current_expert_slots, replica_row_weights
 from moeflow.train import checkpoint as ckpt
 from moeflow.train.config import RunConfig
@@ -187,8 +188,10 @@ class Trainer:
         if meta.get("parallel", {}).get("ep") != self.ctx.dims.ep or not isinstance(slots, dict):
             return None
         m = self.cfg.model.moe
-        want = m.num_experts + self.ctx.dims.ep * self.cfg.placement.replica_slots
-        if any(not isinstance(v, list) or len(v) != want for v in slots.values()):
+        layout = ExpertLayout.canonical(
+            m.num_experts, m.ffn_hidden_size, self.ctx.dims.ep, self.cfg.placement.replica_slots
+        )
+        if any(not isinstance(v, list) or len(v) != len(layout.slots) for v in slots.values()):
             return None
         return slots
 
@@ -485,21 +488,19 @@ def build_model(
     expert_slots: dict[str, list[int]] | None = None,
 ) -> MoEDecoder:
     """Build on the meta device, keep only this rank's experts (placed by `expert_slots`,
-    default contiguous blocks plus `placement.replica_slots` replicas per rank), then
+    default contiguous blocks plus `placement.replica_slots` replicas per shard group), then
     materialise and initialise: a large model is never whole on one rank."""
     with torch.device("meta"):
         model = MoEDecoder(cfg.model)
     p = cfg.parallel
     dispatch = DispatchConfig(
-        overlap_degree=p.overlap_degree, two_level=p.two_level, ranks_per_node=p.ranks_per_node
+        mode=p.mode,
+        overlap_degree=p.overlap_degree,
+        two_level=p.two_level,
+        ranks_per_node=p.ranks_per_node,
     )
     replicas = cfg.placement.replica_slots  # validated against parallel.ep by RunConfig
-    if expert_slots is None:
-        e = cfg.model.moe.num_experts
-        expert_slots = {
-            name: initial_slots(e, ctx.dims.ep, replicas) for name, _ in moe_layers(model)
-        }
-    parallelize(model, ctx, dispatch, expert_slots=expert_slots)
+    parallelize(model, ctx, dispatch, expert_slots=expert_slots, replica_slots=replicas)
     if device.type != "meta":
         model.to_empty(device=device)
         model.init_weights(seed=cfg.train.seed)

@@ -1,0 +1,197 @@
+"""ExpertDispatch: an MoE layer's FFN pairs through its experts in any parallel mode, per call.
+
+Legend: T tokens, K top-k, E experts, G ranks in the expert group, S shards per expert, L expert
+rows per rank, C copies of an expert a rank may send to (replicas), f = F / S.
+
+The layer's experts are laid out once by an `ExpertLayout` (every rank 1/G of the parameters) and
+every mode runs from that layout without moving a parameter (after Tutel):
+
+- `ep`: every pair goes to one rank holding its expert (the copy in the sender's shard group if
+  there is one, else spread over the copies by `(token + choice) mod copies`); with S > 1 it goes
+  to member `sender % S` of the expert's shard group, whose whole experts are first all-gathered
+  within the shard group (`ExpertWeightGather`); their gradient is reduce-scattered back.
+- `sharded`: no weight moves. Every pair goes to all S ranks holding a slice of its expert (S
+  sub-pairs with the router weight of the pair); each computes its partial FFN over its F-slice and
+  the un-permute sums the partial outputs. With S = 1 this is `ep`.
+- `dp`: all E experts are all-gathered over the expert group (from their first copies); every rank
+  computes its own tokens with every expert, no token moves; the weight gradients are
+  reduce-scattered back to the slices (replicas other than the first get zeros, and `GradSync`
+  sums the copies).
+
+Gathered weights are recomputed in backward (gathered again), never kept from forward to
+backward: at most one layer's gathered experts exist at a time.
+
+Schedule of one call with G > 1, on every rank of the expert group:
+1. One all-gather of `(mode, overlap degree)` (two integers per rank) and a host sync: ranks that
+   disagree all raise the same error instead of issuing different collectives and hanging.
+2. The mode's collectives: `ep`/`sharded` as `TokenDispatcher` documents (count exchange, then the
+   pipelined all-to-all), preceded in `ep` with S > 1 by the shard group's weight all-gather; `dp`:
+   the weight all-gather over the expert group, no token exchange.
+3. Backward: the pipeline's reverse all-to-alls, and the weight gather again followed by the
+   gradient's reduce-scatter where the forward gathered.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moeflow.comm.all_to_all import Exchange, LocalExchange
+from moeflow.comm.dispatcher import MODES, DispatchConfig, DispatchResult, TokenDispatcher
+from moeflow.comm.gather import all_gather_rows, group_size
+from moeflow.moe.expert_compute import GroupedExpertCompute
+from moeflow.moe.layout import ExpertLayout
+from moeflow.moe.weight_gather import ExpertWeightGather
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"parallel mode ({mode!r}) must be one of {list(MODES)}")
+    return mode
+
+
+class ExpertDispatch(nn.Module):
+    """The routing tables and per-mode paths of one layer under its layout (no parameters)."""
+
+    def __init__(self, num_experts: int, ffn_hidden_size: int, activation: str) -> None:
+        super().__init__()
+        self.activation = activation
+        self.layout = ExpertLayout.canonical(num_experts, ffn_hidden_size, 1)
+        self.exchange: Exchange = LocalExchange()
+        self.group: dist.ProcessGroup | None = None
+        self.shard_group: dist.ProcessGroup | None = None
+        self.config = DispatchConfig()
+        self.name = "moe"
+        # Per logical expert: the dispatcher slots of its copies this rank sends to in `ep`
+        # ([E, C]), the S slices of each in `sharded` ([E, C, S]), and how many copies.
+        self.register_buffer("slot_table", torch.arange(num_experts)[:, None], persistent=False)
+        self.register_buffer("shard_table", torch.arange(num_experts)[:, None, None], False)
+        self.register_buffer("slot_count", torch.ones(num_experts, dtype=torch.int64), False)
+        self._spread = False
+        self._paths: dict[str, tuple[TokenDispatcher, GroupedExpertCompute]] = {}
+        self.last_gathered_bytes = 0
+
+    @property
+    def rank(self) -> int:
+        return self.exchange.rank
+
+    def attach(
+        self,
+        layout: ExpertLayout,
+        exchange: Exchange,
+        group: dist.ProcessGroup | None,
+        shard_group: dist.ProcessGroup | None,
+        config: DispatchConfig,
+        name: str,
+    ) -> None:
+        if exchange.size != layout.group_size or group_size(group) != layout.group_size:
+            raise ValueError(
+                f"{name}: the layout spans {layout.group_size} ranks but the exchange and the "
+                f"expert group have {exchange.size} and {group_size(group)}"
+            )
+        if group_size(shard_group) != layout.shards:
+            raise ValueError(
+                f"{name}: the layout has {layout.shards} shards per expert but the shard group "
+                f"has {group_size(shard_group)} ranks"
+            )
+        self.exchange, self.group, self.shard_group = exchange, group, shard_group
+        self.config, self.name = config, name
+        self.set_layout(layout)
+
+    def set_layout(self, layout: ExpertLayout) -> None:
+        """Record a (re-)placement and rebuild the tables and paths (weights already moved)."""
+        self.layout = layout
+        self._paths = {}
+        self.write_tables()
+
+    def write_tables(self) -> None:
+        device = self.slot_table.device
+        if device.type == "meta":
+            return
+        lay, rank = self.layout, self.rank
+        rows = lay.slot_table(rank)
+        width = max(len(r) for r in rows)
+        self._spread = width > 1
+        table = [r + [r[0]] * (width - len(r)) for r in rows]
+        ep = [[lay.physical_slot(q, lay.shard_of(rank)) for q in r] for r in table]
+        shards = [[[lay.physical_slot(q, s) for s in range(lay.shards)] for q in r] for r in table]
+        self.slot_table = torch.tensor(ep, dtype=torch.int64, device=device)
+        self.shard_table = torch.tensor(shards, dtype=torch.int64, device=device)
+        self.slot_count = torch.tensor([len(r) for r in rows], dtype=torch.int64, device=device)
+
+    def _path(self, mode: str) -> tuple[TokenDispatcher, GroupedExpertCompute]:
+        if mode not in self._paths:
+            lay, per = self.layout, self.layout.slots_per_group
+            if mode == "dp":
+                gather = ExpertWeightGather(lay, self.rank, "dp", self.group)
+                dispatcher = TokenDispatcher(LocalExchange(), lay.num_experts)
+            else:
+                gather = None
+                if mode == "ep" and lay.shards > 1:
+                    gather = ExpertWeightGather(lay, self.rank, "ep", self.shard_group)
+                dispatcher = TokenDispatcher(self.exchange, per, self.config)
+            dispatcher.name = self.name
+            self._paths[mode] = (dispatcher, GroupedExpertCompute(self.activation, gather))
+        return self._paths[mode]
+
+    def _copy_index(self, ids_TK: torch.Tensor) -> torch.Tensor | int:
+        """Which copy of its expert each pair goes to (0 unless spread over remote copies)."""
+        if not self._spread:
+            return 0
+        t, k = ids_TK.shape
+        order_TK = torch.arange(t, device=ids_TK.device)[:, None] + torch.arange(
+            k, device=ids_TK.device
+        )
+        return order_TK % self.slot_count[ids_TK]
+
+    def agree(self, mode: str, chunks: int) -> None:
+        """Step 1 of the schedule: every rank raises if the ranks disagree on the call."""
+        if group_size(self.group) == 1:
+            return
+        mine = torch.tensor([[MODES.index(mode), chunks]], device=self.slot_table.device)
+        try:
+            rows = all_gather_rows(mine, self.group).tolist()  # host sync: the agreement check
+        except RuntimeError as exc:
+            raise RuntimeError(f"{self.name}: agreeing on the call's mode failed: {exc}") from exc
+        if any(r != rows[0] for r in rows):
+            said = ", ".join(f"rank {i}: {MODES[m]!r} x{c}" for i, (m, c) in enumerate(rows))
+            raise ValueError(
+                f"{self.name}: the ranks of the expert group called it with different parallel "
+                f"modes or overlap degrees ({said}); pass the same mode= and overlap_degree= on "
+                "every rank"
+            )
+
+    def forward(
+        self,
+        x_TD: torch.Tensor,
+        weights_TK: torch.Tensor,
+        ids_TK: torch.Tensor,
+        keep_TK: torch.Tensor | None,
+        pad_to: int | None,
+        params: tuple[torch.Tensor, torch.Tensor],
+        mode: str | None = None,
+        overlap_degree: int | None = None,
+    ) -> DispatchResult:
+        """FFN pairs (`ids_TK` < E where `keep_TK`) through the experts in `mode` (default: the
+        dispatch config's); returns the weighted, un-permuted output and the dispatch plan."""
+        mode = check_mode(mode or self.config.mode)
+        chunks = 1 if mode == "dp" else overlap_degree or self.config.overlap_degree
+        self.agree(mode, chunks)
+        dispatcher, compute = self._path(mode)
+        if mode == "dp":
+            slots_TK = ids_TK
+        elif mode == "ep" or self.layout.shards == 1:
+            slots_TK = self.slot_table[ids_TK, self._copy_index(ids_TK)]
+        else:  # sharded: S sub-pairs per pair, one per slice of its expert
+            s = self.layout.shards
+            slots_TK = self.shard_table[ids_TK, self._copy_index(ids_TK)].flatten(1)
+            weights_TK = weights_TK.repeat_interleave(s, dim=1)
+            keep_TK = None if keep_TK is None else keep_TK.repeat_interleave(s, dim=1)
+        result = dispatcher(
+            x_TD, weights_TK, slots_TK, compute, params,
+            keep_TK=keep_TK, pad_to=pad_to, overlap_degree=chunks,
+        )  # fmt: skip
+        gather = compute.gather
+        self.last_gathered_bytes = 0 if gather is None else gather.gathered_bytes
+        return result

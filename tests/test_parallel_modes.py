@@ -1,0 +1,232 @@
+"""Every parallel mode (ep, sharded, dp) from one expert layout, on 2 and 4 gloo ranks, against the
+single process in float64: outputs, input gradients and every parameter gradient after GradSync.
+
+Covers E >= G (whole experts per rank) and E < G (F-slices of one expert per rank), uneven token
+counts, k 1 and 2, dropless and capacity, the topk, null, moepp and rmoe routers, a re-placed and a
+replicated layout, overlap degree 1 and 2. One spawn per world size serves every case."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from moeflow import MoEConfig, MoELayer, RouterConfig, set_aux_loss_scale
+from moeflow.comm.dispatcher import DispatchConfig
+from moeflow.moe.experts import slice_experts
+from moeflow.moe.routing_context import RoutingContext
+from moeflow.parallel import GradSync, ParallelDims, parallelize
+from tests.distributed import DistributedTestError, run_on_ranks
+
+D, F = 8, 12
+MODES = ("ep", "sharded", "dp")
+TOL = {"rtol": 1e-9, "atol": 1e-11}
+
+
+def router(kind: str, k: int, **extra) -> RouterConfig:
+    if kind == "null":
+        return RouterConfig(type="null", num_null_experts=4, top_k=k, **extra)
+    if kind == "moepp":
+        return RouterConfig(
+            type="moepp", zero_experts=1, copy_experts=1, constant_experts=1, top_k=k, **extra
+        )
+    if kind == "rmoe":
+        return RouterConfig(type="rmoe", rnn_dim=6, top_k=k, **extra)
+    return RouterConfig(top_k=k, z_loss_coeff=1e-3, **extra)
+
+
+class Net(nn.Module):
+    """Dense, two MoE layers sharing a routing context (and RMoE's cell), dense; `mode` and
+    `overlap` are passed to every MoE layer call."""
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.shared = nn.ModuleDict()
+        self.pre = nn.Linear(D, D, bias=False)
+        self.moe1 = MoELayer(cfg, self.shared)
+        self.moe2 = MoELayer(cfg, self.shared)
+        self.post = nn.Linear(D, D, bias=False)
+        self.mode: str | None = None
+        self.overlap: int | None = None
+
+    def forward(self, x):
+        ctx = RoutingContext()
+        h = self.pre(x)
+        for layer in (self.moe1, self.moe2):
+            h = h + layer(h, routing_context=ctx, mode=self.mode, overlap_degree=self.overlap)
+        return self.post(h)
+
+
+def build(cfg: MoEConfig) -> Net:
+    torch.manual_seed(0)
+    model = Net(cfg).double()
+    with torch.no_grad():
+        for layer in (model.moe1, model.moe2):
+            for name, p in layer.router.named_parameters():
+                if name in ("weight", "null_weight", "head"):
+                    p.normal_(0.0, 1.0)
+            if layer.router.config.type == "moepp":
+                layer.router.residual.normal_(0.0, 0.3)
+    return model
+
+
+def case_slots(case: dict, layout) -> dict[str, list[int]] | None:
+    """A permuted and/or replicated placement over the layout's shard groups."""
+    if not case.get("permuted") and not case.get("replicas"):
+        return None
+    out = {}
+    for seed, name in enumerate(("moe1", "moe2")):
+        gen = torch.Generator().manual_seed(7 + seed)
+        e, groups = layout.num_experts, layout.num_groups
+        order = (
+            torch.randperm(e, generator=gen).tolist() if case.get("permuted") else list(range(e))
+        )
+        own, slots = e // groups, []
+        for v in range(groups):
+            block = order[v * own : (v + 1) * own]
+            others = [x for x in torch.randperm(e, generator=gen).tolist() if x not in block]
+            slots += block + others[: case.get("replicas", 0)]
+        out[name] = slots
+    return out
+
+
+def reference(cfg: MoEConfig, xs, gs, world: int):
+    ref = build(cfg)
+    set_aux_loss_scale(ref, 1.0 / world)
+    ref_xs = [t.clone().requires_grad_(True) for t in xs]
+    ref_outs = [ref(t) for t in ref_xs]
+    sum((o * g).sum() for o, g in zip(ref_outs, gs, strict=True)).div(world).backward()
+    return ref, ref_outs, ref_xs
+
+
+def check_case(ctx, case: dict, shards: list[int]) -> int:
+    world, rank, ep = ctx.world_size, ctx.rank, ctx.dims.ep
+    experts = case["experts"](ep)
+    k = min(case["k"], experts) if case["router"] in ("topk", "rmoe") else case["k"]
+    extra = {}
+    if case.get("capacity") is not None:
+        extra = {"capacity_factor": case["capacity"], "drop_policy": case.get("drop", "probs")}
+    cfg = MoEConfig(
+        hidden_size=D, num_experts=experts, ffn_hidden_size=F, activation=case.get("act", "swiglu"),
+        router=router(case["router"], k, **extra),
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(100)
+    xs = [torch.randn(n, D, dtype=torch.float64, generator=gen) for n in shards]
+    gs = [torch.randn(n, D, dtype=torch.float64, generator=gen) for n in shards]
+    ref, ref_outs, ref_xs = reference(cfg, xs, gs, world)
+    par = build(cfg)
+    from moeflow.moe.layout import ExpertLayout
+
+    canonical = ExpertLayout.canonical(experts, F, ep)
+    parallelize(par, ctx, DispatchConfig(), expert_slots=case_slots(case, canonical))
+    par.overlap = case.get("overlap", 1)
+    grad_sync = GradSync(par, ctx)
+    for mode in MODES:
+        label = f"{case} mode={mode} E={experts} G={ep}"
+        par.zero_grad(set_to_none=True)
+        par.mode = mode
+        x = xs[rank].clone().requires_grad_(True)
+        out = par(x)
+        (out * gs[rank]).sum().backward()
+        grad_sync.sync()
+        torch.testing.assert_close(out, ref_outs[rank], **TOL, msg=lambda m, s=label: f"{s}: {m}")
+        torch.testing.assert_close(x.grad, world * ref_xs[rank].grad, **TOL)
+        for name, p in par.named_parameters():
+            if ".experts." not in name:
+                want = ref.get_parameter(name).grad
+                got = p.grad if p.grad is not None else torch.zeros_like(p)
+                want = want if want is not None else torch.zeros_like(p)
+                torch.testing.assert_close(
+                    got, want, **TOL, msg=lambda m, s=f"{label} {name}": f"{s}: {m}"
+                )
+        for lname in ("moe1", "moe2"):
+            layer, ref_layer = getattr(par, lname), getattr(ref, lname)
+            lo, hi = layer.layout.ffn_range(layer.expert_dispatch.rank)
+            w1, w2 = slice_experts(
+                ref_layer.experts.w1.grad, ref_layer.experts.w2.grad, layer.local_expert_ids, lo, hi
+            )
+            v1, _ = slice_experts(
+                ref_layer.experts.w1.detach(), ref_layer.experts.w2.detach(),
+                layer.local_expert_ids, lo, hi,
+            )  # fmt: skip
+            assert torch.equal(layer.experts.w1.detach(), v1), f"{label} {lname} weights"
+            for got, want, w in (
+                (layer.experts.w1.grad, w1, "w1"),
+                (layer.experts.w2.grad, w2, "w2"),
+            ):
+                torch.testing.assert_close(
+                    got, want, **TOL, msg=lambda m, s=f"{label} {lname}.{w}": f"{s}: {m}"
+                )
+    return len(MODES)
+
+
+def whole(ep: int) -> int:  # E >= G: whole experts on every rank
+    return max(8, ep)
+
+
+def sliced(ep: int) -> int:  # E < G: an F-slice of one expert per rank
+    return max(ep // 2, 1)
+
+
+CASES = [
+    {"experts": whole, "router": "topk", "k": 1},
+    {"experts": whole, "router": "topk", "k": 2, "overlap": 2, "act": "gelu"},
+    {"experts": whole, "router": "topk", "k": 2, "capacity": 1.0},
+    {"experts": whole, "router": "topk", "k": 2, "capacity": 1.25, "permuted": True},
+    {"experts": whole, "router": "topk", "k": 2, "replicas": 1, "overlap": 2},
+    {"experts": whole, "router": "null", "k": 2},
+    {"experts": whole, "router": "moepp", "k": 2, "capacity": 1.0, "drop": "position"},
+    {"experts": whole, "router": "rmoe", "k": 2, "overlap": 2},
+    {"experts": sliced, "router": "topk", "k": 1},
+    {"experts": sliced, "router": "topk", "k": 2, "overlap": 2},
+    {"experts": sliced, "router": "topk", "k": 2, "capacity": 1.0, "act": "gelu"},
+    {"experts": sliced, "router": "null", "k": 2, "overlap": 2},
+    {"experts": sliced, "router": "moepp", "k": 2},
+    {"experts": sliced, "router": "rmoe", "k": 1, "capacity": 1.5},
+    {"experts": sliced, "router": "topk", "k": 2, "permuted": True, "replicas": 1, "overlap": 2},
+]
+
+
+def _all_cases(rank, world, cases, shards):
+    ctx = ParallelDims(ep=world).build()
+    return sum(check_case(ctx, case, shards) for case in cases)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_every_mode_matches_the_single_process(world):
+    shards = [10 + 3 * r for r in range(world)]  # uneven token counts per rank
+    cases = [c for c in CASES if not (c.get("replicas") and c["experts"](world) < 2)]
+    want = len(cases) * len(MODES)
+    assert run_on_ranks(_all_cases, world, args=(cases, shards), timeout=400) == [want] * world
+
+
+def _disagree(rank, world):
+    ctx = ParallelDims(ep=world).build()
+    model = parallelize(build(MoEConfig(hidden_size=D, num_experts=2, ffn_hidden_size=F)), ctx)
+    model.mode = "dp" if rank == 1 else "ep"
+    model(torch.randn(5, D, dtype=torch.float64))
+
+
+def test_ranks_that_disagree_on_the_mode_all_raise():
+    with pytest.raises(DistributedTestError) as info:
+        run_on_ranks(_disagree, 2, timeout=60)
+    text = str(info.value)
+    for r in range(2):
+        assert f"rank {r}: ValueError: MoE layer 'moe1': the ranks of the expert group" in text
+    assert "rank 0: 'ep' x1, rank 1: 'dp' x1" in text
+
+
+def test_bad_mode_and_sizes_name_the_valid_choices():
+    layer = MoELayer(MoEConfig(hidden_size=D, num_experts=2, ffn_hidden_size=F))
+    with pytest.raises(ValueError, match=r"parallel mode \('tp'\) must be one of"):
+        layer(torch.randn(3, D), mode="tp")
+    with pytest.raises(ValueError, match=r"dispatch.mode \('expert'\)"):
+        DispatchConfig(mode="expert")
+    from moeflow.moe.layout import ExpertLayout
+
+    with pytest.raises(ValueError, match=r"Valid expert-group sizes for these sizes: \[1, 2, 4"):
+        ExpertLayout.canonical(2, 12, 3)
+    with pytest.raises(ValueError, match=r"quotient \(5\) divides F"):
+        ExpertLayout.canonical(2, 12, 10)
+    with pytest.raises(ValueError, match=r"E must be a multiple of ep"):
+        ExpertLayout.canonical(6, 12, 4)
