@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 
 from moeflow.launch.slurm import SlurmJob, render_sbatch
+from moeflow.moe.layout import ExpertLayout
+from moeflow.parallel import MODES
+from moeflow.train.dry_run import _bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = """
@@ -182,6 +185,27 @@ def test_dry_run_of_the_gpu_recipe_on_a_fake_world():
         "train", "examples/configs/olmoe_1b7b_64gpu.toml", "--dry-run", "--world-size", "60"
     )
     assert r.returncode == 2 and "not divisible by parallel.ep (8)" in r.stderr
+
+
+def test_dry_run_prints_expert_memory_per_layer_and_mode_at_more_ranks_than_experts():
+    # 64 experts over ep = 128: every rank holds half of one expert's FFN columns.
+    r = moeflow(
+        "train", "examples/configs/olmoe_1b7b_64gpu.toml", "--dry-run", "--world-size", "128",
+        "--parallel.ep", "128",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "1 expert per rank as 1/2 F-slice" in r.stdout
+    layout = ExpertLayout.canonical(64, 1024, 128)
+    held = 4 * layout.rank_elements(2048, 2)  # fp32, SwiGLU
+    assert held == 4 * 3 * 512 * 2048  # one half expert: 12 MiB
+    peaks = {m: held + 4 * layout.gather_peak_elements(m, 2048, 2) for m in MODES}
+    line = (
+        f"blocks.15.ffn: experts {_bytes(held)} per rank of {_bytes(128 * held)}; peak in a "
+        f"call: ep {_bytes(peaks['ep'])}, sharded {_bytes(peaks['sharded'])}, dp "
+        f"{_bytes(peaks['dp'])}"
+    )
+    assert line in r.stdout, r.stdout
+    assert peaks["sharded"] == held < peaks["ep"] < peaks["dp"]
 
 
 @pytest.mark.parametrize("nodes", [1, 4])

@@ -130,6 +130,7 @@ def check_case(ctx, case: dict, shards: list[int]) -> int:
         (out * gs[rank]).sum().backward()
         grad_sync.sync()
         torch.testing.assert_close(out, ref_outs[rank], **TOL, msg=lambda m, s=label: f"{s}: {m}")
+        check_memory(par, mode, label)
         torch.testing.assert_close(x.grad, world * ref_xs[rank].grad, **TOL)
         for name, p in par.named_parameters():
             if ".experts." not in name:
@@ -158,6 +159,19 @@ def check_case(ctx, case: dict, shards: list[int]) -> int:
                     got, want, **TOL, msg=lambda m, s=f"{label} {lname}.{w}": f"{s}: {m}"
                 )
     return len(MODES)
+
+
+def check_memory(par: Net, mode: str, label: str) -> None:
+    """Expert-parameter bytes a rank holds, and the most the mode's weight gather held during the
+    call, measured on the tensors, against the layout's arithmetic."""
+    for layer in (par.moe1, par.moe2):
+        lay, c = layer.layout, 2 if layer.config.activation == "swiglu" else 1
+        held = sum(p.nbytes for p in layer.experts.parameters())
+        assert held == 8 * lay.rank_elements(D, c), label
+        assert held * lay.group_size == 8 * D * F * (c + 1) * len(lay.slots), label  # 1/G each
+        peak = layer.expert_dispatch.last_gather_peak_bytes
+        assert peak == 8 * lay.gather_peak_elements(mode, D, c), (label, peak)
+        assert (peak > 0) == (mode == "dp" or (mode == "ep" and lay.shards > 1)), label
 
 
 def whole(ep: int) -> int:  # E >= G: whole experts on every rank

@@ -70,7 +70,8 @@ class ExpertDispatch(nn.Module):
         self.register_buffer("slot_count", torch.ones(num_experts, dtype=torch.int64), False)
         self._spread = False
         self._paths: dict[str, tuple[TokenDispatcher, GroupedExpertCompute]] = {}
-        self.last_gathered_bytes = 0
+        self.last_gathered_bytes = 0  # expert-weight bytes the last call received
+        self.last_gather_peak_bytes = 0  # the most its weight gather held at once
 
     @property
     def rank(self) -> int:
@@ -194,4 +195,5 @@ class ExpertDispatch(nn.Module):
         )  # fmt: skip
         gather = compute.gather
         self.last_gathered_bytes = 0 if gather is None else gather.gathered_bytes
+        self.last_gather_peak_bytes = 0 if gather is None else gather.peak_bytes
         return result

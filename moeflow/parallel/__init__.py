@@ -5,7 +5,12 @@ from moeflow.moe.layout import ExpertLayout
 from moeflow.parallel.dims import ParallelContext, ParallelDims
 from moeflow.parallel.dispatch import MODES, DispatchConfig
 from moeflow.parallel.grad_sync import GradSync, expert_parameter_names
-from moeflow.parallel.parallelize import expert_layouts, moe_layers, parallelize
+from moeflow.parallel.parallelize import (
+    expert_layouts,
+    moe_layers,
+    parallelize,
+    set_parallel_mode,
+)
 from moeflow.parallel.routing_stats import RoutingStats
 
 __all__ = [
@@ -20,4 +25,5 @@ __all__ = [
     "expert_parameter_names",
     "moe_layers",
     "parallelize",
+    "set_parallel_mode",
 ]

@@ -19,6 +19,8 @@ when this is called.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch.distributed as dist
 from torch import nn
 
@@ -130,3 +132,20 @@ def parallelize(
             name=name,
         )
     return model
+
+
+def set_parallel_mode(model: nn.Module, mode: str) -> None:
+    """Make `mode` the default of every MoE layer's calls from now on (a layer call may still
+    name another). Nothing moves: every mode runs from the same layout, so a model may switch
+    between optimizer steps, or between micro-batches, at no cost. Every rank must switch alike.
+
+    Example:
+        >>> from moeflow.moe.config import MoEConfig
+        >>> model = nn.Sequential(MoELayer(MoEConfig(hidden_size=8, num_experts=2,
+        ...                                          ffn_hidden_size=8)))
+        >>> set_parallel_mode(model, "dp")
+        >>> model[0].expert_dispatch.config.mode
+        'dp'
+    """
+    for _, layer in moe_layers(model):
+        layer.expert_dispatch.config = dataclasses.replace(layer.expert_dispatch.config, mode=mode)
