@@ -106,12 +106,13 @@ def measure(ctx, args, tokens: int, rank: int, world: int):
     blocks = plan.chunk_meta[0]
     xr, gr = torch.randn(sum(recv), args.hidden), torch.randn(sum(recv), args.hidden)
     params = (layer.experts.w1.detach(), layer.experts.w2.detach())
+    _, compute = layer.expert_dispatch.path("ep")
 
     def compute_only():  # exactly what the layer runs on the received rows, without the exchange
-        _, saved = layer.compute.forward(params, xr, blocks)
-        acc = layer.compute.new_grads(params)
-        layer.compute.backward(params, saved, gr, blocks, acc)
-        layer.compute.finish(acc)
+        _, saved = compute.forward(params, xr, blocks)
+        acc = compute.new_grads(params)
+        compute.backward(params, saved, gr, blocks, acc)
+        compute.finish(acc)
 
     fns["compute"] = compute_only
     if not args.no_deepspeed:

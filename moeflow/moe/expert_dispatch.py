@@ -121,7 +121,8 @@ class ExpertDispatch(nn.Module):
         self.shard_table = torch.tensor(shards, dtype=torch.int64, device=device)
         self.slot_count = torch.tensor([len(r) for r in rows], dtype=torch.int64, device=device)
 
-    def _path(self, mode: str) -> tuple[TokenDispatcher, GroupedExpertCompute]:
+    def path(self, mode: str) -> tuple[TokenDispatcher, GroupedExpertCompute]:
+        """The dispatcher and expert compute of `mode` (built on first use)."""
         if mode not in self._paths:
             lay, per = self.layout, self.layout.slots_per_group
             if mode == "dp":
@@ -179,7 +180,7 @@ class ExpertDispatch(nn.Module):
         mode = check_mode(mode or self.config.mode)
         chunks = 1 if mode == "dp" else overlap_degree or self.config.overlap_degree
         self.agree(mode, chunks)
-        dispatcher, compute = self._path(mode)
+        dispatcher, compute = self.path(mode)
         if mode == "dp":
             slots_TK = ids_TK
         elif mode == "ep" or self.layout.shards == 1:

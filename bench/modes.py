@@ -1,0 +1,179 @@
+"""Every parallel mode of one MoE layer (ep, sharded, dp) on gloo ranks, over a sweep of tokens per
+rank, with more experts than ranks (E >= G: whole experts per rank) and fewer (E < G: F-slices),
+interleaved in one run.
+
+    .venv/bin/python bench/modes.py                          # 2 and 4 ranks, OMP_NUM_THREADS=1
+    .venv/bin/python bench/modes.py --ranks 2 --tokens 256 2048 --repeats 3
+
+Per shape (forward + backward of one layer; every rank times every step, the step time is the
+slowest rank's, the figure the median over repeats):
+- floor: the slowest rank's own routed (token, slot) rows, grouped by expert, through whole expert
+  FFNs as plain per-expert matrix products (what one process holding every expert computes for
+  that rank's tokens); every mode does at least this work per rank on average;
+- ep / sharded / dp: the layer in that mode, from the same layout (`moeflow.parallel`), ms and x
+  floor;
+- bytes moved per step by rank 0: tokens (forward dispatch rows sent off-rank, x4 for dispatch and
+  combine, forward and backward) and expert weights (received by the gathers, x2: forward and the
+  backward's re-gather; the gradient's reduce-scatter moves as many again, not counted).
+Ranks share this machine's cores (OMP_NUM_THREADS=1 each, 2 cores): with 4 ranks on 2 cores the
+collectives compete with compute for the CPU; read the ratios, not the absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.ep import timed_interleaved
+from moeflow import MoEConfig, MoELayer, RouterConfig
+from moeflow.moe.ffn import apply_activation
+from moeflow.parallel import MODES, ParallelDims, parallelize
+from moeflow.train.distributed import free_port, local_rank_env
+from moeflow.utils import keep_freed_memory
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--tokens", type=int, nargs="+", default=[64, 512, 2048], help="per rank")
+    p.add_argument(
+        "--skew", type=float, nargs="+", default=[0.0, 3.0],
+        help="inputs pushed along expert 0's router row by this many standard deviations",
+    )  # fmt: skip
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--ffn", type=int, default=512)
+    p.add_argument("--experts", type=int, default=8, help="E >= G shapes (E < G uses G / 2)")
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    return p.parse_args()
+
+
+class Floor:
+    """This rank's routed rows through whole experts as plain per-expert GEMMs (autograd)."""
+
+    def __init__(self, counts: list[int], hidden: int, ffn: int, act: str) -> None:
+        gen = torch.Generator().manual_seed(1)
+        c = 2 if act == "swiglu" else 1
+        self.act = act
+        self.w1 = [torch.randn(hidden, c * ffn, generator=gen).requires_grad_() for _ in counts]
+        self.w2 = [torch.randn(ffn, hidden, generator=gen).requires_grad_() for _ in counts]
+        self.xs = [torch.randn(n, hidden, requires_grad=True) for n in counts]
+        self.gs = [torch.randn(n, hidden) for n in counts]
+
+    def step(self) -> None:
+        outs, grads = [], []
+        for e, (x, g) in enumerate(zip(self.xs, self.gs, strict=True)):
+            if x.shape[0]:
+                outs.append(apply_activation(x @ self.w1[e], self.act) @ self.w2[e])
+                grads.append(g)
+        torch.autograd.backward(outs, grads)
+
+
+def measure(ctx, args, experts: int, tokens: int, skew: float, rank: int) -> dict:
+    k = min(args.top_k, experts)
+    cfg = MoEConfig(
+        hidden_size=args.hidden, num_experts=experts, ffn_hidden_size=args.ffn,
+        router=RouterConfig(top_k=k),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    layer = MoELayer(cfg)
+    with torch.no_grad():
+        layer.router.weight.normal_(0, 0.2)
+    parallelize(layer, ctx)
+    x = torch.randn(tokens, args.hidden, generator=torch.Generator().manual_seed(rank))
+    if skew:  # every rank's tokens lean towards expert 0 (and its neighbours in score)
+        row = layer.router.weight.detach()[0]
+        x += skew * row / row.norm()
+    x.requires_grad_(True)
+    g = torch.randn(tokens, args.hidden)
+    # With one shard per expert, `sharded` is `ep` (the same path): timed once, as `ep`.
+    modes = [m for m in MODES if m != "sharded" or layer.layout.shards > 1]
+    moved = {}
+    for mode in modes:
+        layer(x, mode=mode)
+        moved[mode] = (4 * layer.last_sent_bytes, 2 * layer.last_gathered_bytes)
+    counts = layer.last_stats.tokens_per_expert
+    load = (counts.max() / counts.float().mean()).item()
+    fns = {"floor": Floor(counts.tolist(), args.hidden, args.ffn, cfg.activation).step}
+    for mode in modes:
+        fns[mode] = lambda mode=mode: layer(x, mode=mode).backward(g)
+    times = timed_interleaved(fns, args.repeats, args.warmup)
+    return {"experts": experts, "tokens": tokens, "k": k, "ms": times, "moved": moved,
+            "shards": layer.layout.shards, "skew": skew, "load": load}  # fmt: skip
+
+
+def bench_rank(rank: int, world: int, port: int, args, queue) -> None:
+    os.environ.update(local_rank_env(rank, world, port))
+    torch.set_num_threads(1)
+    keep_freed_memory()
+    dist.init_process_group("gloo")
+    ctx = ParallelDims(ep=world).build()
+    rows = []
+    for experts in (max(args.experts, world), max(world // 2, 1)):
+        for tokens in args.tokens:
+            for skew in args.skew:
+                rows.append(measure(ctx, args, experts, tokens, skew, rank))
+    if rank == 0:
+        queue.put(rows)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    args = parse_args()
+    print(
+        f"machine: {platform.machine()} {os.cpu_count()} cores | torch {torch.__version__} | "
+        f"gloo, OMP_NUM_THREADS=1 per rank | fp32 | D={args.hidden} F={args.ffn} swiglu "
+        f"dropless | median of {args.repeats} | allocator keeps freed memory"
+    )
+    spawn = mp.get_context("spawn")
+    wins: dict[str, list[str]] = {m: [] for m in MODES}
+    for world in args.ranks:
+        queue = spawn.Queue()
+        port = free_port()
+        procs = [
+            spawn.Process(target=bench_rank, args=(r, world, port, args, queue))
+            for r in range(world)
+        ]
+        for p in procs:
+            p.start()
+        rows = queue.get(timeout=3600)
+        for p in procs:
+            p.join()
+        print(f"\n{world} ranks (expert group G = {world}); ms per forward+backward, x floor; "
+              "MB moved per step by rank 0 (tokens / weights)")  # fmt: skip
+        head = f"{'E':>3}{'k':>3}{'S':>3}{'tokens':>7}{'max/mean':>9}{'floor':>8}"
+        head += "".join(f"{m + ' ms':>12}{'x':>6}{'MB tok/w':>12}" for m in MODES) + "  fastest"
+        print(head)
+        for r in rows:
+            ms = r["ms"]
+            line = f"{r['experts']:>3}{r['k']:>3}{r['shards']:>3}{r['tokens']:>7}"
+            line += f"{r['load']:>9.2f}{ms['floor']:>8.2f}"
+            for m in MODES:
+                if m not in ms:
+                    line += f"{'= ep':>12}{'':>6}{'':>12}"
+                    continue
+                tok, w = (b / 2**20 for b in r["moved"][m])
+                line += f"{ms[m]:>12.2f}{ms[m] / ms['floor']:>6.2f}{f'{tok:.2f}/{w:.2f}':>12}"
+            timed = [m for m in MODES if m in ms]
+            best = min(timed, key=lambda m: ms[m])
+            margin = min(ms[m] for m in timed if m != best) / ms[best]
+            print(line + f"  {best} ({margin:.2f}x next)")
+            wins[best].append(f"G={world} E={r['experts']} T={r['tokens']} skew={r['skew']:g}")
+    print("\nwhere each mode is fastest:")
+    for m in MODES:
+        print(f"  {m:<8} {len(wins[m]):>2} shapes: {', '.join(wins[m]) or '-'}")
+
+
+if __name__ == "__main__":
+    main()
