@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from moeflow import MoEConfig, MoELayer
 from moeflow.models import DecoderConfig, MoEDecoder
+from moeflow.moe.walk import moe_layers
 
 
 def small(**kw) -> DecoderConfig:
@@ -60,7 +61,7 @@ def test_one_routing_context_flows_through_the_moe_layers():
         ctx = kwargs["routing_context"]
         seen.append((id(ctx), ctx.layers_seen, ctx.previous_logits is None))
 
-    for layer in model.moe_layers():
+    for layer in [m for _, m in moe_layers(model)]:
         layer.register_forward_pre_hook(hook, with_kwargs=True)
     model(torch.randint(0, 256, (2, 5)))
     assert [s[1:] for s in seen] == [(0, True), (1, False), (2, False)]

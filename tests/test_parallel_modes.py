@@ -3,7 +3,8 @@ single process in float64: outputs, input gradients and every parameter gradient
 
 Covers E >= G (whole experts per rank) and E < G (F-slices of one expert per rank), uneven token
 counts, k 1 and 2, dropless and capacity, the topk, null, moepp and rmoe routers, a re-placed and a
-replicated layout, overlap degree 1 and 2. One spawn per world size serves every case."""
+replicated layout, overlap degree 1 and 2, the flat and the two-level all-to-all. One spawn per
+world size serves every case."""
 
 from __future__ import annotations
 
@@ -118,7 +119,8 @@ def check_case(ctx, case: dict, shards: list[int]) -> int:
     from moeflow.moe.layout import ExpertLayout
 
     canonical = ExpertLayout.canonical(experts, F, ep)
-    parallelize(par, ctx, DispatchConfig(), expert_slots=case_slots(case, canonical))
+    dispatch = DispatchConfig(two_level=case.get("two_level", False), ranks_per_node=2)
+    parallelize(par, ctx, dispatch, expert_slots=case_slots(case, canonical))
     par.overlap = case.get("overlap", 1)
     grad_sync = GradSync(par, ctx)
     for mode in MODES:
@@ -198,6 +200,9 @@ CASES = [
     {"experts": sliced, "router": "moepp", "k": 2},
     {"experts": sliced, "router": "rmoe", "k": 1, "capacity": 1.5},
     {"experts": sliced, "router": "topk", "k": 2, "permuted": True, "replicas": 1, "overlap": 2},
+    # two-level all-to-all (nodes of 2 ranks) wherever tokens travel
+    {"experts": whole, "router": "topk", "k": 2, "two_level": True, "overlap": 2},
+    {"experts": sliced, "router": "moepp", "k": 2, "two_level": True, "capacity": 1.0},
 ]
 
 

@@ -18,6 +18,7 @@ from moeflow.moe.routers.null import convert_topk_to_null, null_routing
 from moeflow.moe.routers.recurrent import STATE_KEY
 from moeflow.moe.routers.topk import topk_routing
 from moeflow.moe.routing_context import RoutingContext
+from moeflow.moe.walk import moe_layers
 from tests.reference_routers import (
     gru_step,
     moepp_logits,
@@ -245,7 +246,7 @@ def test_adamoe_conversion_is_exact_at_step_zero():
     model = MoEDecoder(cfg).double()
     tokens = torch.randint(0, 256, (3, 16))
     before = model(tokens)
-    for layer in model.moe_layers():
+    for layer in [m for _, m in moe_layers(model)]:
         convert_topk_to_null(layer, num_null_experts=4, top_k=4)
         assert layer.router.null_weight.shape == (4, 32)
     after = model(tokens)
@@ -253,7 +254,7 @@ def test_adamoe_conversion_is_exact_at_step_zero():
     # Doubling the null experts (r = 2) with K' = 3K also reproduces the original.
     torch.manual_seed(0)
     model2 = MoEDecoder(cfg).double()
-    for layer in model2.moe_layers():
+    for layer in [m for _, m in moe_layers(model2)]:
         convert_topk_to_null(layer, num_null_experts=8, top_k=6)
     torch.testing.assert_close(model2(tokens), before, rtol=1e-12, atol=1e-12)
 
@@ -304,7 +305,7 @@ def test_decoder_routers_survive_activation_checkpointing(router):
         model.activation_checkpointing = checkpointing
         model(tokens).square().mean().backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
-        counts = [m.balance.running_counts.sum().item() for m in model.moe_layers()]
+        counts = [m.balance.running_counts.sum().item() for m in [m for _, m in moe_layers(model)]]
         assert counts == [0.0] * 3 if router.aux_loss_type != "global_aux_loss" else [32.0] * 3
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:

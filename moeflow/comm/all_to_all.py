@@ -1,4 +1,4 @@
-"""All-to-all with uneven splits: the exchanges the dispatcher uses, and an autograd op.
+"""All-to-all with uneven splits: the exchanges the dispatcher uses.
 
 An *exchange* is the communication backend of one expert-parallel group, passed explicitly:
 
@@ -63,12 +63,7 @@ class LocalExchange:
 
 
 class GroupExchange:
-    """All-to-all over a `torch.distributed` process group.
-
-    Example:
-        >>> GroupExchange  # doctest: +ELLIPSIS
-        <class '...GroupExchange'>
-    """
+    """All-to-all over a `torch.distributed` process group."""
 
     needs_matrix = False
 
@@ -87,10 +82,7 @@ class GroupExchange:
         return recv
 
     def gather_counts(self, send: torch.Tensor) -> torch.Tensor:
-        """Every rank's `send` vector: `[W, len(send)]`."""
-        out = send.new_empty(self.size * send.numel())
-        gather_single(out, send.contiguous(), self.group)
-        return out.view(self.size, send.numel())
+        return gather_counts(send, self.group)
 
     def all_to_all(self, x, output_splits, input_splits, matrix=None):
         if len(output_splits) != self.size or len(input_splits) != self.size:
@@ -104,6 +96,14 @@ class GroupExchange:
         return out, handle
 
 
+def gather_counts(send: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Every rank's `send` vector: `[W, len(send)]` (one all-gather over `group`)."""
+    size = dist.get_world_size(group)
+    out = send.new_empty(size * send.numel())
+    gather_single(out, send.contiguous(), group)
+    return out.view(size, send.numel())
+
+
 def gather_single(out: torch.Tensor, x: torch.Tensor, group: dist.ProcessGroup) -> None:
     """All-gather into one flat tensor (`all_gather_single` where this torch has it)."""
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -113,39 +113,3 @@ def gather_single(out: torch.Tensor, x: torch.Tensor, group: dist.ProcessGroup) 
 def wait(handle: Handle | None) -> None:
     if handle is not None:
         handle.wait()
-
-
-class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, exchange, output_splits, input_splits):
-        ctx.exchange, ctx.splits = exchange, (output_splits, input_splits)
-        out, handle = exchange.all_to_all(x, output_splits, input_splits)
-        wait(handle)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        output_splits, input_splits = ctx.splits
-        out, handle = ctx.exchange.all_to_all(grad.contiguous(), input_splits, output_splits)
-        wait(handle)
-        return out, None, None, None
-
-
-def all_to_all(
-    x: torch.Tensor,
-    exchange: Exchange,
-    input_splits: list[int],
-    output_splits: list[int] | None = None,
-) -> torch.Tensor:
-    """Differentiable all-to-all of the rows of `x`: `input_splits[j]` rows go to rank j. Without
-    `output_splits` the counts are exchanged first (one host sync). Backward sends the gradient back
-    the same way.
-
-    Example:
-        >>> all_to_all(torch.ones(3, 2), LocalExchange(), [3]).shape
-        torch.Size([3, 2])
-    """
-    if output_splits is None:
-        counts = exchange.exchange_counts(torch.tensor(input_splits, dtype=torch.int64))
-        output_splits = counts.tolist()  # host sync: receive sizes come from the peers
-    return _AllToAll.apply(x, exchange, list(output_splits), list(input_splits))

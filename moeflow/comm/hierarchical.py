@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from moeflow.comm.all_to_all import gather_single
+from moeflow.comm.all_to_all import gather_counts
 
 
 def _block_index(starts: list[int], sizes: list[int], order: list[int], device) -> torch.Tensor:
@@ -73,12 +73,7 @@ class _TwoStageHandle:
 
 
 class HierarchicalExchange:
-    """Two-level all-to-all over an expert-parallel group split into nodes.
-
-    Example:
-        >>> HierarchicalExchange.needs_matrix
-        True
-    """
+    """Two-level all-to-all over an expert-parallel group split into nodes."""
 
     needs_matrix = True
 
@@ -101,9 +96,7 @@ class HierarchicalExchange:
         return self.gather_counts(send)[:, self.rank * span : (self.rank + 1) * span].reshape(-1)
 
     def gather_counts(self, send: torch.Tensor) -> torch.Tensor:
-        out = send.new_empty(self.size * send.numel())
-        gather_single(out, send.contiguous(), self.group)
-        return out.view(self.size, send.numel())
+        return gather_counts(send, self.group)
 
     def all_to_all(self, x, output_splits, input_splits, matrix=None):
         if matrix is None:

@@ -245,6 +245,3 @@ class MoEDecoder(nn.Module):
 
         out = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
         return out, forward_context[0]
-
-    def moe_layers(self) -> list[MoELayer]:
-        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]

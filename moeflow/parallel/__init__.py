@@ -2,15 +2,11 @@
 synchronisation, routing statistics and live re-placement."""
 
 from moeflow.moe.layout import ExpertLayout
+from moeflow.moe.walk import moe_layers, split_parameters
 from moeflow.parallel.dims import ParallelContext, ParallelDims
 from moeflow.parallel.dispatch import MODES, DispatchConfig
 from moeflow.parallel.grad_sync import GradSync, expert_parameter_names
-from moeflow.parallel.parallelize import (
-    expert_layouts,
-    moe_layers,
-    parallelize,
-    set_parallel_mode,
-)
+from moeflow.parallel.parallelize import expert_layouts, parallelize, set_parallel_mode
 from moeflow.parallel.routing_stats import RoutingStats
 
 __all__ = [
@@ -26,4 +22,5 @@ __all__ = [
     "moe_layers",
     "parallelize",
     "set_parallel_mode",
+    "split_parameters",
 ]

@@ -25,26 +25,34 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from moeflow.moe.layer import MoELayer
+from moeflow.moe.walk import expert_parameters, moe_layers, split_parameters
 from moeflow.parallel.dims import ParallelContext
 
 
 def expert_parameter_names(model: nn.Module) -> set[str]:
-    """Qualified names of every expert weight (the parameters sharded over `ep`)."""
-    names = set()
-    for layer_name, module in model.named_modules():
-        if isinstance(module, MoELayer):
-            for pname, _ in module.experts.named_parameters():
-                names.add(f"{layer_name}.experts.{pname}" if layer_name else f"experts.{pname}")
-    return names
+    """Qualified names of every expert weight (the parameters laid out over `ep`), e.g. for
+    DDP's ignore list."""
+    return set(expert_parameters(model))
 
 
 class GradSync:
     """Averages gradients: dense over the world, experts over the expert-data-parallel group.
 
-    Example:
-        >>> GradSync.__name__
-        'GradSync'
+    Example (one process: the mean over one rank is its own gradient):
+        >>> from moeflow.moe.config import MoEConfig
+        >>> from moeflow.moe.layer import MoELayer
+        >>> from moeflow.parallel import ParallelDims, parallelize
+        >>> from moeflow.train.distributed import init_distributed, shutdown
+        >>> runtime = init_distributed(60.0)
+        >>> ctx = ParallelDims().build()
+        >>> model = parallelize(nn.Sequential(MoELayer(MoEConfig(hidden_size=8, num_experts=2,
+        ...                                                      ffn_hidden_size=8))), ctx)
+        >>> model(torch.randn(4, 8)).sum().backward()
+        >>> before = model[0].experts.w1.grad.clone()
+        >>> GradSync(model, ctx).sync()
+        >>> torch.equal(model[0].experts.w1.grad, before)
+        True
+        >>> shutdown(runtime)
     """
 
     def __init__(
@@ -55,13 +63,12 @@ class GradSync:
         dense: bool = True,
         experts: bool = True,
     ) -> None:
-        expert_names = expert_parameter_names(model)
-        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.dense = [p for n, p in params if n not in expert_names] if dense else []
-        self.expert = [p for n, p in params if n in expert_names] if experts else []
+        dense_named, expert_named = split_parameters(model)
+        self.dense = [p for _, p in dense_named if p.requires_grad] if dense else []
+        self.expert = [p for _, p in expert_named if p.requires_grad] if experts else []
         self.ctx = ctx
         self.bucket_bytes = int(bucket_mb * 2**20)
-        self.layers = [m for m in model.modules() if isinstance(m, MoELayer)] if experts else []
+        self.layers = [m for _, m in moe_layers(model)] if experts else []
 
     def _buckets(self, params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
         buckets, current, size = [], [], 0

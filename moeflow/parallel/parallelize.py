@@ -29,11 +29,8 @@ from moeflow.comm.dispatcher import DispatchConfig
 from moeflow.comm.hierarchical import HierarchicalExchange
 from moeflow.moe.layer import MoELayer
 from moeflow.moe.layout import ExpertLayout, check_sizes
+from moeflow.moe.walk import moe_layers
 from moeflow.parallel.dims import ParallelContext
-
-
-def moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
 
 
 def _check_same_configs(layers: list[tuple[str, MoELayer]], ctx: ParallelContext) -> None:

@@ -24,8 +24,8 @@ from torch import nn
 
 from moeflow.moe.layer import MoELayer
 from moeflow.moe.layout import ExpertLayout
+from moeflow.moe.walk import moe_layers
 from moeflow.parallel.migrate import migrate_rows
-from moeflow.parallel.parallelize import moe_layers
 from moeflow.placement.problem import Placement
 
 

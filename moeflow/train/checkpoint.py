@@ -48,6 +48,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from moeflow.moe.layer import MoELayer
+from moeflow.moe.walk import expert_parameters
 from moeflow.train.safe_reader import SafeFileSystemReader, UnsafeCheckpointError
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -56,17 +57,6 @@ FORMAT_VERSION = 2  # 2: expert w1 stored as [D, c, F] (1: [D, c*F], before F-sh
 
 class CheckpointError(ValueError):
     pass
-
-
-def _expert_params(model: nn.Module) -> dict[str, tuple[str, str, MoELayer]]:
-    """Qualified expert parameter name -> (layer name, parameter name, layer)."""
-    out = {}
-    for layer_name, module in model.named_modules():
-        if isinstance(module, MoELayer):
-            for pname, _ in module.experts.named_parameters():
-                prefix = f"{layer_name}.experts" if layer_name else "experts"
-                out[f"{prefix}.{pname}"] = (prefix, pname, module)
-    return out
 
 
 def _expert_value(
@@ -112,7 +102,7 @@ def _split_by_logical_id(
 def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and persistent buffer, experts split by logical id. Values are views of the
     model's tensors, so DCP loads straight into the model."""
-    experts = _expert_params(model)
+    experts = expert_parameters(model)
     out: dict[str, torch.Tensor] = {}
     meshes: dict = {}
     for name, tensor in model.state_dict().items():
@@ -136,7 +126,7 @@ def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     """AdamW moments by parameter name (experts by logical id). The step count is the same for
     every parameter and lives in `moeflow.json`."""
     init_optimizer_state(optimizer)
-    experts = _expert_params(model)
+    experts = expert_parameters(model)
     out: dict[str, torch.Tensor] = {}
     meshes: dict = {}
     for name, p in model.named_parameters():

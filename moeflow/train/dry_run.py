@@ -18,10 +18,9 @@ from __future__ import annotations
 import torch
 
 from moeflow.moe.ffn import gate_multiplier
-from moeflow.moe.layer import MoELayer
+from moeflow.moe.walk import moe_layers, split_parameters
 from moeflow.parallel.dims import ParallelDims
 from moeflow.parallel.dispatch import MODES
-from moeflow.parallel.grad_sync import expert_parameter_names
 from moeflow.train.config import RunConfig
 from moeflow.train.distributed import init_distributed, shutdown
 from moeflow.train.metrics import flops_per_token
@@ -36,11 +35,10 @@ def dry_run(cfg: RunConfig, world_size: int | None = None) -> dict:
         dims = ParallelDims(dp=p.dp_for(runtime.world_size), ep=p.ep, timeout_s=p.timeout_s)
         ctx = dims.build("cpu")
         model = build_model(cfg, ctx, torch.device("meta"))
-        experts = expert_parameter_names(model)
-        named = dict(model.named_parameters())
-        dense = sum(t.numel() for n, t in named.items() if n not in experts)
-        local_experts = sum(t.numel() for n, t in named.items() if n in experts)
-        layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+        dense_named, expert_named = split_parameters(model)
+        dense = sum(t.numel() for _, t in dense_named)
+        local_experts = sum(t.numel() for _, t in expert_named)
+        layers = [m for _, m in moe_layers(model)]
         m = cfg.model
         c = gate_multiplier(m.moe.activation)
         per_expert = (c + 1) * m.moe.ffn_hidden_size * m.moe.hidden_size
@@ -79,9 +77,7 @@ def expert_memory(model) -> list[dict]:
     """Per MoE layer: the expert-parameter bytes this rank holds (measured on its tensors) and, per
     parallel mode, the peak during a layer call (held + what the mode gathers, from the layout)."""
     out = []
-    for name, layer in model.named_modules():
-        if not isinstance(layer, MoELayer):
-            continue
+    for name, layer in moe_layers(model):
         held = sum(p.numel() * p.element_size() for p in layer.experts.parameters())
         size = layer.experts.w1.element_size()
         c = gate_multiplier(layer.config.activation)

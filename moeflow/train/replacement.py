@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from moeflow.moe.layer import MoELayer
+from moeflow.moe.walk import moe_layers
 from moeflow.parallel.dims import ParallelContext
 from moeflow.parallel.replace import (
     apply_placement,
@@ -42,8 +42,8 @@ STATS_FILE = "routing_stats.json"
 class Replacer:
     def __init__(self, cfg: RunConfig, ctx: ParallelContext, model, device: torch.device):
         self.cfg, self.ctx, self.model = cfg, ctx, model
-        self.names = [n for n, m in model.named_modules() if isinstance(m, MoELayer)]
-        self.layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+        self.names = [n for n, _ in moe_layers(model)]
+        self.layers = [m for _, m in moe_layers(model)]
         self.stats = None
         if cfg.placement.stats and self.layers:
             self.stats = RoutingStats(

@@ -6,10 +6,6 @@ own metadata classes, `torch.Size`, dtypes and layouts, and a few plain containe
 raises `UnsafeCheckpointError`. moeflow checkpoints hold only tensors in DCP (every non-tensor value
 lives in JSON beside them), so DCP's `torch.load(weights_only=False)` path for byte values is never
 taken either (`check_tensor_only` makes sure).
-
-Example:
-    >>> SafeFileSystemReader.__name__
-    'SafeFileSystemReader'
 """
 
 from __future__ import annotations

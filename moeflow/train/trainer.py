@@ -38,11 +38,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from moeflow.models.decoder import MoEDecoder
-from moeflow.moe.layer import MoELayer, finish_optimizer_step, set_aux_loss_scale
+from moeflow.moe.layer import finish_optimizer_step, set_aux_loss_scale
 from moeflow.moe.layout import ExpertLayout
+from moeflow.moe.walk import moe_layers, split_parameters
 from moeflow.parallel.dims import ParallelContext, ParallelDims
 from moeflow.parallel.dispatch import DispatchConfig
-from moeflow.parallel.grad_sync import GradSync, expert_parameter_names
+from moeflow.parallel.grad_sync import GradSync
 from moeflow.parallel.parallelize import parallelize
 from moeflow.parallel.replace import current_expert_slots, replica_row_weights
 from moeflow.train import checkpoint as ckpt
@@ -159,11 +160,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         ckpt.init_optimizer_state(self.optimizer)
         self.grad_sync = GradSync(self.model, self.ctx)
-        expert_names = expert_parameter_names(self.model)
-        named = list(self.model.named_parameters())
-        self.dense_params = [q for n, q in named if n not in expert_names]
-        self.expert_params = [q for n, q in named if n in expert_names]
-        self.moe_layers = [m for m in self.model.modules() if isinstance(m, MoELayer)]
+        dense, experts = split_parameters(self.model)
+        self.dense_params = [q for _, q in dense]
+        self.expert_params = [q for _, q in experts]
+        self.moe_layers = [m for _, m in moe_layers(self.model)]
         self.replacer = Replacer(cfg, self.ctx, self.model, runtime.device)
         self.corpus = load_corpus(cfg.data)
         t = cfg.train
