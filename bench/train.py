@@ -68,7 +68,7 @@ def worker(steps: int, warmup: int, out_file: str) -> None:
         )
         trainer = Trainer(cfg, runtime, resume=None, overwrite=True)
         timer = MoETimer(trainer.moe_layers)
-        acc = trainer.new_accumulator()
+        acc = trainer.new_metrics()
         for _ in range(warmup):
             trainer.train_step(acc)
         dist.barrier()

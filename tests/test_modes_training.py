@@ -45,7 +45,7 @@ def run(config: RunConfig, resume: str | None = None, switch: bool = False):
 
             def switching(acc):
                 set_parallel_mode(trainer.model, MODES[trainer.step % len(MODES)])
-                step(acc)
+                return step(acc)
 
             trainer.train_step = switching
         result = trainer.run(quiet=True)

@@ -21,10 +21,10 @@ from moeflow.moe.ffn import gate_multiplier
 from moeflow.moe.walk import moe_layers, split_parameters
 from moeflow.parallel.dims import ParallelDims
 from moeflow.parallel.dispatch import MODES
+from moeflow.train.build import build_model
 from moeflow.train.config import RunConfig
 from moeflow.train.distributed import init_distributed, shutdown
 from moeflow.train.metrics import flops_per_token
-from moeflow.train.trainer import build_model
 
 
 def dry_run(cfg: RunConfig, world_size: int | None = None) -> dict:

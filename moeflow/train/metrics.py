@@ -20,8 +20,12 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
 from moeflow.models.decoder import DecoderConfig
 from moeflow.moe.ffn import gate_multiplier
+from moeflow.moe.layer import MoELayer
 
 
 def flops_per_token(cfg: DecoderConfig, seq_len: int) -> int:
@@ -37,6 +41,79 @@ def flops_per_token(cfg: DecoderConfig, seq_len: int) -> int:
     for i in range(cfg.n_layers):
         active += attn + (moe_ffn if cfg.is_moe_layer(i) else dense_ffn)
     return 6 * active + 12 * cfg.n_layers * cfg.dim * seq_len
+
+
+class IntervalMetrics:
+    """What the trainer logs, summed on the device per micro-batch between two log steps (no host
+    sync until `reduce`): the loss and the MoE layers' statistics (`MoELayer.last_stats`).
+
+    Example:
+        >>> from moeflow.moe.config import MoEConfig
+        >>> layer = MoELayer(MoEConfig(hidden_size=8, num_experts=2, ffn_hidden_size=8))
+        >>> _ = layer(torch.randn(4, 8))
+        >>> m = IntervalMetrics([layer], torch.device("cpu"))
+        >>> m.add(torch.tensor(2.0), [layer]); m.add(torch.tensor(4.0), [layer])
+        >>> r = m.reduce(None, world_size=1)
+        >>> counts = layer.last_stats.tokens_per_expert.tolist()
+        >>> r["loss"], r["tokens_per_expert"][0] == [2 * n for n in counts]
+        (3.0, True)
+    """
+
+    # `MoEStats` fields logged under their own names: scalars summed over micro-batches and
+    # layers (logged as means), vectors per layer (logged as integer sums)
+    LAYER_SCALARS = (
+        "aux_loss",
+        "z_loss",
+        "dropped_fraction",
+        "max_load_violation",
+        "ffn_experts_per_token",
+    )
+    LAYER_VECTORS = ("tokens_per_expert", "routed_per_choice", "ffn_experts_histogram")
+
+    def __init__(self, layers: list[MoELayer], device: torch.device) -> None:
+        opts = {"device": device, "dtype": torch.float64}
+        self.scalars = torch.zeros(1 + len(self.LAYER_SCALARS), **opts)  # loss, then the above
+        sizes = [
+            [m.config.num_experts, m.router.num_choices, m.config.router.top_k + 1] for m in layers
+        ]
+        self.vectors = {
+            key: [torch.zeros(s[i], **opts) for s in sizes]
+            for i, key in enumerate(self.LAYER_VECTORS)
+        }
+        self.micro_batches = 0
+        self.num_layers = len(layers)
+
+    def add(self, loss: torch.Tensor, layers: list[MoELayer]) -> None:
+        """One micro-batch: its loss, and every layer's `last_stats`."""
+        self.scalars[0] += loss.detach().double()
+        self.micro_batches += 1
+        for i, layer in enumerate(layers):
+            stats = layer.last_stats
+            for j, field in enumerate(self.LAYER_SCALARS):
+                self.scalars[1 + j] += getattr(stats, field).double()
+            for key in self.LAYER_VECTORS:
+                self.vectors[key][i] += getattr(stats, key).double()
+
+    def reduce(self, group: dist.ProcessGroup | None, world_size: int) -> dict:
+        """One all-reduce over `group` and one host sync: the loss and layer scalars as means
+        over micro-batches, ranks (and layers), the per-layer vectors as integer sums."""
+        parts = [self.scalars, *[v for key in self.LAYER_VECTORS for v in self.vectors[key]]]
+        flat = torch.cat(parts)
+        if group is not None:
+            dist.all_reduce(flat, group=group)
+        host = flat.tolist()  # the one host sync of a log interval
+        micro = max(self.micro_batches * world_size, 1)
+        layers = max(self.num_layers, 1)
+        out = {"loss": host[0] / micro}
+        for j, key in enumerate(self.LAYER_SCALARS):
+            out[key] = host[1 + j] / micro / layers
+        offset = len(self.scalars)
+        for key in self.LAYER_VECTORS:
+            out[key] = []
+            for v in self.vectors[key]:
+                out[key].append([int(x) for x in host[offset : offset + v.numel()]])
+                offset += v.numel()
+        return out
 
 
 def truncate_jsonl(path: Path, after_step: int) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -37,26 +36,21 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from moeflow.models.decoder import MoEDecoder
 from moeflow.moe.layer import finish_optimizer_step, set_aux_loss_scale
 from moeflow.moe.layout import ExpertLayout
 from moeflow.moe.walk import moe_layers, split_parameters
-from moeflow.parallel.dims import ParallelContext, ParallelDims
-from moeflow.parallel.dispatch import DispatchConfig
+from moeflow.parallel.dims import ParallelDims
 from moeflow.parallel.grad_sync import GradSync
-from moeflow.parallel.parallelize import parallelize
 from moeflow.parallel.replace import current_expert_slots, replica_row_weights
 from moeflow.train import checkpoint as ckpt
+from moeflow.train.build import build_model, resolve_output
 from moeflow.train.config import RunConfig
 from moeflow.train.data import BatchStream, Corpus, eval_batches, load_corpus
 from moeflow.train.distributed import Runtime, init_distributed, shutdown
-from moeflow.train.metrics import MetricsLogger, flops_per_token, plot_run
+from moeflow.train.metrics import IntervalMetrics, MetricsLogger, flops_per_token, plot_run
 from moeflow.train.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
 from moeflow.train.replacement import Replacer
 from moeflow.utils.cpu_alloc import keep_freed_memory
-
-# Summed per micro-batch (MoE ones over layers too), all-reduced at each log step.
-SCALARS = ("loss", "aux", "z", "dropped", "violation", "ffn_per_token")
 
 
 @dataclass
@@ -88,64 +82,6 @@ def unigram_bpb(corpus: Corpus) -> float | None:
     return -logp[torch.from_numpy(corpus.val.astype("int64"))].mean().item()
 
 
-def _agree(ctx: ParallelContext, check) -> None:
-    """Run `check()` (returns an error message or None) on rank 0 and raise the same `ValueError`
-    on every rank, so a bad output directory stops all ranks before any work."""
-    message = [check() if ctx.rank == 0 else None]
-    dist.broadcast_object_list(message, src=0, group=ctx.world_group)
-    if message[0]:
-        raise ValueError(message[0])
-
-
-def _resolve_output(cfg: RunConfig, ctx: ParallelContext, resume: str | None, overwrite: bool):
-    out = Path(cfg.train.out_dir)
-    root = out / "checkpoints"
-    if resume is not None and overwrite:
-        raise ValueError("--resume and --overwrite contradict each other; pass one of them")
-    if resume is None:
-
-        def check_fresh() -> str | None:
-            existing = ckpt.list_checkpoints(root)
-            metrics = out / "metrics.jsonl"
-            if not existing and not metrics.exists():
-                return None
-            if not overwrite:
-                what = f"{len(existing)} checkpoint(s)" if existing else "a metrics.jsonl"
-                return (
-                    f"train.out_dir ({str(out)!r}) already holds {what} of another run; pass "
-                    "--resume to continue it, --overwrite to replace it, or choose another "
-                    "--train.out_dir"
-                )
-            shutil.rmtree(root, ignore_errors=True)
-            for name in ("metrics.jsonl", "training.png"):
-                (out / name).unlink(missing_ok=True)
-            return None
-
-        _agree(ctx, check_fresh)
-        return None
-    path = ckpt.latest_checkpoint(root) if resume == "latest" else Path(resume)
-
-    def check_resume() -> str | None:
-        if path is None:
-            return (
-                f"--resume: no complete checkpoint under {str(root)!r}; run without --resume to "
-                "start a new run"
-            )
-        try:
-            meta = ckpt.read_meta(path)
-        except ckpt.CheckpointError as exc:
-            return f"--resume: {exc}"
-        if meta.get("model_fingerprint") != cfg.fingerprint():
-            return (
-                f"--resume: checkpoint {str(path)!r} was written for another model config "
-                f"({meta.get('config', {}).get('model')}); resume with the same [model] section"
-            )
-        return None
-
-    _agree(ctx, check_resume)
-    return path
-
-
 class Trainer:
     """Builds everything a run needs from a `RunConfig`, then `run()`s it. See the module doc."""
 
@@ -155,7 +91,7 @@ class Trainer:
         dims = ParallelDims(dp=p.dp_for(runtime.world_size), ep=p.ep, timeout_s=p.timeout_s)
         self.ctx = dims.build(runtime.device.type)
         self.out_dir = Path(cfg.train.out_dir)
-        self.resume_path = _resolve_output(cfg, self.ctx, resume, overwrite)
+        self.resume_path = resolve_output(cfg, self.ctx, resume, overwrite)
         self.model = build_model(cfg, self.ctx, runtime.device, self._saved_slots())
         self.optimizer = build_optimizer(self.model, cfg.optim)
         ckpt.init_optimizer_state(self.optimizer)
@@ -222,8 +158,9 @@ class Trainer:
         self.stop_requested = True
 
     # -- one step ----------------------------------------------------------------------------
-    def train_step(self, acc: dict) -> None:
-        """One optimizer step (steps 1-4 of the module doc); statistics are added to `acc`."""
+    def train_step(self, metrics: IntervalMetrics) -> torch.Tensor:
+        """One optimizer step (steps 1-4 of the module doc); statistics are added to `metrics`.
+        Returns the gradient norm before clipping (on the device)."""
         cfg, device = self.cfg, self.runtime.device
         accum = cfg.train.grad_accum_steps
         set_lr(self.optimizer, lr_at(self.step, cfg.optim, cfg.train.steps))
@@ -233,21 +170,10 @@ class Trainer:
                 logits = self.model(x)
             loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
             (loss / accum).backward()
-            acc["loss"] += loss.detach().float()
-            acc["micro"] += 1
+            metrics.add(loss, self.moe_layers)
             self.replacer.observe()
-            for i, layer in enumerate(self.moe_layers):
-                s = layer.last_stats
-                acc["aux"] += s.aux_loss.float()
-                acc["z"] += s.z_loss.float()
-                acc["dropped"] += s.dropped_fraction.float()
-                acc["violation"] += s.max_load_violation.float()
-                acc["ffn_per_token"] += s.ffn_experts_per_token.float()
-                acc["tokens"][i] += s.tokens_per_expert.to(acc["tokens"][i].dtype)
-                acc["choices"][i] += s.routed_per_choice.to(torch.float64)
-                acc["ffn_hist"][i] += s.ffn_experts_histogram.to(torch.float64)
         self.grad_sync.sync()
-        acc["grad_norm"] = clip_grad_norm_(
+        grad_norm = clip_grad_norm_(
             self.dense_params, self.expert_params, cfg.optim.grad_clip, self.ctx.ep_group,
             replica_row_weights(self.model),
         )  # fmt: skip
@@ -256,50 +182,21 @@ class Trainer:
         finish_optimizer_step(self.model)  # global-batch counts reset, aux-free bias update
         self.replacer.end_step()
         self.step += 1
+        return grad_norm
 
-    def new_accumulator(self) -> dict:
-        zero = torch.zeros((), device=self.runtime.device)
-        acc = {k: zero.clone() for k in SCALARS}
-        acc["micro"] = 0
-        device = self.runtime.device
-        acc["choices"] = [
-            torch.zeros(m.router.num_choices, device=device, dtype=torch.float64)
-            for m in self.moe_layers
-        ]
-        acc["ffn_hist"] = [
-            torch.zeros(m.config.router.top_k + 1, device=device, dtype=torch.float64)
-            for m in self.moe_layers
-        ]
-        acc["tokens"] = [
-            torch.zeros(m.config.num_experts, device=self.runtime.device, dtype=torch.float64)
-            for m in self.moe_layers
-        ]
-        return acc
-
-    def _reduce_metrics(self, acc: dict, seconds: float, steps: int) -> dict:
-        """One all-reduce of everything logged; the mean over micro-batches, ranks and layers."""
-        n_layers = max(len(self.moe_layers), 1)
-        scalars = torch.stack([acc[k].double() for k in SCALARS])
-        per_layer = [*acc["tokens"], *acc["choices"], *acc["ffn_hist"]]
-        flat = torch.cat([scalars, *per_layer])
-        dist.all_reduce(flat, group=self.ctx.world_group)
-        micro = acc["micro"] * self.runtime.world_size
-        host = flat.tolist()  # the one host sync of a log interval
-        values = [v / micro for v in host[: len(SCALARS)]]
+    def _record(self, metrics: IntervalMetrics, grad_norm, seconds: float, steps: int) -> dict:
+        """The `train` record of a log interval (one all-reduce, one host sync)."""
+        reduced = metrics.reduce(self.ctx.world_group, self.runtime.world_size)
         t = self.cfg.train
         tokens = steps * t.grad_accum_steps * t.micro_batch_size * t.seq_len
         tok_s = tokens * self.runtime.world_size / max(seconds, 1e-9)
         record = {
             "kind": "train",
             "step": self.step,
-            "loss": values[0],
-            "aux_loss": values[1] / n_layers,
-            "z_loss": values[2] / n_layers,
-            "dropped_fraction": values[3] / n_layers,
-            "max_load_violation": values[4] / n_layers,
-            "ffn_experts_per_token": values[5] / n_layers,
+            "loss": reduced.pop("loss"),
+            **{k: reduced.pop(k) for k in IntervalMetrics.LAYER_SCALARS},
             "lr": self.optimizer.param_groups[0]["lr"],
-            "grad_norm": float(acc["grad_norm"]),
+            "grad_norm": float(grad_norm),
             "tokens_per_s": tok_s,
         }
         if self.cfg.metrics.peak_flops:
@@ -308,17 +205,11 @@ class Trainer:
             record["mfu"] = flops / self.cfg.metrics.peak_flops
         # Per MoE layer: kept tokens per FFN expert, routed pairs per choice (null and
         # zero-computation experts too), and how many tokens got 0..K FFN experts.
-        offset = len(SCALARS)
-        for key, parts in (("tokens_per_expert", acc["tokens"]),
-                           ("routed_per_choice", acc["choices"]),
-                           ("ffn_experts_histogram", acc["ffn_hist"])):  # fmt: skip
-            values_per_layer = []
-            for part in parts:
-                n = part.numel()
-                values_per_layer.append([int(v) for v in host[offset : offset + n]])
-                offset += n
-            record[key] = values_per_layer
+        record.update(reduced)
         return record
+
+    def new_metrics(self) -> IntervalMetrics:
+        return IntervalMetrics(self.moe_layers, self.runtime.device)
 
     # -- validation --------------------------------------------------------------------------
     @torch.no_grad()
@@ -407,21 +298,21 @@ class Trainer:
 
     def _loop(self, log: MetricsLogger, result: TrainResult, say) -> None:
         cfg = self.cfg
-        acc, since, t0 = self.new_accumulator(), 0, time.perf_counter()
+        metrics, since, t0 = self.new_metrics(), 0, time.perf_counter()
         stop = torch.zeros(1, device=self.runtime.device)
         while self.step < cfg.train.steps:
-            self.train_step(acc)
+            grad_norm = self.train_step(metrics)
             since += 1
             stop.fill_(float(self.stop_requested))
             dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=self.ctx.world_group)
             last = self.step == cfg.train.steps or bool(stop.item())
             if self.step % cfg.metrics.log_every == 0 or last:
-                record = self._reduce_metrics(acc, time.perf_counter() - t0, since)
+                record = self._record(metrics, grad_norm, time.perf_counter() - t0, since)
                 log.log(record)
                 log.advance(self.step, record["loss"])
                 result.losses.append(record["loss"])
                 result.loss_steps.append(self.step)
-                acc, since, t0 = self.new_accumulator(), 0, time.perf_counter()
+                metrics, since, t0 = self.new_metrics(), 0, time.perf_counter()
             if not stop.item() and self.step < cfg.train.steps:
                 self._maybe_replace(log, say)
             if stop.item():
@@ -479,33 +370,6 @@ class Trainer:
         if result.plot_path is not None:
             lines.append(f"plot:       {result.plot_path}")
         say("\n".join(lines))
-
-
-def build_model(
-    cfg: RunConfig,
-    ctx: ParallelContext,
-    device: torch.device,
-    expert_slots: dict[str, list[int]] | None = None,
-) -> MoEDecoder:
-    """Build on the meta device, keep only this rank's experts (placed by `expert_slots`,
-    default contiguous blocks plus `placement.replica_slots` replicas per shard group), then
-    materialise and initialise: a large model is never whole on one rank."""
-    with torch.device("meta"):
-        model = MoEDecoder(cfg.model)
-    p = cfg.parallel
-    dispatch = DispatchConfig(
-        mode=p.mode,
-        overlap_degree=p.overlap_degree,
-        two_level=p.two_level,
-        ranks_per_node=p.ranks_per_node,
-    )
-    replicas = cfg.placement.replica_slots  # validated against parallel.ep by RunConfig
-    parallelize(model, ctx, dispatch, expert_slots=expert_slots, replica_slots=replicas)
-    if device.type != "meta":
-        model.to_empty(device=device)
-        model.init_weights(seed=cfg.train.seed)
-    model.activation_checkpointing = cfg.train.activation_checkpointing
-    return model
 
 
 def train(

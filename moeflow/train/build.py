@@ -1,0 +1,120 @@
+"""Building a run: the output directory's checks and the parallel model, for the trainer and the
+dry run alike.
+
+Example (one process, the meta device: nothing is allocated):
+    >>> from moeflow.parallel import ParallelDims
+    >>> from moeflow.train.distributed import init_distributed, shutdown
+    >>> runtime = init_distributed(60.0)
+    >>> cfg = RunConfig.from_dict({"model": {"dim": 32, "n_layers": 1, "n_heads": 2,
+    ...                                      "moe": {"num_experts": 2}}})
+    >>> model = build_model(cfg, ParallelDims().build(), torch.device("meta"))
+    >>> model.blocks[0].ffn.layout.local_experts(0)
+    [0, 1]
+    >>> shutdown(runtime)
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from moeflow.models.decoder import MoEDecoder
+from moeflow.parallel.dims import ParallelContext
+from moeflow.parallel.dispatch import DispatchConfig
+from moeflow.parallel.parallelize import parallelize
+from moeflow.train import checkpoint as ckpt
+from moeflow.train.config import RunConfig
+
+
+def agree(ctx: ParallelContext, check) -> None:
+    """Run `check()` (returns an error message or None) on rank 0 and raise the same `ValueError`
+    on every rank, so a bad output directory stops all ranks before any work."""
+    message = [check() if ctx.rank == 0 else None]
+    dist.broadcast_object_list(message, src=0, group=ctx.world_group)
+    if message[0]:
+        raise ValueError(message[0])
+
+
+def resolve_output(
+    cfg: RunConfig, ctx: ParallelContext, resume: str | None, overwrite: bool
+) -> Path | None:
+    """Check `train.out_dir` on rank 0 before any work (every rank raises the same error): a
+    fresh run needs an empty one (or `overwrite`, which clears the old run's checkpoints and
+    metrics), a resumed one a complete checkpoint of the same model. Returns the checkpoint to
+    resume from, or None."""
+    out = Path(cfg.train.out_dir)
+    root = out / "checkpoints"
+    if resume is not None and overwrite:
+        raise ValueError("--resume and --overwrite contradict each other; pass one of them")
+    if resume is None:
+
+        def check_fresh() -> str | None:
+            existing = ckpt.list_checkpoints(root)
+            metrics = out / "metrics.jsonl"
+            if not existing and not metrics.exists():
+                return None
+            if not overwrite:
+                what = f"{len(existing)} checkpoint(s)" if existing else "a metrics.jsonl"
+                return (
+                    f"train.out_dir ({str(out)!r}) already holds {what} of another run; pass "
+                    "--resume to continue it, --overwrite to replace it, or choose another "
+                    "--train.out_dir"
+                )
+            shutil.rmtree(root, ignore_errors=True)
+            for name in ("metrics.jsonl", "training.png"):
+                (out / name).unlink(missing_ok=True)
+            return None
+
+        agree(ctx, check_fresh)
+        return None
+    path = ckpt.latest_checkpoint(root) if resume == "latest" else Path(resume)
+
+    def check_resume() -> str | None:
+        if path is None:
+            return (
+                f"--resume: no complete checkpoint under {str(root)!r}; run without --resume to "
+                "start a new run"
+            )
+        try:
+            meta = ckpt.read_meta(path)
+        except ckpt.CheckpointError as exc:
+            return f"--resume: {exc}"
+        if meta.get("model_fingerprint") != cfg.fingerprint():
+            return (
+                f"--resume: checkpoint {str(path)!r} was written for another model config "
+                f"({meta.get('config', {}).get('model')}); resume with the same [model] section"
+            )
+        return None
+
+    agree(ctx, check_resume)
+    return path
+
+
+def build_model(
+    cfg: RunConfig,
+    ctx: ParallelContext,
+    device: torch.device,
+    expert_slots: dict[str, list[int]] | None = None,
+) -> MoEDecoder:
+    """Build on the meta device, keep only this rank's experts (placed by `expert_slots`,
+    default contiguous blocks plus `placement.replica_slots` replicas per shard group), then
+    materialise and initialise: a large model is never whole on one rank."""
+    with torch.device("meta"):
+        model = MoEDecoder(cfg.model)
+    p = cfg.parallel
+    dispatch = DispatchConfig(
+        mode=p.mode,
+        overlap_degree=p.overlap_degree,
+        two_level=p.two_level,
+        ranks_per_node=p.ranks_per_node,
+    )
+    replicas = cfg.placement.replica_slots  # validated against parallel.ep by RunConfig
+    parallelize(model, ctx, dispatch, expert_slots=expert_slots, replica_slots=replicas)
+    if device.type != "meta":
+        model.to_empty(device=device)
+        model.init_weights(seed=cfg.train.seed)
+    model.activation_checkpointing = cfg.train.activation_checkpointing
+    return model
