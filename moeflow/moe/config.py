@@ -18,21 +18,13 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from moeflow.utils.validate import check_choice, check_non_negative
+
 ACTIVATIONS = ("swiglu", "gelu", "relu")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 DROP_POLICIES = ("probs", "position")
 AUX_LOSS_TYPES = ("none", "aux_loss", "seq_aux_loss", "global_aux_loss")
 ROUTER_DTYPES = ("fp32", "fp64")
-
-
-def _check_choice(path: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{path} ({value!r}) must be one of {', '.join(map(repr, allowed))}")
-
-
-def _check_non_negative(path: str, value: float) -> None:
-    if not value >= 0:  # also rejects NaN
-        raise ValueError(f"{path} ({value!r}) must be >= 0")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -114,10 +106,10 @@ class RouterConfig:
         """Raise `ValueError` naming `path.field` for the first invalid field."""
         if not isinstance(self.top_k, int) or self.top_k < 1:
             raise ValueError(f"{path}.top_k ({self.top_k!r}) must be an integer >= 1")
-        _check_choice(f"{path}.score_function", self.score_function, SCORE_FUNCTIONS)
-        _check_choice(f"{path}.drop_policy", self.drop_policy, DROP_POLICIES)
-        _check_choice(f"{path}.aux_loss_type", self.aux_loss_type, AUX_LOSS_TYPES)
-        _check_choice(f"{path}.router_dtype", self.router_dtype, ROUTER_DTYPES)
+        check_choice(f"{path}.score_function", self.score_function, SCORE_FUNCTIONS)
+        check_choice(f"{path}.drop_policy", self.drop_policy, DROP_POLICIES)
+        check_choice(f"{path}.aux_loss_type", self.aux_loss_type, AUX_LOSS_TYPES)
+        check_choice(f"{path}.router_dtype", self.router_dtype, ROUTER_DTYPES)
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(
                 f"{path}.capacity_factor ({self.capacity_factor!r}) must be > 0, "
@@ -130,13 +122,13 @@ class RouterConfig:
                 f"{path}.pad_to_capacity (True) needs {path}.capacity_factor; "
                 "dropless routing has no capacity to pad to"
             )
-        _check_non_negative(f"{path}.aux_loss_coeff", self.aux_loss_coeff)
-        _check_non_negative(f"{path}.z_loss_coeff", self.z_loss_coeff)
+        check_non_negative(f"{path}.aux_loss_coeff", self.aux_loss_coeff)
+        check_non_negative(f"{path}.z_loss_coeff", self.z_loss_coeff)
         if self.input_jitter_eps is not None and not 0 < self.input_jitter_eps < 1:
             raise ValueError(
                 f"{path}.input_jitter_eps ({self.input_jitter_eps!r}) must be in (0, 1), or None"
             )
-        _check_non_negative(f"{path}.bias_update_rate", self.bias_update_rate)
+        check_non_negative(f"{path}.bias_update_rate", self.bias_update_rate)
         self._validate_router_fields(path)
 
     def _validate_router_fields(self, path: str) -> None:
@@ -208,7 +200,7 @@ class MoEConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"moe.{name} ({value!r}) must be an integer >= 1")
-        _check_choice("moe.activation", self.activation, ACTIVATIONS)
+        check_choice("moe.activation", self.activation, ACTIVATIONS)
         if not isinstance(self.router, RouterConfig):
             raise ValueError(f"moe.router must be a RouterConfig, got {type(self.router).__name__}")
         choices = self.num_experts + self.router.extra_experts

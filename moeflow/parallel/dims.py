@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from moeflow.utils.validate import check_int
+
 
 @dataclass(kw_only=True, frozen=True)
 class ParallelDims:
@@ -36,9 +38,7 @@ class ParallelDims:
 
     def __post_init__(self) -> None:
         for name in ("dp", "ep"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"parallel.{name} ({value!r}) must be an integer >= 1")
+            check_int(f"parallel.{name}", getattr(self, name))
         if not self.timeout_s > 0:
             raise ValueError(f"parallel.timeout_s ({self.timeout_s!r}) must be > 0")
 

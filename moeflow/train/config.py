@@ -37,21 +37,12 @@ from moeflow.models.decoder import DecoderConfig
 from moeflow.moe.layout import ExpertLayout
 from moeflow.parallel.dispatch import MODES
 from moeflow.placement.problem import PlacementConfig
+from moeflow.utils.validate import check_choice, check_int
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
-
-
-def _positive_int(path: str, value, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{path} ({value!r}) must be an integer >= {minimum}")
-
-
-def _choice(path: str, value, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"{path} ({value!r}) must be one of {list(allowed)}")
 
 
 DATA_KINDS = ("stdlib", "text", "tokens")
@@ -79,12 +70,12 @@ class DataConfig:
     max_bytes: int = 8_000_000
 
     def __post_init__(self) -> None:
-        _choice("data.kind", self.kind, DATA_KINDS)
+        check_choice("data.kind", self.kind, DATA_KINDS)
         if self.kind != "stdlib" and not self.path:
             raise ValueError(f"data.path must be set for data.kind = {self.kind!r}")
         if not isinstance(self.val_percent, int) or not 0 < self.val_percent < 100:
             raise ValueError(f"data.val_percent ({self.val_percent!r}) must be in 1..99")
-        _positive_int("data.max_bytes", self.max_bytes, minimum=0)
+        check_int("data.max_bytes", self.max_bytes, minimum=0)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -110,7 +101,7 @@ class OptimConfig:
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"optim.betas ({self.betas!r}) must be two numbers in [0, 1)")
         object.__setattr__(self, "betas", betas)
-        _positive_int("optim.warmup_steps", self.warmup_steps, minimum=0)
+        check_int("optim.warmup_steps", self.warmup_steps, minimum=0)
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"optim.min_lr_ratio ({self.min_lr_ratio!r}) must be in [0, 1]")
         if not self.grad_clip >= 0:
@@ -140,10 +131,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "seq_len", "micro_batch_size", "grad_accum_steps", "eval_windows"):
-            _positive_int(f"train.{name}", getattr(self, name))
-        _positive_int("train.seed", self.seed, minimum=0)
-        _positive_int("train.eval_every", self.eval_every, minimum=0)
-        _choice("train.autocast", self.autocast, AUTOCAST)
+            check_int(f"train.{name}", getattr(self, name))
+        check_int("train.seed", self.seed, minimum=0)
+        check_int("train.eval_every", self.eval_every, minimum=0)
+        check_choice("train.autocast", self.autocast, AUTOCAST)
         if not self.out_dir:
             raise ValueError("train.out_dir must be a non-empty path")
 
@@ -167,13 +158,13 @@ class ParallelConfig:
     ranks_per_node: int | None = None
 
     def __post_init__(self) -> None:
-        _positive_int("parallel.ep", self.ep)
-        _positive_int("parallel.overlap_degree", self.overlap_degree)
-        _choice("parallel.mode", self.mode, MODES)
+        check_int("parallel.ep", self.ep)
+        check_int("parallel.overlap_degree", self.overlap_degree)
+        check_choice("parallel.mode", self.mode, MODES)
         if self.dp is not None:
-            _positive_int("parallel.dp", self.dp)
+            check_int("parallel.dp", self.dp)
         if self.ranks_per_node is not None:
-            _positive_int("parallel.ranks_per_node", self.ranks_per_node)
+            check_int("parallel.ranks_per_node", self.ranks_per_node)
         if not self.timeout_s > 0:
             raise ValueError(f"parallel.timeout_s ({self.timeout_s!r}) must be > 0")
 
@@ -207,8 +198,8 @@ class MetricsConfig:
     peak_flops: float = 0.0
 
     def __post_init__(self) -> None:
-        _positive_int("metrics.log_every", self.log_every)
-        _choice("metrics.wandb_mode", self.wandb_mode, ("offline", "online", "disabled"))
+        check_int("metrics.log_every", self.log_every)
+        check_choice("metrics.wandb_mode", self.wandb_mode, ("offline", "online", "disabled"))
         if not self.peak_flops >= 0:
             raise ValueError(f"metrics.peak_flops ({self.peak_flops!r}) must be >= 0")
 
@@ -222,8 +213,8 @@ class CheckpointConfig:
     keep: int = 2
 
     def __post_init__(self) -> None:
-        _positive_int("checkpoint.every", self.every, minimum=0)
-        _positive_int("checkpoint.keep", self.keep, minimum=0)
+        check_int("checkpoint.every", self.every, minimum=0)
+        check_int("checkpoint.keep", self.keep, minimum=0)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -259,11 +250,11 @@ class PlacementRunConfig:
     replica_slots: int = 0
 
     def __post_init__(self) -> None:
-        _positive_int("placement.replica_slots", self.replica_slots, minimum=0)
+        check_int("placement.replica_slots", self.replica_slots, minimum=0)
         if not 0.0 < self.decay <= 1.0:
             raise ValueError(f"placement.decay ({self.decay!r}) must be in (0, 1]")
         for name in ("every", "check_every", "min_steps"):
-            _positive_int(f"placement.{name}", getattr(self, name), minimum=0)
+            check_int(f"placement.{name}", getattr(self, name), minimum=0)
         if self.imbalance_threshold != 0 and self.imbalance_threshold < 1:
             raise ValueError(
                 f"placement.imbalance_threshold ({self.imbalance_threshold!r}) is a max/mean load "
@@ -273,14 +264,16 @@ class PlacementRunConfig:
             raise ValueError("placement.imbalance_threshold needs placement.check_every > 0")
         if not 0.0 <= self.min_gain < 1.0:
             raise ValueError(f"placement.min_gain ({self.min_gain!r}) must be in [0, 1)")
-        _choice("placement.method", self.method, ("contiguous", "round_robin", "greedy", "ilp"))
+        check_choice(
+            "placement.method", self.method, ("contiguous", "round_robin", "greedy", "ilp")
+        )
         if (self.every or self.imbalance_threshold) and not self.stats:
             raise ValueError(
                 "placement.every / placement.imbalance_threshold re-place experts from measured "
                 "routing: set placement.stats = true"
             )
         if self.ranks_per_node is not None:
-            _positive_int("placement.ranks_per_node", self.ranks_per_node)
+            check_int("placement.ranks_per_node", self.ranks_per_node)
         self.problem(1)  # the solver fields, validated by the component that reads them
 
     @property
