@@ -147,6 +147,20 @@ def bench_rank(rank: int, world: int, port: int, args, queue) -> None:
     dist.destroy_process_group()
 
 
+def spawn_ranks(target, world: int, args) -> list:
+    """Run `target(rank, world, port, args, queue)` on `world` spawned ranks; rank 0's result."""
+    spawn = mp.get_context("spawn")
+    queue = spawn.Queue()
+    port = free_port()
+    procs = [spawn.Process(target=target, args=(r, world, port, args, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    rows = queue.get(timeout=3600)
+    for p in procs:
+        p.join()
+    return rows
+
+
 def main() -> None:
     args = parse_args()
     print(
@@ -154,18 +168,8 @@ def main() -> None:
         f"OMP_NUM_THREADS=1 per rank | fp32 | D={args.hidden} F={args.ffn} E={args.experts} "
         f"k={args.top_k} swiglu dropless | median of {args.repeats} | allocator keeps freed memory"
     )
-    ctx = mp.get_context("spawn")
     for world in args.ranks:
-        queue = ctx.Queue()
-        port = free_port()
-        procs = [
-            ctx.Process(target=bench_rank, args=(r, world, port, args, queue)) for r in range(world)
-        ]
-        for p in procs:
-            p.start()
-        rows = queue.get(timeout=3600)
-        for p in procs:
-            p.join()
+        rows = spawn_ranks(bench_rank, world, args)
         print(f"\nep={world} ranks (tokens per rank; times in ms per forward+backward)")
         head = f"{'tokens':>7}{'a2a':>8}{'compute':>9}{'serial':>8}"
         head += "".join(f"{'ovl' + str(n):>8}{'eff' + str(n):>7}" for n in args.overlap)

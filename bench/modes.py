@@ -29,15 +29,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.ep import timed_interleaved
+from bench.ep import spawn_ranks, timed_interleaved
+from bench.layer import Floor
 from moeflow import MoEConfig, MoELayer, RouterConfig
-from moeflow.moe.ffn import apply_activation
 from moeflow.parallel import MODES, ParallelDims, parallelize
-from moeflow.train.distributed import free_port, local_rank_env
+from moeflow.train.distributed import local_rank_env
 from moeflow.utils import keep_freed_memory
 
 
@@ -58,27 +57,6 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-class Floor:
-    """This rank's routed rows through whole experts as plain per-expert GEMMs (autograd)."""
-
-    def __init__(self, counts: list[int], hidden: int, ffn: int, act: str) -> None:
-        gen = torch.Generator().manual_seed(1)
-        c = 2 if act == "swiglu" else 1
-        self.act = act
-        self.w1 = [torch.randn(hidden, c * ffn, generator=gen).requires_grad_() for _ in counts]
-        self.w2 = [torch.randn(ffn, hidden, generator=gen).requires_grad_() for _ in counts]
-        self.xs = [torch.randn(n, hidden, requires_grad=True) for n in counts]
-        self.gs = [torch.randn(n, hidden) for n in counts]
-
-    def step(self) -> None:
-        outs, grads = [], []
-        for e, (x, g) in enumerate(zip(self.xs, self.gs, strict=True)):
-            if x.shape[0]:
-                outs.append(apply_activation(x @ self.w1[e], self.act) @ self.w2[e])
-                grads.append(g)
-        torch.autograd.backward(outs, grads)
-
-
 def measure(ctx, args, experts: int, tokens: int, skew: float, rank: int) -> dict:
     k = min(args.top_k, experts)
     cfg = MoEConfig(
@@ -89,6 +67,8 @@ def measure(ctx, args, experts: int, tokens: int, skew: float, rank: int) -> dic
     layer = MoELayer(cfg)
     with torch.no_grad():
         layer.router.weight.normal_(0, 0.2)
+    whole = MoELayer(cfg)  # every expert whole, for the floor
+    whole.load_state_dict(layer.state_dict())
     parallelize(layer, ctx)
     x = torch.randn(tokens, args.hidden, generator=torch.Generator().manual_seed(rank))
     if skew:  # every rank's tokens lean towards expert 0 (and its neighbours in score)
@@ -104,7 +84,7 @@ def measure(ctx, args, experts: int, tokens: int, skew: float, rank: int) -> dic
         moved[mode] = (4 * layer.last_sent_bytes, 2 * layer.last_gathered_bytes)
     counts = layer.last_stats.tokens_per_expert
     load = (counts.max() / counts.float().mean()).item()
-    fns = {"floor": Floor(counts.tolist(), args.hidden, args.ffn, cfg.activation).step}
+    fns = {"floor": Floor(whole, counts.tolist()).step}
     for mode in modes:
         fns[mode] = lambda mode=mode: layer(x, mode=mode).backward(g)
     times = timed_interleaved(fns, args.repeats, args.warmup)
@@ -136,20 +116,9 @@ def main() -> None:
         f"gloo, OMP_NUM_THREADS=1 per rank | fp32 | D={args.hidden} F={args.ffn} swiglu "
         f"dropless | median of {args.repeats} | allocator keeps freed memory"
     )
-    spawn = mp.get_context("spawn")
     wins: dict[str, list[str]] = {m: [] for m in MODES}
     for world in args.ranks:
-        queue = spawn.Queue()
-        port = free_port()
-        procs = [
-            spawn.Process(target=bench_rank, args=(r, world, port, args, queue))
-            for r in range(world)
-        ]
-        for p in procs:
-            p.start()
-        rows = queue.get(timeout=3600)
-        for p in procs:
-            p.join()
+        rows = spawn_ranks(bench_rank, world, args)
         print(f"\n{world} ranks (expert group G = {world}); ms per forward+backward, x floor; "
               "MB moved per step by rank 0 (tokens / weights)")  # fmt: skip
         head = f"{'E':>3}{'k':>3}{'S':>3}{'tokens':>7}{'max/mean':>9}{'floor':>8}"

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from moeflow import MoEConfig, MoELayer, RouterConfig, set_aux_loss_scale
 from moeflow.comm.dispatcher import DispatchConfig
 from moeflow.moe.experts import slice_experts
-from moeflow.moe.routing_context import RoutingContext
 from moeflow.parallel import GradSync, ParallelDims, parallelize
 from tests.distributed import DistributedTestError, run_on_ranks
+from tests.ep_reference import RouterNet as Net
+from tests.ep_reference import build_router_net as build
 
 D, F = 8, 12
 MODES = ("ep", "sharded", "dp")
@@ -34,41 +34,6 @@ def router(kind: str, k: int, **extra) -> RouterConfig:
     if kind == "rmoe":
         return RouterConfig(type="rmoe", rnn_dim=6, top_k=k, **extra)
     return RouterConfig(top_k=k, z_loss_coeff=1e-3, **extra)
-
-
-class Net(nn.Module):
-    """Dense, two MoE layers sharing a routing context (and RMoE's cell), dense; `mode` and
-    `overlap` are passed to every MoE layer call."""
-
-    def __init__(self, cfg: MoEConfig) -> None:
-        super().__init__()
-        self.shared = nn.ModuleDict()
-        self.pre = nn.Linear(D, D, bias=False)
-        self.moe1 = MoELayer(cfg, self.shared)
-        self.moe2 = MoELayer(cfg, self.shared)
-        self.post = nn.Linear(D, D, bias=False)
-        self.mode: str | None = None
-        self.overlap: int | None = None
-
-    def forward(self, x):
-        ctx = RoutingContext()
-        h = self.pre(x)
-        for layer in (self.moe1, self.moe2):
-            h = h + layer(h, routing_context=ctx, mode=self.mode, overlap_degree=self.overlap)
-        return self.post(h)
-
-
-def build(cfg: MoEConfig) -> Net:
-    torch.manual_seed(0)
-    model = Net(cfg).double()
-    with torch.no_grad():
-        for layer in (model.moe1, model.moe2):
-            for name, p in layer.router.named_parameters():
-                if name in ("weight", "null_weight", "head"):
-                    p.normal_(0.0, 1.0)
-            if layer.router.config.type == "moepp":
-                layer.router.residual.normal_(0.0, 0.3)
-    return model
 
 
 def case_slots(case: dict, layout) -> dict[str, list[int]] | None:

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from moeflow import MoEConfig, MoELayer, RouterConfig
 from moeflow.comm.capacity import capacity_keep_mask, expert_capacity
 from moeflow.moe.layer import finish_optimizer_step
-from moeflow.moe.routing_context import RoutingContext
 from moeflow.parallel import ParallelDims, parallelize
 from tests.distributed import run_on_ranks
+from tests.ep_reference import build_router_net as build
 from tests.ep_reference import parallel_and_reference_step
 
 D, E = 8, 8
@@ -25,38 +24,6 @@ ROUTERS = {
     "rmoe": RouterConfig(type="rmoe", rnn_dim=6, top_k=2),
     "null-capacity": RouterConfig(type="null", num_null_experts=4, top_k=2, capacity_factor=1.0),
 }
-
-
-class Net(nn.Module):
-    """Dense, two MoE layers sharing a routing context (and RMoE's cell), dense."""
-
-    def __init__(self, cfg: MoEConfig) -> None:
-        super().__init__()
-        self.shared = nn.ModuleDict()
-        self.pre = nn.Linear(D, D, bias=False)
-        self.moe1 = MoELayer(cfg, self.shared)
-        self.moe2 = MoELayer(cfg, self.shared)
-        self.post = nn.Linear(D, D, bias=False)
-
-    def forward(self, x):
-        ctx = RoutingContext()
-        h = self.pre(x)
-        h = h + self.moe1(h, routing_context=ctx)
-        h = h + self.moe2(h, routing_context=ctx)
-        return self.post(h)
-
-
-def build(cfg: MoEConfig) -> Net:
-    torch.manual_seed(0)
-    model = Net(cfg).double()
-    with torch.no_grad():
-        for layer in (model.moe1, model.moe2):
-            for name, p in layer.router.named_parameters():
-                if name in ("weight", "null_weight", "head"):
-                    p.normal_(0.0, 1.0)
-            if layer.router.config.type == "moepp":
-                layer.router.residual.normal_(0.0, 0.3)
-    return model
 
 
 def remote_ffn_pairs(layer: MoELayer, x_TD: torch.Tensor, ep_index: int, ep: int) -> int:
