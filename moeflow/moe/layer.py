@@ -83,6 +83,20 @@ class MoELayer(nn.Module):
         )
         self.balance = BalanceState(self.router.num_choices)
 
+    def set_router(self, router: nn.Module, config: MoEConfig) -> None:
+        """Install another router (e.g. AdaMoE's conversion, `convert_topk_to_null`) with the
+        layer config it belongs to (same experts); the balancing counts start afresh, over the
+        same group."""
+        if (config.num_experts, config.ffn_hidden_size) != (
+            self.config.num_experts,
+            self.config.ffn_hidden_size,
+        ):
+            raise ValueError("a new router must keep the layer's experts (num_experts, ffn size)")
+        group = self.balance.group
+        self.router, self.config = router, config
+        self.balance = BalanceState(router.num_choices).to(self.expert_dispatch.slot_table.device)
+        self.balance.group = group
+
     # -- layout ----------------------------------------------------------------------------------
     def attach(
         self,

@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeflow.moe.balance_state import BalanceState
 from moeflow.moe.config import MoEConfig
 from moeflow.moe.routers.base import Router, RouterOutput
 from moeflow.moe.routers.registry import register_router
@@ -98,13 +97,12 @@ class NullExpertRouter(Router):
         return RouterOutput(weights_TK, ids_TK, scores_TE, logits_TE)
 
 
-def convert_topk_to_null(layer: nn.Module, num_null_experts: int, top_k: int) -> None:
-    """Turn a trained top-k `MoELayer` into an AdaMoE layer in place: `W_null[j] = W_true[j % n]`
-    and `top_k` raised. With `num_null_experts = r * n` and `top_k = (1 + r) * k` the converted
-    layer computes exactly what the original did (see the tie rule) until training moves it;
-    the original must weight its top-k normalised (post-softmax, or `normalize_topk`)."""
-    old = layer.router
-    cfg = layer.config
+def null_router_from_topk(
+    old: nn.Module, cfg: MoEConfig, num_null_experts: int, top_k: int
+) -> tuple[NullExpertRouter, MoEConfig]:
+    """AdaMoE's conversion of a trained top-k router: `W_null[j] = W_true[j % n]` and `top_k`
+    raised; returns the new router and the layer config it belongs to (the layer installs them:
+    `MoELayer.set_router`)."""
     n = cfg.num_experts
     rc = dataclasses.replace(cfg.router, type="null", num_null_experts=num_null_experts,
                              top_k=top_k)  # fmt: skip
@@ -114,11 +112,15 @@ def convert_topk_to_null(layer: nn.Module, num_null_experts: int, top_k: int) ->
         router.weight.copy_(old.weight)
         router.null_weight.copy_(old.weight[torch.arange(num_null_experts) % n])
     router.train(old.training)
-    layer.router = router
-    layer.config = new_cfg
-    group = layer.balance.group
-    layer.balance = BalanceState(router.num_choices).to(old.weight.device)
-    layer.balance.group = group
+    return router, new_cfg
+
+
+def convert_topk_to_null(layer: nn.Module, num_null_experts: int, top_k: int) -> None:
+    """Turn a trained top-k `MoELayer` into an AdaMoE layer in place. With `num_null_experts = r *
+    n` and `top_k = (1 + r) * k` the converted layer computes exactly what the original did (see
+    the tie rule) until training moves it; the original must weight its top-k normalised
+    (post-softmax, or `normalize_topk`)."""
+    layer.set_router(*null_router_from_topk(layer.router, layer.config, num_null_experts, top_k))
 
 
 register_router("null", lambda config, shared: NullExpertRouter(config))
