@@ -94,7 +94,7 @@ def measure(ctx, args, tokens: int, rank: int, world: int):
     for n in args.overlap:
         fns[f"overlap{n}"] = lambda n=n: layer(x, overlap_degree=n).backward(g)
     layer(x, overlap_degree=1)
-    plan = layer.last_dispatch
+    plan = layer.last_stats.traffic.dispatch
     send, recv = plan.input_splits[0], plan.output_splits[0]
 
     def a2a_only():

@@ -81,7 +81,8 @@ def measure(ctx, args, experts: int, tokens: int, skew: float, rank: int) -> dic
     moved = {}
     for mode in modes:
         layer(x, mode=mode)
-        moved[mode] = (4 * layer.last_sent_bytes, 2 * layer.last_gathered_bytes)
+        t = layer.last_stats.traffic
+        moved[mode] = (4 * t.sent_bytes, 2 * t.gathered_bytes)
     counts = layer.last_stats.tokens_per_expert
     load = (counts.max() / counts.float().mean()).item()
     fns = {"floor": Floor(whole, counts.tolist()).step}

@@ -169,7 +169,7 @@ def step_time_rank(rank: int, world: int, port: int, args, queue) -> None:
     for _ in range(8):
         with torch.no_grad():
             forward(model, torch.randn(tokens, hidden, generator=gen))
-        stats.observe([layer.last_expert_ids for layer in model])
+        stats.observe([layer.last_stats.expert_ids for layer in model])
         stats.end_step()
     trace = stats.snapshot(ctx.world_group)
     decision = [None]
@@ -208,14 +208,14 @@ def step_time_rank(rank: int, world: int, port: int, args, queue) -> None:
             if rep:  # the first round warms up
                 times[label].append(t.item())
             received = torch.tensor(
-                [float(sum(layer.last_dispatch.output_splits[0])) for layer in model]
+                [float(sum(layer.last_stats.traffic.dispatch.output_splits[0])) for layer in model]
             )
             gathered = [torch.zeros(2) for _ in range(world)]
             dist.all_gather(gathered, received)
             per_rank = torch.stack(gathered)  # [ranks, layers]
             rows[label] = float((per_rank.max(0).values.sum() / per_rank.mean(0).sum()).item())
         t0 = time.perf_counter()
-        stats.observe([layer.last_expert_ids for layer in models[0][0]])
+        stats.observe([layer.last_stats.expert_ids for layer in models[0][0]])
         stats.end_step()
         observe.append(time.perf_counter() - t0)
     if rank == 0:

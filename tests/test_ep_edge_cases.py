@@ -50,7 +50,7 @@ def _edges(rank, world):
     out = par(x)
     out.square().sum().backward()
     GradSync(par, ctx).sync()
-    sent = par.last_sent_rows
+    sent = par.last_stats.traffic.sent_rows
 
     ref.aux_loss_scale = 1.0 / world
     ref_outs = [ref(t) for t in xs]

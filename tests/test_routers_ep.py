@@ -78,7 +78,8 @@ def _check(rank, world, names, shards):
         # The byte counter: only kept FFN pairs bound for another rank cross the wire.
         layer = par.moe1
         pairs = remote_ffn_pairs(layer, seen["x"], ctx.ep_index, world)
-        assert layer.last_sent_bytes == pairs * D * 8, (name, layer.last_sent_bytes, pairs)
+        sent = layer.last_stats.traffic.sent_bytes
+        assert sent == pairs * D * 8, (name, sent, pairs)
         routed = layer.last_stats.routed_per_choice
         checked[name] = (pairs, int(routed[E:].sum()), int(routed.sum()))
         finish_optimizer_step(par)

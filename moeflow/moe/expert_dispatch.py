@@ -70,6 +70,7 @@ class ExpertDispatch(nn.Module):
         self.register_buffer("slot_count", torch.ones(num_experts, dtype=torch.int64), False)
         self._spread = False
         self._paths: dict[str, tuple[TokenDispatcher, GroupedExpertCompute]] = {}
+        self.last_mode = self.config.mode
         self.last_gathered_bytes = 0  # expert-weight bytes the last call received
         self.last_gather_peak_bytes = 0  # the most its weight gather held at once
 
@@ -195,6 +196,7 @@ class ExpertDispatch(nn.Module):
             keep_TK=keep_TK, pad_to=pad_to, overlap_degree=chunks,
         )  # fmt: skip
         gather = compute.gather
+        self.last_mode = mode
         self.last_gathered_bytes = 0 if gather is None else gather.gathered_bytes
         self.last_gather_peak_bytes = 0 if gather is None else gather.peak_bytes
         return result

@@ -30,7 +30,7 @@ from moeflow.moe.routers.base import RouterOutput
 from moeflow.moe.routers.moepp import ZeroComputationExperts
 from moeflow.moe.routers.registry import build_router
 from moeflow.moe.routing_context import RoutingContext
-from moeflow.moe.stats import MoEStats, measure_stats
+from moeflow.moe.stats import MoEStats, Traffic, measure_stats
 
 
 class MoELayer(nn.Module):
@@ -45,9 +45,10 @@ class MoELayer(nn.Module):
     model shares between its MoE layers (RMoE's GRU cell).
 
     Pairs routed to a null or zero-computation expert are computed on this rank (0, `x`, or the
-    constant expert) and never enter the dispatcher: `last_sent_bytes` counts what the forward
-    all-to-all sent to other ranks. After each optimizer step call `finish_optimizer_step(model)`
-    (the trainer does): it resets the step's global-batch counts and updates the aux-loss-free bias.
+    constant expert) and never enter the dispatcher: `last_stats.traffic.sent_bytes` counts what
+    the forward all-to-all sent to other ranks. After each optimizer step call
+    `finish_optimizer_step(model)` (the trainer does): it resets the step's global-batch counts and
+    updates the aux-loss-free bias.
 
     Example:
         >>> cfg = MoEConfig(hidden_size=16, num_experts=4, ffn_hidden_size=32)
@@ -70,11 +71,6 @@ class MoELayer(nn.Module):
             self.zc_experts = ZeroComputationExperts(extra_kinds, config.hidden_size)
         self.aux_loss_scale = 1.0
         self.last_stats: MoEStats | None = None
-        self.last_sent_rows = 0  # (token, slot) rows the last forward sent to other ranks
-        self.last_sent_bytes = 0  # and their bytes
-        self.last_gathered_bytes = 0  # expert-weight bytes the last forward gathered
-        self.last_dispatch = None  # the last forward's ChunkPlan (split sizes, expert blocks)
-        self.last_expert_ids: torch.Tensor | None = None  # [T, K] logical choices (RoutingStats)
         # Where the experts live and how pairs reach them in each parallel mode: one layout
         # (all experts here until `attach`), every mode per call. Not saved: checkpoints keep
         # logical ids.
@@ -216,7 +212,7 @@ class MoELayer(nn.Module):
         routed_E = torch.bincount(
             route.expert_ids_TK.reshape(-1), minlength=self.router.num_choices
         )
-        out_TD, kept_E, keep_TK = self._dispatch_and_compute(
+        out_TD, kept_E, keep_TK, traffic = self._dispatch_and_compute(
             x_TD, route, routed_E, overlap_degree, mode
         )
         if self.zc_experts is not None:
@@ -233,9 +229,8 @@ class MoELayer(nn.Module):
             if training:
                 self.balance.add_step_counts(routed_E)
             self.last_stats = measure_stats(
-                routed_E, kept_E, keep_TK, losses, route, cfg.num_experts, cfg.router.top_k
+                routed_E, kept_E, keep_TK, losses, route, cfg.num_experts, cfg.router.top_k, traffic
             )
-            self.last_expert_ids = route.expert_ids_TK.detach()
         return out_TD.view(*x.shape[:-1], out_TD.shape[-1])
 
     def _dispatch_and_compute(
@@ -245,8 +240,9 @@ class MoELayer(nn.Module):
         routed_E: torch.Tensor,
         overlap_degree: int | None,
         mode: str | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """FFN pairs through the dispatcher; returns (out, kept pairs per FFN expert, keep mask)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, Traffic]:
+        """FFN pairs through the dispatcher; returns (out, kept pairs per FFN expert, keep mask,
+        what moved)."""
         rc = self.config.router
         n = self.config.num_experts
         ids_TK = route.expert_ids_TK
@@ -280,11 +276,14 @@ class MoELayer(nn.Module):
             mode=mode,
             overlap_degree=overlap_degree,
         )
-        self.last_sent_rows = result.sent_rows
-        self.last_sent_bytes = result.sent_rows * x_TD.shape[1] * result.out_TD.element_size()
-        self.last_gathered_bytes = self.expert_dispatch.last_gathered_bytes
-        self.last_dispatch = result.chunks
-        return result.out_TD, kept_E, keep_TK
+        traffic = Traffic(
+            mode=self.expert_dispatch.last_mode,
+            sent_rows=result.sent_rows,
+            sent_bytes=result.sent_rows * x_TD.shape[1] * result.out_TD.element_size(),
+            gathered_bytes=self.expert_dispatch.last_gathered_bytes,
+            dispatch=result.chunks,
+        )
+        return result.out_TD, kept_E, keep_TK, traffic
 
     def _losses(
         self,

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeflow.comm.pipeline import ChunkPlan
 from moeflow.moe.routers.base import RouterOutput
 
 
@@ -22,7 +23,12 @@ class MoEStats:
     routed_i - mean) / mean` over the FFN experts before drops (DeepSeek's MaxVio; 0 is perfect
     balance). `routed_per_choice` counts the pairs of every choice (null and zero-computation
     experts too); `ffn_experts_per_token` is the mean number of FFN experts that computed each
-    token, and `ffn_experts_histogram[j]` the number of tokens that got j of them.
+    token, and `ffn_experts_histogram[j]` the number of tokens that got j of them. `expert_ids`
+    are the `[T, K]` logical choices (routing statistics). The traffic of the call: its parallel
+    `mode`, the (token, slot) rows the forward all-to-all sent to other ranks (`sent_rows`,
+    `sent_bytes`: null and zero-computation pairs never travel), the expert-weight bytes its gather
+    received (`gathered_bytes`), and the dispatch plan (`dispatch`: split sizes and expert blocks
+    of every chunk).
 
     Example:
         >>> from moeflow.moe.config import MoEConfig
@@ -41,6 +47,19 @@ class MoEStats:
     routed_per_choice: torch.Tensor
     ffn_experts_per_token: torch.Tensor
     ffn_experts_histogram: torch.Tensor
+    expert_ids: torch.Tensor
+    traffic: Traffic
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What one forward moved between ranks (see `MoEStats`)."""
+
+    mode: str
+    sent_rows: int
+    sent_bytes: int
+    gathered_bytes: int
+    dispatch: ChunkPlan
 
 
 def measure_stats(
@@ -51,6 +70,7 @@ def measure_stats(
     route: RouterOutput,
     num_experts: int,
     top_k: int,
+    traffic: Traffic,
 ) -> MoEStats:
     """The stats of one forward from its routed and kept counts (detached, on the device: no
     host sync). `keep_TK`: the pairs an FFN expert computed (None: all of them)."""
@@ -77,4 +97,6 @@ def measure_stats(
             if ffn_T.numel()
             else torch.zeros((), device=routed_E.device),
             ffn_experts_histogram=torch.bincount(ffn_T, minlength=k + 1),
+            expert_ids=route.expert_ids_TK.detach(),
+            traffic=traffic,
         )

@@ -68,7 +68,7 @@ class Replacer:
     # -- every micro-batch / step ---------------------------------------------------------------
     def observe(self) -> None:
         if self.stats is not None:
-            self.stats.observe([layer.last_expert_ids for layer in self.layers])
+            self.stats.observe([layer.last_stats.expert_ids for layer in self.layers])
 
     def end_step(self) -> None:
         if self.stats is not None:
