@@ -24,12 +24,9 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +34,7 @@ from moeflow.models.decoder import DecoderConfig
 from moeflow.moe.layout import ExpertLayout
 from moeflow.parallel.dispatch import MODES
 from moeflow.placement.problem import PlacementConfig
+from moeflow.train.config_loader import build_dataclass, deep_copy, parse_overrides, set_dotted
 from moeflow.utils.validate import check_choice, check_int
 
 if sys.version_info >= (3, 11):
@@ -330,9 +328,9 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict, overrides: list[str] | None = None) -> RunConfig:
-        data = _deep_copy(data)
+        data = deep_copy(data)
         for key, value in parse_overrides(overrides or []):
-            _set_dotted(data, key, value)
+            set_dotted(data, key, value)
         model = data.setdefault("model", {})
         if isinstance(model, dict):
             moe = model.setdefault("moe", {})
@@ -340,7 +338,7 @@ class RunConfig:
                 moe.setdefault("hidden_size", model.get("dim", DecoderConfig.dim))
                 moe.setdefault("num_experts", 8)
                 moe.setdefault("ffn_hidden_size", 2 * moe["hidden_size"])
-        return _build(cls, data, "")
+        return build_dataclass(cls, data, "")
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: list[str] | None = None) -> RunConfig:
@@ -359,109 +357,3 @@ class RunConfig:
     def fingerprint(self, sections: tuple[str, ...] = ("model",)) -> str:
         blob = json.dumps({s: self.to_dict()[s] for s in sections}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def parse_overrides(args: list[str]) -> list[tuple[str, object]]:
-    """`["--a.b", "3", "--c=x"]` -> `[("a.b", 3), ("c", "x")]`."""
-    pairs, i = [], 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or len(arg) == 2:
-            raise ValueError(f"override {arg!r} must look like --section.key VALUE")
-        key, sep, value = arg[2:].partition("=")
-        if not sep:
-            if i + 1 >= len(args):
-                raise ValueError(f"override --{key} has no value")
-            value, i = args[i + 1], i + 1
-        pairs.append((key, _parse_value(value)))
-        i += 1
-    return pairs
-
-
-def _parse_value(text: str):
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def _deep_copy(data):
-    if isinstance(data, dict):
-        return {k: _deep_copy(v) for k, v in data.items()}
-    return data
-
-
-def _set_dotted(data: dict, key: str, value) -> None:
-    parts = key.split(".")
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"override --{key}: {part!r} is a value, not a section")
-    node[parts[-1]] = value
-
-
-def _known_keys(cls: type, prefix: str) -> list[str]:
-    keys = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        path = f"{prefix}{f.name}"
-        keys.append(path)
-        if dataclasses.is_dataclass(hints[f.name]):
-            keys.extend(_known_keys(hints[f.name], f"{path}."))
-    return keys
-
-
-def _unknown_key_error(path: str, key: str) -> ValueError:
-    full = f"{path}{key}"
-    known = _known_keys(RunConfig, "")
-    close = difflib.get_close_matches(full, known, n=3, cutoff=0.6)
-    close += [k for k in known if k.rsplit(".", 1)[-1] == key and k not in close]
-    hint = f"; did you mean {', '.join(close[:3])}?" if close else ""
-    section = path.rstrip(".")
-    siblings = sorted(
-        k[len(path) :] for k in known if k.startswith(path) and "." not in k[len(path) :]
-    )
-    where = f"[{section}] has" if section else "the top level has"
-    return ValueError(f"unknown config key {full!r}{hint} ({where}: {', '.join(siblings)})")
-
-
-def _coerce(path: str, hint, value):
-    """TOML values to the dataclass field's type (lists to tuples, ints to floats)."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType) and type(None) in args:
-        if value is None:
-            return None
-        hint = next(a for a in args if a is not type(None))
-        origin = typing.get_origin(hint)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if origin is tuple and isinstance(value, list):
-        return tuple(value)
-    expected = origin or hint
-    if isinstance(expected, type) and not isinstance(value, expected):
-        raise ValueError(
-            f"{path} ({value!r}) must be of type {getattr(expected, '__name__', expected)}"
-        )
-    return value
-
-
-def _build(cls: type, data, path: str):
-    if isinstance(data, cls):
-        return data
-    if not isinstance(data, dict):
-        raise ValueError(f"{path.rstrip('.')} must be a table of keys, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            raise _unknown_key_error(path, key)
-    kwargs = {}
-    for key, value in data.items():
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value, f"{path}{key}.")
-        else:
-            kwargs[key] = _coerce(f"{path}{key}", hint, value)
-    return cls(**kwargs)
