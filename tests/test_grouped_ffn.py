@@ -1,4 +1,5 @@
-"""The grouped expert FFN op: gradcheck, agreement with a per-expert dense FFN, idle experts."""
+"""The grouped expert FFN (the MoE layer's expert path on one rank): gradcheck, agreement with a
+per-expert dense FFN, idle experts, autocast."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from moeflow import FeedForward, GroupedExperts
-from moeflow.moe.grouped_ffn import grouped_ffn
+from moeflow.moe.expert_compute import grouped_ffn
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu", "relu"])

@@ -13,7 +13,17 @@ from __future__ import annotations
 
 import torch
 
-from moeflow.moe.grouped_ffn import Block, FFNActivations, WeightGrads, ffn_backward, ffn_forward
+from moeflow.comm.all_to_all import LocalExchange
+from moeflow.comm.pipeline import ChunkPlan, exchange_compute
+from moeflow.moe.grouped_ffn import (
+    Block,
+    FFNActivations,
+    WeightGrads,
+    blocks_from_counts,
+    compute_dtype,
+    ffn_backward,
+    ffn_forward,
+)
 from moeflow.moe.weight_gather import ExpertWeightGather
 
 
@@ -87,3 +97,27 @@ class GroupedExpertCompute:
         g1, g2 = acc["grads"].finish()
         g1, g2 = g1.to(w1.dtype), g2.to(w2.dtype)
         return (g1, g2) if self.gather is None else self.gather.scatter(g1, g2)
+
+
+def grouped_ffn(
+    x_RD: torch.Tensor,
+    w1_EDG: torch.Tensor,
+    w2_EFD: torch.Tensor,
+    rows_per_expert: list[int],
+    activation: str,
+) -> torch.Tensor:
+    """Expert e's FFN on its block of `rows_per_expert[e]` consecutive rows (zero-row experts
+    skip), differentiable: the MoE layer's own expert path (`exchange_compute` with
+    `GroupedExpertCompute`) on one rank. Under autocast the GEMMs run in the autocast dtype.
+
+    Example:
+        >>> y = grouped_ffn(torch.randn(5, 4), torch.randn(2, 4, 6), torch.randn(2, 3, 4),
+        ...                 [2, 3], "swiglu")
+        >>> y.shape
+        torch.Size([5, 4])
+    """
+    x = x_RD.to(compute_dtype(x_RD))
+    rows = [x.shape[0]]
+    plan = ChunkPlan([rows], [rows], [blocks_from_counts(rows_per_expert)])
+    compute = GroupedExpertCompute(activation)
+    return exchange_compute(LocalExchange(), compute, plan, (w1_EDG, w2_EFD), [x])[0]

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moeflow.moe.expert_compute import grouped_ffn
 from moeflow.moe.ffn import FeedForward, apply_activation, gate_multiplier, init_ffn_weights_
-from moeflow.moe.grouped_ffn import grouped_ffn
 
 
 def slice_experts(

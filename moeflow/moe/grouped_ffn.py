@@ -16,7 +16,8 @@ instead of `[R, F]`, which on CPU would be page-faulted in again every step. The
 `torch.autocast` the GEMMs run in the autocast dtype, as `nn.Linear` would.
 
 `ffn_forward` / `ffn_backward` are plain functions (no autograd) so that the expert-parallel
-dispatcher can interleave them with communication in its own forward and backward.
+dispatcher can interleave them with communication in its own forward and backward; the autograd
+op is the dispatcher's (`moeflow.moe.expert_compute.grouped_ffn` runs it on one rank).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 Block = tuple[int, int, int]
 
@@ -165,45 +165,3 @@ def ffn_backward(
             _mm_into(grad_x[lo:hi], gh, w[e].t(), overwrite=i == 0)
         weight_grads.accumulate(e, s.x[lo:hi], grad_hs, a, gy)
     return grad_x
-
-
-class _GroupedFFN(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_RD, w1_EDG, w2_EFD, blocks, activation):
-        dtype = compute_dtype(x_RD)
-        ctx.in_dtypes = (x_RD.dtype, w1_EDG.dtype, w2_EFD.dtype)
-        with torch.autocast(device_type=x_RD.device.type, enabled=False):
-            y, saved = ffn_forward(
-                x_RD.to(dtype).contiguous(), w1_EDG.to(dtype), w2_EFD.to(dtype), blocks, activation
-            )
-        ctx.save_for_backward(*saved.tensors())
-        ctx.blocks, ctx.activation = blocks, activation
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y):
-        saved = FFNActivations.from_tensors(ctx.saved_tensors, ctx.blocks, ctx.activation)
-        weight_grads = WeightGrads(saved.w1, saved.w2)
-        grad_x = ffn_backward(saved, grad_y, weight_grads)
-        grad_w1, grad_w2 = weight_grads.finish()
-        x_dtype, w1_dtype, w2_dtype = ctx.in_dtypes
-        return grad_x.to(x_dtype), grad_w1.to(w1_dtype), grad_w2.to(w2_dtype), None, None
-
-
-def grouped_ffn(
-    x_RD: torch.Tensor,
-    w1_EDG: torch.Tensor,
-    w2_EFD: torch.Tensor,
-    rows_per_expert: list[int],
-    activation: str,
-) -> torch.Tensor:
-    """Expert e's FFN on its block of `rows_per_expert[e]` consecutive rows; zero-row experts skip.
-
-    Example:
-        >>> y = grouped_ffn(torch.randn(5, 4), torch.randn(2, 4, 6), torch.randn(2, 3, 4),
-        ...                 [2, 3], "swiglu")
-        >>> y.shape
-        torch.Size([5, 4])
-    """
-    return _GroupedFFN.apply(x_RD, w1_EDG, w2_EFD, blocks_from_counts(rows_per_expert), activation)
