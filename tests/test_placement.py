@@ -22,7 +22,7 @@ from moeflow.placement import (
     round_robin,
     synthetic_trace,
 )
-from moeflow.placement import ilp as ilp_module
+from moeflow.placement import solver as solver_module
 from moeflow.placement.baselines import replica_counts
 
 
@@ -207,14 +207,14 @@ def test_time_limited_ilp_reports_time_limit_not_optimal():
 
 
 def test_missing_solver_falls_back_to_greedy_with_a_warning(monkeypatch, caplog):
-    monkeypatch.setattr(ilp_module, "available_solvers", lambda: [])
+    monkeypatch.setattr(solver_module, "available_solvers", lambda: [])
     trace = synthetic_trace(8, num_layers=2, tokens=2000)
     with caplog.at_level(logging.WARNING, logger="moeflow.placement"):
         result = plan(trace, PlacementConfig(num_ranks=4), "ilp")
     assert result.status == "greedy_fallback"
     assert result.placement.layers == greedy(trace, PlacementConfig(num_ranks=4)).layers
     assert "no ILP solver" in caplog.text and "greedy" in caplog.text
-    with pytest.raises(ilp_module.SolverUnavailableError, match="pip install highspy"):
+    with pytest.raises(solver_module.SolverUnavailableError, match="pip install highspy"):
         plan(trace, PlacementConfig(num_ranks=4, solver="highs"), "ilp")
 
 

@@ -21,9 +21,9 @@ import argparse
 import json
 from pathlib import Path
 
-from moeflow.placement.ilp import SolverUnavailableError
 from moeflow.placement.planner import METHODS, PlanResult, plan
 from moeflow.placement.problem import PlacementConfig
+from moeflow.placement.solver import SolverUnavailableError
 from moeflow.placement.trace import RoutingTrace
 
 

@@ -15,9 +15,10 @@ Example:
 """
 
 from moeflow.placement.baselines import affinity_greedy, contiguous, greedy, round_robin
-from moeflow.placement.ilp import SolveInfo, SolverUnavailableError, available_solvers, solve_ilp
+from moeflow.placement.ilp import solve_ilp
 from moeflow.placement.planner import METHODS, PlanResult, compare, plan
 from moeflow.placement.problem import Placement, PlacementConfig, PlacementMetrics, evaluate
+from moeflow.placement.solver import SolveInfo, SolverUnavailableError, available_solvers
 from moeflow.placement.trace import RoutingTrace, synthetic_trace
 
 __all__ = [

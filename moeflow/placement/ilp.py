@@ -26,12 +26,7 @@ from the better of its greedy packing and the affinity greedy given the layer ju
 interchangeable ranks are broken (`_symmetry_breaking`), and each Lambda_l has the valid floor
 max(heaviest copy, mean load), which the LP relaxation alone does not see.
 
-Solvers: HiGHS through `pulp.HiGHS` (needs `highspy`), its warm start set via
-`Highs.setSolution`, the objective's constant restored (`changeObjectiveOffset`) so the reported
-gap is relative to the placement objective; CBC (shipped with PuLP) as fallback, warm-started via
-PuLP's `warmStart`. The status comes from the solver itself, not from PuLP's `LpStatus` (which
-says "Optimal" when the time limit stops the search): `optimal` (proven), `time_limit` (best
-found, with HiGHS's relative gap), `failed`.
+Solvers (HiGHS, CBC as fallback, warm-started) and their honest status: `moeflow.placement.solver`.
 
 Example:
     >>> import numpy as np
@@ -46,7 +41,7 @@ Example:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -57,61 +52,8 @@ from moeflow.placement.baselines import (
     copies_of,
 )
 from moeflow.placement.problem import Placement, PlacementConfig, evaluate
+from moeflow.placement.solver import SolveInfo, pick_solver, run_solver
 from moeflow.placement.trace import RoutingTrace
-
-
-class SolverUnavailableError(RuntimeError):
-    pass
-
-
-@dataclass
-class SolveInfo:
-    status: str  # optimal | time_limit | failed
-    solver: str
-    seconds: float
-    decomposition: str  # joint | per-layer
-    gap: float | None = None  # relative MIP gap reported by the solver (None: unknown)
-    subproblems: int = 1
-    notes: list[str] = field(default_factory=list)
-
-    def describe(self) -> str:
-        text = f"{self.status} ({self.solver}, {self.decomposition}"
-        if self.gap is not None:
-            text += f", gap {self.gap:.2%}"
-        return text + ")"
-
-
-def available_solvers() -> list[str]:
-    """Solvers this machine can run, in the order `solver="auto"` tries them."""
-    import pulp
-
-    out = []
-    try:
-        import highspy  # noqa: F401
-
-        out.append("highs")
-    except ImportError:
-        pass
-    if pulp.PULP_CBC_CMD(msg=False).available():
-        out.append("cbc")
-    return out
-
-
-def pick_solver(cfg: PlacementConfig) -> str:
-    """The solver to use; raises `SolverUnavailableError` naming the fix."""
-    have = available_solvers()
-    if cfg.solver == "auto":
-        if not have:
-            raise SolverUnavailableError(
-                "no ILP solver: install highspy (`pip install highspy`) or a PuLP with CBC"
-            )
-        return have[0]
-    if cfg.solver not in have:
-        fix = "pip install highspy" if cfg.solver == "highs" else "reinstall pulp (it ships CBC)"
-        raise SolverUnavailableError(
-            f"placement solver {cfg.solver!r} is not available here ({fix}); available: {have}"
-        )
-    return cfg.solver
 
 
 # -- model building -----------------------------------------------------------------------------
@@ -224,47 +166,6 @@ def _fixed_traffic_terms(prev: Placement, layer: int, b: _Layer, trace, cfg) -> 
 
 
 # -- solving ------------------------------------------------------------------------------------
-def _run(prob, solver: str, cfg: PlacementConfig, time_limit: float, warm: bool):
-    """Solve `prob`; returns (status, gap) from the solver's own report."""
-    import pulp
-
-    if solver == "highs":
-        import highspy
-
-        class WarmHiGHS(pulp.HiGHS):
-            def callSolver(self, lp):  # noqa: N802 (PuLP's name)
-                if warm:
-                    variables = lp.variables()
-                    index = np.array([v.index for v in variables], dtype=np.int32)
-                    value = np.array([v.varValue or 0.0 for v in variables], dtype=np.float64)
-                    lp.solverModel.setSolution(len(index), index, value)
-                # PuLP leaves the objective's constant out of the HiGHS model; put it back so
-                # the objective (and the relative gap) are in placement-objective units.
-                lp.solverModel.changeObjectiveOffset(float(lp.objective.constant))
-                lp.solverModel.run()
-
-        engine = WarmHiGHS(msg=False, timeLimit=time_limit, threads=1)
-        prob.solve(engine)
-        model = prob.solverModel
-        status = model.getModelStatus()
-        info = model.getInfo()
-        has_solution = info.primal_solution_status == 2  # kSolutionStatusFeasible
-        if status == highspy.HighsModelStatus.kOptimal:
-            return "optimal", 0.0 if info.mip_gap < 1e-9 else float(info.mip_gap)
-        if has_solution:
-            # No finite dual bound yet (stopped before the root LP finished): gap unknown.
-            gap = float(info.mip_gap)
-            return "time_limit", gap if np.isfinite(gap) else None
-        return "failed", None
-    engine = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, warmStart=warm, threads=1)
-    prob.solve(engine)
-    if prob.sol_status == pulp.LpSolutionOptimal:
-        return "optimal", 0.0
-    if prob.sol_status == pulp.LpSolutionIntegerFeasible:
-        return "time_limit", None
-    return "failed", None
-
-
 def _read(layer_vars: _Layer, cfg: PlacementConfig) -> list[list[int]]:
     ranks: list[list[int]] = [[] for _ in range(cfg.num_ranks)]
     for c, (e, _) in enumerate(layer_vars.copies):
@@ -322,7 +223,7 @@ def _solve_joint(trace, cfg, warm: Placement, bounds, solver: str):
     prob += pulp.lpSum(lv.lam for lv in layers) + pulp.LpAffineExpression(terms, constant)
     _set_co_location_start(prob)
     left = max(deadline - time.perf_counter(), 0.05)
-    status, gap = _run(prob, solver, cfg, left, warm=True)
+    status, gap = run_solver(prob, solver, cfg, left, warm=True)
     if status == "failed":
         return warm, status, gap
     return Placement([_read(lv, cfg) for lv in layers]), status, gap
@@ -415,7 +316,7 @@ def _solve_per_layer(trace, cfg, warm: Placement, base: Placement, bounds, solve
         _warm_start(lv, start, cfg)
         _lam_start(lv, start, cfg)
         left = (deadline - time.perf_counter()) / (trace.num_layers - layer)
-        status, gap = _run(prob, solver, cfg, max(left, 0.05), warm=True)
+        status, gap = run_solver(prob, solver, cfg, max(left, 0.05), warm=True)
         statuses.append(status)
         gaps.append(gap)
         if status != "failed":

@@ -20,8 +20,9 @@ import time
 from dataclasses import dataclass, field
 
 from moeflow.placement.baselines import contiguous, greedy, round_robin
-from moeflow.placement.ilp import SolverUnavailableError, solve_ilp
+from moeflow.placement.ilp import solve_ilp
 from moeflow.placement.problem import Placement, PlacementConfig, PlacementMetrics, evaluate
+from moeflow.placement.solver import SolverUnavailableError
 from moeflow.placement.trace import RoutingTrace
 
 METHODS = ("contiguous", "round_robin", "greedy", "ilp")
