@@ -3,10 +3,12 @@
     .venv/bin/python bench/train.py [--steps 30] [--warmup 5] [--repeats 3]
 
 Runs the real trainer step (`Trainer.train_step`: forward, backward, GradSync, clipping, AdamW) on
-the embedded corpus in three layouts on this machine: 1 rank with 1 thread, 1 rank with 2 threads,
-and 2 ranks (ep=2) with 1 thread each, launched by torchrun. Prints tokens/s (all ranks together,
-median over repeats), the scaling against 1 rank x 1 thread, and the share of the step spent inside
-the MoE layers (forward and backward, timed by module hooks on the slowest rank).
+the embedded corpus in these layouts on this machine: 1 rank with 1 thread, 1 rank with 2 threads,
+and 2 ranks with 1 thread each as ep=2 and as dp=2 (ep=1), each with the gradient sync overlapped
+with the backward (`parallel.overlap_grad_sync`, the default) and after it, launched by torchrun.
+Prints tokens/s (all ranks together, median over interleaved repeats), the scaling against 1 rank
+x 1 thread, the step time, and the share of the step spent inside the MoE layers (forward and
+backward, timed by module hooks on the slowest rank).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ class MoETimer:
             self.total += time.perf_counter() - start
 
 
-def worker(steps: int, warmup: int, out_file: str) -> None:
+def worker(steps: int, warmup: int, out_file: str, ep: int | None, overlap: bool) -> None:
     import torch
     import torch.distributed as dist
 
@@ -64,7 +66,16 @@ def worker(steps: int, warmup: int, out_file: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RunConfig.from_toml(
             CONFIG,
-            ["--parallel.ep", str(world), "--train.out_dir", tmp, "--train.steps", "100000"],
+            [
+                "--parallel.ep",
+                str(ep or world),
+                "--train.out_dir",
+                tmp,
+                "--train.steps",
+                "100000",
+                "--parallel.overlap_grad_sync",
+                "true" if overlap else "false",
+            ],
         )
         trainer = Trainer(cfg, runtime, resume=None, overwrite=True)
         timer = MoETimer(trainer.moe_layers)
@@ -85,18 +96,25 @@ def worker(steps: int, warmup: int, out_file: str) -> None:
     if runtime.rank == 0:
         slowest = max(shares)
         Path(out_file).write_text(
-            json.dumps({"tokens_per_s": tokens / slowest[0], "moe_share": slowest[1] / slowest[0]})
+            json.dumps(
+                {
+                    "tokens_per_s": tokens / slowest[0],
+                    "moe_share": slowest[1] / slowest[0],
+                    "step_ms": slowest[0] / steps * 1e3,
+                }
+            )
         )
     shutdown(runtime)
 
 
-def run_layout(ranks: int, threads: int, steps: int, warmup: int) -> dict:
+def run_layout(ranks: int, threads: int, ep: int, overlap: bool, steps: int, warmup: int) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--standalone",
             f"--nproc-per-node={ranks}", __file__, "--worker", "--steps", str(steps),
-            "--warmup", str(warmup), "--out", out.name,
+            "--warmup", str(warmup), "--out", out.name, "--ep", str(ep),
+            *([] if overlap else ["--no-overlap"]),
         ]  # fmt: skip
         subprocess.run(cmd, env=env, check=True, cwd=ROOT, capture_output=True)
         return json.loads(Path(out.name).read_text())
@@ -109,28 +127,38 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--ep", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--no-overlap", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        worker(args.steps, args.warmup, args.out)
+        worker(args.steps, args.warmup, args.out, args.ep, not args.no_overlap)
         return
-    layouts = [(1, 1), (1, 2), (2, 1)]
-    results: dict[tuple[int, int], list[dict]] = {layout: [] for layout in layouts}
+    # (ranks, threads, ep, overlapped gradient sync)
+    layouts = [(1, 1, 1, True), (1, 2, 1, True)]
+    layouts += [(2, 1, ep, overlap) for ep in (2, 1) for overlap in (True, False)]
+    results: dict[tuple, list[dict]] = {layout: [] for layout in layouts}
     for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits every layout
-        for ranks, threads in layouts:
-            results[(ranks, threads)].append(run_layout(ranks, threads, args.steps, args.warmup))
+        for layout in layouts:
+            results[layout].append(run_layout(*layout, args.steps, args.warmup))
     print(
         f"moeflow bench/train.py: {CONFIG.name} (dim 128, 2 MoE layers x 8 experts, top-2, "
         f"8 x 128 tokens per rank per step), {args.steps} steps after {args.warmup} "
         f"warm-up, median of {args.repeats}; {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, fp32, gloo"
     )
-    print("| ranks x threads | tokens/s | vs 1x1 | MoE layers' share of the step |")
-    print("|---|---|---|---|")
-    base = statistics.median(r["tokens_per_s"] for r in results[(1, 1)])
-    for (ranks, threads), runs in results.items():
+    print("| ranks x threads | layout | grad sync | tokens/s | vs 1x1 | step ms | MoE share |")
+    print("|---|---|---|---|---|---|---|")
+    base = statistics.median(r["tokens_per_s"] for r in results[layouts[0]])
+    for (ranks, threads, ep, overlap), runs in results.items():
         tok = statistics.median(r["tokens_per_s"] for r in runs)
+        ms = statistics.median(r["step_ms"] for r in runs)
         share = statistics.median(r["moe_share"] for r in runs)
-        print(f"| {ranks} x {threads} | {tok:,.0f} | {tok / base:.2f} | {share:.0%} |")
+        layout = f"dp{ranks // ep} x ep{ep}"
+        sync = "-" if ranks == 1 else ("overlapped" if overlap else "after backward")
+        print(
+            f"| {ranks} x {threads} | {layout} | {sync} | {tok:,.0f} | {tok / base:.2f} | "
+            f"{ms:.1f} | {share:.0%} |"
+        )
 
 
 if __name__ == "__main__":

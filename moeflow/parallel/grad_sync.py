@@ -1,12 +1,23 @@
-"""Gradient synchronisation for expert-parallel models, as DDP would do it (bucketed all-reduce).
+"""Gradient synchronisation for expert-parallel models, as DDP does it: bucketed all-reduce,
+optionally launched from backward hooks so that communication overlaps the rest of the backward.
 
-Call `GradSync(model, ctx).sync()` after `loss.backward()` and before `optimizer.step()`:
+Buckets: the parameters in reverse registration order (backward produces the last layers'
+gradients first), cut into buckets of about `bucket_mb`; a bucket holds dense parameters (reduced
+over the whole world) or expert parameters (reduced over the expert-data-parallel group, the `dp`
+axis), never both. The layout is the same on every rank and in both modes below.
 
-1. Non-expert gradients: flattened into buckets of about `bucket_mb`, each bucket all-reduced (sum,
-   async) over the whole world; all buckets are issued before any is waited for.
-2. Expert gradients: the same over the expert-data-parallel group (the `dp` axis).
-3. Wait for all, divide by the world size, copy back into `.grad`.
-4. Replicated experts: the copies' gradients summed over the `ep` group (`_sum_replicas`).
+Schedule (`overlap=False`; call `sync()` after `loss.backward()`, before `optimizer.step()`):
+1. Every bucket flattened and all-reduced (sum, async) over its group, in bucket order; all are
+   issued before any is waited for.
+2. Wait for all, divide by the world size, copy back into `.grad`.
+3. Replicated experts: the copies' gradients summed over the `ep` group (`_sum_replicas`).
+
+With `overlap=True` step 1 moves into the backward pass: a hook after each parameter's gradient is
+accumulated marks it ready, and a bucket is issued as soon as it and every bucket before it are
+ready (so every rank issues the same collectives in the same order, whatever order its hooks
+fire in); `sync()` issues what is left (a parameter no gradient reached takes part as zeros), then
+runs steps 2 and 3. The sums are the same as without overlap, bit for bit. With gradient
+accumulation, run all but the last micro-batch's backward under `with grad_sync.no_sync():`.
 
 Dividing expert gradients by the world size (not the group size) is what makes the result equal the
 single-process gradient of the mean loss: each expert's gradient already sums the contributions of
@@ -19,6 +30,10 @@ names)`, names from `expert_parameter_names`) and call `GradSync(..., dense=Fals
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -35,8 +50,17 @@ def expert_parameter_names(model: nn.Module) -> set[str]:
     return set(expert_parameters(model))
 
 
+@dataclass(eq=False)
+class _Bucket:
+    params: list[nn.Parameter]
+    group: dist.ProcessGroup
+    ready: set[int] = field(default_factory=set)  # indices of params whose gradient is final
+    sent: tuple | None = None  # (grads, flat, handle) once issued
+
+
 class GradSync:
-    """Averages gradients: dense over the world, experts over the expert-data-parallel group.
+    """Averages gradients: dense over the world, experts over the expert-data-parallel group
+    (see the module doc for the schedule and `overlap`).
 
     Example (one process: the mean over one rank is its own gradient):
         >>> from moeflow.moe.config import MoEConfig
@@ -47,12 +71,13 @@ class GradSync:
         >>> ctx = ParallelDims().build()
         >>> model = parallelize(nn.Sequential(MoELayer(MoEConfig(hidden_size=8, num_experts=2,
         ...                                                      ffn_hidden_size=8))), ctx)
-        >>> model(torch.randn(4, 8)).sum().backward()
+        >>> sync = GradSync(model, ctx, overlap=True)
+        >>> model(torch.randn(4, 8)).sum().backward()  # buckets are sent from backward hooks
         >>> before = model[0].experts.w1.grad.clone()
-        >>> GradSync(model, ctx).sync()
+        >>> sync.sync()
         >>> torch.equal(model[0].experts.w1.grad, before)
         True
-        >>> shutdown(runtime)
+        >>> sync.close(); shutdown(runtime)
     """
 
     def __init__(
@@ -62,49 +87,109 @@ class GradSync:
         bucket_mb: float = 25.0,
         dense: bool = True,
         experts: bool = True,
+        overlap: bool = False,
     ) -> None:
         dense_named, expert_named = split_parameters(model)
-        self.dense = [p for _, p in dense_named if p.requires_grad] if dense else []
-        self.expert = [p for _, p in expert_named if p.requires_grad] if experts else []
+        expert_set = {id(p) for _, p in expert_named} if experts else set()
+        dense_set = {id(p) for _, p in dense_named} if dense else set()
         self.ctx = ctx
         self.bucket_bytes = int(bucket_mb * 2**20)
         self.layers = [m for _, m in moe_layers(model)] if experts else []
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.buckets = self._make_buckets(
+            [p for p in reversed(params) if id(p) in dense_set or id(p) in expert_set],
+            expert_set,
+        )
+        self.overlap = overlap
+        self._enabled = True  # False inside `no_sync()`
+        self._next = 0  # the first bucket not yet issued
+        self._hooks = []
+        if overlap:
+            for b, bucket in enumerate(self.buckets):
+                for i, p in enumerate(bucket.params):
+                    self._hooks.append(
+                        p.register_post_accumulate_grad_hook(
+                            lambda _p, b=b, i=i: self._on_ready(b, i)
+                        )
+                    )
 
-    def _buckets(self, params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
-        buckets, current, size = [], [], 0
+    def _make_buckets(self, params: list[nn.Parameter], expert_set: set[int]) -> list[_Bucket]:
+        buckets: list[_Bucket] = []
+        current: list[nn.Parameter] = []
+        size, kind = 0, None
         for p in params:
+            is_expert = id(p) in expert_set
+            if current and (is_expert != kind or size >= self.bucket_bytes):
+                buckets.append(self._bucket(current, kind))
+                current, size = [], 0
             current.append(p)
             size += p.numel() * p.element_size()
-            if size >= self.bucket_bytes:
-                buckets.append(current)
-                current, size = [], 0
+            kind = is_expert
         if current:
-            buckets.append(current)
+            buckets.append(self._bucket(current, kind))
         return buckets
+
+    def _bucket(self, params: list[nn.Parameter], is_expert: bool) -> _Bucket:
+        return _Bucket(params, self.ctx.edp_group if is_expert else self.ctx.world_group)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside accumulate gradients locally and send nothing (all but the last
+        micro-batch of an optimizer step)."""
+        self._enabled = False
+        try:
+            yield
+        finally:
+            self._enabled = True
+
+    def close(self) -> None:
+        """Remove the backward hooks (`overlap=True`)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def _on_ready(self, b: int, i: int) -> None:
+        if not self._enabled:
+            return
+        bucket = self.buckets[b]
+        if bucket.sent is not None:
+            raise RuntimeError(
+                "GradSync(overlap=True): a gradient changed after its bucket was sent (a second "
+                "backward before sync()); run all but the last micro-batch's backward under "
+                "`with grad_sync.no_sync():`"
+            )
+        bucket.ready.add(i)
+        while self._next < len(self.buckets):
+            nxt = self.buckets[self._next]
+            if len(nxt.ready) < len(nxt.params):
+                break
+            self._send(nxt)
+            self._next += 1
+
+    @torch.no_grad()
+    def _send(self, bucket: _Bucket) -> None:
+        # A parameter no loss reached still takes part, as zeros, so every rank sends the same
+        # bucket layout.
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket.params]
+        flat = _flatten_dense_tensors(grads)
+        bucket.sent = (grads, flat, dist.all_reduce(flat, group=bucket.group, async_op=True))
 
     @torch.no_grad()
     def sync(self) -> None:
-        pending = []
-        for params, group in (
-            (self.dense, self.ctx.world_group),
-            (self.expert, self.ctx.edp_group),
-        ):
-            for bucket in self._buckets(params):
-                # A parameter no loss reached still takes part, as zeros, so every rank sends the
-                # same bucket layout.
-                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket]
-                flat = _flatten_dense_tensors(grads)
-                pending.append(
-                    (bucket, grads, flat, dist.all_reduce(flat, group=group, async_op=True))
-                )
-        for bucket, grads, flat, handle in pending:
+        for bucket in self.buckets[self._next :]:
+            self._send(bucket)
+        for bucket in self.buckets:
+            grads, flat, handle = bucket.sent
             handle.wait()
             flat.div_(self.ctx.world_size)
-            for p, synced in zip(bucket, _unflatten_dense_tensors(flat, grads), strict=True):
+            for p, synced in zip(bucket.params, _unflatten_dense_tensors(flat, grads), strict=True):
                 if p.grad is None:
                     p.grad = synced.clone()
                 else:
                     p.grad.copy_(synced)
+            bucket.sent = None
+            bucket.ready.clear()
+        self._next = 0
         self._sum_replicas()
 
     def _sum_replicas(self) -> None:

@@ -145,13 +145,16 @@ class ParallelConfig:
     (`ep`: tokens to their experts; `sharded`: tokens to every slice of their expert; `dp`: the
     experts gathered to the tokens; see `moeflow.moe.expert_dispatch`). `overlap_degree`: chunks
     of the pipelined all-to-all; `two_level` with `ranks_per_node` (default: torchrun's
-    LOCAL_WORLD_SIZE) for multi-node runs."""
+    LOCAL_WORLD_SIZE) for multi-node runs. `overlap_grad_sync`: gradient buckets are all-reduced
+    from backward hooks as soon as they are ready, overlapping the rest of the backward
+    (`GradSync(overlap=True)`); false: after the backward."""
 
     ep: int = 1
     dp: int | None = None
     timeout_s: float = 600.0
     mode: str = "ep"
     overlap_degree: int = 1
+    overlap_grad_sync: bool = True
     two_level: bool = False
     ranks_per_node: int | None = None
 

@@ -6,7 +6,8 @@ Per optimizer step, on every rank:
    activation checkpointing if asked), backward of `loss / grad_accum_steps` (the balancing losses
    ride on the MoE outputs, scaled the same way by `set_aux_loss_scale`);
 3. `GradSync`: dense gradients averaged over the world, expert gradients over the
-   expert-data-parallel group;
+   expert-data-parallel group; with `parallel.overlap_grad_sync` (the default) each bucket is sent
+   from the last micro-batch's backward as soon as it is ready, and the step waits for them;
 4. clip by the global gradient norm (expert parts summed over the `ep` group), AdamW step;
 5. one all-reduce of a stop flag (SIGTERM on any rank: checkpoint after this step and exit 0);
    every `log_every` steps one all-reduce of the metrics; expert re-placement
@@ -95,7 +96,7 @@ class Trainer:
         self.model = build_model(cfg, self.ctx, runtime.device, self._saved_slots())
         self.optimizer = build_optimizer(self.model, cfg.optim)
         ckpt.init_optimizer_state(self.optimizer)
-        self.grad_sync = GradSync(self.model, self.ctx)
+        self.grad_sync = GradSync(self.model, self.ctx, overlap=cfg.parallel.overlap_grad_sync)
         dense, experts = split_parameters(self.model)
         self.dense_params = [q for _, q in dense]
         self.expert_params = [q for _, q in experts]
@@ -164,12 +165,15 @@ class Trainer:
         cfg, device = self.cfg, self.runtime.device
         accum = cfg.train.grad_accum_steps
         set_lr(self.optimizer, lr_at(self.step, cfg.optim, cfg.train.steps))
-        for _ in range(accum):
+        for micro in range(accum):
             x, y = (t.to(device, non_blocking=True) for t in self.stream.next_batch())
             with self._autocast():
                 logits = self.model(x)
             loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-            (loss / accum).backward()
+            # Gradients are sent from the last micro-batch's backward only (when overlapped).
+            last = micro == accum - 1
+            with contextlib.nullcontext() if last else self.grad_sync.no_sync():
+                (loss / accum).backward()
             metrics.add(loss, self.moe_layers)
             self.replacer.observe()
         self.grad_sync.sync()
