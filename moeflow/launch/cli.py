@@ -5,6 +5,7 @@
     moeflow launch --nproc N -- train CONFIG.toml ...          # N local ranks (torchrun)
     moeflow slurm --nodes N --gpus-per-node G [--partition P --time T ...] CONFIG.toml [...]
     moeflow plan STATS.json --ranks R [--ranks-per-node G]   # expert placement from routing
+    moeflow simulate CONFIG.toml [--world-size 8 64 512 2048]  # predicted modes past this machine
 
 `train` runs as a plain process (a world of one) or as every rank of a torchrun job. Errors in the
 config or the command line exit with status 2 and one line that says what to fix; a run stopped
@@ -141,7 +142,19 @@ def cmd_plan(argv: list[str]) -> int:
     return run_plan(argv)
 
 
-COMMANDS = {"train": cmd_train, "launch": cmd_launch, "slurm": cmd_slurm, "plan": cmd_plan}
+def cmd_simulate(argv: list[str]) -> int:
+    from moeflow.launch.simulate import cmd_simulate as run_simulate
+
+    return run_simulate(argv)
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "launch": cmd_launch,
+    "slurm": cmd_slurm,
+    "plan": cmd_plan,
+    "simulate": cmd_simulate,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
