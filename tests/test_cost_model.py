@@ -142,3 +142,45 @@ def test_simulate_prints_the_choice_at_every_world_size():
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert bad.returncode == 0 and "96 GPUs: n/a: moe.num_experts (64)" in bad.stdout
+
+
+def _calibrate(rank, world, out_dir):
+    from moeflow.parallel import ParallelDims
+    from moeflow.parallel.calibrate import load_or_calibrate
+
+    ctx = ParallelDims(ep=world).build()
+    first, measured = load_or_calibrate(ctx, out_dir, hidden=32, ffn=64)
+    again, measured_again = load_or_calibrate(ctx, out_dir, hidden=32, ffn=64)
+    assert measured and not measured_again and again == first  # the cache, on every rank
+    return first
+
+
+def test_calibration_is_shared_cached_and_reproduced_by_the_simulator(tmp_path):
+    from moeflow.launch.simulate import _parser, simulate
+    from moeflow.train.config import RunConfig
+    from tests.distributed import run_on_ranks
+
+    hws = run_on_ranks(_calibrate, 2, args=(str(tmp_path),))
+    hw = hws[0]
+    assert hws[1] == hw  # every rank fits the same maxed times
+    for figure in (hw.gemm_flops, hw.intra.bandwidth, hw.inter.bandwidth):
+        assert math.isfinite(figure) and figure > 0
+    assert hw.half_rows >= 0 and hw.intra.alpha >= 0 and hw.bytes_per_element == 4
+    # The simulator on the calibration file predicts what the cost model predicts with it.
+    cfg = RunConfig.from_toml("examples/configs/tiny_cpu.toml")
+    args = _parser().parse_args(
+        ["examples/configs/tiny_cpu.toml", "--hardware-file", str(tmp_path / "calibration.json"),
+         "--world-size", "2", "4", "--gpus-per-node", "4", "--tokens-per-rank", "512"]
+    )  # fmt: skip
+    moe = cfg.model.moe
+    for world, preds in simulate(args, cfg):
+        shape = LayerShape(
+            tokens=512, hidden=moe.hidden_size, ffn=moe.ffn_hidden_size,
+            experts=moe.num_experts, top_k=moe.router.top_k, group=world,
+        )  # fmt: skip
+        want = {p.candidate: p.seconds for p in predict_all(shape, hw, 4)}
+        assert {p.candidate: p.seconds for p in preds} == want
+    (tmp_path / "bad.json").write_text("{}")
+    bad = _parser().parse_args(["x.toml", "--hardware-file", str(tmp_path / "bad.json")])
+    with pytest.raises(ValueError, match=r"is not a calibration\.json"):
+        simulate(bad, cfg)

@@ -2,6 +2,7 @@
 
     moeflow simulate examples/configs/olmoe_1b7b_64gpu.toml --world-size 8 64 512 2048
     moeflow simulate CONFIG --hardware a100 --inter-gbps 12.5 --imbalance 1.3 --ep 64
+    moeflow simulate CONFIG --hardware-file runs/x/calibration.json --world-size 2 4
 
 For every world size, the expert group is the whole world (Tutel's setting; `--ep` fixes it) on
 nodes of `--gpus-per-node` ranks, with the config's layer shapes and `micro_batch_size * seq_len`
@@ -19,9 +20,13 @@ Example:
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
+from moeflow.parallel.calibrate import hardware_from_dict
 from moeflow.parallel.cost_model import (
     PRESETS,
+    Hardware,
     LayerShape,
     Prediction,
     predict_all,
@@ -39,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, nargs="+", default=[8, 64, 512, 2048])
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--hardware", choices=sorted(PRESETS), default="h100")
+    p.add_argument(
+        "--hardware-file", default=None,
+        help="a run's calibration.json (this machine's measured figures) instead of a preset",
+    )  # fmt: skip
     p.add_argument("--ep", type=int, default=None, help="expert group size (default: the world)")
     p.add_argument("--tokens-per-rank", type=int, default=None)
     p.add_argument("--imbalance", type=float, default=1.0, help="max/mean expert-rank load")
@@ -51,16 +60,32 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def simulate(args: argparse.Namespace, cfg: RunConfig) -> list[tuple[int, object]]:
-    """Per world size: the predictions sorted fastest first, or the reason there are none."""
-    hw = scaled(
-        PRESETS[args.hardware],
+def hardware(args: argparse.Namespace) -> Hardware:
+    """The preset, or the calibrated figures of `--hardware-file`, with the flags' overrides."""
+    if args.hardware_file:
+        path = Path(args.hardware_file)
+        try:
+            base = hardware_from_dict(json.loads(path.read_text(encoding="utf-8"))["hardware"])
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(
+                f"--hardware-file {str(path)!r} is not a calibration.json written by moeflow "
+                f"train ({type(exc).__name__}: {exc})"
+            ) from None
+    else:
+        base = PRESETS[args.hardware]
+    return scaled(
+        base,
         gemm_flops=None if args.gemm_tflops is None else args.gemm_tflops * 1e12,
         intra_bandwidth=None if args.intra_gbps is None else args.intra_gbps * 1e9,
         intra_alpha=None if args.intra_latency_us is None else args.intra_latency_us * 1e-6,
         inter_bandwidth=None if args.inter_gbps is None else args.inter_gbps * 1e9,
         inter_alpha=None if args.inter_latency_us is None else args.inter_latency_us * 1e-6,
     )
+
+
+def simulate(args: argparse.Namespace, cfg: RunConfig) -> list[tuple[int, object]]:
+    """Per world size: the predictions sorted fastest first, or the reason there are none."""
+    hw = hardware(args)
     moe = cfg.model.moe
     tokens = args.tokens_per_rank or cfg.train.micro_batch_size * cfg.train.seq_len
     out = []
@@ -83,7 +108,7 @@ def simulate(args: argparse.Namespace, cfg: RunConfig) -> list[tuple[int, object
 
 
 def format_table(results: list[tuple[int, object]], args, cfg: RunConfig) -> str:
-    hw = PRESETS[args.hardware]
+    hw = hardware(args)
     moe = cfg.model.moe
     tokens = args.tokens_per_rank or cfg.train.micro_batch_size * cfg.train.seq_len
     lines = [
