@@ -45,7 +45,10 @@ def test_overrides_are_toml_values():
         (["--model.moe.router.top_k", "9"], "must be <= moe.num_experts"),
         (["--train.seq_len", "4096"], "train.seq_len (4096) must be <= model.max_seq_len"),
         (["--data.kind", "web"], "data.kind ('web') must be one of"),
-        (["--parallel.mode", "tp"], "parallel.mode ('tp') must be one of ['ep', 'sharded', 'dp']"),
+        (
+            ["--parallel.mode", "tp"],
+            "parallel.mode ('tp') must be one of ['ep', 'sharded', 'dp', 'auto']",
+        ),
         (["--parallel.ep", "3"], "cannot be laid out over an expert group of 3 ranks"),
         (["--parallel.ep", "3"], "Valid expert-group sizes for these sizes: [1, 2, 4, 8, 16"),
         (["--parallel.ep", "16", "--model.moe.ffn_hidden_size", "9"], "quotient (2) divides F"),

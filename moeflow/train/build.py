@@ -105,9 +105,9 @@ def build_model(
     with torch.device("meta"):
         model = MoEDecoder(cfg.model)
     p = cfg.parallel
-    dispatch = DispatchConfig(
-        mode=p.mode,
-        overlap_degree=p.overlap_degree,
+    dispatch = DispatchConfig(  # "auto": the tuner's reference candidate until it decides
+        mode="ep" if p.mode == "auto" else p.mode,
+        overlap_degree=1 if p.overlap_degree == "auto" else p.overlap_degree,
         two_level=p.two_level,
         ranks_per_node=p.ranks_per_node,
     )

@@ -33,6 +33,7 @@ from pathlib import Path
 from moeflow.models.decoder import DecoderConfig
 from moeflow.moe.layout import ExpertLayout
 from moeflow.parallel.dispatch import MODES
+from moeflow.parallel.tuner import TunerConfig
 from moeflow.placement.problem import PlacementConfig
 from moeflow.train.config_loader import build_dataclass, deep_copy, parse_overrides, set_dotted
 from moeflow.utils.validate import check_choice, check_int
@@ -145,7 +146,9 @@ class ParallelConfig:
     (`ep`: tokens to their experts; `sharded`: tokens to every slice of their expert; `dp`: the
     experts gathered to the tokens; see `moeflow.moe.expert_dispatch`). `overlap_degree`: chunks
     of the pipelined all-to-all; `two_level` with `ranks_per_node` (default: torchrun's
-    LOCAL_WORLD_SIZE) for multi-node runs. `overlap_grad_sync`: gradient buckets are all-reduced
+    LOCAL_WORLD_SIZE) for multi-node runs. `mode = "auto"` and/or `overlap_degree = "auto"`: the
+    runtime tuner (`[tuner]`, `moeflow.parallel.tuner`) measures the candidates while training and
+    chooses per MoE layer. `overlap_grad_sync`: gradient buckets are all-reduced
     from backward hooks as soon as they are ready, overlapping the rest of the backward
     (`GradSync(overlap=True)`); false: after the backward."""
 
@@ -153,15 +156,16 @@ class ParallelConfig:
     dp: int | None = None
     timeout_s: float = 600.0
     mode: str = "ep"
-    overlap_degree: int = 1
+    overlap_degree: int | str = 1
     overlap_grad_sync: bool = True
     two_level: bool = False
     ranks_per_node: int | None = None
 
     def __post_init__(self) -> None:
         check_int("parallel.ep", self.ep)
-        check_int("parallel.overlap_degree", self.overlap_degree)
-        check_choice("parallel.mode", self.mode, MODES)
+        if self.overlap_degree != "auto":
+            check_int("parallel.overlap_degree", self.overlap_degree)
+        check_choice("parallel.mode", self.mode, (*MODES, "auto"))
         if self.dp is not None:
             check_int("parallel.dp", self.dp)
         if self.ranks_per_node is not None:
@@ -307,6 +311,7 @@ class RunConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     placement: PlacementRunConfig = field(default_factory=PlacementRunConfig)
+    tuner: TunerConfig = field(default_factory=TunerConfig)
 
     def __post_init__(self) -> None:
         if self.train.seq_len > self.model.max_seq_len:

@@ -92,10 +92,17 @@ def _coerce(path: str, hint, value):
     """TOML values to the dataclass field's type (lists to tuples, ints to floats)."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType) and type(None) in args:
-        if value is None:
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
             return None
-        hint = next(a for a in args if a is not type(None))
+        options = [a for a in args if a is not type(None)]
+        if len(options) > 1:  # e.g. `int | str` ("auto"): the first type the value has
+            for option in options:
+                if isinstance(value, typing.get_origin(option) or option):
+                    return _coerce(path, option, value)
+            names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+            raise ValueError(f"{path} ({value!r}) must be of type {names}")
+        hint = options[0]
         origin = typing.get_origin(hint)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -40,9 +40,11 @@ import torch.nn.functional as F
 from moeflow.moe.layer import finish_optimizer_step, set_aux_loss_scale
 from moeflow.moe.layout import ExpertLayout
 from moeflow.moe.walk import moe_layers, split_parameters
+from moeflow.parallel.calibrate import load_or_calibrate
 from moeflow.parallel.dims import ParallelDims
 from moeflow.parallel.grad_sync import GradSync
 from moeflow.parallel.replace import current_expert_slots, replica_row_weights
+from moeflow.parallel.tuner import RuntimeTuner
 from moeflow.train import checkpoint as ckpt
 from moeflow.train.build import build_model, resolve_output
 from moeflow.train.config import RunConfig
@@ -102,6 +104,7 @@ class Trainer:
         self.expert_params = [q for _, q in experts]
         self.moe_layers = [m for _, m in moe_layers(self.model)]
         self.replacer = Replacer(cfg, self.ctx, self.model, runtime.device)
+        self.tuner = self._build_tuner()
         self.corpus = load_corpus(cfg.data)
         t = cfg.train
         self.stream = BatchStream(
@@ -280,17 +283,27 @@ class Trainer:
         say(self.describe())
         set_aux_loss_scale(self.model, 1.0 / cfg.train.grad_accum_steps)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        started = time.perf_counter()
         try:
             self._loop(log, result, say)
         finally:
             signal.signal(signal.SIGTERM, previous)
+        loop_s = time.perf_counter() - started
         if not result.stopped_by_signal:
             result.val_loss, result.val_bpb = self.evaluate()
             log.log({"kind": "val", "step": self.step, "val_loss": result.val_loss,
                      "val_bpb": result.val_bpb})  # fmt: skip
         result.checkpoint = self.save()
         result.last_step = self.step
-        log.log({"kind": "end", "step": self.step, "signal": result.stopped_by_signal})
+        end = {"kind": "end", "step": self.step, "signal": result.stopped_by_signal}
+        if self.tuner is not None:
+            end["tuning_s"] = round(self.tuner.tuning_seconds, 3)
+            end["tuning_share"] = round(self.tuner.tuning_seconds / max(loop_s, 1e-9), 4)
+            say(
+                f"tuner: {len(self.tuner.cache)} decisions, {self.tuner.tuning_seconds:.2f} s of "
+                f"tuning ({end['tuning_share']:.1%} of the training loop)"
+            )
+        log.log(end)
         log.close()
         if rank0 and m.plot:
             baseline = None
@@ -319,6 +332,7 @@ class Trainer:
                 metrics, since, t0 = self.new_metrics(), 0, time.perf_counter()
             if not stop.item() and self.step < cfg.train.steps:
                 self._maybe_replace(log, say)
+                self._maybe_tune(log, say)
             if stop.item():
                 result.stopped_by_signal = True
                 say(f"SIGTERM: stopping after step {self.step}, writing a checkpoint")
@@ -332,6 +346,38 @@ class Trainer:
             every = cfg.checkpoint.every
             if every and self.step % every == 0 and self.step < cfg.train.steps:
                 self.save()
+
+    def _build_tuner(self) -> RuntimeTuner | None:
+        """The runtime tuner when `parallel.mode` or `parallel.overlap_degree` is "auto" (and
+        there is an expert group to tune for), on the cost model calibrated on this run's groups
+        (`<out_dir>/calibration.json`, measured once)."""
+        p, moe = self.cfg.parallel, self.cfg.model.moe
+        if (p.mode != "auto" and p.overlap_degree != "auto") or self.ctx.dims.ep == 1:
+            return None
+        hw, _ = load_or_calibrate(
+            self.ctx, self.out_dir, moe.hidden_size, moe.ffn_hidden_size,
+            device=self.runtime.device,
+        )  # fmt: skip
+        return RuntimeTuner(
+            self.model, self.ctx, hw, self.cfg.tuner,
+            mode=None if p.mode == "auto" else p.mode,
+            overlap=None if p.overlap_degree == "auto" else p.overlap_degree,
+        )  # fmt: skip
+
+    def _maybe_tune(self, log: MetricsLogger, say) -> None:
+        if self.tuner is None:
+            return
+        for record in self.tuner.after_step(self.step):
+            log.log(record)
+            ms = record["measured_ms"]
+            others = ", ".join(f"{k} {v:.1f}" for k, v in ms.items() if k != record["choice"])
+            skipped = f"; skipped {', '.join(record['skipped'])}" if record["skipped"] else ""
+            say(
+                f"step {self.step}: {record['layer']} runs {record['choice']} "
+                f"({ms.get(record['choice'], 0.0):.1f} ms; {others or 'no other'} ms) at "
+                f"{record['tokens_per_rank']} tokens/rank, load {record['imbalance']:.2f}: "
+                f"{record['reason']}{skipped}"
+            )
 
     def _maybe_replace(self, log: MetricsLogger, say) -> None:
         record = self.replacer.maybe_replace(self.step, self.optimizer)

@@ -1,0 +1,338 @@
+"""RuntimeTuner: choose each MoE layer's (mode, overlap degree) from measurements while training.
+
+Legend: T tokens per rank, rho max/mean load over the ranks (shard groups) that hold experts.
+
+Schedule, after an optimizer step, on every rank (collective over the world group):
+1. Every `check_every` steps (and after the first): one all-reduce (max) of each layer's T and one
+   (sum) of its kept tokens per expert give the layer's situation key: (T bucket, rho bucket over
+   the current layout's shard groups). A key seen before reuses its decision: nothing else runs.
+2. A new key: the candidates (`cost_model.candidates`, limited to the configured mode and overlap
+   when they are fixed) are predicted by the cost model and pruned to those within `prune` times
+   the best prediction (the default `ep` without overlap is always kept, as the reference).
+3. Feasibility: each rank checks the transient memory of each candidate's weight gathers against
+   its free memory; one all-reduce (min) of the flags, so a candidate any rank cannot run is
+   dropped on every rank, with the reason logged.
+4. Timing: each surviving candidate replays the layer's last training input, forward + backward
+   (`torch.autograd.grad`, so no `.grad` changes; RNG state restored; as an activation-checkpoint
+   recomputation, so no statistics change), `warmup` times untimed then `samples` times timed,
+   every rank in the same order; the medians are maxed over ranks (one all-reduce).
+5. Rank 0 picks the fastest and broadcasts the decision with its record (one broadcast); every
+   rank sets the layer's default mode and overlap degree and caches the decision under the key.
+
+Every mode computes the same math, so a decision changes speed, never the loss.
+
+Example (one process: there is nothing to choose but `ep`):
+    >>> from moeflow.moe.config import MoEConfig
+    >>> from moeflow.moe.layer import MoELayer
+    >>> from moeflow.parallel import ParallelDims, parallelize
+    >>> from moeflow.parallel.cost_model import PRESETS
+    >>> from moeflow.train.distributed import init_distributed, shutdown
+    >>> runtime = init_distributed(60.0)
+    >>> ctx = ParallelDims().build()
+    >>> model = parallelize(torch.nn.Sequential(MoELayer(MoEConfig(hidden_size=8,
+    ...     num_experts=2, ffn_hidden_size=8))), ctx)
+    >>> tuner = RuntimeTuner(model, ctx, PRESETS["h100"], TunerConfig(samples=1, warmup=0))
+    >>> model(torch.randn(6, 8)).sum().backward()
+    >>> [r["choice"] for r in tuner.after_step(1)]
+    ['ep']
+    >>> tuner.close(); shutdown(runtime)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moeflow.moe.ffn import gate_multiplier
+from moeflow.moe.layer import MoELayer
+from moeflow.moe.routing_context import RoutingContext
+from moeflow.moe.walk import moe_layers
+from moeflow.parallel.cost_model import Candidate, Hardware, LayerShape, candidates, predict
+from moeflow.parallel.dims import ParallelContext
+from moeflow.utils.validate import check_int
+
+
+@dataclass(kw_only=True, frozen=True)
+class TunerConfig:
+    """`samples` timed replays per candidate (median) after `warmup` untimed ones; `prune`: time
+    only candidates predicted within this factor of the best prediction, at most
+    `max_candidates`; `overlaps`: the overlap degrees to consider; `check_every`: steps between
+    situation checks; `token_bucket`: tokens per rank are bucketed by powers of this ratio;
+    `imbalance_step`: max/mean load buckets; `memory_limit_mb`: transient memory a rank may
+    spend on gathered weights (0: the device's free memory on GPUs, no limit on CPUs)."""
+
+    samples: int = 2
+    warmup: int = 1
+    prune: float = 2.0
+    max_candidates: int = 6
+    overlaps: tuple[int, ...] = (1, 2, 4)
+    check_every: int = 10
+    token_bucket: float = 2.0
+    imbalance_step: float = 0.5
+    memory_limit_mb: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_int("tuner.samples", self.samples)
+        check_int("tuner.warmup", self.warmup, minimum=0)
+        check_int("tuner.max_candidates", self.max_candidates)
+        check_int("tuner.check_every", self.check_every)
+        for value in self.overlaps:
+            check_int("tuner.overlaps[]", value)
+        if not self.prune >= 1.0:
+            raise ValueError(f"tuner.prune ({self.prune!r}) must be >= 1")
+        if not self.token_bucket > 1.0:
+            raise ValueError(f"tuner.token_bucket ({self.token_bucket!r}) must be > 1")
+        if not self.imbalance_step > 0:
+            raise ValueError(f"tuner.imbalance_step ({self.imbalance_step!r}) must be > 0")
+        if not self.memory_limit_mb >= 0:
+            raise ValueError(f"tuner.memory_limit_mb ({self.memory_limit_mb!r}) must be >= 0")
+
+
+class RuntimeTuner:
+    """Tunes every MoE layer of `model` (see the module doc). `mode` / `overlap`: None to choose
+    them, or a fixed value. `after_step(step)` returns the step's decision records."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        ctx: ParallelContext,
+        hardware: Hardware,
+        config: TunerConfig | None = None,
+        mode: str | None = None,
+        overlap: int | None = None,
+    ) -> None:
+        self.ctx, self.hw = ctx, hardware
+        self.config = config or TunerConfig()
+        self.mode, self.overlap = mode, overlap
+        self.layers = moe_layers(model)
+        self.cache: dict[tuple, dict] = {}
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.keys: dict[str, tuple] = {}
+        self.tuning_seconds = 0.0
+        self._hooks = [
+            layer.register_forward_pre_hook(self._keep_input, with_kwargs=True)
+            for _, layer in self.layers
+        ]
+
+    def close(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def _keep_input(self, layer: MoELayer, args, kwargs) -> None:
+        context = kwargs.get("routing_context")
+        if layer.training and torch.is_grad_enabled() and not getattr(context, "recomputing", 0):
+            self.inputs[id(layer)] = args[0].detach()
+
+    # -- step 1 ----------------------------------------------------------------------------------
+    def _situations(self) -> list[tuple[float, float]]:
+        """(T max over ranks, rho) of every layer from its last forward (two all-reduces)."""
+        tokens, counts = [], []
+        for _, layer in self.layers:
+            x = self.inputs.get(id(layer))
+            tokens.append(0.0 if x is None else float(x.numel() // x.shape[-1]))
+            stats = layer.last_stats
+            e = layer.config.num_experts
+            counts.append(
+                torch.zeros(e, dtype=torch.float64)
+                if stats is None
+                else stats.tokens_per_expert.detach().to("cpu", torch.float64)
+            )
+        t = torch.tensor(tokens, dtype=torch.float64)
+        flat = torch.cat(counts)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.ctx.world_group)
+        dist.all_reduce(flat, group=self.ctx.world_group)
+        out, offset = [], 0
+        for (_, layer), tok in zip(self.layers, t.tolist(), strict=True):
+            e = layer.config.num_experts
+            out.append((tok, _group_imbalance(layer, flat[offset : offset + e])))
+            offset += e
+        return out
+
+    def _key(self, layer: MoELayer, tokens: float, rho: float) -> tuple:
+        """The situation a decision holds for: the tokens-per-rank bucket (powers of
+        `token_bucket`) and the load bucket (`imbalance_step` wide). A re-placement re-tunes
+        when it moves the layer into a load bucket not measured yet."""
+        c = self.config
+        bucket = math.floor(math.log(max(tokens, 1.0), c.token_bucket) + 1e-9)
+        return (bucket, math.floor(rho / c.imbalance_step + 1e-9))
+
+    # -- steps 2-5 -------------------------------------------------------------------------------
+    def after_step(self, step: int) -> list[dict]:
+        """Check (and where new, tune) every layer's situation; returns the decision records."""
+        if not self.layers or (step != 1 and step % self.config.check_every):
+            return []
+        start = time.perf_counter()
+        records = []
+        for (name, layer), (tokens, rho) in zip(self.layers, self._situations(), strict=True):
+            key = self._key(layer, tokens, rho)
+            if (name, key) in self.cache:
+                if self.keys.get(name) != key:
+                    self._apply(layer, self.cache[(name, key)])
+                    self.keys[name] = key
+                continue
+            record = self._tune(name, layer, step, tokens, rho)
+            self.cache[(name, key)] = record
+            self.keys[name] = key
+            self._apply(layer, record)
+            records.append(record)
+        self.tuning_seconds += time.perf_counter() - start
+        return records
+
+    def _apply(self, layer: MoELayer, record: dict) -> None:
+        d = layer.expert_dispatch
+        d.config = dataclasses.replace(
+            d.config, mode=record["mode"], overlap_degree=record["overlap"]
+        )
+
+    def _shape(self, layer: MoELayer, tokens: float, rho: float) -> LayerShape:
+        cfg = layer.config
+        return LayerShape(
+            tokens=max(int(tokens), 1), hidden=cfg.hidden_size, ffn=cfg.ffn_hidden_size,
+            experts=cfg.num_experts, top_k=cfg.router.top_k, group=layer.layout.group_size,
+            gate_blocks=gate_multiplier(cfg.activation), imbalance=max(rho, 1.0),
+        )  # fmt: skip
+
+    def _candidates(self, layer: MoELayer, shape: LayerShape) -> tuple[list, dict]:
+        c = self.config
+        rpn = self.ctx.ranks_per_node() or layer.layout.group_size
+        overlaps = (self.overlap,) if self.overlap else c.overlaps
+        cands = [
+            k
+            for k in candidates(shape, rpn, overlaps)
+            if not k.two_level and (self.mode is None or k.mode == self.mode)
+        ]
+        default = Candidate(self.mode or "ep", self.overlap or 1)
+        if default not in cands:
+            cands.insert(0, default)
+        predicted = {k: predict(shape, k, self.hw, rpn).seconds for k in cands}
+        best = min(predicted.values())
+        kept = sorted(
+            (k for k in cands if predicted[k] <= c.prune * best or k == default),
+            key=lambda k: predicted[k],
+        )[: c.max_candidates]
+        if default not in kept:
+            kept[-1] = default
+        return kept, predicted
+
+    def _feasible(self, layer: MoELayer, cands: list[Candidate]) -> list[str | None]:
+        """Step 3: per candidate None (every rank can run it) or why not (one all-reduce)."""
+        lay, cfg = layer.layout, layer.config
+        size = layer.experts.w1.element_size()
+        need = [
+            size
+            * lay.gather_peak_elements(k.mode, cfg.hidden_size, gate_multiplier(cfg.activation))
+            for k in cands
+        ]
+        budget = self.free_bytes(layer.experts.w1.device)
+        ok = torch.tensor([1.0 if n <= budget else 0.0 for n in need], dtype=torch.float64)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.ctx.world_group)
+        return [
+            None if flag else f"needs {n / 2**20:.1f} MiB of gathered weights; a rank has less free"
+            for flag, n in zip(ok.tolist(), need, strict=True)
+        ]
+
+    def free_bytes(self, device: torch.device) -> float:
+        """Transient memory this rank may spend on a candidate's gathered weights."""
+        if self.config.memory_limit_mb:
+            return self.config.memory_limit_mb * 2**20
+        if device.type == "cuda":
+            return float(torch.cuda.mem_get_info(device)[0])
+        return math.inf
+
+    def _time(self, layer: MoELayer, cand: Candidate) -> float:
+        """Step 4 for one candidate on this rank: the median of `samples` timed replays."""
+        x = self.inputs[id(layer)]
+        params = [p for p in layer.parameters() if p.requires_grad]
+        grad = torch.ones_like(x)
+        rng = torch.get_rng_state()
+        times = []
+        for i in range(self.config.warmup + self.config.samples):
+            _synchronize(x.device)
+            t0 = time.perf_counter()
+            xr = x.detach().requires_grad_(True)
+            out = layer(
+                xr, mode=cand.mode, overlap_degree=cand.overlap,
+                routing_context=RoutingContext(recomputing=True),
+            )  # fmt: skip
+            torch.autograd.grad(out, [xr, *params], grad, allow_unused=True)
+            _synchronize(x.device)
+            if i >= self.config.warmup:
+                times.append(time.perf_counter() - t0)
+        torch.set_rng_state(rng)
+        return statistics.median(times)
+
+    def _tune(self, name: str, layer: MoELayer, step: int, tokens: float, rho: float) -> dict:
+        shape = self._shape(layer, tokens, rho)
+        cands, predicted = self._candidates(layer, shape)
+        why_not = self._feasible(layer, cands)
+        runnable = [k for k, why in zip(cands, why_not, strict=True) if why is None]
+        skipped = {k.label(): why for k, why in zip(cands, why_not, strict=True) if why}
+        if id(layer) not in self.inputs or not runnable:
+            runnable = []
+        measured = torch.tensor([self._time(layer, k) for k in runnable], dtype=torch.float64)
+        dist.all_reduce(measured, op=dist.ReduceOp.MAX, group=self.ctx.world_group)
+        record = [None]
+        if self.ctx.rank == 0:
+            record[0] = _decide(name, step, shape, runnable, measured.tolist(), predicted, skipped)
+        dist.broadcast_object_list(record, src=0, group=self.ctx.world_group)
+        return record[0]
+
+
+def _decide(name, step, shape, runnable, measured, predicted, skipped) -> dict:
+    """Rank 0's step 5: the fastest measured candidate, with what was measured and why."""
+    if not runnable:
+        choice = Candidate("ep")
+        reason = "no candidate could run on every rank; kept ep"
+    else:
+        best = min(range(len(runnable)), key=lambda i: measured[i])
+        choice = runnable[best]
+        others = sorted(m for i, m in enumerate(measured) if i != best)
+        margin = f", {others[0] / measured[best]:.2f}x the next" if others else ""
+        reason = f"fastest of {len(runnable)} measured{margin}"
+    times = {k.label(): round(m * 1e3, 3) for k, m in zip(runnable, measured, strict=True)}
+    errors = {
+        k.label(): round(predicted[k] / m - 1.0, 3)
+        for k, m in zip(runnable, measured, strict=True)
+        if m > 0
+    }
+    return {
+        "kind": "runtime",
+        "step": step,
+        "layer": name,
+        "tokens_per_rank": int(shape.tokens),
+        "imbalance": round(shape.imbalance, 3),
+        "mode": choice.mode,
+        "overlap": choice.overlap,
+        "choice": choice.label(),
+        "reason": reason,
+        "measured_ms": times,
+        "predicted_ms": {k.label(): round(v * 1e3, 3) for k, v in predicted.items()},
+        "prediction_error": errors,
+        "skipped": skipped,
+    }
+
+
+def _group_imbalance(layer: MoELayer, counts_E: torch.Tensor) -> float:
+    """max/mean load over the shard groups of the layer's layout (replicas split their expert's
+    load evenly)."""
+    lay = layer.layout
+    copies = lay.copies()
+    loads = [
+        sum(float(counts_E[e]) / copies[e] for e in lay.group_experts(v))
+        for v in range(lay.num_groups)
+    ]
+    mean = sum(loads) / len(loads)
+    return max(loads) / mean if mean > 0 else 1.0
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,120 @@
+"""The runtime tuner in the trainer on 4 gloo ranks (2 experts, ep = 4: every mode differs): a run
+with `mode = "auto"` and `overlap_degree = "auto"` whose decisions change mid-run gives the losses
+of a fixed-mode run; every rank holds the same decisions; a candidate one rank cannot run is
+dropped on every rank with the reason logged."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from moeflow.parallel import tuner as tuner_module
+from moeflow.train.config import RunConfig
+from moeflow.train.distributed import init_distributed, shutdown
+from moeflow.train.trainer import Trainer
+from tests.distributed import run_on_ranks
+
+
+def cfg(out_dir: Path, mode: str, overlap, tuner: dict | None = None) -> RunConfig:
+    return RunConfig.from_dict(
+        {
+            "model": {"dim": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 16,
+                      "moe": {"num_experts": 2, "ffn_hidden_size": 32,
+                              "router": {"top_k": 1, "aux_loss_type": "aux_loss"}}},
+            "data": {"max_bytes": 100_000},
+            "train": {"steps": 30, "seq_len": 16, "micro_batch_size": 2, "out_dir": str(out_dir),
+                      "eval_windows": 8, "eval_every": 0},
+            "optim": {"warmup_steps": 2, "lr": 3e-3},
+            "parallel": {"ep": 4, "mode": mode, "overlap_degree": overlap},
+            "tuner": {"samples": 1, "warmup": 0, "prune": 100.0, **(tuner or {})},
+            "metrics": {"progress": False, "plot": False, "log_every": 1},
+        }
+    )  # fmt: skip
+
+
+def _train(rank, world, root, mode, overlap, tuner_cfg, scripted, starved_rank):
+    runtime = init_distributed(60)
+    try:
+        trainer = Trainer(cfg(Path(root), mode, overlap, tuner_cfg), runtime, None, True)
+        tuner = trainer.tuner
+        if scripted:
+            order = scripted
+            calls = {"n": 0}
+
+            # A stand-in for the timed replays: the n-th tuning finds order[n] fastest, so the
+            # decisions change mid-run, the same on every rank.
+            def fake_time(layer, cand):
+                return 0.001 if cand.label() == order[calls["n"] % len(order)] else 0.002
+
+            original = tuner._tune
+
+            def counting_tune(*args, **kwargs):
+                record = original(*args, **kwargs)
+                calls["n"] += 1
+                return record
+
+            tuner._time = fake_time
+            tuner._tune = counting_tune
+        if rank == starved_rank:
+            tuner.free_bytes = lambda device: 1.0  # this rank cannot gather any weights
+        result = trainer.run(quiet=True)
+        records = [r for r in tuner.cache.values()] if tuner else []
+        return result.losses, records
+    finally:
+        shutdown(runtime)
+
+
+def test_auto_gives_the_fixed_mode_losses_with_decisions_changing_mid_run(tmp_path):
+    fixed = run_on_ranks(
+        _train, 4, args=(str(tmp_path / "fixed"), "ep", 1, None, None, -1), timeout=300
+    )
+    order = ["dp", "sharded/n2", "ep/n2", "sharded", "ep"]
+    # check_every 5 with 0.01-wide load buckets: the load moves, so layers are re-tuned mid-run.
+    auto = run_on_ranks(
+        _train, 4,
+        args=(str(tmp_path / "auto"), "auto", "auto", {"check_every": 5, "imbalance_step": 0.01},
+              order, -1),
+        timeout=300,
+    )  # fmt: skip
+    losses, records = auto[0]
+    assert losses == pytest.approx(fixed[0][0], rel=1e-6)
+    assert all(r[1] == records for r in auto)  # every rank: the same decisions
+    choices = {r["choice"] for r in records}
+    assert len(records) >= 4 and len(choices) >= 3, records  # re-tuned, decisions changed
+    steps = sorted({r["step"] for r in records})
+    assert steps[0] == 1 and steps[-1] > 5
+    logged = [
+        json.loads(line)
+        for line in (tmp_path / "auto" / "metrics.jsonl").read_text().splitlines()
+        if '"runtime"' in line
+    ]
+    assert len(logged) == len(records)
+    for record in logged:
+        assert set(record["measured_ms"]) <= set(record["predicted_ms"])
+        assert record["choice"] in record["measured_ms"] and record["reason"]
+    assert (tmp_path / "auto" / "calibration.json").is_file()
+
+
+def test_a_candidate_one_rank_cannot_run_is_dropped_on_every_rank(tmp_path):
+    results = run_on_ranks(
+        _train, 4,
+        args=(str(tmp_path), "auto", 1, {"check_every": 100}, ["dp"], 2),
+        timeout=300,
+    )  # fmt: skip
+    for _, records in results:
+        assert records == results[0][1]
+        for record in records:
+            assert "dp" in record["skipped"] and "ep/n2" not in record["measured_ms"]
+            assert "gathered weights" in record["skipped"]["dp"]
+            assert record["choice"] != "dp" and "dp" not in record["measured_ms"]
+
+
+def test_bad_tuner_settings_name_the_field():
+    with pytest.raises(ValueError, match=r"tuner\.prune \(0\.5\) must be >= 1"):
+        tuner_module.TunerConfig(prune=0.5)
+    with pytest.raises(ValueError, match=r"parallel\.overlap_degree \('many'\)"):
+        RunConfig.from_dict({"parallel": {"overlap_degree": "many"}})
+    with pytest.raises(ValueError, match=r"parallel\.mode \('fast'\) must be one of"):
+        RunConfig.from_dict({"parallel": {"mode": "fast"}})
