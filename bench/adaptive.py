@@ -17,8 +17,6 @@ candidate (predicted / measured - 1, from the calibrated figures).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -29,14 +27,12 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.ep import spawn_ranks, timed_interleaved
+from bench.ep import gloo_rank, machine_line, spawn_ranks, timed_interleaved
 from moeflow import MoEConfig, MoELayer, RouterConfig
-from moeflow.parallel import ParallelDims, parallelize
+from moeflow.parallel import parallelize
 from moeflow.parallel.calibrate import calibrate
 from moeflow.parallel.cost_model import Candidate
 from moeflow.parallel.tuner import RuntimeTuner, TunerConfig
-from moeflow.train.distributed import local_rank_env
-from moeflow.utils import keep_freed_memory
 
 
 def parse_args() -> argparse.Namespace:
@@ -100,26 +96,16 @@ def measure(ctx, args, hw, shape: dict, rank: int) -> dict:
 
 
 def bench_rank(rank: int, world: int, port: int, args, queue) -> None:
-    os.environ.update(local_rank_env(rank, world, port))
-    torch.set_num_threads(1)
-    keep_freed_memory()
-    dist.init_process_group("gloo")
-    ctx = ParallelDims(ep=world).build()
-    hw = calibrate(ctx, args.hidden, args.ffn)
-    rows = [measure(ctx, args, hw, shape, rank) for shape in shapes(world)]
-    if rank == 0:
-        queue.put((hw, rows))
-    dist.barrier()
-    dist.destroy_process_group()
+    with gloo_rank(rank, world, port) as ctx:
+        hw = calibrate(ctx, args.hidden, args.ffn)
+        rows = [measure(ctx, args, hw, shape, rank) for shape in shapes(world)]
+        if rank == 0:
+            queue.put((hw, rows))
 
 
 def main() -> None:
     args = parse_args()
-    print(
-        f"machine: {platform.machine()} {os.cpu_count()} cores | torch {torch.__version__} | "
-        f"gloo, OMP_NUM_THREADS=1 per rank | fp32 | D={args.hidden} F={args.ffn} swiglu "
-        f"dropless | median of {args.repeats}, interleaved | default = ep, overlap 1"
-    )
+    print(machine_line(args, ", interleaved | default = ep, overlap 1"))
     summary = []
     for world in args.ranks:
         hw, rows = spawn_ranks(bench_rank, world, args)

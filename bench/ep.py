@@ -20,12 +20,14 @@ Ranks share this machine's cores (OMP_NUM_THREADS=1 each), so with more ranks th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import platform
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -145,6 +147,29 @@ def bench_rank(rank: int, world: int, port: int, args, queue) -> None:
         queue.put(rows)
     dist.barrier()
     dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def gloo_rank(rank: int, world: int, port: int) -> Iterator:
+    """This process as rank `rank` of a gloo job on this machine (one thread, freed memory kept):
+    yields the `ParallelContext` of one expert group over every rank; tears the group down."""
+    os.environ.update(local_rank_env(rank, world, port))
+    torch.set_num_threads(1)
+    keep_freed_memory()
+    dist.init_process_group("gloo")
+    try:
+        yield ParallelDims(ep=world).build()
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def machine_line(args, extra: str) -> str:
+    return (
+        f"machine: {platform.machine()} {os.cpu_count()} cores | torch {torch.__version__} | "
+        f"gloo, OMP_NUM_THREADS=1 per rank | fp32 | D={args.hidden} F={args.ffn} swiglu "
+        f"dropless | median of {args.repeats}{extra}"
+    )
 
 
 def spawn_ranks(target, world: int, args) -> list:

@@ -22,22 +22,17 @@ collectives compete with compute for the CPU; read the ratios, not the absolute 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.ep import spawn_ranks, timed_interleaved
+from bench.ep import gloo_rank, machine_line, spawn_ranks, timed_interleaved
 from bench.layer import Floor
 from moeflow import MoEConfig, MoELayer, RouterConfig
-from moeflow.parallel import MODES, ParallelDims, parallelize
-from moeflow.train.distributed import local_rank_env
-from moeflow.utils import keep_freed_memory
+from moeflow.parallel import MODES, parallelize
 
 
 def parse_args() -> argparse.Namespace:
@@ -94,29 +89,19 @@ def measure(ctx, args, experts: int, tokens: int, skew: float, rank: int) -> dic
 
 
 def bench_rank(rank: int, world: int, port: int, args, queue) -> None:
-    os.environ.update(local_rank_env(rank, world, port))
-    torch.set_num_threads(1)
-    keep_freed_memory()
-    dist.init_process_group("gloo")
-    ctx = ParallelDims(ep=world).build()
-    rows = []
-    for experts in (max(args.experts, world), max(world // 2, 1)):
-        for tokens in args.tokens:
-            for skew in args.skew:
-                rows.append(measure(ctx, args, experts, tokens, skew, rank))
-    if rank == 0:
-        queue.put(rows)
-    dist.barrier()
-    dist.destroy_process_group()
+    with gloo_rank(rank, world, port) as ctx:
+        rows = []
+        for experts in (max(args.experts, world), max(world // 2, 1)):
+            for tokens in args.tokens:
+                for skew in args.skew:
+                    rows.append(measure(ctx, args, experts, tokens, skew, rank))
+        if rank == 0:
+            queue.put(rows)
 
 
 def main() -> None:
     args = parse_args()
-    print(
-        f"machine: {platform.machine()} {os.cpu_count()} cores | torch {torch.__version__} | "
-        f"gloo, OMP_NUM_THREADS=1 per rank | fp32 | D={args.hidden} F={args.ffn} swiglu "
-        f"dropless | median of {args.repeats} | allocator keeps freed memory"
-    )
+    print(machine_line(args, " | allocator keeps freed memory"))
     wins: dict[str, list[str]] = {m: [] for m in MODES}
     for world in args.ranks:
         rows = spawn_ranks(bench_rank, world, args)
