@@ -151,3 +151,16 @@ class Replacer:
             if applied
             else None,
         }
+
+
+def describe_placement(record: dict) -> str:
+    """One line for a `kind: "placement"` record."""
+    b, a = record["before"], record["after"]
+    verb = "re-placed" if record["applied"] else "kept the placement"
+    moved = f", {record['moved_experts']} experts moved" if record["applied"] else ""
+    return (
+        f"{verb} ({record['method']}, {record['status']}, {record['solve_s']:.2f} s{moved}): "
+        f"max/mean load {b['max_mean_load']:.3f} -> {a['max_mean_load']:.3f}, cross-rank tokens "
+        f"{b['cross_rank_fraction']:.1%} -> {a['cross_rank_fraction']:.1%}, objective "
+        f"{record['gain']:+.1%} better"
+    )

@@ -40,11 +40,9 @@ import torch.nn.functional as F
 from moeflow.moe.layer import finish_optimizer_step, set_aux_loss_scale
 from moeflow.moe.layout import ExpertLayout
 from moeflow.moe.walk import moe_layers, split_parameters
-from moeflow.parallel.calibrate import load_or_calibrate
 from moeflow.parallel.dims import ParallelDims
 from moeflow.parallel.grad_sync import GradSync
 from moeflow.parallel.replace import current_expert_slots, replica_row_weights
-from moeflow.parallel.tuner import RuntimeTuner
 from moeflow.train import checkpoint as ckpt
 from moeflow.train.build import build_model, resolve_output
 from moeflow.train.config import RunConfig
@@ -52,7 +50,8 @@ from moeflow.train.data import BatchStream, Corpus, eval_batches, load_corpus
 from moeflow.train.distributed import Runtime, init_distributed, shutdown
 from moeflow.train.metrics import IntervalMetrics, MetricsLogger, flops_per_token, plot_run
 from moeflow.train.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
-from moeflow.train.replacement import Replacer
+from moeflow.train.replacement import Replacer, describe_placement
+from moeflow.train.tuning import build_tuner, describe_decision
 from moeflow.utils.cpu_alloc import keep_freed_memory
 
 
@@ -104,7 +103,7 @@ class Trainer:
         self.expert_params = [q for _, q in experts]
         self.moe_layers = [m for _, m in moe_layers(self.model)]
         self.replacer = Replacer(cfg, self.ctx, self.model, runtime.device)
-        self.tuner = self._build_tuner()
+        self.tuner = build_tuner(cfg, self.ctx, self.model, self.out_dir, runtime.device)
         self.corpus = load_corpus(cfg.data)
         t = cfg.train
         self.stream = BatchStream(
@@ -347,52 +346,18 @@ class Trainer:
             if every and self.step % every == 0 and self.step < cfg.train.steps:
                 self.save()
 
-    def _build_tuner(self) -> RuntimeTuner | None:
-        """The runtime tuner when `parallel.mode` or `parallel.overlap_degree` is "auto" (and
-        there is an expert group to tune for), on the cost model calibrated on this run's groups
-        (`<out_dir>/calibration.json`, measured once)."""
-        p, moe = self.cfg.parallel, self.cfg.model.moe
-        if (p.mode != "auto" and p.overlap_degree != "auto") or self.ctx.dims.ep == 1:
-            return None
-        hw, _ = load_or_calibrate(
-            self.ctx, self.out_dir, moe.hidden_size, moe.ffn_hidden_size,
-            device=self.runtime.device,
-        )  # fmt: skip
-        return RuntimeTuner(
-            self.model, self.ctx, hw, self.cfg.tuner,
-            mode=None if p.mode == "auto" else p.mode,
-            overlap=None if p.overlap_degree == "auto" else p.overlap_degree,
-        )  # fmt: skip
-
     def _maybe_tune(self, log: MetricsLogger, say) -> None:
-        if self.tuner is None:
-            return
-        for record in self.tuner.after_step(self.step):
-            log.log(record)
-            ms = record["measured_ms"]
-            others = ", ".join(f"{k} {v:.1f}" for k, v in ms.items() if k != record["choice"])
-            skipped = f"; skipped {', '.join(record['skipped'])}" if record["skipped"] else ""
-            say(
-                f"step {self.step}: {record['layer']} runs {record['choice']} "
-                f"({ms.get(record['choice'], 0.0):.1f} ms; {others or 'no other'} ms) at "
-                f"{record['tokens_per_rank']} tokens/rank, load {record['imbalance']:.2f}: "
-                f"{record['reason']}{skipped}"
-            )
+        if self.tuner is not None:
+            for record in self.tuner.after_step(self.step):
+                log.log(record)
+                say(f"step {self.step}: {describe_decision(record)}")
 
     def _maybe_replace(self, log: MetricsLogger, say) -> None:
         record = self.replacer.maybe_replace(self.step, self.optimizer)
         if record is None:
             return
         log.log(record)
-        b, a = record["before"], record["after"]
-        verb = "re-placed" if record["applied"] else "kept the placement"
-        moved = f", {record['moved_experts']} experts moved" if record["applied"] else ""
-        say(
-            f"step {self.step}: {verb} ({record['method']}, {record['status']}, "
-            f"{record['solve_s']:.2f} s{moved}): max/mean load {b['max_mean_load']:.3f} -> "
-            f"{a['max_mean_load']:.3f}, cross-rank tokens {b['cross_rank_fraction']:.1%} -> "
-            f"{a['cross_rank_fraction']:.1%}, objective {record['gain']:+.1%} better"
-        )
+        say(f"step {self.step}: {describe_placement(record)}")
 
     def describe(self) -> str:
         n_params = sum(p.numel() for p in self.model.parameters())

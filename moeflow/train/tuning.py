@@ -1,0 +1,50 @@
+"""The trainer's side of the runtime tuner (`moeflow.parallel.tuner`): building it from the run
+config on the cost model calibrated on the run's own groups, and one line per decision.
+
+Example:
+    >>> describe_decision({"layer": "blocks.0.ffn", "choice": "dp", "tokens_per_rank": 1024,
+    ...     "measured_ms": {"dp": 28.9, "ep": 32.1}, "imbalance": 1.61,
+    ...     "reason": "fastest", "skipped": {}})
+    'blocks.0.ffn runs dp (28.9 ms; ep 32.1 ms) at 1024 tokens/rank, load 1.61: fastest'
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moeflow.parallel.calibrate import load_or_calibrate
+from moeflow.parallel.dims import ParallelContext
+from moeflow.parallel.tuner import RuntimeTuner
+from moeflow.train.config import RunConfig
+
+
+def build_tuner(
+    cfg: RunConfig, ctx: ParallelContext, model: nn.Module, out_dir: Path, device: torch.device
+) -> RuntimeTuner | None:
+    """The runtime tuner when `parallel.mode` or `parallel.overlap_degree` is "auto" (and there
+    is an expert group to tune for), on the cost model calibrated on this run's groups
+    (`<out_dir>/calibration.json`, measured once). Collective when it calibrates."""
+    p, moe = cfg.parallel, cfg.model.moe
+    if (p.mode != "auto" and p.overlap_degree != "auto") or ctx.dims.ep == 1:
+        return None
+    hw, _ = load_or_calibrate(ctx, out_dir, moe.hidden_size, moe.ffn_hidden_size, device=device)
+    return RuntimeTuner(
+        model, ctx, hw, cfg.tuner,
+        mode=None if p.mode == "auto" else p.mode,
+        overlap=None if p.overlap_degree == "auto" else p.overlap_degree,
+    )  # fmt: skip
+
+
+def describe_decision(record: dict) -> str:
+    """One line for a `kind: "runtime"` record: what was chosen, against what, and why."""
+    ms = record["measured_ms"]
+    others = ", ".join(f"{k} {v:.1f}" for k, v in ms.items() if k != record["choice"])
+    skipped = f"; skipped {', '.join(record['skipped'])}" if record["skipped"] else ""
+    return (
+        f"{record['layer']} runs {record['choice']} ({ms.get(record['choice'], 0.0):.1f} ms; "
+        f"{others or 'no other'} ms) at {record['tokens_per_rank']} tokens/rank, load "
+        f"{record['imbalance']:.2f}: {record['reason']}{skipped}"
+    )
