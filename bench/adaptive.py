@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.ep import gloo_rank, machine_line, spawn_ranks, timed_interleaved
 from moeflow import MoEConfig, MoELayer, RouterConfig
-from moeflow.parallel import parallelize
+from moeflow.parallel import DispatchConfig, parallelize
 from moeflow.parallel.calibrate import calibrate
 from moeflow.parallel.cost_model import Candidate
 from moeflow.parallel.tuner import RuntimeTuner, TunerConfig
@@ -42,6 +42,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ffn", type=int, default=512)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument(
+        "--ranks-per-node",
+        type=int,
+        default=0,
+        help="pretend nodes of this many ranks (two-level candidates); 0: one node",
+    )
     return p.parse_args()
 
 
@@ -69,7 +75,7 @@ def measure(ctx, args, hw, shape: dict, rank: int) -> dict:
     layer = MoELayer(cfg)
     with torch.no_grad():
         layer.router.weight.normal_(0, 0.2)
-    parallelize(layer, ctx)
+    parallelize(layer, ctx, DispatchConfig(ranks_per_node=args.ranks_per_node or None))
     x = torch.randn(shape["tokens"], args.hidden, generator=torch.Generator().manual_seed(rank))
     if shape["skew"]:
         row = layer.router.weight.detach()[0]
@@ -80,14 +86,15 @@ def measure(ctx, args, hw, shape: dict, rank: int) -> dict:
     layer(x).backward(g)  # the step the tuner sees
     dist.barrier()
     t0 = time.perf_counter()
-    (record,) = tuner.after_step(1)
+    (record,) = tuner.after_step(tuner.config.first_check)
     tuning_s = time.perf_counter() - t0
     tuner.close()
     fns = {}
     for label in record["predicted_ms"]:
-        mode, _, rest = label.partition("/n")
-        cand = Candidate(mode, int(rest) if rest else 1)
-        fns[label] = lambda c=cand: layer(x, mode=c.mode, overlap_degree=c.overlap).backward(g)
+        c = Candidate.parse(label)
+        fns[label] = lambda c=c: layer(
+            x, mode=c.mode, overlap_degree=c.overlap, two_level=c.two_level
+        ).backward(g)
     fns["auto"] = lambda: layer(x).backward(g)  # the tuner's choice is the layer's default now
     times = timed_interleaved(fns, args.repeats, args.warmup)
     tuning = torch.tensor([tuning_s], dtype=torch.float64)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -155,13 +157,21 @@ def _flat_vs_two_level(rank, world):
         DispatchConfig(),
         DispatchConfig(two_level=True, ranks_per_node=2),
         DispatchConfig(two_level=True, ranks_per_node=1),
+        DispatchConfig(ranks_per_node=2),  # flat by default, two-level chosen per call below
     ):
         model = parallelize(build(cfg), ctx, dispatch)
+        if not dispatch.two_level and dispatch.ranks_per_node:
+            for m in model.modules():
+                if isinstance(m, MoELayer):
+                    m.expert_dispatch.config = DispatchConfig(mode="sharded")  # per call below
+                    m.forward = functools.partial(m.forward, mode="ep", two_level=True)
         x = torch.randn(
             20 + rank, D, dtype=torch.float64, generator=torch.Generator().manual_seed(rank)
         )
         x.requires_grad_(True)
         model(x).square().sum().backward()
+        moe = [m.expert_dispatch for m in model.modules() if isinstance(m, MoELayer)]
+        assert all(d.last_two_level == (dispatch.ranks_per_node is not None) for d in moe)
         results.append([model(x.detach()), x.grad] + [p.grad for p in model.parameters()])
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
@@ -170,4 +180,18 @@ def _flat_vs_two_level(rank, world):
 
 
 def test_two_level_all_to_all_is_bitwise_identical_to_flat():
+    """Also chosen per call on a layer built flat (the runtime tuner's switch)."""
     assert run_on_ranks(_flat_vs_two_level, 4) == [True] * 4
+
+
+def _two_level_needs_nodes(rank, world):
+    ctx = ParallelDims(ep=world).build()
+    layer = parallelize(MoELayer(MoEConfig(hidden_size=D, num_experts=E, ffn_hidden_size=12)), ctx)
+    assert layer.expert_dispatch.two_level_exchange is None  # no node size known: flat only
+    with pytest.raises(ValueError, match="two_level=True needs nodes that split the expert group"):
+        layer(torch.randn(4, D), two_level=True)
+    return True
+
+
+def test_two_level_per_call_without_nodes_is_refused_on_every_rank():
+    assert run_on_ranks(_two_level_needs_nodes, 2) == [True] * 2

@@ -17,7 +17,7 @@ from moeflow.train.trainer import Trainer
 from tests.distributed import run_on_ranks
 
 
-def cfg(out_dir: Path, mode: str, overlap, tuner: dict | None = None) -> RunConfig:
+def cfg(out_dir: Path, mode: str, overlap, tuner: dict | None = None, two_level=False) -> RunConfig:
     return RunConfig.from_dict(
         {
             "model": {"dim": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 16,
@@ -27,17 +27,21 @@ def cfg(out_dir: Path, mode: str, overlap, tuner: dict | None = None) -> RunConf
             "train": {"steps": 30, "seq_len": 16, "micro_batch_size": 2, "out_dir": str(out_dir),
                       "eval_windows": 8, "eval_every": 0},
             "optim": {"warmup_steps": 2, "lr": 3e-3},
-            "parallel": {"ep": 4, "mode": mode, "overlap_degree": overlap},
-            "tuner": {"samples": 1, "warmup": 0, "prune": 100.0, **(tuner or {})},
+            # Nodes of 2 ranks: the tuner may also choose the two-level all-to-all.
+            "parallel": {"ep": 4, "mode": mode, "overlap_degree": overlap,
+                         "two_level": two_level, "ranks_per_node": 2},
+            "tuner": {"samples": 1, "warmup": 0, "prune": 100.0, "first_check": 1,
+                      **(tuner or {})},
             "metrics": {"progress": False, "plot": False, "log_every": 1},
         }
     )  # fmt: skip
 
 
-def _train(rank, world, root, mode, overlap, tuner_cfg, scripted, starved_rank):
+def _train(rank, world, root, mode, overlap, tuner_cfg, scripted, starved_rank, two_level=False):
     runtime = init_distributed(60)
     try:
-        trainer = Trainer(cfg(Path(root), mode, overlap, tuner_cfg), runtime, None, True)
+        run_cfg = cfg(Path(root), mode, overlap, tuner_cfg, two_level)
+        trainer = Trainer(run_cfg, runtime, None, True)
         tuner = trainer.tuner
         if scripted:
             order = scripted
@@ -70,12 +74,12 @@ def test_auto_gives_the_fixed_mode_losses_with_decisions_changing_mid_run(tmp_pa
     fixed = run_on_ranks(
         _train, 4, args=(str(tmp_path / "fixed"), "ep", 1, None, None, -1), timeout=300
     )
-    order = ["dp", "sharded/n2", "ep/n2", "sharded", "ep"]
+    order = ["dp", "sharded/n2", "ep/n2/2dh", "sharded/2dh", "ep/n2", "ep"]
     # check_every 5 with 0.01-wide load buckets: the load moves, so layers are re-tuned mid-run.
     auto = run_on_ranks(
         _train, 4,
         args=(str(tmp_path / "auto"), "auto", "auto", {"check_every": 5, "imbalance_step": 0.01},
-              order, -1),
+              order, -1, "auto"),
         timeout=300,
     )  # fmt: skip
     losses, records = auto[0]
@@ -83,6 +87,7 @@ def test_auto_gives_the_fixed_mode_losses_with_decisions_changing_mid_run(tmp_pa
     assert all(r[1] == records for r in auto)  # every rank: the same decisions
     choices = {r["choice"] for r in records}
     assert len(records) >= 4 and len(choices) >= 3, records  # re-tuned, decisions changed
+    assert any(r["two_level"] for r in records) and not all(r["two_level"] for r in records)
     steps = sorted({r["step"] for r in records})
     assert steps[0] == 1 and steps[-1] > 5
     logged = [

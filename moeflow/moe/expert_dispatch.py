@@ -22,11 +22,13 @@ Gathered weights are recomputed in backward (gathered again), never kept from fo
 backward: at most one layer's gathered experts exist at a time.
 
 Schedule of one call with G > 1, on every rank of the expert group:
-1. One all-gather of `(mode, overlap degree)` (two integers per rank) and a host sync: ranks that
-   disagree all raise the same error instead of issuing different collectives and hanging.
+1. One all-gather of `(mode, overlap degree, two-level)` (three integers per rank) and a host
+   sync: ranks that disagree all raise the same error instead of issuing different collectives
+   and hanging.
 2. The mode's collectives: `ep`/`sharded` as `TokenDispatcher` documents (count exchange, then the
-   pipelined all-to-all), preceded in `ep` with S > 1 by the shard group's weight all-gather; `dp`:
-   the weight all-gather over the expert group, no token exchange.
+   pipelined all-to-all, flat or two-level (`moeflow.comm.hierarchical`) per call where the layer
+   was given both exchanges), preceded in `ep` with S > 1 by the shard group's weight all-gather;
+   `dp`: the weight all-gather over the expert group, no token exchange.
 3. Backward: the pipeline's reverse all-to-alls, and the weight gather again followed by the
    gradient's reduce-scatter where the forward gathered.
 """
@@ -59,6 +61,7 @@ class ExpertDispatch(nn.Module):
         self.activation = activation
         self.layout = ExpertLayout.canonical(num_experts, ffn_hidden_size, 1)
         self.exchange: Exchange = LocalExchange()
+        self.two_level_exchange: Exchange | None = None  # within nodes, then across them
         self.group: dist.ProcessGroup | None = None
         self.shard_group: dist.ProcessGroup | None = None
         self.config = DispatchConfig()
@@ -69,8 +72,9 @@ class ExpertDispatch(nn.Module):
         self.register_buffer("shard_table", torch.arange(num_experts)[:, None, None], False)
         self.register_buffer("slot_count", torch.ones(num_experts, dtype=torch.int64), False)
         self._spread = False
-        self._paths: dict[str, tuple[TokenDispatcher, GroupedExpertCompute]] = {}
+        self._paths: dict[tuple[str, bool], tuple[TokenDispatcher, GroupedExpertCompute]] = {}
         self.last_mode = self.config.mode
+        self.last_two_level = False
         self.last_gathered_bytes = 0  # expert-weight bytes the last call received
         self.last_gather_peak_bytes = 0  # the most its weight gather held at once
 
@@ -86,7 +90,10 @@ class ExpertDispatch(nn.Module):
         shard_group: dist.ProcessGroup | None,
         config: DispatchConfig,
         name: str,
+        two_level_exchange: Exchange | None = None,
     ) -> None:
+        if config.two_level and two_level_exchange is None:
+            raise ValueError(f"{name}: dispatch.two_level is set but no two-level exchange given")
         if exchange.size != layout.group_size or group_size(group) != layout.group_size:
             raise ValueError(
                 f"{name}: the layout spans {layout.group_size} ranks but the exchange and the "
@@ -98,6 +105,7 @@ class ExpertDispatch(nn.Module):
                 f"has {group_size(shard_group)} ranks"
             )
         self.exchange, self.group, self.shard_group = exchange, group, shard_group
+        self.two_level_exchange = two_level_exchange
         self.config, self.name = config, name
         self.set_layout(layout)
 
@@ -122,9 +130,11 @@ class ExpertDispatch(nn.Module):
         self.shard_table = torch.tensor(shards, dtype=torch.int64, device=device)
         self.slot_count = torch.tensor([len(r) for r in rows], dtype=torch.int64, device=device)
 
-    def path(self, mode: str) -> tuple[TokenDispatcher, GroupedExpertCompute]:
+    def path(
+        self, mode: str, two_level: bool = False
+    ) -> tuple[TokenDispatcher, GroupedExpertCompute]:
         """The dispatcher and expert compute of `mode` (built on first use)."""
-        if mode not in self._paths:
+        if (mode, two_level) not in self._paths:
             lay, per = self.layout, self.layout.slots_per_group
             if mode == "dp":
                 gather = ExpertWeightGather(lay, self.rank, "dp", self.group)
@@ -133,10 +143,12 @@ class ExpertDispatch(nn.Module):
                 gather = None
                 if mode == "ep" and lay.shards > 1:
                     gather = ExpertWeightGather(lay, self.rank, "ep", self.shard_group)
-                dispatcher = TokenDispatcher(self.exchange, per, self.config)
+                exchange = self.two_level_exchange if two_level else self.exchange
+                dispatcher = TokenDispatcher(exchange, per, self.config)
             dispatcher.name = self.name
-            self._paths[mode] = (dispatcher, GroupedExpertCompute(self.activation, gather))
-        return self._paths[mode]
+            compute = GroupedExpertCompute(self.activation, gather)
+            self._paths[(mode, two_level)] = (dispatcher, compute)
+        return self._paths[(mode, two_level)]
 
     def _copy_index(self, ids_TK: torch.Tensor) -> torch.Tensor | int:
         """Which copy of its expert each pair goes to (0 unless spread over remote copies)."""
@@ -148,21 +160,26 @@ class ExpertDispatch(nn.Module):
         )
         return order_TK % self.slot_count[ids_TK]
 
-    def agree(self, mode: str, chunks: int) -> None:
+    def agree(self, mode: str, chunks: int, two_level: bool = False) -> None:
         """Step 1 of the schedule: every rank raises if the ranks disagree on the call."""
         if group_size(self.group) == 1:
             return
-        mine = torch.tensor([[MODES.index(mode), chunks]], device=self.slot_table.device)
+        mine = torch.tensor(
+            [[MODES.index(mode), chunks, int(two_level)]], device=self.slot_table.device
+        )
         try:
             rows = all_gather_rows(mine, self.group).tolist()  # host sync: the agreement check
         except RuntimeError as exc:
             raise RuntimeError(f"{self.name}: agreeing on the call's mode failed: {exc}") from exc
         if any(r != rows[0] for r in rows):
-            said = ", ".join(f"rank {i}: {MODES[m]!r} x{c}" for i, (m, c) in enumerate(rows))
+            said = ", ".join(
+                f"rank {i}: {MODES[m]!r} x{c}{' two-level' if t else ''}"
+                for i, (m, c, t) in enumerate(rows)
+            )
             raise ValueError(
                 f"{self.name}: the ranks of the expert group called it with different parallel "
-                f"modes or overlap degrees ({said}); pass the same mode= and overlap_degree= on "
-                "every rank"
+                f"modes, overlap degrees or all-to-alls ({said}); pass the same mode=, "
+                "overlap_degree= and two_level= on every rank"
             )
 
     def forward(
@@ -175,13 +192,23 @@ class ExpertDispatch(nn.Module):
         params: tuple[torch.Tensor, torch.Tensor],
         mode: str | None = None,
         overlap_degree: int | None = None,
+        two_level: bool | None = None,
     ) -> DispatchResult:
         """FFN pairs (`ids_TK` < E where `keep_TK`) through the experts in `mode` (default: the
-        dispatch config's); returns the weighted, un-permuted output and the dispatch plan."""
+        dispatch config's), over the flat or the two-level all-to-all (default: the config's);
+        returns the weighted, un-permuted output and the dispatch plan."""
         mode = check_mode(mode or self.config.mode)
         chunks = 1 if mode == "dp" else overlap_degree or self.config.overlap_degree
-        self.agree(mode, chunks)
-        dispatcher, compute = self.path(mode)
+        two = self.config.two_level if two_level is None else bool(two_level)
+        if two and self.two_level_exchange is None:
+            raise ValueError(
+                f"{self.name}: two_level=True needs nodes that split the expert group; set "
+                "dispatch.ranks_per_node (or LOCAL_WORLD_SIZE) to a divisor of parallel.ep "
+                "smaller than it"
+            )
+        two = two and mode != "dp"  # dp moves no token
+        self.agree(mode, chunks, two)
+        dispatcher, compute = self.path(mode, two)
         if mode == "dp":
             slots_TK = ids_TK
         elif mode == "ep" or self.layout.shards == 1:
@@ -197,6 +224,7 @@ class ExpertDispatch(nn.Module):
         )  # fmt: skip
         gather = compute.gather
         self.last_mode = mode
+        self.last_two_level = two
         self.last_gathered_bytes = 0 if gather is None else gather.gathered_bytes
         self.last_gather_peak_bytes = 0 if gather is None else gather.peak_bytes
         return result

@@ -103,12 +103,15 @@ class MoELayer(nn.Module):
         dispatch: DispatchConfig | None = None,
         balance_group: dist.ProcessGroup | None = None,
         name: str = "moe",
+        two_level_exchange: Exchange | None = None,
     ) -> None:
         """Lay the experts out over an expert group (`moeflow.parallel.parallelize` calls this on
         every rank): keep this rank's expert rows and F-slice, and communicate over `exchange`
         (tokens), `group` (the expert group: agreement, `dp` gathers) and `shard_group` (the
         ranks holding slices of the same experts). `balance_group`: ranks over which
-        global-batch counts and aux-free loads are summed. The layer must hold every expert."""
+        global-batch counts and aux-free loads are summed. `two_level_exchange`: the expert
+        group's two-level all-to-all, if it spans several nodes. The layer must hold every
+        expert."""
         cfg = self.config
         if layout.num_experts != cfg.num_experts or layout.ffn_hidden_size != cfg.ffn_hidden_size:
             raise ValueError(
@@ -126,6 +129,7 @@ class MoELayer(nn.Module):
             shard_group,
             dispatch or DispatchConfig(),
             f"MoE layer '{name}'",
+            two_level_exchange,
         )
         self.balance.group = balance_group
 
@@ -190,10 +194,12 @@ class MoELayer(nn.Module):
         overlap_degree: int | None = None,
         routing_context: RoutingContext | None = None,
         mode: str | None = None,
+        two_level: bool | None = None,
     ) -> torch.Tensor:
-        """`x: [..., D]` -> `[..., D]`. `overlap_degree` and `mode` (`ep`, `sharded`, `dp`; see
-        `moeflow.moe.expert_dispatch`) override the dispatch config's for this call: every mode
-        computes the same math from the same parameters. `routing_context`, passed by the model
+        """`x: [..., D]` -> `[..., D]`. `overlap_degree`, `mode` (`ep`, `sharded`, `dp`; see
+        `moeflow.moe.expert_dispatch`) and `two_level` (all-to-all within nodes, then across)
+        override the dispatch config's for this call: every choice computes the same math from
+        the same parameters. `routing_context`, passed by the model
         from one MoE layer to the next, carries router state and receives this layer's router
         logits."""
         cfg = self.config
@@ -213,7 +219,7 @@ class MoELayer(nn.Module):
             route.expert_ids_TK.reshape(-1), minlength=self.router.num_choices
         )
         out_TD, kept_E, keep_TK, traffic = self._dispatch_and_compute(
-            x_TD, route, routed_E, overlap_degree, mode
+            x_TD, route, routed_E, (overlap_degree, mode, two_level)
         )
         if self.zc_experts is not None:
             # Ids relative to the zero-computation experts (FFN ids become negative: no match).
@@ -238,11 +244,11 @@ class MoELayer(nn.Module):
         x_TD: torch.Tensor,
         route: RouterOutput,
         routed_E: torch.Tensor,
-        overlap_degree: int | None,
-        mode: str | None,
+        call: tuple[int | None, str | None, bool | None],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, Traffic]:
-        """FFN pairs through the dispatcher; returns (out, kept pairs per FFN expert, keep mask,
-        what moved)."""
+        """FFN pairs through the dispatcher (`call`: this call's overlap degree, mode and
+        two-level choice, None for the config's); returns (out, kept pairs per FFN expert, keep
+        mask, what moved)."""
         rc = self.config.router
         n = self.config.num_experts
         ids_TK = route.expert_ids_TK
@@ -273,8 +279,9 @@ class MoELayer(nn.Module):
             keep_TK,
             pad_to,
             (self.experts.w1, self.experts.w2),
-            mode=mode,
-            overlap_degree=overlap_degree,
+            overlap_degree=call[0],
+            mode=call[1],
+            two_level=call[2],
         )
         traffic = Traffic(
             mode=self.expert_dispatch.last_mode,

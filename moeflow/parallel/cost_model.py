@@ -140,6 +140,21 @@ class Candidate:
         text = self.mode if self.overlap == 1 else f"{self.mode}/n{self.overlap}"
         return text + ("/2dh" if self.two_level else "")
 
+    @classmethod
+    def parse(cls, label: str) -> Candidate:
+        """The candidate of a `label()`: `mode[/nC][/2dh]`.
+
+        Example:
+            >>> Candidate.parse("ep/n2/2dh")
+            Candidate(mode='ep', overlap=2, two_level=True)
+        """
+        mode, *rest = label.split("/")
+        two_level = rest[-1:] == ["2dh"]
+        rest = rest[:-1] if two_level else rest
+        if mode not in MODES or len(rest) > 1 or (rest and not rest[0][1:].isdigit()):
+            raise ValueError(f"candidate label {label!r} is not mode[/nC][/2dh]")
+        return cls(mode, int(rest[0][1:]) if rest else 1, two_level)
+
 
 @dataclass(frozen=True)
 class Prediction:

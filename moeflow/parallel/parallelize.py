@@ -46,11 +46,16 @@ def _check_same_configs(layers: list[tuple[str, MoELayer]], ctx: ParallelContext
             )
 
 
-def _make_exchange(ctx: ParallelContext, dispatch: DispatchConfig):
-    if not dispatch.two_level:
-        return GroupExchange(ctx.ep_group)
+def _two_level_exchange(ctx: ParallelContext, dispatch: DispatchConfig):
+    """The two-level all-to-all of the expert group, or None: built when `dispatch.two_level`
+    asks for it, and also whenever the node size is known and splits the expert group into
+    several nodes, so a layer may pick flat or two-level per call (the runtime tuner does)."""
     ranks_per_node = ctx.ranks_per_node(dispatch.ranks_per_node)
-    if ranks_per_node is None:
+    if not dispatch.two_level:
+        ep = ctx.dims.ep
+        if ranks_per_node is None or not 1 < ranks_per_node < ep or ep % ranks_per_node:
+            return None
+    elif ranks_per_node is None:
         raise ValueError(
             "dispatch.two_level needs dispatch.ranks_per_node, or LOCAL_WORLD_SIZE in the "
             "environment (torchrun sets it)"
@@ -116,7 +121,7 @@ def parallelize(
             except ValueError as exc:
                 raise ValueError(f"{where}{exc}") from None
         layouts[name] = layout
-    exchange = _make_exchange(ctx, dispatch)
+    exchange, two_level = GroupExchange(ctx.ep_group), _two_level_exchange(ctx, dispatch)
     for name, layer in layers:
         layout = layouts[name]
         layer.attach(
@@ -127,6 +132,7 @@ def parallelize(
             dispatch=dispatch,
             balance_group=ctx.world_group,
             name=name,
+            two_level_exchange=two_level,
         )
     return model
 

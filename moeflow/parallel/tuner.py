@@ -1,21 +1,27 @@
-"""RuntimeTuner: choose each MoE layer's (mode, overlap degree) from measurements while training.
+"""RuntimeTuner: choose each MoE layer's (mode, overlap degree, flat or two-level all-to-all) from
+measurements while training.
 
 Legend: T tokens per rank, rho max/mean load over the ranks (shard groups) that hold experts.
 
 Schedule, after an optimizer step, on every rank (collective over the world group):
-1. Every `check_every` steps (and after the first): one all-reduce (max) of each layer's T and one
-   (sum) of its kept tokens per expert give the layer's situation key: (T bucket, rho bucket over
-   the current layout's shard groups). A key seen before reuses its decision: nothing else runs.
-2. A new key: the candidates (`cost_model.candidates`, limited to the configured mode and overlap
-   when they are fixed) are predicted by the cost model and pruned to those within `prune` times
-   the best prediction (the default `ep` without overlap is always kept, as the reference).
+1. At step `first_check`, then every `check_every` steps: one all-reduce (max) of each layer's T
+   and one (sum) of its kept tokens per expert give the layer's situation key: (T bucket, rho
+   bucket over the current layout's shard groups, the layout's slots, so a re-placement
+   re-tunes). A key seen before reuses its decision: nothing else runs.
+2. A new key: the candidates (`cost_model.candidates`, limited to the configured mode, overlap and
+   all-to-all when they are fixed; two-level only where the layer has one) are predicted by the
+   cost model and pruned to those within `prune` times the best prediction (the default, `ep`
+   without overlap over the flat all-to-all, is always kept, as the reference).
 3. Feasibility: each rank checks the transient memory of each candidate's weight gathers against
    its free memory; one all-reduce (min) of the flags, so a candidate any rank cannot run is
    dropped on every rank, with the reason logged.
-4. Timing: each surviving candidate replays the layer's last training input, forward + backward
+4. Timing: the surviving candidates replay the layer's last training input, forward + backward
    (`torch.autograd.grad`, so no `.grad` changes; RNG state restored; as an activation-checkpoint
-   recomputation, so no statistics change), `warmup` times untimed then `samples` times timed,
-   every rank in the same order; the medians are maxed over ranks (one all-reduce).
+   recomputation, so no statistics change), in rounds that run every candidate once, in the same
+   order on every rank (so a drift of the machine's speed hits them alike): `warmup` rounds
+   untimed, then `samples` timed; the medians are maxed over ranks (one all-reduce). The
+   candidates within `refine` of the best are timed `samples` rounds more and their medians over
+   all their samples maxed again (one all-reduce): close calls get more evidence.
 5. Rank 0 picks the fastest and broadcasts the decision with its record (one broadcast); every
    rank sets the layer's default mode and overlap degree and caches the decision under the key.
 
@@ -31,7 +37,7 @@ Example (one process: there is nothing to choose but `ep`):
     >>> ctx = ParallelDims().build()
     >>> model = parallelize(torch.nn.Sequential(MoELayer(MoEConfig(hidden_size=8,
     ...     num_experts=2, ffn_hidden_size=8))), ctx)
-    >>> tuner = RuntimeTuner(model, ctx, PRESETS["h100"], TunerConfig(samples=1, warmup=0))
+    >>> tuner = RuntimeTuner(model, ctx, PRESETS["h100"], TunerConfig(samples=1, first_check=1))
     >>> model(torch.randn(6, 8)).sum().backward()
     >>> [r["choice"] for r in tuner.after_step(1)]
     ['ep']
@@ -63,16 +69,20 @@ from moeflow.utils.validate import check_int
 class TunerConfig:
     """`samples` timed replays per candidate (median) after `warmup` untimed ones; `prune`: time
     only candidates predicted within this factor of the best prediction, at most
-    `max_candidates`; `overlaps`: the overlap degrees to consider; `check_every`: steps between
+    `max_candidates`; `refine`: candidates measured within this fraction of the best are timed
+    again (0: never); `overlaps`: the overlap degrees to consider; `first_check`: the step of the
+    first situation check (the first steps run the default); `check_every`: steps between
     situation checks; `token_bucket`: tokens per rank are bucketed by powers of this ratio;
     `imbalance_step`: max/mean load buckets; `memory_limit_mb`: transient memory a rank may
     spend on gathered weights (0: the device's free memory on GPUs, no limit on CPUs)."""
 
-    samples: int = 2
+    samples: int = 3
     warmup: int = 1
+    refine: float = 0.1
     prune: float = 2.0
     max_candidates: int = 6
     overlaps: tuple[int, ...] = (1, 2, 4)
+    first_check: int = 10
     check_every: int = 10
     token_bucket: float = 2.0
     imbalance_step: float = 0.5
@@ -83,6 +93,9 @@ class TunerConfig:
         check_int("tuner.warmup", self.warmup, minimum=0)
         check_int("tuner.max_candidates", self.max_candidates)
         check_int("tuner.check_every", self.check_every)
+        check_int("tuner.first_check", self.first_check)
+        if not self.refine >= 0:
+            raise ValueError(f"tuner.refine ({self.refine!r}) must be >= 0")
         for value in self.overlaps:
             check_int("tuner.overlaps[]", value)
         if not self.prune >= 1.0:
@@ -96,8 +109,9 @@ class TunerConfig:
 
 
 class RuntimeTuner:
-    """Tunes every MoE layer of `model` (see the module doc). `mode` / `overlap`: None to choose
-    them, or a fixed value. `after_step(step)` returns the step's decision records."""
+    """Tunes every MoE layer of `model` (see the module doc). `mode` / `overlap` / `two_level`:
+    None to choose them, or a fixed value. `after_step(step)` returns the step's decision
+    records."""
 
     def __init__(
         self,
@@ -107,10 +121,11 @@ class RuntimeTuner:
         config: TunerConfig | None = None,
         mode: str | None = None,
         overlap: int | None = None,
+        two_level: bool | None = None,
     ) -> None:
         self.ctx, self.hw = ctx, hardware
         self.config = config or TunerConfig()
-        self.mode, self.overlap = mode, overlap
+        self.mode, self.overlap, self.two_level = mode, overlap, two_level
         self.layers = moe_layers(model)
         self.cache: dict[tuple, dict] = {}
         self.inputs: dict[int, torch.Tensor] = {}
@@ -158,16 +173,17 @@ class RuntimeTuner:
 
     def _key(self, layer: MoELayer, tokens: float, rho: float) -> tuple:
         """The situation a decision holds for: the tokens-per-rank bucket (powers of
-        `token_bucket`) and the load bucket (`imbalance_step` wide). A re-placement re-tunes
-        when it moves the layer into a load bucket not measured yet."""
+        `token_bucket`), the load bucket (`imbalance_step` wide) and the layout's slots (a
+        re-placement re-tunes)."""
         c = self.config
         bucket = math.floor(math.log(max(tokens, 1.0), c.token_bucket) + 1e-9)
-        return (bucket, math.floor(rho / c.imbalance_step + 1e-9))
+        return (bucket, math.floor(rho / c.imbalance_step + 1e-9), layer.layout.slots)
 
     # -- steps 2-5 -------------------------------------------------------------------------------
     def after_step(self, step: int) -> list[dict]:
         """Check (and where new, tune) every layer's situation; returns the decision records."""
-        if not self.layers or (step != 1 and step % self.config.check_every):
+        c = self.config
+        if not self.layers or step < c.first_check or (step - c.first_check) % c.check_every:
             return []
         start = time.perf_counter()
         records = []
@@ -189,7 +205,10 @@ class RuntimeTuner:
     def _apply(self, layer: MoELayer, record: dict) -> None:
         d = layer.expert_dispatch
         d.config = dataclasses.replace(
-            d.config, mode=record["mode"], overlap_degree=record["overlap"]
+            d.config,
+            mode=record["mode"],
+            overlap_degree=record["overlap"],
+            two_level=record["two_level"],
         )
 
     def _shape(self, layer: MoELayer, tokens: float, rho: float) -> LayerShape:
@@ -202,14 +221,15 @@ class RuntimeTuner:
 
     def _candidates(self, layer: MoELayer, shape: LayerShape) -> tuple[list, dict]:
         c = self.config
-        rpn = self.ctx.ranks_per_node() or layer.layout.group_size
+        rpn = _ranks_per_node(layer)
         overlaps = (self.overlap,) if self.overlap else c.overlaps
         cands = [
             k
             for k in candidates(shape, rpn, overlaps)
-            if not k.two_level and (self.mode is None or k.mode == self.mode)
+            if (self.mode is None or k.mode == self.mode)
+            and (self.two_level is None or k.two_level == self.two_level)
         ]
-        default = Candidate(self.mode or "ep", self.overlap or 1)
+        default = Candidate(self.mode or "ep", self.overlap or 1, bool(self.two_level))
         if default not in cands:
             cands.insert(0, default)
         predicted = {k: predict(shape, k, self.hw, rpn).seconds for k in cands}
@@ -248,26 +268,48 @@ class RuntimeTuner:
         return math.inf
 
     def _time(self, layer: MoELayer, cand: Candidate) -> float:
-        """Step 4 for one candidate on this rank: the median of `samples` timed replays."""
+        """One replay of the layer's last training input in `cand`, forward + backward: seconds."""
         x = self.inputs[id(layer)]
         params = [p for p in layer.parameters() if p.requires_grad]
-        grad = torch.ones_like(x)
+        _synchronize(x.device)
+        t0 = time.perf_counter()
+        xr = x.detach().requires_grad_(True)
+        out = layer(
+            xr, mode=cand.mode, overlap_degree=cand.overlap, two_level=cand.two_level,
+            routing_context=RoutingContext(recomputing=True),
+        )  # fmt: skip
+        torch.autograd.grad(out, [xr, *params], torch.ones_like(out), allow_unused=True)
+        _synchronize(x.device)
+        return time.perf_counter() - t0
+
+    def _rounds(self, layer: MoELayer, cands: list[Candidate], rounds: int, samples: dict) -> None:
+        """`rounds` rounds of one replay per candidate, in order, appended to `samples`."""
+        for _ in range(rounds):
+            for k in cands:
+                samples.setdefault(k, []).append(self._time(layer, k))
+
+    def _measure(self, layer: MoELayer, cands: list[Candidate]) -> list[float]:
+        """Step 4: every candidate's median, maxed over ranks; close ones timed again."""
+        c = self.config
         rng = torch.get_rng_state()
-        times = []
-        for i in range(self.config.warmup + self.config.samples):
-            _synchronize(x.device)
-            t0 = time.perf_counter()
-            xr = x.detach().requires_grad_(True)
-            out = layer(
-                xr, mode=cand.mode, overlap_degree=cand.overlap,
-                routing_context=RoutingContext(recomputing=True),
-            )  # fmt: skip
-            torch.autograd.grad(out, [xr, *params], grad, allow_unused=True)
-            _synchronize(x.device)
-            if i >= self.config.warmup:
-                times.append(time.perf_counter() - t0)
+        self._rounds(layer, cands, c.warmup, {})
+        samples: dict[Candidate, list[float]] = {}
+        self._rounds(layer, cands, c.samples, samples)
+        measured = self._max_medians([samples.get(k, [0.0]) for k in cands])
+        best = min(measured, default=0.0)
+        close = [k for k, m in zip(cands, measured, strict=True) if m <= best * (1 + c.refine)]
+        if c.refine and len(close) > 1:  # the same set on every rank: `measured` is reduced
+            self._rounds(layer, close, c.samples, samples)
+            again = self._max_medians([samples[k] for k in close])
+            for k, m in zip(close, again, strict=True):
+                measured[cands.index(k)] = m
         torch.set_rng_state(rng)
-        return statistics.median(times)
+        return measured
+
+    def _max_medians(self, samples: list[list[float]]) -> list[float]:
+        medians = torch.tensor([statistics.median(s) for s in samples], dtype=torch.float64)
+        dist.all_reduce(medians, op=dist.ReduceOp.MAX, group=self.ctx.world_group)
+        return medians.tolist()
 
     def _tune(self, name: str, layer: MoELayer, step: int, tokens: float, rho: float) -> dict:
         shape = self._shape(layer, tokens, rho)
@@ -277,11 +319,10 @@ class RuntimeTuner:
         skipped = {k.label(): why for k, why in zip(cands, why_not, strict=True) if why}
         if id(layer) not in self.inputs or not runnable:
             runnable = []
-        measured = torch.tensor([self._time(layer, k) for k in runnable], dtype=torch.float64)
-        dist.all_reduce(measured, op=dist.ReduceOp.MAX, group=self.ctx.world_group)
+        measured = self._measure(layer, runnable) if runnable else []
         record = [None]
         if self.ctx.rank == 0:
-            record[0] = _decide(name, step, shape, runnable, measured.tolist(), predicted, skipped)
+            record[0] = _decide(name, step, shape, runnable, measured, predicted, skipped)
         dist.broadcast_object_list(record, src=0, group=self.ctx.world_group)
         return record[0]
 
@@ -311,6 +352,7 @@ def _decide(name, step, shape, runnable, measured, predicted, skipped) -> dict:
         "imbalance": round(shape.imbalance, 3),
         "mode": choice.mode,
         "overlap": choice.overlap,
+        "two_level": choice.two_level,
         "choice": choice.label(),
         "reason": reason,
         "measured_ms": times,
@@ -331,6 +373,12 @@ def _group_imbalance(layer: MoELayer, counts_E: torch.Tensor) -> float:
     ]
     mean = sum(loads) / len(loads)
     return max(loads) / mean if mean > 0 else 1.0
+
+
+def _ranks_per_node(layer: MoELayer) -> int:
+    """The node size the layer's all-to-alls see: its two-level exchange's, else one node."""
+    two_level = layer.expert_dispatch.two_level_exchange
+    return layer.layout.group_size if two_level is None else two_level.ranks_per_node
 
 
 def _synchronize(device: torch.device) -> None:

@@ -108,7 +108,7 @@ def build_model(
     dispatch = DispatchConfig(  # "auto": the tuner's reference candidate until it decides
         mode="ep" if p.mode == "auto" else p.mode,
         overlap_degree=1 if p.overlap_degree == "auto" else p.overlap_degree,
-        two_level=p.two_level,
+        two_level=p.two_level is True,
         ranks_per_node=p.ranks_per_node,
     )
     replicas = cfg.placement.replica_slots  # validated against parallel.ep by RunConfig

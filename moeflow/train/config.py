@@ -146,11 +146,12 @@ class ParallelConfig:
     (`ep`: tokens to their experts; `sharded`: tokens to every slice of their expert; `dp`: the
     experts gathered to the tokens; see `moeflow.moe.expert_dispatch`). `overlap_degree`: chunks
     of the pipelined all-to-all; `two_level` with `ranks_per_node` (default: torchrun's
-    LOCAL_WORLD_SIZE) for multi-node runs. `mode = "auto"` and/or `overlap_degree = "auto"`: the
-    runtime tuner (`[tuner]`, `moeflow.parallel.tuner`) measures the candidates while training and
-    chooses per MoE layer. `overlap_grad_sync`: gradient buckets are all-reduced
-    from backward hooks as soon as they are ready, overlapping the rest of the backward
-    (`GradSync(overlap=True)`); false: after the backward."""
+    LOCAL_WORLD_SIZE): the all-to-all within nodes first, then across them, for multi-node runs.
+    `mode`, `overlap_degree` and/or `two_level` = "auto": the runtime tuner (`[tuner]`,
+    `moeflow.parallel.tuner`) measures the candidates while training and chooses per MoE layer
+    (two-level only where the nodes split the expert group). `overlap_grad_sync`: gradient
+    buckets are all-reduced from backward hooks as soon as they are ready, overlapping the rest
+    of the backward (`GradSync(overlap=True)`); false: after the backward."""
 
     ep: int = 1
     dp: int | None = None
@@ -158,7 +159,7 @@ class ParallelConfig:
     mode: str = "ep"
     overlap_degree: int | str = 1
     overlap_grad_sync: bool = True
-    two_level: bool = False
+    two_level: bool | str = False
     ranks_per_node: int | None = None
 
     def __post_init__(self) -> None:
@@ -166,6 +167,10 @@ class ParallelConfig:
         if self.overlap_degree != "auto":
             check_int("parallel.overlap_degree", self.overlap_degree)
         check_choice("parallel.mode", self.mode, (*MODES, "auto"))
+        if not isinstance(self.two_level, bool) and self.two_level != "auto":
+            raise ValueError(
+                f'parallel.two_level ({self.two_level!r}) must be true, false or "auto"'
+            )
         if self.dp is not None:
             check_int("parallel.dp", self.dp)
         if self.ranks_per_node is not None:

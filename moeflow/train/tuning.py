@@ -24,17 +24,18 @@ from moeflow.train.config import RunConfig
 def build_tuner(
     cfg: RunConfig, ctx: ParallelContext, model: nn.Module, out_dir: Path, device: torch.device
 ) -> RuntimeTuner | None:
-    """The runtime tuner when `parallel.mode` or `parallel.overlap_degree` is "auto" (and there
-    is an expert group to tune for), on the cost model calibrated on this run's groups
+    """The runtime tuner when `parallel.mode`, `overlap_degree` or `two_level` is "auto" (and
+    there is an expert group to tune for), on the cost model calibrated on this run's groups
     (`<out_dir>/calibration.json`, measured once). Collective when it calibrates."""
     p, moe = cfg.parallel, cfg.model.moe
-    if (p.mode != "auto" and p.overlap_degree != "auto") or ctx.dims.ep == 1:
+    if "auto" not in (p.mode, p.overlap_degree, p.two_level) or ctx.dims.ep == 1:
         return None
     hw, _ = load_or_calibrate(ctx, out_dir, moe.hidden_size, moe.ffn_hidden_size, device=device)
     return RuntimeTuner(
         model, ctx, hw, cfg.tuner,
         mode=None if p.mode == "auto" else p.mode,
         overlap=None if p.overlap_degree == "auto" else p.overlap_degree,
+        two_level=None if p.two_level == "auto" else p.two_level,
     )  # fmt: skip
 
 
