@@ -123,3 +123,37 @@ def test_bad_tuner_settings_name_the_field():
         RunConfig.from_dict({"parallel": {"overlap_degree": "many"}})
     with pytest.raises(ValueError, match=r"parallel\.mode \('fast'\) must be one of"):
         RunConfig.from_dict({"parallel": {"mode": "fast"}})
+
+
+def test_a_replacement_re_tunes_the_layer():
+    """The layout is part of the situation: the same tokens and loads after a re-placement are
+    measured again; back on a layout measured before, its decision is reused."""
+    import torch
+
+    from moeflow import MoEConfig, MoELayer
+    from moeflow.parallel import ParallelDims, parallelize
+    from moeflow.parallel.cost_model import PRESETS
+
+    runtime = init_distributed(60)
+    try:
+        ctx = ParallelDims().build()
+        layer = parallelize(
+            MoELayer(MoEConfig(hidden_size=8, num_experts=4, ffn_hidden_size=8)), ctx
+        )
+        tuner = tuner_module.RuntimeTuner(
+            layer,
+            ctx,
+            PRESETS["h100"],
+            tuner_module.TunerConfig(samples=1, warmup=0, first_check=1, check_every=1),
+        )
+        x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+        decided = []
+        for step, slots in enumerate([(0, 1, 2, 3), (0, 1, 2, 3), (3, 2, 1, 0), (0, 1, 2, 3)], 1):
+            if layer.layout.slots != slots:
+                layer.set_layout(layer.layout.with_slots(list(slots)))
+            layer(x).sum().backward()
+            decided.append(len(tuner.after_step(step)))
+        tuner.close()
+        assert decided == [1, 0, 1, 0] and len(tuner.cache) == 2
+    finally:
+        shutdown(runtime)
