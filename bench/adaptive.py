@@ -135,6 +135,8 @@ def main() -> None:
                 f"{default / ms['auto']:>13.2f}  {r['record']['choice']:<10}{r['tuning_s']:>7.2f}"
             )
             summary.append((world, r, best))
+            if ms["auto"] > 1.05 * fixed[best]:
+                print(f"{'':>18}the tuner measured (ms): {r['record']['measured_ms']}")
     errors: dict[str, list[float]] = {}
     for _, r, _ in summary:
         for label, predicted in r["record"]["predicted_ms"].items():

@@ -60,13 +60,15 @@ def parse_args() -> argparse.Namespace:
 
 def timed_interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, float]:
     """Median over repeats of the slowest rank's time, the contenders interleaved within each
-    repeat so that drift of the machine hits them all alike."""
+    repeat so that drift of the machine hits them all alike; repeat r starts at contender r, so
+    none always runs right after the same one."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    order = list(fns.items())
+    for r in range(repeats):
+        for name, fn in order[r % len(order) :] + order[: r % len(order)]:
             dist.barrier()
             t0 = time.perf_counter()
             fn()

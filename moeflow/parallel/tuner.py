@@ -18,7 +18,8 @@ Schedule, after an optimizer step, on every rank (collective over the world grou
 4. Timing: the surviving candidates replay the layer's last training input, forward + backward
    (`torch.autograd.grad`, so no `.grad` changes; RNG state restored; as an activation-checkpoint
    recomputation, so no statistics change), in rounds that run every candidate once, in the same
-   order on every rank (so a drift of the machine's speed hits them alike): `warmup` rounds
+   order on every rank (so a drift of the machine's speed hits them alike; each round starts one
+   candidate later, so none always follows the same one): `warmup` rounds
    untimed, then `samples` timed; the medians are maxed over ranks (one all-reduce). The
    candidates within `refine` of the best are timed `samples` rounds more and their medians over
    all their samples maxed again (one all-reduce): close calls get more evidence.
@@ -283,9 +284,11 @@ class RuntimeTuner:
         return time.perf_counter() - t0
 
     def _rounds(self, layer: MoELayer, cands: list[Candidate], rounds: int, samples: dict) -> None:
-        """`rounds` rounds of one replay per candidate, in order, appended to `samples`."""
-        for _ in range(rounds):
-            for k in cands:
+        """`rounds` rounds of one replay per candidate, appended to `samples`; round r starts at
+        candidate r (mod their number), so none always runs after the same one (a `dp` gather
+        before a candidate slows it down on CPUs)."""
+        for r in range(rounds):
+            for k in cands[r % len(cands) :] + cands[: r % len(cands)]:
                 samples.setdefault(k, []).append(self._time(layer, k))
 
     def _measure(self, layer: MoELayer, cands: list[Candidate]) -> list[float]:
