@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -60,15 +61,18 @@ def parse_args() -> argparse.Namespace:
 
 def timed_interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, float]:
     """Median over repeats of the slowest rank's time, the contenders interleaved within each
-    repeat so that drift of the machine hits them all alike; repeat r starts at contender r, so
-    none always runs right after the same one."""
+    repeat so that drift of the machine hits them all alike, in a new random order each repeat
+    (the same on every rank), so none always runs right after the same one (after a `dp` weight
+    gather, the next call is slower on CPUs)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    order = list(fns.items())
-    for r in range(repeats):
-        for name, fn in order[r % len(order) :] + order[: r % len(order)]:
+    shuffle = random.Random(0).shuffle
+    for _ in range(repeats):
+        order = list(fns.items())
+        shuffle(order)
+        for name, fn in order:
             dist.barrier()
             t0 = time.perf_counter()
             fn()

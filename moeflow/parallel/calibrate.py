@@ -4,7 +4,8 @@ at start-up, cached as JSON in the output directory.
 Schedule (collective over the world group; every rank runs every step in the same order):
 1. GEMM: `[r, D] @ [D, F]` at two row counts, timed `repeats` times on every rank; the medians,
    maxed over ranks (one all-reduce), fit `t(r) = flops(r) * (r + half_rows) / (r * rate)`.
-2. All-to-all over the expert group at two sizes (equal splits), timed and maxed alike; a line
+2. All-to-all over the expert group at two sizes (equal splits), timed in batches of
+   back-to-back calls (so a rank is not charged for waiting on a late peer) and maxed alike; a line
    `t(m) = alpha + m * (G - 1) / G / bandwidth` through the two points gives the link figures.
 3. The same for an all-gather over the expert group (a ring: `(G - 1) * (alpha + w / bandwidth)`).
 
@@ -42,13 +43,16 @@ from moeflow.parallel.dims import ParallelContext
 FILE = "calibration.json"
 
 
-def _timed(fn, repeats: int) -> float:
+def _timed(fn, repeats: int, batch: int = 1) -> float:
+    """Median over `repeats` of the mean time of `batch` back-to-back calls (a collective timed
+    in a batch is not charged for the ranks arriving at different times)."""
     fn()  # warm-up
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+        for _ in range(batch):
+            fn()
+        times.append((time.perf_counter() - t0) / batch)
     return statistics.median(times)
 
 
@@ -92,8 +96,8 @@ def calibrate(
             x = torch.empty(max(nbytes // size, 1), dtype=dtype, device=device)
             return lambda: all_gather_rows(x, group)
 
-        a2a = [_timed(a2a_of(m), repeats) for m in (small, large)]
-        gather = [_timed(gather_of(m // g), repeats) for m in (small, large)]
+        a2a = [_timed(a2a_of(m), repeats, batch) for m, batch in ((small, 20), (large, 2))]
+        gather = [_timed(gather_of(m // g), repeats, b) for m, b in ((small, 20), (large, 2))]
     gemm_a, gemm_b, a2a_a, a2a_b, g_a, g_b = _max_over(ctx, [*gemm, *a2a, *gather])
     flops = [2.0 * r * hidden * ffn for r in rows]
     # t(r) = flops(r) / rate + flops_per_row * half_rows / rate: a line in r.

@@ -18,8 +18,8 @@ Schedule, after an optimizer step, on every rank (collective over the world grou
 4. Timing: the surviving candidates replay the layer's last training input, forward + backward
    (`torch.autograd.grad`, so no `.grad` changes; RNG state restored; as an activation-checkpoint
    recomputation, so no statistics change), in rounds that run every candidate once, in the same
-   order on every rank (so a drift of the machine's speed hits them alike; each round starts one
-   candidate later, so none always follows the same one): `warmup` rounds
+   order on every rank (so a drift of the machine's speed hits them alike; a new random order
+   each round, so none always follows the same one): `warmup` rounds
    untimed, then `samples` timed; the medians are maxed over ranks (one all-reduce). The
    candidates within `refine` of the best are timed `samples` rounds more and their medians over
    all their samples maxed again (one all-reduce): close calls get more evidence.
@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import statistics
 import time
 from dataclasses import dataclass
@@ -132,6 +133,7 @@ class RuntimeTuner:
         self.inputs: dict[int, torch.Tensor] = {}
         self.keys: dict[str, tuple] = {}
         self.tuning_seconds = 0.0
+        self._round = 0  # timing rounds so far: seeds each round's order, alike on every rank
         self._hooks = [
             layer.register_forward_pre_hook(self._keep_input, with_kwargs=True)
             for _, layer in self.layers
@@ -284,11 +286,14 @@ class RuntimeTuner:
         return time.perf_counter() - t0
 
     def _rounds(self, layer: MoELayer, cands: list[Candidate], rounds: int, samples: dict) -> None:
-        """`rounds` rounds of one replay per candidate, appended to `samples`; round r starts at
-        candidate r (mod their number), so none always runs after the same one (a `dp` gather
-        before a candidate slows it down on CPUs)."""
-        for r in range(rounds):
-            for k in cands[r % len(cands) :] + cands[: r % len(cands)]:
+        """`rounds` rounds of one replay per candidate, appended to `samples`, each round in a
+        new random order that is the same on every rank (seeded by the round), so none always
+        runs right after the same one (a `dp` gather before a candidate slows it on CPUs)."""
+        for _ in range(rounds):
+            order = list(cands)
+            self._round += 1
+            random.Random(self._round).shuffle(order)
+            for k in order:
                 samples.setdefault(k, []).append(self._time(layer, k))
 
     def _measure(self, layer: MoELayer, cands: list[Candidate]) -> list[float]:
