@@ -125,35 +125,44 @@ def test_bad_tuner_settings_name_the_field():
         RunConfig.from_dict({"parallel": {"mode": "fast"}})
 
 
-def test_a_replacement_re_tunes_the_layer():
-    """The layout is part of the situation: the same tokens and loads after a re-placement are
-    measured again; back on a layout measured before, its decision is reused."""
+def _replacement(rank, world):
     import torch
 
-    from moeflow import MoEConfig, MoELayer
+    from moeflow import MoEConfig, MoELayer, RouterConfig
     from moeflow.parallel import ParallelDims, parallelize
     from moeflow.parallel.cost_model import PRESETS
 
     runtime = init_distributed(60)
     try:
-        ctx = ParallelDims().build()
-        layer = parallelize(
-            MoELayer(MoEConfig(hidden_size=8, num_experts=4, ffn_hidden_size=8)), ctx
+        ctx = ParallelDims(ep=world).build()
+        cfg = MoEConfig(
+            hidden_size=8, num_experts=4, ffn_hidden_size=8, router=RouterConfig(top_k=1)
         )
-        tuner = tuner_module.RuntimeTuner(
-            layer,
-            ctx,
-            PRESETS["h100"],
-            tuner_module.TunerConfig(samples=1, warmup=0, first_check=1, check_every=1),
-        )
-        x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
-        decided = []
+        torch.manual_seed(0)
+        layer = parallelize(MoELayer(cfg), ctx)
+        settings = tuner_module.TunerConfig(samples=1, warmup=0, first_check=1, check_every=1)
+        tuner = tuner_module.RuntimeTuner(layer, ctx, PRESETS["h100"], settings)
+        # Rank 0's tokens choose expert 0, rank 1's expert 3.
+        row = layer.router.weight.detach()[3 * rank]
+        x = torch.randn(16, 8, generator=torch.Generator().manual_seed(rank)) * 0.01 + row * 10
+        decided, keys = [], []
         for step, slots in enumerate([(0, 1, 2, 3), (0, 1, 2, 3), (3, 2, 1, 0), (0, 1, 2, 3)], 1):
-            if layer.layout.slots != slots:
+            if layer.layout.slots != slots:  # a re-placement (the weights stay: not compared)
                 layer.set_layout(layer.layout.with_slots(list(slots)))
             layer(x).sum().backward()
             decided.append(len(tuner.after_step(step)))
+            keys.append(next(iter(tuner.keys.values())))
         tuner.close()
-        assert decided == [1, 0, 1, 0] and len(tuner.cache) == 2
+        return decided, keys
     finally:
         shutdown(runtime)
+
+
+def test_a_replacement_re_tunes_the_layer():
+    """A re-placement that moves the traffic off the ranks' shard groups re-tunes the layer; back
+    on the first layout, its decision is reused."""
+    results = run_on_ranks(_replacement, 2)
+    decided, keys = results[0]
+    assert results[1] == results[0]
+    assert decided == [1, 0, 1, 0], keys
+    assert keys[0][2] == 0 and keys[2][2] == 4  # off-group share 0, then 1 (buckets of 0.25)

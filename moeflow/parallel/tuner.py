@@ -5,9 +5,11 @@ Legend: T tokens per rank, rho max/mean load over the ranks (shard groups) that 
 
 Schedule, after an optimizer step, on every rank (collective over the world group):
 1. At step `first_check`, then every `check_every` steps: one all-reduce (max) of each layer's T
-   and one (sum) of its kept tokens per expert give the layer's situation key: (T bucket, rho
-   bucket over the current layout's shard groups, the layout's slots, so a re-placement
-   re-tunes). A key seen before reuses its decision: nothing else runs.
+   and its share of routed pairs bound off the rank's shard group, and one (sum) of its kept
+   tokens per expert give the layer's situation key: (T bucket, rho bucket over the current
+   layout's shard groups, off-group share bucket; so a re-placement re-tunes when it moves the
+   loads or the traffic beyond a bucket). A key seen before reuses its decision: nothing else
+   runs.
 2. A new key: the candidates (`cost_model.candidates`, limited to the configured mode, overlap and
    all-to-all when they are fixed; two-level only where the layer has one) are predicted by the
    cost model and pruned to those within `prune` times the best prediction (the default, `ep`
@@ -64,6 +66,7 @@ from moeflow.moe.routing_context import RoutingContext
 from moeflow.moe.walk import moe_layers
 from moeflow.parallel.cost_model import Candidate, Hardware, LayerShape, candidates, predict
 from moeflow.parallel.dims import ParallelContext
+from moeflow.parallel.situation import group_imbalance, off_group_share, situation_key
 from moeflow.utils.validate import check_int
 
 
@@ -75,7 +78,8 @@ class TunerConfig:
     again (0: never); `overlaps`: the overlap degrees to consider; `first_check`: the step of the
     first situation check (the first steps run the default); `check_every`: steps between
     situation checks; `token_bucket`: tokens per rank are bucketed by powers of this ratio;
-    `imbalance_step`: max/mean load buckets; `memory_limit_mb`: transient memory a rank may
+    `imbalance_step`: max/mean load buckets; `traffic_step`: buckets of the share of pairs
+    leaving the rank's shard group; `memory_limit_mb`: transient memory a rank may
     spend on gathered weights (0: the device's free memory on GPUs, no limit on CPUs)."""
 
     samples: int = 3
@@ -88,6 +92,7 @@ class TunerConfig:
     check_every: int = 10
     token_bucket: float = 2.0
     imbalance_step: float = 0.5
+    traffic_step: float = 0.25
     memory_limit_mb: float = 0.0
 
     def __post_init__(self) -> None:
@@ -104,8 +109,9 @@ class TunerConfig:
             raise ValueError(f"tuner.prune ({self.prune!r}) must be >= 1")
         if not self.token_bucket > 1.0:
             raise ValueError(f"tuner.token_bucket ({self.token_bucket!r}) must be > 1")
-        if not self.imbalance_step > 0:
-            raise ValueError(f"tuner.imbalance_step ({self.imbalance_step!r}) must be > 0")
+        for name in ("imbalance_step", "traffic_step"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"tuner.{name} ({getattr(self, name)!r}) must be > 0")
         if not self.memory_limit_mb >= 0:
             raise ValueError(f"tuner.memory_limit_mb ({self.memory_limit_mb!r}) must be >= 0")
 
@@ -150,37 +156,32 @@ class RuntimeTuner:
             self.inputs[id(layer)] = args[0].detach()
 
     # -- step 1 ----------------------------------------------------------------------------------
-    def _situations(self) -> list[tuple[float, float]]:
-        """(T max over ranks, rho) of every layer from its last forward (two all-reduces)."""
-        tokens, counts = [], []
+    def _situations(self) -> list[tuple[float, float, float]]:
+        """(T, rho, off-group share) of every layer from its last forward, T and the share maxed
+        over ranks (two all-reduces)."""
+        local, counts = [], []
         for _, layer in self.layers:
             x = self.inputs.get(id(layer))
-            tokens.append(0.0 if x is None else float(x.numel() // x.shape[-1]))
             stats = layer.last_stats
             e = layer.config.num_experts
-            counts.append(
+            mine = (
                 torch.zeros(e, dtype=torch.float64)
                 if stats is None
                 else stats.tokens_per_expert.detach().to("cpu", torch.float64)
             )
-        t = torch.tensor(tokens, dtype=torch.float64)
+            tokens = 0.0 if x is None else float(x.numel() // x.shape[-1])
+            local.append([tokens, off_group_share(layer.layout, mine, self.ctx.ep_index)])
+            counts.append(mine)
+        mx = torch.tensor(local, dtype=torch.float64)
         flat = torch.cat(counts)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.ctx.world_group)
+        dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=self.ctx.world_group)
         dist.all_reduce(flat, group=self.ctx.world_group)
         out, offset = [], 0
-        for (_, layer), tok in zip(self.layers, t.tolist(), strict=True):
+        for (_, layer), (tok, off) in zip(self.layers, mx.tolist(), strict=True):
             e = layer.config.num_experts
-            out.append((tok, _group_imbalance(layer, flat[offset : offset + e])))
+            out.append((tok, group_imbalance(layer.layout, flat[offset : offset + e]), off))
             offset += e
         return out
-
-    def _key(self, layer: MoELayer, tokens: float, rho: float) -> tuple:
-        """The situation a decision holds for: the tokens-per-rank bucket (powers of
-        `token_bucket`), the load bucket (`imbalance_step` wide) and the layout's slots (a
-        re-placement re-tunes)."""
-        c = self.config
-        bucket = math.floor(math.log(max(tokens, 1.0), c.token_bucket) + 1e-9)
-        return (bucket, math.floor(rho / c.imbalance_step + 1e-9), layer.layout.slots)
 
     # -- steps 2-5 -------------------------------------------------------------------------------
     def after_step(self, step: int) -> list[dict]:
@@ -190,8 +191,8 @@ class RuntimeTuner:
             return []
         start = time.perf_counter()
         records = []
-        for (name, layer), (tokens, rho) in zip(self.layers, self._situations(), strict=True):
-            key = self._key(layer, tokens, rho)
+        for (name, layer), (tokens, rho, off) in zip(self.layers, self._situations(), strict=True):
+            key = situation_key(self.config, tokens, rho, off)
             if (name, key) in self.cache:
                 if self.keys.get(name) != key:
                     self._apply(layer, self.cache[(name, key)])
@@ -368,19 +369,6 @@ def _decide(name, step, shape, runnable, measured, predicted, skipped) -> dict:
         "prediction_error": errors,
         "skipped": skipped,
     }
-
-
-def _group_imbalance(layer: MoELayer, counts_E: torch.Tensor) -> float:
-    """max/mean load over the shard groups of the layer's layout (replicas split their expert's
-    load evenly)."""
-    lay = layer.layout
-    copies = lay.copies()
-    loads = [
-        sum(float(counts_E[e]) / copies[e] for e in lay.group_experts(v))
-        for v in range(lay.num_groups)
-    ]
-    mean = sum(loads) / len(loads)
-    return max(loads) / mean if mean > 0 else 1.0
 
 
 def _ranks_per_node(layer: MoELayer) -> int:
