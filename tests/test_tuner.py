@@ -165,4 +165,4 @@ def test_a_replacement_re_tunes_the_layer():
     decided, keys = results[0]
     assert results[1] == results[0]
     assert decided == [1, 0, 1, 0], keys
-    assert keys[0][2] == 0 and keys[2][2] == 4  # off-group share 0, then 1 (buckets of 0.25)
+    assert keys[0][2] == 0.0 and keys[2][2] == 1.0  # off-group share: none, then all

@@ -3,17 +3,23 @@
 Legend: T tokens per rank, rho max/mean load over the shard groups of the layout, off the share of
 a rank's kept pairs whose expert has no copy in the rank's shard group.
 
-A decision holds for a (T bucket, rho bucket, off bucket) key: T in powers of `token_bucket`, rho
-in steps of `imbalance_step`, off in steps of `traffic_step` (`TunerConfig`). A re-placement
-changes rho and off, so it re-tunes a layer when it moves either into a bucket not measured yet;
-one that barely moves them reuses the decision.
+A decision measured in situation (T0, rho0, off0) holds for every (T, rho, off) with T within a
+factor `token_bucket` of T0, rho within `imbalance_step` of rho0 and off within `traffic_step` of
+off0 (`TunerConfig`); of several such, the nearest. Thresholds around measured points, not fixed
+buckets: a load that wanders across a bucket edge and back costs no second measurement. A
+re-placement changes rho and off, so it re-tunes a layer only when it moves either that far.
 
 Example:
     >>> from moeflow.moe.layout import ExpertLayout
+    >>> from moeflow.parallel.tuner import TunerConfig
     >>> lay = ExpertLayout.canonical(num_experts=4, ffn_hidden_size=8, group_size=2)
     >>> counts = torch.tensor([6.0, 2.0, 1.0, 1.0])  # rank 0 holds experts 0 and 1
     >>> group_imbalance(lay, counts), off_group_share(lay, counts, 0)
     (1.6, 0.2)
+    >>> nearest(TunerConfig(), [(1024, 1.5, 0.5), (1024, 1.0, 0.5)], (1100, 1.3, 0.4))
+    (1024, 1.5, 0.5)
+    >>> nearest(TunerConfig(), [(1024, 1.5, 0.5)], (4096, 1.5, 0.5)) is None
+    True
 """
 
 from __future__ import annotations
@@ -24,15 +30,21 @@ import torch
 
 from moeflow.moe.layout import ExpertLayout
 
+Situation = tuple[float, float, float]  # (T, rho, off)
 
-def situation_key(config, tokens: float, rho: float, off: float) -> tuple[int, int, int]:
-    """The buckets of (T, rho, off) under `config` (a `TunerConfig`)."""
-    bucket = math.floor(math.log(max(tokens, 1.0), config.token_bucket) + 1e-9)
-    return (
-        bucket,
-        math.floor(rho / config.imbalance_step + 1e-9),
-        math.floor(off / config.traffic_step + 1e-9),
-    )
+
+def nearest(config, measured: list[Situation], now: Situation) -> Situation | None:
+    """The measured situation nearest to `now` whose decision holds for it (None: measure)."""
+    best, best_d = None, math.inf
+    for seen in measured:
+        parts = (
+            abs(math.log(max(now[0], 1.0) / max(seen[0], 1.0))) / math.log(config.token_bucket),
+            abs(now[1] - seen[1]) / config.imbalance_step,
+            abs(now[2] - seen[2]) / config.traffic_step,
+        )
+        if max(parts) < 1.0 and sum(parts) < best_d:
+            best, best_d = seen, sum(parts)
+    return best
 
 
 def off_group_share(lay: ExpertLayout, counts_E: torch.Tensor, rank: int) -> float:

@@ -6,10 +6,10 @@ Legend: T tokens per rank, rho max/mean load over the ranks (shard groups) that 
 Schedule, after an optimizer step, on every rank (collective over the world group):
 1. At step `first_check`, then every `check_every` steps: one all-reduce (max) of each layer's T
    and its share of routed pairs bound off the rank's shard group, and one (sum) of its kept
-   tokens per expert give the layer's situation key: (T bucket, rho bucket over the current
-   layout's shard groups, off-group share bucket; so a re-placement re-tunes when it moves the
-   loads or the traffic beyond a bucket). A key seen before reuses its decision: nothing else
-   runs.
+   tokens per expert give the layer's situation (T, rho over the current layout's shard groups,
+   off-group share; see `moeflow.parallel.situation`). Within the thresholds of a situation
+   measured before, its decision is reused and nothing else runs (a re-placement re-tunes only
+   when it moves the loads or the traffic beyond them).
 2. A new key: the candidates (`cost_model.candidates`, limited to the configured mode, overlap and
    all-to-all when they are fixed; two-level only where the layer has one) are predicted by the
    cost model and pruned to those within `prune` times the best prediction (the default, `ep`
@@ -66,7 +66,7 @@ from moeflow.moe.routing_context import RoutingContext
 from moeflow.moe.walk import moe_layers
 from moeflow.parallel.cost_model import Candidate, Hardware, LayerShape, candidates, predict
 from moeflow.parallel.dims import ParallelContext
-from moeflow.parallel.situation import group_imbalance, off_group_share, situation_key
+from moeflow.parallel.situation import group_imbalance, nearest, off_group_share
 from moeflow.utils.validate import check_int
 
 
@@ -77,10 +77,11 @@ class TunerConfig:
     `max_candidates`; `refine`: candidates measured within this fraction of the best are timed
     again (0: never); `overlaps`: the overlap degrees to consider; `first_check`: the step of the
     first situation check (the first steps run the default); `check_every`: steps between
-    situation checks; `token_bucket`: tokens per rank are bucketed by powers of this ratio;
-    `imbalance_step`: max/mean load buckets; `traffic_step`: buckets of the share of pairs
-    leaving the rank's shard group; `memory_limit_mb`: transient memory a rank may
-    spend on gathered weights (0: the device's free memory on GPUs, no limit on CPUs)."""
+    situation checks; `token_bucket`, `imbalance_step`, `traffic_step`: a decision holds while
+    the tokens per rank stay within this factor, the max/mean load and the share of pairs
+    leaving the rank's shard group within these distances of where it was measured;
+    `memory_limit_mb`: transient memory a rank may spend on gathered weights (0: the device's
+    free memory on GPUs, no limit on CPUs)."""
 
     samples: int = 3
     warmup: int = 1
@@ -191,13 +192,15 @@ class RuntimeTuner:
             return []
         start = time.perf_counter()
         records = []
-        for (name, layer), (tokens, rho, off) in zip(self.layers, self._situations(), strict=True):
-            key = situation_key(self.config, tokens, rho, off)
-            if (name, key) in self.cache:
-                if self.keys.get(name) != key:
-                    self._apply(layer, self.cache[(name, key)])
-                    self.keys[name] = key
+        for (name, layer), now in zip(self.layers, self._situations(), strict=True):
+            tokens, rho, _ = now
+            seen = nearest(c, [k for n, k in self.cache if n == name], now)
+            if seen is not None:
+                if self.keys.get(name) != seen:
+                    self._apply(layer, self.cache[(name, seen)])
+                    self.keys[name] = seen
                 continue
+            key = now
             record = self._tune(name, layer, step, tokens, rho)
             self.cache[(name, key)] = record
             self.keys[name] = key
