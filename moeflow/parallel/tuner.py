@@ -84,12 +84,12 @@ class TunerConfig:
     free memory on GPUs, no limit on CPUs)."""
 
     samples: int = 3
-    warmup: int = 1
+    warmup: int = 0  # the median of 3 already discards a first call's outlier
     refine: float = 0.1
     prune: float = 2.0
     max_candidates: int = 6
     overlaps: tuple[int, ...] = (1, 2, 4)
-    first_check: int = 10
+    first_check: int = 50  # routing is still settling in the first steps
     check_every: int = 10
     token_bucket: float = 2.0
     imbalance_step: float = 0.5
