@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import platform
 import random
@@ -59,14 +60,24 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def timed_interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, float]:
+def timed_interleaved(
+    fns: dict, repeats: int, warmup: int, min_seconds: float = 0.0
+) -> dict[str, float]:
     """Median over repeats of the slowest rank's time, the contenders interleaved within each
     repeat so that drift of the machine hits them all alike, in a new random order each repeat
     (the same on every rank), so none always runs right after the same one (after a `dp` weight
-    gather, the next call is slower on CPUs)."""
-    for _ in range(warmup):
+    gather, the next call is slower on CPUs). With `min_seconds`, short contenders get more
+    repeats: enough that the slowest one runs for `min_seconds` (the same count on every rank)."""
+    slowest = 0.0
+    for _ in range(max(warmup, 1 if min_seconds else 0)):
         for fn in fns.values():
+            t0 = time.perf_counter()
             fn()
+            slowest = max(slowest, time.perf_counter() - t0)
+    if min_seconds:
+        t = torch.tensor([slowest], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        repeats = max(repeats, math.ceil(min_seconds / max(t.item(), 1e-6)))
     times: dict[str, list[float]] = {name: [] for name in fns}
     shuffle = random.Random(0).shuffle
     for _ in range(repeats):
