@@ -121,7 +121,8 @@ def bench_rank(rank: int, world: int, port: int, args, queue) -> None:
 
 def main() -> None:
     args = parse_args()
-    print(machine_line(args, ", interleaved | default = ep, overlap 1"))
+    extra = f" (at least {args.min_seconds:g} s each)" if args.min_seconds else ""
+    print(machine_line(args, f"{extra}, interleaved | default = ep, overlap 1"))
     summary = []
     for world in args.ranks:
         hw, rows = spawn_ranks(bench_rank, world, args)
