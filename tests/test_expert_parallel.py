@@ -65,6 +65,8 @@ def check_case(ctx, case: dict, shards: list[int]) -> None:
         hidden_size=D,
         num_experts=E,
         ffn_hidden_size=12,
+        shared_expert_ffn_hidden_size=case.get("shared", 0),
+        shared_expert_gate=case.get("shared_gate", False),
         router=RouterConfig(
             top_k=case["top_k"],
             capacity_factor=case.get("capacity_factor"),
@@ -99,7 +101,9 @@ def check_case(ctx, case: dict, shards: list[int]) -> None:
     tol = {"rtol": 1e-9, "atol": 1e-11}
     torch.testing.assert_close(out, ref_out[rank], **tol, msg=lambda m: f"{case} output: {m}")
     torch.testing.assert_close(x.grad, world * ref_x[rank].grad, **tol)
-    for name in ("pre.weight", "post.weight", "moe1.router.weight", "moe2.router.weight"):
+    dense = ["pre.weight", "post.weight", "moe1.router.weight", "moe2.router.weight"]
+    dense += [n for n, _ in par.named_parameters() if ".shared_expert." in n]
+    for name in dense:
         torch.testing.assert_close(
             par.get_parameter(name).grad,
             ref.get_parameter(name).grad,
@@ -129,6 +133,9 @@ CASES = [
     # gradients are summed by GradSync, so each equals the expert's single-process gradient.
     {"top_k": 2, "replicas": 1},
     {"top_k": 2, "replicas": 2, "overlap": 2, "capacity_factor": 1.25},
+    # Shared experts (dense, beside the routed ones), computed while the tokens travel.
+    {"top_k": 2, "shared": 10, "overlap": 2},
+    {"top_k": 1, "shared": 6, "shared_gate": True, "capacity_factor": 1.0},
 ]
 
 

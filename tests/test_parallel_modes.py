@@ -75,6 +75,8 @@ def check_case(ctx, case: dict, shards: list[int]) -> int:
     cfg = MoEConfig(
         hidden_size=D, num_experts=experts, ffn_hidden_size=F, activation=case.get("act", "swiglu"),
         router=router(case["router"], k, **extra),
+        shared_expert_ffn_hidden_size=case.get("shared", 0),
+        shared_expert_gate=case.get("shared_gate", False),
     )  # fmt: skip
     gen = torch.Generator().manual_seed(100)
     xs = [torch.randn(n, D, dtype=torch.float64, generator=gen) for n in shards]
@@ -168,6 +170,8 @@ CASES = [
     # two-level all-to-all (nodes of 2 ranks) wherever tokens travel
     {"experts": whole, "router": "topk", "k": 2, "two_level": True, "overlap": 2},
     {"experts": sliced, "router": "moepp", "k": 2, "two_level": True, "capacity": 1.0},
+    # shared experts beside the routed ones, in every mode
+    {"experts": sliced, "router": "topk", "k": 2, "shared": 8, "shared_gate": True, "overlap": 2},
 ]
 
 

@@ -16,7 +16,8 @@ Schedule of one call:
    copy local and received counts to the host together: the one host sync of the call.
 3. Permute each chunk's rows into slot order (= destination-rank order).
 4. `exchange_compute`: dispatch chunk c+1 while chunk c computes and chunk c-1 returns (forward and
-   backward; see `moeflow.comm.pipeline`).
+   backward; see `moeflow.comm.pipeline`); a side computation (a shared expert) runs while chunk
+   0 travels.
 5. Un-permute each chunk, weighting by the router, and concatenate the chunks.
 """
 
@@ -29,7 +30,7 @@ import torch
 
 from moeflow.comm.all_to_all import Exchange
 from moeflow.comm.permutation import RoutingPlan, build_plan, pair_counts, permute, unpermute
-from moeflow.comm.pipeline import ChunkPlan, exchange_compute
+from moeflow.comm.pipeline import ChunkPlan, SideCompute, exchange_compute
 
 # Parallel modes of an MoE layer (`moeflow.moe.expert_dispatch`): tokens to the experts, tokens to
 # every slice of their expert, or the experts to the tokens.
@@ -86,6 +87,7 @@ class DispatchResult:
     plans: list[RoutingPlan]
     chunks: ChunkPlan  # split sizes and received expert blocks of every chunk
     sent_rows: int  # rows this rank sent to other ranks (not to itself), all chunks
+    side_out: torch.Tensor | None = None  # the side computation's output (e.g. shared expert)
 
 
 class TokenDispatcher:
@@ -120,6 +122,7 @@ class TokenDispatcher:
         keep_TK: torch.Tensor | None = None,
         pad_to: int | None = None,
         overlap_degree: int | None = None,
+        side: SideCompute | None = None,
     ) -> DispatchResult:
         num_chunks = overlap_degree or self.config.overlap_degree
         if pad_to is not None and num_chunks > 1:
@@ -181,7 +184,9 @@ class TokenDispatcher:
         )
         # 4. dispatch, compute, combine
         try:
-            y_chunks = exchange_compute(self.exchange, compute, chunk_plan, params, x_chunks)
+            y_chunks, side_out = exchange_compute(
+                self.exchange, compute, chunk_plan, params, x_chunks, side
+            )
         except RuntimeError as exc:
             raise RuntimeError(f"{self.name}: expert all-to-all failed: {exc}") from exc
         # 5. un-permute
@@ -193,7 +198,7 @@ class TokenDispatcher:
         sent = sum(
             chunk_plan.input_splits[c][j] for c in range(num_chunks) for j in range(W) if j != me
         )
-        return DispatchResult(out, plans, chunk_plan, sent)
+        return DispatchResult(out, plans, chunk_plan, sent, side_out)
 
 
 def _as_wcl(flat: list[int], W: int, C: int, L: int) -> list[list[list[int]]]:

@@ -12,13 +12,16 @@ say how many rows go to / come from each rank. `compute` is any object with
     backward(params, saved, grad_y, chunk, accumulator) -> grad_x_recv
     finish(accumulator) -> tuple of gradients of the params given (not the materialized ones)
 
-so this module knows nothing about experts or models.
+so this module knows nothing about experts or models. An optional `side` (`SideCompute`, e.g. a
+shared expert) is a differentiable `fn(*inputs)` that needs no exchange: it runs while the first
+transfer is in flight, forward and backward, and its output comes back beside the chunks.
 
 Schedule (forward; the backward is the same with dispatch and combine swapped):
 
 0. `compute.materialize(params)` (any collective it needs runs here, before the first dispatch; in
    backward it runs again: only the given params are saved, never the materialized ones).
-1. Issue the dispatch all-to-all of chunk 0 (async).
+1. Issue the dispatch all-to-all of chunk 0 (async); then the side computation, if any (in
+   backward: its gradients), while that transfer is in flight.
 2. For c = 0..C-1: issue the dispatch of chunk c+1 (async); wait for the dispatch of chunk c;
    compute chunk c; issue the combine all-to-all of chunk c's output (async).
 3. Wait for every combine; return the combined chunks.
@@ -30,6 +33,7 @@ so no rank can wait on a transfer another rank did not start. With C=1 nothing o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,10 +57,49 @@ class ChunkPlan:
         return len(self.input_splits)
 
 
+@dataclass(frozen=True)
+class SideCompute:
+    """`fn(*inputs) -> Tensor`, differentiable in the `inputs` (activations and parameters), run
+    while the first transfer is in flight. Its autograd graph is built inside the op and kept to
+    its backward, so it is not recomputed."""
+
+    fn: Callable[..., torch.Tensor]
+    inputs: tuple[torch.Tensor, ...]
+
+
+class _Side:
+    """Runs a `SideCompute` inside the op: forward records its graph on detached inputs, backward
+    replays the gradient through it."""
+
+    def __init__(self, side: SideCompute | None, record: bool) -> None:
+        self.side, self.record, self.leaves, self.out = side, record, (), None
+
+    def forward(self) -> None:
+        if self.side is None:
+            return
+        self.leaves = tuple(t.detach().requires_grad_(t.requires_grad) for t in self.side.inputs)
+        with torch.set_grad_enabled(self.record):  # no graph under no_grad (inference)
+            self.out = self.side.fn(*self.leaves)
+
+    def backward(self, grad: torch.Tensor | None) -> list[torch.Tensor | None]:
+        if self.side is None:
+            return []
+        need = [t for t in self.leaves if t.requires_grad]
+        grads = iter(
+            torch.autograd.grad(self.out, need, grad, allow_unused=True)
+            if grad is not None and need and self.out.requires_grad
+            else [None] * len(need)
+        )
+        self.leaves, self.out = (), None  # the graph is freed once used
+        return [next(grads) if t.requires_grad else None for t in self.side.inputs]
+
+
 class _ExchangeCompute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, exchange: Exchange, compute, plan: ChunkPlan, num_params: int, *tensors):
-        params, x_chunks = tensors[:num_params], tensors[num_params:]
+    def forward(ctx, exchange: Exchange, compute, plan: ChunkPlan, num_params: int, side, *tensors):
+        n_side = 0 if side.side is None else len(side.side.inputs)
+        params = tensors[:num_params]
+        x_chunks = tensors[num_params + n_side :]
         run = compute.materialize(params)
         outs, saved, sizes = _pipeline(
             exchange,
@@ -65,10 +108,13 @@ class _ExchangeCompute(torch.autograd.Function):
             plan.output_splits,
             lambda c, x_recv: compute.forward(run, x_recv, plan.chunk_meta[c]),
             plan.matrices,
+            side.forward,
         )
         ctx.exchange, ctx.compute, ctx.plan, ctx.num_params = exchange, compute, plan, num_params
-        ctx.sizes = sizes
+        ctx.sizes, ctx.side = sizes, side
         ctx.save_for_backward(*params, *[t for chunk in saved for t in chunk])
+        if side.out is not None:
+            outs.append(side.out.detach())
         return tuple(outs)
 
     @staticmethod
@@ -81,6 +127,10 @@ class _ExchangeCompute(torch.autograd.Function):
             saved.append(list(flat[offset : offset + n]))
             offset += n
         plan: ChunkPlan = ctx.plan
+        side: _Side = ctx.side
+        grad_side = grad_outs[-1] if side.out is not None else None
+        grad_outs = grad_outs[: plan.num_chunks]
+        side_grads: list = []
         params = ctx.compute.materialize(params)
         acc = ctx.compute.new_grads(params)
         grads_x, _, _ = _pipeline(
@@ -93,13 +143,15 @@ class _ExchangeCompute(torch.autograd.Function):
                 [],
             ),
             plan.matrices,
+            lambda: side_grads.extend(side.backward(grad_side)),
         )
-        return (None, None, None, None, *ctx.compute.finish(acc), *grads_x)
+        return (None, None, None, None, None, *ctx.compute.finish(acc), *side_grads, *grads_x)
 
 
-def _pipeline(exchange, chunks, input_splits, output_splits, step, matrices=None):
+def _pipeline(exchange, chunks, input_splits, output_splits, step, matrices=None, side=None):
     """The numbered schedule above. `step(c, received) -> (result, saved)`; results are sent back
-    with the splits reversed (and the split matrix transposed)."""
+    with the splits reversed (and the split matrix transposed); `side()` runs once the first
+    transfer is issued."""
     num = len(chunks)
 
     def matrix(c: int, back: bool):
@@ -120,6 +172,8 @@ def _pipeline(exchange, chunks, input_splits, output_splits, step, matrices=None
     combines = []
     if num:
         dispatch(0)
+    if side is not None:
+        side()
     for c in range(num):
         if c + 1 < num:
             dispatch(c + 1)
@@ -142,9 +196,23 @@ def exchange_compute(
     plan: ChunkPlan,
     params: tuple[torch.Tensor, ...],
     x_chunks: list[torch.Tensor],
-) -> list[torch.Tensor]:
+    side: SideCompute | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """Send `x_chunks`, run `compute` on what arrives, send the results back; differentiable in
-    `params` and `x_chunks`, with the same pipelining in backward."""
+    `params` and `x_chunks`, with the same pipelining in backward. Returns the combined chunks
+    and the output of `side` (None without one)."""
     if len(x_chunks) != plan.num_chunks:
         raise ValueError(f"{len(x_chunks)} chunks but the plan has {plan.num_chunks}")
-    return list(_ExchangeCompute.apply(exchange, compute, plan, len(params), *params, *x_chunks))
+    inputs = () if side is None else side.inputs
+    outs = _ExchangeCompute.apply(
+        exchange,
+        compute,
+        plan,
+        len(params),
+        _Side(side, torch.is_grad_enabled()),
+        *params,
+        *inputs,
+        *x_chunks,
+    )
+    outs = list(outs)
+    return (outs[:-1], outs[-1]) if side is not None else (outs, None)

@@ -178,6 +178,8 @@ class MoEDecoder(nn.Module):
                 block.ffn.router.expert_bias.zero_()
                 if block.ffn.zc_experts is not None:
                     block.ffn.zc_experts.reset_parameters(generator=gen)
+                if block.ffn.shared_expert is not None:
+                    block.ffn.shared_expert.reset_parameters(generator=gen)
                 self._init_experts(block.ffn, index, seed)
             else:
                 block.ffn.reset_parameters(generator=gen)

@@ -183,6 +183,13 @@ class MoEConfig:
 
     `activation`: `swiglu` (`silu(x W_gate) * (x W_up)`), `gelu` or `relu`.
 
+    Shared experts (DeepSeek-V2/V3, Qwen2-MoE; Megatron's `moe_shared_expert_intermediate_size`):
+    `shared_expert_ffn_hidden_size` F_s > 0 adds an always-on FFN of width F_s (n shared experts
+    of width F are one FFN of width n*F: their sum is the FFN over the concatenated columns) whose
+    output is added to the routed experts'; `shared_expert_gate` scales it per token by
+    `sigmoid(x w_g)` (Qwen2-MoE's `shared_expert_gate`). It uses `activation`, and runs while the
+    tokens travel to their experts (`moeflow.moe.shared_expert`).
+
     Example:
         >>> cfg = MoEConfig(hidden_size=64, num_experts=8, ffn_hidden_size=128)
         >>> MoEConfig.from_dict(cfg.to_dict()) == cfg
@@ -194,6 +201,8 @@ class MoEConfig:
     ffn_hidden_size: int
     activation: str = "swiglu"
     router: RouterConfig = field(default_factory=RouterConfig)
+    shared_expert_ffn_hidden_size: int = 0
+    shared_expert_gate: bool = False
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_experts", "ffn_hidden_size"):
@@ -201,6 +210,21 @@ class MoEConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"moe.{name} ({value!r}) must be an integer >= 1")
         check_choice("moe.activation", self.activation, ACTIVATIONS)
+        shared = self.shared_expert_ffn_hidden_size
+        if not isinstance(shared, int) or isinstance(shared, bool) or shared < 0:
+            raise ValueError(
+                f"moe.shared_expert_ffn_hidden_size ({shared!r}) must be an integer >= 0 "
+                "(0: no shared expert)"
+            )
+        if not isinstance(self.shared_expert_gate, bool):
+            raise ValueError(
+                f"moe.shared_expert_gate ({self.shared_expert_gate!r}) must be true or false"
+            )
+        if self.shared_expert_gate and not shared:
+            raise ValueError(
+                "moe.shared_expert_gate needs a shared expert: set "
+                "moe.shared_expert_ffn_hidden_size > 0"
+            )
         if not isinstance(self.router, RouterConfig):
             raise ValueError(f"moe.router must be a RouterConfig, got {type(self.router).__name__}")
         choices = self.num_experts + self.router.extra_experts

@@ -120,4 +120,4 @@ def grouped_ffn(
     rows = [x.shape[0]]
     plan = ChunkPlan([rows], [rows], [blocks_from_counts(rows_per_expert)])
     compute = GroupedExpertCompute(activation)
-    return exchange_compute(LocalExchange(), compute, plan, (w1_EDG, w2_EFD), [x])[0]
+    return exchange_compute(LocalExchange(), compute, plan, (w1_EDG, w2_EFD), [x])[0][0]

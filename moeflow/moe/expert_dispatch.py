@@ -42,6 +42,7 @@ from torch import nn
 from moeflow.comm.all_to_all import Exchange, LocalExchange
 from moeflow.comm.dispatcher import MODES, DispatchConfig, DispatchResult, TokenDispatcher
 from moeflow.comm.gather import all_gather_rows, group_size
+from moeflow.comm.pipeline import SideCompute
 from moeflow.moe.expert_compute import GroupedExpertCompute
 from moeflow.moe.layout import ExpertLayout
 from moeflow.moe.weight_gather import ExpertWeightGather
@@ -193,6 +194,7 @@ class ExpertDispatch(nn.Module):
         mode: str | None = None,
         overlap_degree: int | None = None,
         two_level: bool | None = None,
+        side: SideCompute | None = None,
     ) -> DispatchResult:
         """FFN pairs (`ids_TK` < E where `keep_TK`) through the experts in `mode` (default: the
         dispatch config's), over the flat or the two-level all-to-all (default: the config's);
@@ -220,7 +222,7 @@ class ExpertDispatch(nn.Module):
             keep_TK = None if keep_TK is None else keep_TK.repeat_interleave(s, dim=1)
         result = dispatcher(
             x_TD, weights_TK, slots_TK, compute, params,
-            keep_TK=keep_TK, pad_to=pad_to, overlap_degree=chunks,
+            keep_TK=keep_TK, pad_to=pad_to, overlap_degree=chunks, side=side,
         )  # fmt: skip
         gather = compute.gather
         self.last_mode = mode

@@ -30,6 +30,7 @@ from moeflow.moe.routers.base import RouterOutput
 from moeflow.moe.routers.moepp import ZeroComputationExperts
 from moeflow.moe.routers.registry import build_router
 from moeflow.moe.routing_context import RoutingContext
+from moeflow.moe.shared_expert import SharedExpert
 from moeflow.moe.stats import MoEStats, Traffic, measure_stats
 
 
@@ -69,6 +70,12 @@ class MoELayer(nn.Module):
         self.zc_experts = None
         if any(kind in ("copy", "constant") for kind in extra_kinds):
             self.zc_experts = ZeroComputationExperts(extra_kinds, config.hidden_size)
+        self.shared_expert = None  # always-on experts, computed while tokens travel
+        if config.shared_expert_ffn_hidden_size:
+            self.shared_expert = SharedExpert(
+                config.hidden_size, config.shared_expert_ffn_hidden_size, config.activation,
+                config.shared_expert_gate,
+            )  # fmt: skip
         self.aux_loss_scale = 1.0
         self.last_stats: MoEStats | None = None
         # Where the experts live and how pairs reach them in each parallel mode: one layout
@@ -272,8 +279,10 @@ class MoELayer(nn.Module):
         else:
             kept_E = pair_counts(ids_TK, n, keep_TK)[:-1]
             ids_TK = ids_TK.clamp(max=n - 1)
+        x_in = x_TD.to(compute_dtype(x_TD))
+        side = None if self.shared_expert is None else self.shared_expert.side_compute(x_in)
         result = self.expert_dispatch(
-            x_TD.to(compute_dtype(x_TD)),
+            x_in,
             route.weights_TK,
             ids_TK,
             keep_TK,
@@ -282,6 +291,7 @@ class MoELayer(nn.Module):
             overlap_degree=call[0],
             mode=call[1],
             two_level=call[2],
+            side=side,
         )
         traffic = Traffic(
             mode=self.expert_dispatch.last_mode,
@@ -290,7 +300,8 @@ class MoELayer(nn.Module):
             gathered_bytes=self.expert_dispatch.last_gathered_bytes,
             dispatch=result.chunks,
         )
-        return result.out_TD, kept_E, keep_TK, traffic
+        out_TD = result.out_TD if side is None else result.out_TD + result.side_out
+        return out_TD, kept_E, keep_TK, traffic
 
     def _losses(
         self,
