@@ -1,0 +1,130 @@
+"""Megatron-Core integration: `MoEConfig` <-> `TransformerConfig` round trips exactly on every
+mapped field; every unsupported field or value raises naming it; the mapped router routes as
+Megatron's own `topk_routing_with_score_function`; `MegatronMoE` has Megatron's MLP interface."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moeflow.integrations.megatron import (
+    MAPPED,
+    MegatronMoE,
+    moe_config,
+    transformer_config_kwargs,
+)
+from moeflow.moe.config import MoEConfig, RouterConfig
+from moeflow.moe.routers.topk import topk_routing
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from megatron.core.transformer.moe import moe_utils as mu
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+BASE = {"num_layers": 2, "num_attention_heads": 4, "hidden_size": 32, "add_bias_linear": False,
+        "num_moe_experts": 8, "moe_ffn_hidden_size": 48}  # fmt: skip
+SWIGLU = {"gated_linear_unit": True, "activation_func": F.silu}
+
+CONFIGS = [
+    {**SWIGLU, "moe_router_topk": 2, "moe_aux_loss_coeff": 1e-2, "moe_z_loss_coeff": 1e-3},
+    {**SWIGLU, "moe_router_topk": 1, "moe_router_pre_softmax": True,
+     "moe_expert_capacity_factor": 1.25, "moe_token_drop_policy": "position",
+     "moe_pad_expert_input_to_capacity": True},
+    {"activation_func": F.gelu, "moe_router_topk": 2, "moe_router_score_function": "sigmoid",
+     "moe_router_enable_expert_bias": True, "moe_router_bias_update_rate": 5e-3,
+     "moe_router_load_balancing_type": "seq_aux_loss", "moe_router_dtype": "fp64"},
+    {"activation_func": F.relu, "moe_router_topk": 1, "moe_router_score_function": "sigmoid",
+     "moe_router_load_balancing_type": "global_aux_loss", "moe_input_jitter_eps": 0.01},
+    {**SWIGLU, "moe_router_topk": 4, "moe_router_load_balancing_type": "none",
+     "moe_shared_expert_intermediate_size": 64, "moe_shared_expert_gate": True},
+]  # fmt: skip
+
+
+def tc_of(**fields) -> TransformerConfig:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return TransformerConfig(**{**BASE, **fields})
+
+
+@pytest.mark.parametrize("fields", CONFIGS, ids=range(len(CONFIGS)))
+def test_round_trips_are_exact(fields):
+    tc = tc_of(**fields)
+    cfg = moe_config(tc)
+    kwargs = transformer_config_kwargs(cfg)
+    assert set(MAPPED) - {"moe_router_bias_update_rate"} <= set(kwargs)
+    for name, value in kwargs.items():  # MoEConfig -> Megatron: the field as it was given
+        assert getattr(tc, name) == value or (name == "moe_router_dtype" and tc.moe_router_dtype
+                                               is None), name  # fmt: skip
+    again = tc_of(**{k: v for k, v in kwargs.items() if k != "hidden_size"})
+    assert moe_config(again) == cfg  # ... and back to the same MoEConfig
+    assert MoEConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("fields", CONFIGS[:4], ids=range(4))
+def test_mapped_router_routes_as_megatron(fields):
+    tc = tc_of(**fields)
+    cfg = moe_config(tc)
+    torch.manual_seed(0)
+    logits = torch.randn(64, tc.num_moe_experts) * 2
+    w, ids, _ = topk_routing(logits, without_bias(cfg.router))
+    probs = torch.zeros_like(logits).scatter_(1, ids, w)
+    ref_probs, ref_map = mu.topk_routing_with_score_function(
+        logits, tc.moe_router_topk, use_pre_softmax=tc.moe_router_pre_softmax,
+        score_function=tc.moe_router_score_function,
+    )  # fmt: skip
+    assert torch.equal(probs > 0, ref_map)
+    torch.testing.assert_close(probs, ref_probs, rtol=1e-6, atol=1e-7)
+
+
+def without_bias(router: RouterConfig) -> RouterConfig:
+    """The routing weights only: no expert bias (Megatron's function is given none here)."""
+    return dataclasses.replace(router, bias_update_rate=0.0)
+
+
+UNSUPPORTED = [
+    ({"moe_router_num_groups": 2, "moe_router_group_topk": 1}, r"moe_router_group_topk|num_groups"),
+    ({"moe_router_topk_scaling_factor": 2.5}, r"moe_router_topk_scaling_factor = 2\.5"),
+    ({"moe_router_load_balancing_type": "sinkhorn"}, r"load_balancing_type = 'sinkhorn'"),
+    ({"moe_aux_loss_coeff": [0.01, 0.001],
+      "moe_router_load_balancing_type": ["aux_loss", "seq_aux_loss"]},
+     r"moe_router_load_balancing_type = \['aux_loss'"),
+    ({"add_bias_linear": True}, r"add_bias_linear = True .* set add_bias_linear=False"),
+    ({"gated_linear_unit": True, "activation_func": F.gelu}, r"activation_func = gelu"),
+    ({"moe_apply_probs_on_input": True, "moe_router_topk": 1, "moe_router_pre_softmax": True},
+     r"moe_apply_probs_on_input = True"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("fields", "match"), UNSUPPORTED, ids=range(len(UNSUPPORTED)))
+def test_unsupported_megatron_settings_name_the_field(fields, match):
+    with pytest.raises(ValueError, match=match):
+        moe_config(tc_of(**{**SWIGLU, **fields}))
+
+
+def test_unexpressible_moeflow_settings_name_the_field():
+    cfg = MoEConfig(hidden_size=8, num_experts=4, ffn_hidden_size=8)
+    cases = [
+        (RouterConfig(type="null", num_null_experts=2), r"router\.type = 'null'"),
+        (RouterConfig(min_capacity=4, capacity_factor=1.0), r"router\.min_capacity = 4"),
+        (RouterConfig(pre_softmax=True), r"normalize_topk = True with pre_softmax"),
+        (RouterConfig(score_function="sigmoid", top_k=1), r"normalize_topk = True with sigmoid"),
+    ]
+    for router, match in cases:
+        with pytest.raises(ValueError, match=match):
+            transformer_config_kwargs(MoEConfig.from_dict({**cfg.to_dict(), "router": router}))
+
+
+def test_megatron_mlp_interface():
+    tc = tc_of(**CONFIGS[0])
+    block = MegatronMoE(tc, submodules=None, layer_number=3)
+    block.set_layer_number(4)
+    x = torch.randn(5, 3, 32)  # [sequence, batch, hidden]
+    out, bias = block(x, padding_mask=None)
+    assert bias is None and out.shape == x.shape
+    torch.testing.assert_close(out, block.moe(x))
+    with pytest.raises(ValueError, match="padding_mask"):
+        block(x, padding_mask=torch.zeros(3, 5, dtype=torch.bool))
