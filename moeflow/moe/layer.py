@@ -78,6 +78,7 @@ class MoELayer(nn.Module):
             )  # fmt: skip
         self.aux_loss_scale = 1.0
         self.last_stats: MoEStats | None = None
+        self.last_losses: tuple[torch.Tensor, torch.Tensor] | None = None
         # Where the experts live and how pairs reach them in each parallel mode: one layout
         # (all experts here until `attach`), every mode per call. Not saved: checkpoints keep
         # logical ids.
@@ -239,6 +240,7 @@ class MoELayer(nn.Module):
         if training:
             out_TD = attach_loss(out_TD, total, self.aux_loss_scale)
         if not recomputing:
+            self.last_losses = losses  # (aux, z) before their coefficients, differentiable
             if training:
                 self.balance.add_step_counts(routed_E)
             self.last_stats = measure_stats(
