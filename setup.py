@@ -6,6 +6,8 @@ from setuptools import find_packages, setup
 
 # Tests cross-check against these exact peer versions; keep them pinned together.
 PEERS = ["deepspeed==0.19.8", "megatron-core==0.16.1"]
+# moeflow.integrations.hf; install with the torch pin as a constraint so pip keeps your torch.
+HF = ["transformers==5.24.0"]
 
 setup(
     name="moeflow",
@@ -31,8 +33,9 @@ setup(
     extras_require={
         "plot": ["matplotlib>=3.7"],
         "wandb": ["wandb"],
-        "integrations": PEERS,
-        "dev": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.7", "wandb", *PEERS],
+        "hf": HF,
+        "integrations": [*PEERS, *HF],
+        "dev": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.7", "wandb", *PEERS, *HF],
     },
     entry_points={"console_scripts": ["moeflow = moeflow.launch.cli:main"]},
 )

@@ -1,0 +1,114 @@
+"""Hugging Face transformers: upcycling the MLPs of tiny Llama, Qwen2 and Mistral models (built
+from their config classes: nothing downloads) gives the dense model's logits at step 0 (float64);
+the upcycled model runs expert-parallel on 2 gloo ranks with the single process's outputs and
+gradients; what cannot be upcycled is refused, naming why."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from moeflow.integrations.hf import upcycle
+from moeflow.moe.config import MoEConfig, RouterConfig
+from moeflow.moe.layer import MoELayer, set_aux_loss_scale
+from moeflow.parallel import GradSync, ParallelDims, parallelize
+from tests.distributed import run_on_ranks
+
+SHAPE = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2,
+         "max_position_embeddings": 32}  # fmt: skip
+MODELS = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+}
+
+
+def tiny(kind: str, seed: int = 0) -> torch.nn.Module:
+    config_cls, model_cls = MODELS[kind]
+    torch.manual_seed(seed)
+    return model_cls(config_cls(**SHAPE)).double().eval()
+
+
+def moe_cfg(**router) -> MoEConfig:
+    return MoEConfig(hidden_size=32, num_experts=4, ffn_hidden_size=48,
+                     router=RouterConfig(top_k=2, **router))  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("layers", [None, [1]])
+def test_upcycled_model_computes_the_dense_logits(kind, layers):
+    model = tiny(kind)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        dense = model(ids).logits
+    replaced = upcycle(model, moe_cfg(), layers=layers)
+    assert replaced == (layers or [0, 1])
+    kinds = [type(layer.mlp) for layer in model.model.layers]
+    assert kinds.count(MoELayer) == len(replaced)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, dense, rtol=1e-10, atol=1e-12)
+
+
+def test_what_cannot_be_upcycled_is_refused():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64))
+    with pytest.raises(ValueError, match=r"no model\.layers"):
+        upcycle(gpt2, moe_cfg())
+    model = tiny("llama")
+    with pytest.raises(ValueError, match=r"must match decoder layer 0's MLP \(32, 48\)"):
+        upcycle(model, MoEConfig(hidden_size=32, num_experts=4, ffn_hidden_size=64))
+    with pytest.raises(ValueError, match=r"layers \[5\] are not decoder layer indices"):
+        upcycle(model, moe_cfg(), layers=[5])
+    biased = LlamaForCausalLM(LlamaConfig(**SHAPE, mlp_bias=True))
+    with pytest.raises(ValueError, match="has biases"):
+        upcycle(biased, moe_cfg())
+    gelu = LlamaForCausalLM(LlamaConfig(**SHAPE, hidden_act="gelu"))
+    with pytest.raises(ValueError, match="hidden_act = 'gelu'"):
+        upcycle(gelu, moe_cfg())
+
+
+def _expert_parallel(rank, world):
+    """Each rank its own token ids; the parallel step against the single process on all of them
+    (the mean of the ranks' losses)."""
+    ctx = ParallelDims(ep=world).build()
+    gen = torch.Generator().manual_seed(5)
+    ids = [torch.randint(0, 64, (2, 8), generator=gen) for _ in range(world)]
+    ref, par = tiny("llama"), tiny("llama")
+    for m in (ref, par):
+        upcycle(m, moe_cfg(aux_loss_coeff=1e-2))
+        m.train()
+        for layer in m.model.layers:  # varied routing
+            torch.manual_seed(3)
+            layer.mlp.router.weight.data.normal_(0.0, 1.0)
+    parallelize(par, ctx)
+    out = par(ids[rank], labels=ids[rank])
+    out.loss.backward()
+    GradSync(par, ctx).sync()
+    set_aux_loss_scale(ref, 1.0 / world)
+    ref_outs = [ref(i, labels=i) for i in ids]
+    (sum(o.loss for o in ref_outs) / world).backward()
+    tol = {"rtol": 1e-9, "atol": 1e-11}
+    torch.testing.assert_close(out.logits, ref_outs[rank].logits, **tol)
+    checked = 0
+    for name, p in par.named_parameters():
+        want = ref.get_parameter(name).grad
+        if ".experts." in name:  # E >= G: this rank holds whole experts
+            want = want[par.get_submodule(name.rsplit(".experts.", 1)[0]).local_experts]
+        torch.testing.assert_close(p.grad, want, **tol, msg=lambda m, n=name: f"{n}: {m}")
+        checked += 1
+    return checked
+
+
+def test_upcycled_hf_model_runs_expert_parallel():
+    counts = run_on_ranks(_expert_parallel, 2, timeout=300)
+    assert counts[0] == counts[1] > 10
