@@ -1,7 +1,9 @@
-"""Hugging Face transformers: upcycling the MLPs of tiny Llama, Qwen2 and Mistral models (built
-from their config classes: nothing downloads) gives the dense model's logits at step 0 (float64);
-the upcycled model runs expert-parallel on 2 gloo ranks with the single process's outputs and
-gradients; what cannot be upcycled is refused, naming why."""
+"""Hugging Face transformers, on tiny models built from their config classes (nothing downloads):
+upcycling the MLPs of Llama, Qwen2 and Mistral gives the dense model's logits at step 0 (float64),
+and the upcycled model runs expert-parallel on 2 gloo ranks with the single process's outputs and
+gradients; converting the sparse blocks of Mixtral, Qwen2-MoE (shared expert), Qwen3-MoE and OLMoE
+gives their outputs and gradients (float64, dropless), and export + save_pretrained reloads in
+plain transformers with the same logits; what cannot be matched is refused, naming why."""
 
 from __future__ import annotations
 
@@ -112,3 +114,115 @@ def _expert_parallel(rank, world):
 def test_upcycled_hf_model_runs_expert_parallel():
     counts = run_on_ranks(_expert_parallel, 2, timeout=300)
     assert counts[0] == counts[1] > 10
+
+
+# -- convert / export ----------------------------------------------------------------------------
+SPARSE = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "max_position_embeddings": 32,
+          "num_experts_per_tok": 2}  # fmt: skip
+
+
+def sparse_models():
+    from transformers import (
+        MixtralConfig,
+        MixtralForCausalLM,
+        OlmoeConfig,
+        OlmoeForCausalLM,
+        Qwen2MoeConfig,
+        Qwen2MoeForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+    )
+
+    return {
+        "mixtral": (MixtralForCausalLM, MixtralConfig(**SPARSE, intermediate_size=16,
+                                                      num_local_experts=4)),
+        "qwen2_moe": (Qwen2MoeForCausalLM, Qwen2MoeConfig(
+            **SPARSE, num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+            norm_topk_prob=False)),
+        "qwen3_moe": (Qwen3MoeForCausalLM, Qwen3MoeConfig(
+            **SPARSE, num_experts=4, moe_intermediate_size=16, norm_topk_prob=True, head_dim=8)),
+        "olmoe": (OlmoeForCausalLM, OlmoeConfig(**SPARSE, num_experts=4, intermediate_size=16)),
+    }  # fmt: skip
+
+
+def sparse(kind: str) -> torch.nn.Module:
+    model_cls, config = sparse_models()[kind]
+    torch.manual_seed(0)
+    model = model_cls._from_config(config, experts_implementation="eager").double()
+    with torch.no_grad():  # varied routing, not the near-uniform initial one
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.normal_(0.0, 1.0)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_converted_block_gives_the_hf_outputs_and_gradients(kind):
+    import copy
+
+    from moeflow.integrations.hf import convert
+
+    model = sparse(kind)
+    block = copy.deepcopy(model.model.layers[0].mlp).train()
+    names = convert(model)
+    assert names == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    layer = model.model.layers[0].mlp.train()
+    assert isinstance(layer, MoELayer)
+    x = torch.randn(2, 7, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    g = torch.randn_like(x)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    want, got = block(x1), layer(x2)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    (want * g).sum().backward()
+    (got * g).sum().backward()
+    tol = {"rtol": 1e-9, "atol": 1e-11}
+    torch.testing.assert_close(x2.grad, x1.grad, **tol)
+    torch.testing.assert_close(layer.router.weight.grad, block.gate.weight.grad, **tol)
+    torch.testing.assert_close(
+        layer.experts.w1.grad, block.experts.gate_up_proj.grad.transpose(1, 2), **tol
+    )
+    torch.testing.assert_close(
+        layer.experts.w2.grad, block.experts.down_proj.grad.transpose(1, 2), **tol
+    )
+    if kind == "qwen2_moe":
+        assert layer.shared_expert is not None and layer.shared_expert.gate is not None
+        torch.testing.assert_close(
+            layer.shared_expert.gate.grad, block.shared_expert_gate.weight.grad.t(), **tol
+        )
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "olmoe"])
+def test_convert_export_and_save_pretrained_round_trip(kind, tmp_path):
+    from moeflow.integrations.hf import convert, export
+
+    model = sparse(kind).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        dense = model(ids).logits
+        convert(model)
+        torch.testing.assert_close(model(ids).logits, dense, rtol=1e-10, atol=1e-12)
+        model.model.layers[1].mlp.experts.w2.mul_(1.5)  # a trained change, to see it travel
+        trained = model(ids).logits
+        assert not torch.allclose(trained, dense)
+        assert export(model) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+        torch.testing.assert_close(model(ids).logits, trained, rtol=1e-10, atol=1e-12)
+    after = model.state_dict()
+    assert set(after) == set(before)
+    changed = [k for k in before if not torch.equal(after[k], before[k])]
+    assert changed == ["model.layers.1.mlp.experts.down_proj"], changed
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path, experts_implementation="eager").double()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(ids).logits, trained, rtol=0, atol=0)
+
+
+def test_convert_refuses_what_it_cannot_match():
+    from moeflow.integrations.hf import convert
+
+    model_cls, config = sparse_models()["mixtral"]
+    config.router_jitter_noise = 0.1
+    with pytest.raises(ValueError, match=r"router_jitter_noise = 0\.1"):
+        convert(model_cls._from_config(config, experts_implementation="eager"))
+    with pytest.raises(ValueError, match=r"router\.softmax_dtype \('bf16'\) must be one of"):
+        RouterConfig(softmax_dtype="bf16")

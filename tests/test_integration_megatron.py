@@ -112,6 +112,7 @@ def test_unexpressible_moeflow_settings_name_the_field():
         (RouterConfig(min_capacity=4, capacity_factor=1.0), r"router\.min_capacity = 4"),
         (RouterConfig(pre_softmax=True), r"normalize_topk = True with pre_softmax"),
         (RouterConfig(score_function="sigmoid", top_k=1), r"normalize_topk = True with sigmoid"),
+        (RouterConfig(softmax_dtype="fp32"), r"router\.softmax_dtype = 'fp32'"),
     ]
     for router, match in cases:
         with pytest.raises(ValueError, match=match):

@@ -1,4 +1,5 @@
-"""Hugging Face transformers: sparse upcycling of a dense decoder's MLPs into moeflow MoE layers.
+"""Hugging Face transformers: sparse upcycling of a dense decoder's MLPs into moeflow MoE layers,
+and converting the sparse MoE blocks of Mixtral, Qwen2-MoE/Qwen3-MoE and OLMoE into them and back.
 
 `upcycle(model, moe_config, layers=None)` replaces, in place, the MLP of the chosen decoder layers
 (default: all) of a Llama, Qwen2/Qwen3 or Mistral style model (`model.model.layers[i].mlp` with
@@ -12,7 +13,7 @@ MLPs have biases or another activation (GPT-2's `gelu_new` with biases) are refu
 
 Example:
     >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> from moeflow.moe.config import MoEConfig
+    >>> from moeflow.moe.config import MoEConfig, RouterConfig
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
     <...>
     >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32,
@@ -30,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moeflow.moe.config import MoEConfig
+from moeflow.moe.config import MoEConfig, RouterConfig
 from moeflow.moe.ffn import FeedForward
 from moeflow.moe.layer import MoELayer
 
@@ -99,3 +100,119 @@ def upcycle(model: nn.Module, moe_config: MoEConfig, layers: list[int] | None = 
             )
         stack[i].mlp = MoELayer.from_dense(ffn, moe_config)
     return chosen
+
+
+# The sparse MoE blocks `convert` knows (transformers 5.x): a `gate` router (weight [E, D], top_k,
+# norm_topk_prob except Mixtral, which always renormalises) and `experts` (gate_up_proj
+# [E, 2F, D], down_proj [E, D, F]); Qwen2-MoE adds a gated shared expert.
+SPARSE_BLOCKS = (
+    "MixtralSparseMoeBlock",
+    "Qwen2MoeSparseMoeBlock",
+    "Qwen3MoeSparseMoeBlock",
+    "OlmoeSparseMoeBlock",
+)
+
+
+def block_config(block: nn.Module, config, aux_loss_coeff: float | None = None) -> MoEConfig:
+    """The `MoEConfig` computing what the HF sparse MoE `block` computes: softmax over all
+    experts in float32 (as HF does, `softmax_dtype="fp32"`), top-k, renormalised when the block
+    does, dropless. `aux_loss_coeff` default: the model's `router_aux_loss_coef` when
+    `output_router_logits` is set, else 0 (moeflow adds its per-layer balancing loss itself,
+    Megatron's normalisation; HF's pools the layers)."""
+    name = type(block).__name__
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise ValueError(
+            f"{name}: hidden_act = {config.hidden_act!r}; moeflow's experts are SwiGLU"
+        )
+    if getattr(config, "router_jitter_noise", 0.0):
+        raise ValueError(
+            f"{name}: router_jitter_noise = {config.router_jitter_noise} jitters the experts' "
+            "input too, which moeflow does not; set it to 0"
+        )
+    gate, experts = block.gate, block.experts
+    renormalise = True if name.startswith("Mixtral") else bool(gate.norm_topk_prob)
+    if aux_loss_coeff is None:
+        aux_loss_coeff = config.router_aux_loss_coef if config.output_router_logits else 0.0
+    shared = getattr(block, "shared_expert", None)
+    return MoEConfig(
+        hidden_size=gate.weight.shape[1],
+        num_experts=gate.weight.shape[0],
+        ffn_hidden_size=experts.gate_up_proj.shape[1] // 2,
+        router=RouterConfig(
+            top_k=gate.top_k, pre_softmax=True, normalize_topk=renormalise, softmax_dtype="fp32",
+            aux_loss_coeff=float(aux_loss_coeff),
+        ),
+        shared_expert_ffn_hidden_size=0 if shared is None else shared.down_proj.in_features,
+        shared_expert_gate=getattr(block, "shared_expert_gate", None) is not None,
+    )  # fmt: skip
+
+
+def convert(model: nn.Module, aux_loss_coeff: float | None = None) -> list[str]:
+    """Replace, in place, every HF sparse MoE block of `model` (`SPARSE_BLOCKS`) by an `MoELayer`
+    computing the same outputs (`block_config`), with its weights; returns the module names."""
+    config = model.config
+    names = []
+    for name, block in list(model.named_modules()):
+        if type(block).__name__ not in SPARSE_BLOCKS:
+            continue
+        cfg = block_config(block, config, aux_loss_coeff)
+        w = block.gate.weight
+        layer = MoELayer(cfg).to(device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            layer.router.weight.copy_(w)
+            layer.experts.w1.copy_(block.experts.gate_up_proj.transpose(1, 2))
+            layer.experts.w2.copy_(block.experts.down_proj.transpose(1, 2))
+            if layer.shared_expert is not None:
+                _copy_ffn(block.shared_expert, layer.shared_expert.ffn)
+                if layer.shared_expert.gate is not None:
+                    layer.shared_expert.gate.copy_(block.shared_expert_gate.weight.t())
+        layer.__dict__["hf_block_class"] = type(block)  # for export (not a submodule)
+        _replace(model, name, layer)
+        names.append(name)
+    return names
+
+
+def export(model: nn.Module) -> list[str]:
+    """The inverse of `convert`: every converted `MoELayer` back into its HF block class with the
+    trained weights, in place, so `save_pretrained` writes a checkpoint plain transformers loads.
+    The layers must hold every expert (export from one process); returns the module names."""
+    names = []
+    for name, layer in list(model.named_modules()):
+        cls = layer.__dict__.get("hf_block_class") if isinstance(layer, MoELayer) else None
+        if cls is None:
+            continue
+        if layer.layout.group_size != 1:
+            raise ValueError(
+                f"MoE layer '{name}' is spread over {layer.layout.group_size} ranks: export needs "
+                "every expert in one process (load the checkpoint with parallel.ep = 1)"
+            )
+        w = layer.router.weight
+        block = cls(model.config).to(device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            block.gate.weight.copy_(w)
+            block.experts.gate_up_proj.copy_(layer.experts.w1.transpose(1, 2))
+            block.experts.down_proj.copy_(layer.experts.w2.transpose(1, 2))
+            if layer.shared_expert is not None:
+                _copy_ffn(layer.shared_expert.ffn, block.shared_expert)
+                if layer.shared_expert.gate is not None:
+                    block.shared_expert_gate.weight.copy_(layer.shared_expert.gate.t())
+        _replace(model, name, block)
+        names.append(name)
+    return names
+
+
+def _copy_ffn(src: nn.Module, dst: nn.Module) -> None:
+    """Between an HF gated MLP (gate_proj, up_proj, down_proj) and a moeflow `FeedForward`."""
+    if isinstance(dst, FeedForward):
+        dst.w1.copy_(torch.cat([src.gate_proj.weight.t(), src.up_proj.weight.t()], dim=1))
+        dst.w2.copy_(src.down_proj.weight.t())
+    else:
+        f = src.w2.shape[0]
+        dst.gate_proj.weight.copy_(src.w1[:, :f].t())
+        dst.up_proj.weight.copy_(src.w1[:, f:].t())
+        dst.down_proj.weight.copy_(src.w2.t())
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)

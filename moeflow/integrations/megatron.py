@@ -166,6 +166,11 @@ def transformer_config_kwargs(cfg: MoEConfig) -> dict:
     r = cfg.router
     if r.type != "topk":
         raise ValueError(f"moe.router.type = {r.type!r} has no Megatron equivalent; use 'topk'")
+    if r.softmax_dtype is not None:
+        raise ValueError(
+            f"moe.router.softmax_dtype = {r.softmax_dtype!r} has no Megatron equivalent (Megatron "
+            "routes in moe_router_dtype); leave it None"
+        )
     if r.min_capacity:
         raise ValueError(
             f"moe.router.min_capacity = {r.min_capacity} has no Megatron equivalent (Megatron's "

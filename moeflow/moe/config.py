@@ -67,6 +67,9 @@ class RouterConfig:
       `zero_experts`, `copy_experts`, `constant_experts` beside the FFN experts, `gating_residual`,
       balancing weight `zc_tau` for them); `"rmoe"` (a GRU of width `rnn_dim` shared by the layers).
       A router's own fields are rejected for other types.
+    - `softmax_dtype` (None: the router's dtype): the softmax, the top-k and the renormalisation
+      run in exactly this dtype and the weights return in the logits' dtype. `"fp32"` is what
+      Hugging Face's MoE routers do, also in a float64 model (`softmax(..., dtype=torch.float)`).
     - `bias_update_rate > 0`: aux-loss-free balancing (DeepSeek-V3). A per-expert bias is added to
       the scores for selection only; after each optimizer step `bias_i += rate * sign(mean load -
       load_i)`, with loads counted over the step and all ranks (`finish_optimizer_step`).
@@ -89,6 +92,7 @@ class RouterConfig:
     z_loss_coeff: float = 0.0
     input_jitter_eps: float | None = None
     router_dtype: str = "fp32"
+    softmax_dtype: str | None = None
     type: str = "topk"
     num_null_experts: int = 0
     zero_experts: int = 0
@@ -110,6 +114,7 @@ class RouterConfig:
         check_choice(f"{path}.drop_policy", self.drop_policy, DROP_POLICIES)
         check_choice(f"{path}.aux_loss_type", self.aux_loss_type, AUX_LOSS_TYPES)
         check_choice(f"{path}.router_dtype", self.router_dtype, ROUTER_DTYPES)
+        check_choice(f"{path}.softmax_dtype", self.softmax_dtype, (None, *ROUTER_DTYPES))
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(
                 f"{path}.capacity_factor ({self.capacity_factor!r}) must be > 0, "

@@ -29,6 +29,9 @@ def _select(key_TE: torch.Tensor, k: int, bias_E: torch.Tensor | None) -> torch.
     return torch.topk(key_TE + bias_E.to(key_TE.dtype), k, dim=-1).indices
 
 
+SOFTMAX_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+
+
 def topk_routing(
     logits_TE: torch.Tensor, config: RouterConfig, bias_E: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -41,7 +44,8 @@ def topk_routing(
     """
     k = config.top_k
     if config.score_function == "softmax":
-        scores_TE = torch.softmax(logits_TE, dim=-1)
+        dtype = SOFTMAX_DTYPES.get(config.softmax_dtype)  # None: the logits' own
+        scores_TE = torch.softmax(logits_TE, dim=-1, dtype=dtype)
         if config.pre_softmax:
             ids_TK = _select(scores_TE, k, bias_E)
             weights_TK = scores_TE.gather(1, ids_TK)
@@ -50,7 +54,8 @@ def topk_routing(
         else:
             # The softmax over the k selected logits is normalised by construction.
             ids_TK = _select(logits_TE, k, bias_E)
-            weights_TK = torch.softmax(logits_TE.gather(1, ids_TK), dim=-1)
+            weights_TK = torch.softmax(logits_TE.gather(1, ids_TK), dim=-1, dtype=dtype)
+        weights_TK, scores_TE = weights_TK.to(logits_TE.dtype), scores_TE.to(logits_TE.dtype)
     else:
         sig_TE = torch.sigmoid(logits_TE)
         ids_TK = _select(sig_TE, k, bias_E)
