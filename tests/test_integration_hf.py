@@ -226,3 +226,65 @@ def test_convert_refuses_what_it_cannot_match():
         convert(model_cls._from_config(config, experts_implementation="eager"))
     with pytest.raises(ValueError, match=r"router\.softmax_dtype \('bf16'\) must be one of"):
         RouterConfig(softmax_dtype="bf16")
+
+
+# -- routing context and gradient checkpointing --------------------------------------------------
+def upcycled(checkpointing: str | None, router_type: str) -> torch.nn.Module:
+    """A tiny Llama upcycled with global-batch balancing and aux-free bias counts (every side
+    effect visible); MoE++ routers read the previous layer's logits through the context."""
+    model = tiny("llama").train()
+    extra = {"zero_experts": 1, "copy_experts": 1, "constant_experts": 1}
+    extra = extra if router_type == "moepp" else {}
+    router = RouterConfig(type=router_type, top_k=2, aux_loss_type="global_aux_loss",
+                          bias_update_rate=0.01, **extra)  # fmt: skip
+    upcycle(model, MoEConfig(hidden_size=32, num_experts=4, ffn_hidden_size=48, router=router))
+    torch.manual_seed(9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # varied routing and residual
+    if checkpointing:
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"}
+        )
+    return model
+
+
+def run_step(model, ids) -> tuple:
+    seen = []
+    model.model.layers[1].mlp.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["routing_context"].copy()), with_kwargs=True
+    )
+    loss = model(ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    counts = [layer.mlp.balance.step_counts.clone() for layer in model.model.layers]
+    return loss.detach(), grads, counts, seen
+
+
+@pytest.mark.parametrize(("router_type", "checkpointing"),
+                         [("moepp", "non-reentrant"), ("topk", "non-reentrant"),
+                          ("topk", "reentrant")])  # fmt: skip
+def test_routing_context_flows_and_checkpointing_counts_once(router_type, checkpointing):
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    loss, grads, counts, seen = run_step(upcycled(None, router_type), ids)
+    # Layer 0's logits reached layer 1 through the context (MoE++: 4 experts + 3 zero-computation).
+    assert seen[0].layers_seen == 1
+    assert seen[0].previous_logits.shape == (18, 7 if router_type == "moepp" else 4)
+    assert all(c.sum() == 18 * 2 for c in counts)  # each token's k choices, counted once
+    other_loss, other_grads, other_counts, other_seen = run_step(
+        upcycled(checkpointing, router_type), ids
+    )
+    assert len(other_seen) == 2 and other_seen[1].layers_seen == 1  # recomputed from the same
+    torch.testing.assert_close(other_loss, loss, rtol=1e-12, atol=0)
+    assert other_grads.keys() == grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(other_grads[name], g, rtol=1e-10, atol=1e-12, msg=name)
+    for a, b in zip(other_counts, counts, strict=True):
+        assert torch.equal(a, b), (a, b)
+
+
+def test_reentrant_checkpointing_is_refused_where_routers_read_the_context():
+    model = upcycled("reentrant", "moepp")
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    with pytest.raises(ValueError, match=r"use_reentrant\": False"):
+        model(ids, labels=ids, use_cache=False).loss.backward()
