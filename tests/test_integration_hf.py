@@ -233,8 +233,8 @@ def upcycled(checkpointing: str | None, router_type: str) -> torch.nn.Module:
     """A tiny Llama upcycled with global-batch balancing and aux-free bias counts (every side
     effect visible); MoE++ routers read the previous layer's logits through the context."""
     model = tiny("llama").train()
-    extra = {"zero_experts": 1, "copy_experts": 1, "constant_experts": 1}
-    extra = extra if router_type == "moepp" else {}
+    extra = {"moepp": {"zero_experts": 1, "copy_experts": 1, "constant_experts": 1},
+             "rmoe": {"rnn_dim": 8}}.get(router_type, {})  # fmt: skip
     router = RouterConfig(type=router_type, top_k=2, aux_loss_type="global_aux_loss",
                           bias_update_rate=0.01, **extra)  # fmt: skip
     upcycle(model, MoEConfig(hidden_size=32, num_experts=4, ffn_hidden_size=48, router=router))
@@ -262,14 +262,16 @@ def run_step(model, ids) -> tuple:
 
 
 @pytest.mark.parametrize(("router_type", "checkpointing"),
-                         [("moepp", "non-reentrant"), ("topk", "non-reentrant"),
-                          ("topk", "reentrant")])  # fmt: skip
+                         [("moepp", "non-reentrant"), ("rmoe", "non-reentrant"),
+                          ("topk", "non-reentrant"), ("topk", "reentrant")])  # fmt: skip
 def test_routing_context_flows_and_checkpointing_counts_once(router_type, checkpointing):
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
     loss, grads, counts, seen = run_step(upcycled(None, router_type), ids)
     # Layer 0's logits reached layer 1 through the context (MoE++: 4 experts + 3 zero-computation).
     assert seen[0].layers_seen == 1
     assert seen[0].previous_logits.shape == (18, 7 if router_type == "moepp" else 4)
+    if router_type == "rmoe":  # layer 0's GRU state reached layer 1, through one shared cell
+        assert seen[0].state["rmoe.hidden"].shape == (18, 8)
     assert all(c.sum() == 18 * 2 for c in counts)  # each token's k choices, counted once
     other_loss, other_grads, other_counts, other_seen = run_step(
         upcycled(checkpointing, router_type), ids
@@ -283,8 +285,36 @@ def test_routing_context_flows_and_checkpointing_counts_once(router_type, checkp
         assert torch.equal(a, b), (a, b)
 
 
-def test_reentrant_checkpointing_is_refused_where_routers_read_the_context():
-    model = upcycled("reentrant", "moepp")
+def test_rmoe_in_an_hf_model_follows_the_reference_recurrence():
+    """Layer 1's router logits are W_r1 GRU(W_p1 x1, GRU(W_p0 x0, 0)) with the model's one shared
+    GRU cell (the reference equations of tests/reference_routers.py)."""
+    from tests.reference_routers import rmoe_logits
+
+    model = upcycled(None, "rmoe")
+    inputs, logits = [], []
+    for layer in model.model.layers:
+        layer.mlp.register_forward_pre_hook(lambda m, a: inputs.append(a[0].reshape(-1, 32)))
+        layer.mlp.register_forward_hook(
+            lambda m, a, kw, out: logits.append(kw["routing_context"].previous_logits),
+            with_kwargs=True,
+        )
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    model(ids)
+    gru = model.moe_router_shared["rmoe_gru"]
+    weights = [gru.weight_ih, gru.weight_hh, gru.bias_ih, gru.bias_hh]
+    h = None
+    for i, layer in enumerate(model.model.layers):
+        r = layer.mlp.router
+        want, h = rmoe_logits(inputs[i], r.proj, r.head, weights, h)
+        torch.testing.assert_close(logits[i], torch.stack(want), rtol=1e-10, atol=1e-12)
+    assert sum(p.numel() for p in model.moe_router_shared.parameters()) == sum(
+        p.numel() for p in weights
+    )  # one cell, registered once
+
+
+@pytest.mark.parametrize("router_type", ["moepp", "rmoe"])
+def test_reentrant_checkpointing_is_refused_where_routers_read_the_context(router_type):
+    model = upcycled("reentrant", router_type)
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
     with pytest.raises(ValueError, match=r"use_reentrant\": False"):
         model(ids, labels=ids, use_cache=False).loss.backward()

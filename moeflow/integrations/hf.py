@@ -5,8 +5,9 @@ and converting the sparse MoE blocks of Mixtral, Qwen2-MoE/Qwen3-MoE and OLMoE i
 (default: all) of a Llama, Qwen2/Qwen3 or Mistral style model (`model.model.layers[i].mlp` with
 `gate_proj`, `up_proj`, `down_proj`, no biases, `hidden_act = "silu"`) with an `MoELayer` whose
 experts all start as copies of that MLP (sparse upcycling, Komatsuzaki et al.): SwiGLU with
-`w1 = [gate_proj^T | up_proj^T]`, `w2 = down_proj^T`. With the top-k weights summing to 1
-(the default routing), the upcycled model computes the dense model's logits at step 0. The
+`w1 = [gate_proj^T | up_proj^T]`, `w2 = down_proj^T`. Router modules the layers share (RMoE's
+GRU cell) are registered once on the model as `moe_router_shared`. With the top-k weights summing
+to 1 (the default routing), the upcycled model computes the dense model's logits at step 0. The
 decoder layer calls `mlp(hidden_states)`, which `MoELayer` accepts as it is; `moeflow.parallel`
 (`parallelize`, `GradSync`) then works on the model as on moeflow's own decoder. Models whose
 MLPs have biases or another activation (GPT-2's `gelu_new` with biases) are refused, naming why.
@@ -83,6 +84,10 @@ def upcycle(model: nn.Module, moe_config: MoEConfig, layers: list[int] | None = 
     if bad:
         raise ValueError(f"layers {bad} are not decoder layer indices (0..{len(stack) - 1})")
     hidden_act = getattr(getattr(model, "config", None), "hidden_act", "silu")
+    # Router modules the MoE layers share (RMoE's GRU cell), registered once on the model, as
+    # moeflow's decoder does.
+    if not isinstance(getattr(model, "moe_router_shared", None), nn.ModuleDict):
+        model.moe_router_shared = nn.ModuleDict()
     for i in chosen:
         mlp = stack[i].mlp
         if isinstance(mlp, MoELayer):
@@ -100,7 +105,8 @@ def upcycle(model: nn.Module, moe_config: MoEConfig, layers: list[int] | None = 
                 f"moe.activation ({moe_config.activation!r}) must be 'swiglu' to upcycle a gated "
                 "silu MLP"
             )
-        stack[i].mlp = MoELayer.from_dense(ffn, moe_config)
+        stack[i].mlp = MoELayer.from_dense(ffn, moe_config, model.moe_router_shared)
+        model.moe_router_shared.to(device=ffn.w1.device, dtype=ffn.w1.dtype)
     attach_routing_context(model)
     return chosen
 

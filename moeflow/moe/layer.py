@@ -180,8 +180,11 @@ class MoELayer(nn.Module):
             self.balance.reset(device)
 
     @classmethod
-    def from_dense(cls, ffn: FeedForward, config: MoEConfig) -> MoELayer:
-        """Sparse upcycling: every expert starts as a copy of `ffn`; the router is fresh."""
+    def from_dense(
+        cls, ffn: FeedForward, config: MoEConfig, shared: nn.ModuleDict | None = None
+    ) -> MoELayer:
+        """Sparse upcycling: every expert starts as a copy of `ffn`; the router is fresh (with
+        `shared`, the model's router modules shared by its MoE layers, e.g. RMoE's GRU)."""
         if ffn.w1.shape[0] != config.hidden_size or ffn.w2.shape[0] != config.ffn_hidden_size:
             raise ValueError(
                 f"dense FFN is {ffn.w1.shape[0]}->{ffn.w2.shape[0]} but moe.hidden_size="
@@ -192,7 +195,7 @@ class MoELayer(nn.Module):
                 f"moe.activation ({config.activation!r}) differs from the dense FFN's "
                 f"({ffn.activation!r})"
             )
-        layer = cls(config).to(device=ffn.w1.device, dtype=ffn.w1.dtype)
+        layer = cls(config, shared).to(device=ffn.w1.device, dtype=ffn.w1.dtype)
         layer.experts = GroupedExperts.from_dense(ffn, config.num_experts)
         return layer
 
