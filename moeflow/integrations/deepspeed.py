@@ -13,6 +13,11 @@ outputs unchanged). When the engine starts, each layer creates DeepSpeed's exper
 layer did yet) and checks that they hold the same ranks as moeflow's expert group, so both speak
 of the same experts. Do not also call `GradSync`: the engine reduces the gradients.
 
+Checkpoints: `engine.save_checkpoint` does not work with these layers yet. DeepSpeed 0.19.8's MoE
+checkpoint code expects its own expert naming (`deepspeed_moe.experts.deepspeed_experts.<i>`) and
+fails on moeflow's `experts.w1` with a `TypeError`. Save the weights with moeflow's
+`moeflow.train.checkpoint.save_checkpoint` (DCP, resharding across ep) meanwhile.
+
 Example (one process: ep 1):
     >>> from moeflow.moe.config import MoEConfig
     >>> from moeflow.moe.layer import MoELayer
