@@ -156,15 +156,22 @@ def block_config(block: nn.Module, config, aux_loss_coeff: float | None = None) 
     )  # fmt: skip
 
 
-def convert(model: nn.Module, aux_loss_coeff: float | None = None) -> list[str]:
+def convert(
+    model: nn.Module, aux_loss_coeff: float | None = None, moe_config: MoEConfig | None = None
+) -> list[str]:
     """Replace, in place, every HF sparse MoE block of `model` (`SPARSE_BLOCKS`) by an `MoELayer`
-    computing the same outputs (`block_config`), with its weights; returns the module names."""
+    computing the same outputs (`block_config`), with its weights; returns the module names.
+    `moe_config` (e.g. another router type or a capacity) replaces `block_config`'s; its shapes,
+    top-k, routing semantics and shared expert must be the blocks' own."""
     config = model.config
     names = []
     for name, block in list(model.named_modules()):
         if type(block).__name__ not in SPARSE_BLOCKS:
             continue
         cfg = block_config(block, config, aux_loss_coeff)
+        if moe_config is not None:
+            _check_same_blocks(name, cfg, moe_config)
+            cfg = moe_config
         w = block.gate.weight
         layer = MoELayer(cfg).to(device=w.device, dtype=w.dtype)
         with torch.no_grad():
@@ -180,6 +187,26 @@ def convert(model: nn.Module, aux_loss_coeff: float | None = None) -> list[str]:
         names.append(name)
     attach_routing_context(model)
     return names
+
+
+# The `MoEConfig` fields an HF sparse block fixes: its shapes, routing semantics, shared expert.
+BLOCK_FIXED = (
+    "hidden_size", "num_experts", "ffn_hidden_size", "activation",
+    "shared_expert_ffn_hidden_size", "shared_expert_gate",
+    "router.top_k", "router.pre_softmax", "router.normalize_topk", "router.softmax_dtype",
+)  # fmt: skip
+
+
+def _check_same_blocks(name: str, own: MoEConfig, given: MoEConfig) -> None:
+    for key in BLOCK_FIXED:
+        a, b = own, given
+        for part in key.split("."):
+            a, b = getattr(a, part), getattr(b, part)
+        if a != b:
+            raise ValueError(
+                f"moe_config.{key} ({b!r}) differs from HF block '{name}' ({a!r}): convert keeps "
+                "the blocks' shapes and routing"
+            )
 
 
 def export(model: nn.Module) -> list[str]:

@@ -40,7 +40,9 @@ from moeflow.moe.routing_context import RoutingContext
 @dataclass(kw_only=True, frozen=True)
 class DecoderConfig:
     """Shape of the decoder. `moe.hidden_size` must equal `dim`; dense blocks use
-    `dense_ffn_hidden_size` (default: `moe.ffn_hidden_size`)."""
+    `dense_ffn_hidden_size` (default: `moe.ffn_hidden_size`). `hf_config`: a Hugging Face model's
+    config (its keys) trained instead of this decoder, its shape fields copied here
+    (`moeflow.integrations.hf_run`)."""
 
     vocab_size: int = 256
     dim: int = 256
@@ -55,13 +57,14 @@ class DecoderConfig:
     moe: MoEConfig = field(
         default_factory=lambda: MoEConfig(hidden_size=256, num_experts=8, ffn_hidden_size=512)
     )
+    hf_config: dict | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "moe_layer_freq"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"model.{name} ({value!r}) must be an integer >= 1")
-        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+        if self.hf_config is None and (self.dim % self.n_heads or (self.dim // self.n_heads) % 2):
             raise ValueError(
                 f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads}) "
                 "into an even head dim (rotary positions rotate pairs)"

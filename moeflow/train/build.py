@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from moeflow.models.decoder import MoEDecoder
 from moeflow.parallel.dims import ParallelContext
@@ -98,12 +99,20 @@ def build_model(
     ctx: ParallelContext,
     device: torch.device,
     expert_slots: dict[str, list[int]] | None = None,
-) -> MoEDecoder:
+) -> nn.Module:
     """Build on the meta device, keep only this rank's experts (placed by `expert_slots`,
     default contiguous blocks plus `placement.replica_slots` replicas per shard group), then
-    materialise and initialise: a large model is never whole on one rank."""
-    with torch.device("meta"):
-        model = MoEDecoder(cfg.model)
+    materialise and initialise: a large model is never whole on one rank. A Hugging Face model
+    (`model.hf_config`) is an `HFCausalLM` (`moeflow.integrations.hf_run`)."""
+    if cfg.model.hf_config is not None:
+        from moeflow.integrations.hf_run import build_hf_model
+
+        # Built whole on every rank with train.seed (same weights everywhere), then parallelize
+        # keeps this rank's experts.
+        model = build_hf_model(cfg, torch.device("meta" if device.type == "meta" else "cpu"))
+    else:
+        with torch.device("meta"):
+            model = MoEDecoder(cfg.model)
     p = cfg.parallel
     dispatch = DispatchConfig(  # "auto": the tuner's reference candidate until it decides
         mode="ep" if p.mode == "auto" else p.mode,
@@ -113,8 +122,10 @@ def build_model(
     )
     replicas = cfg.placement.replica_slots  # validated against parallel.ep by RunConfig
     parallelize(model, ctx, dispatch, expert_slots=expert_slots, replica_slots=replicas)
-    if device.type != "meta":
+    if isinstance(model, MoEDecoder) and device.type != "meta":
         model.to_empty(device=device)
         model.init_weights(seed=cfg.train.seed)
+    elif device.type != "meta":
+        model.to(device)
     model.activation_checkpointing = cfg.train.activation_checkpointing
     return model

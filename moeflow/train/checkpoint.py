@@ -279,9 +279,12 @@ def load_checkpoint(
         for group_ in optimizer.param_groups:
             for p in group_["params"]:
                 optimizer.state[p]["step"] = torch.tensor(float(meta["optimizer_steps"]))
-    rank = dist.get_rank(group)
+    # A plain process (no process group) loads as the one rank of a world of one.
+    rank, world = (
+        (dist.get_rank(group), dist.get_world_size(group)) if dist.is_initialized() else (0, 1)
+    )
     rank_file = path / f"rank_{rank:05d}.json"
-    if meta.get("world_size") != dist.get_world_size(group) or not rank_file.is_file():
+    if meta.get("world_size") != world or not rank_file.is_file():
         return meta, None
     try:
         return meta, json.loads(rank_file.read_text(encoding="utf-8"))

@@ -307,6 +307,22 @@ class PlacementRunConfig:
 
 
 @dataclass(kw_only=True, frozen=True)
+class UpcycleConfig:
+    """`[upcycle]` of a Hugging Face run: `weights`, a `save_pretrained` folder whose weights start
+    the run (its config.json is `model.hf_config` when that is not set). See
+    `moeflow.integrations.hf_run`."""
+
+    weights: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.weights is not None and not (Path(self.weights) / "config.json").is_file():
+            raise ValueError(
+                f"upcycle.weights ({self.weights!r}) is not a folder written by save_pretrained "
+                "(no config.json in it)"
+            )
+
+
+@dataclass(kw_only=True, frozen=True)
 class RunConfig:
     model: DecoderConfig = field(default_factory=DecoderConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -317,6 +333,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     placement: PlacementRunConfig = field(default_factory=PlacementRunConfig)
     tuner: TunerConfig = field(default_factory=TunerConfig)
+    upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
 
     def __post_init__(self) -> None:
         if self.train.seq_len > self.model.max_seq_len:
@@ -345,6 +362,14 @@ class RunConfig:
         for key, value in parse_overrides(overrides or []):
             set_dotted(data, key, value)
         model = data.setdefault("model", {})
+        upcycle = data.get("upcycle")
+        hf = isinstance(model, dict) and model.get("hf_config") is not None
+        weights = isinstance(upcycle, dict) and upcycle.get("weights") is not None
+        if isinstance(model, dict) and (hf or weights):
+            from moeflow.integrations.hf_run import resolve_model_section
+
+            build_dataclass(UpcycleConfig, upcycle or {}, "upcycle.", cls)  # its checks first
+            model = data["model"] = resolve_model_section(model, upcycle or {})
         if isinstance(model, dict):
             moe = model.setdefault("moe", {})
             if isinstance(moe, dict):

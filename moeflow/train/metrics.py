@@ -37,6 +37,8 @@ def flops_per_token(cfg: DecoderConfig, seq_len: int) -> int:
     attn = 4 * cfg.dim * cfg.dim
     dense_ffn = (g + 1) * cfg.dim * (cfg.dense_ffn_hidden_size or moe.ffn_hidden_size)
     moe_ffn = moe.router.top_k * (g + 1) * cfg.dim * moe.ffn_hidden_size + cfg.dim * moe.num_experts
+    moe_ffn += (g + 1) * cfg.dim * moe.shared_expert_ffn_hidden_size  # always-on shared expert
+    moe_ffn += cfg.dim if moe.shared_expert_gate else 0
     active = cfg.vocab_size * cfg.dim  # the output head
     for i in range(cfg.n_layers):
         active += attn + (moe_ffn if cfg.is_moe_layer(i) else dense_ffn)
