@@ -1,11 +1,14 @@
-"""Upcycle a Hugging Face Llama into an MoE model and train it expert-parallel on 2 ranks.
+"""Upcycle a Hugging Face Llama (or Qwen2, or GPT-2) into an MoE model and train it expert-parallel
+on 2 ranks.
 
     .venv/bin/python examples/hf_upcycle.py            # spawns 2 gloo ranks itself
+    .venv/bin/python examples/hf_upcycle.py --model gpt2
     .venv/bin/torchrun --nproc-per-node 2 examples/hf_upcycle.py --out runs/hf_upcycle
 
 1. A tiny Llama is built from its config class (nothing downloads; byte-level vocabulary of 256).
 2. `moeflow.integrations.hf.upcycle` turns both MLPs into 8-expert top-2 MoE layers whose experts
-   are copies of the MLP: the logits are the dense model's (checked).
+   are copies of the MLP (GPT-2's with its biases and tanh GELU): the logits are the dense
+   model's (checked).
 3. `moeflow.parallel.parallelize` lays the experts out over the 2 ranks (ep = 2, 4 experts each);
    200 AdamW steps on the embedded corpus (the Python standard library's source, byte tokens),
    gradients synced by `GradSync`. The validation loss before and after is printed (bits/byte).
@@ -25,9 +28,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from moeflow import MoEConfig, RouterConfig
+from moeflow import MoEConfig, MoELayer, RouterConfig
 from moeflow.integrations.hf import upcycle
 from moeflow.parallel import GradSync, ParallelDims, parallelize
 from moeflow.train.checkpoint import load_checkpoint, save_checkpoint
@@ -40,15 +43,24 @@ from moeflow.train.distributed import (
     shutdown,
 )
 
-LLAMA = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+SHAPE = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2,
          "max_position_embeddings": 128}  # fmt: skip
-MOE = MoEConfig(hidden_size=64, num_experts=8, ffn_hidden_size=128, router=RouterConfig(top_k=2))
+GPT2 = {"vocab_size": 256, "n_embd": 64, "n_inner": 128, "n_layer": 2, "n_head": 4,
+        "n_positions": 128, "bos_token_id": 0, "eos_token_id": 0}  # fmt: skip
+# GPT-2's MLP: biases in both projections and gelu_new (tanh): the experts copy both.
+EXPERTS = {"gpt2": {"activation": "gelu_tanh", "ffn_bias": True}}
 
 
-def build(seed: int = 0) -> LlamaForCausalLM:
+def moe_config(model: str) -> MoEConfig:
+    return MoEConfig(hidden_size=64, num_experts=8, ffn_hidden_size=128,
+                     router=RouterConfig(top_k=2), **EXPERTS.get(model, {}))  # fmt: skip
+
+
+def build(model: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**LLAMA))
+    config = AutoConfig.for_model(model, **(GPT2 if model == "gpt2" else SHAPE))
+    return AutoModelForCausalLM.from_config(config)
 
 
 def mean_over_ranks(value: float) -> float:
@@ -75,14 +87,17 @@ def main(args) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     say = print if rank == 0 else (lambda *a, **k: None)
     ctx = ParallelDims(ep=world).build()
-    model = build()
+    moe = moe_config(args.model)
+    model = build(args.model)
     probe = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+    model.eval()  # GPT-2 has dropout
     with torch.no_grad():
         dense = model(probe).logits
-        upcycle(model, MOE)
+        upcycle(model, moe)
         same = torch.allclose(model(probe).logits, dense, rtol=1e-5, atol=1e-6)
-    say(f"upcycled: 2 MLPs -> {MOE.num_experts}-expert top-{MOE.router.top_k} MoE layers; "
-        f"logits equal to the dense model's: {same}")  # fmt: skip
+    model.train()
+    say(f"upcycled {args.model}: 2 MLPs -> {moe.num_experts}-expert top-{moe.router.top_k} MoE "
+        f"layers; logits equal to the dense model's: {same}")  # fmt: skip
     assert same
     parallelize(model, ctx)
     corpus = load_corpus(DataConfig(max_bytes=2_000_000))
@@ -92,7 +107,8 @@ def main(args) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
     sync = GradSync(model, ctx)
     before = val_bits_per_byte(model, corpus.val, rank, world)
-    say(f"ep {world}: {len(model.model.layers[0].mlp.local_expert_ids)} experts per rank; "
+    layer = next(m for m in model.modules() if isinstance(m, MoELayer))
+    say(f"ep {world}: {len(layer.local_expert_ids)} experts per rank; "
         f"validation {before:.3f} bits/byte before training")  # fmt: skip
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
@@ -110,8 +126,8 @@ def main(args) -> None:
         f"({time.perf_counter() - start:.1f} s)")  # fmt: skip
     assert after < before, (before, after)
     path = save_checkpoint(args.out, args.steps, model, opt, meta={}, rank_state={})
-    fresh = build(seed=1)
-    upcycle(fresh, MOE)
+    fresh = build(args.model, seed=1)
+    upcycle(fresh, moe)
     parallelize(fresh, ctx)
     load_checkpoint(path, fresh, None)
     model.eval(), fresh.eval()
@@ -131,6 +147,7 @@ def _spawned(rank: int, world: int, port: int, args) -> None:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--model", choices=("llama", "qwen2", "gpt2"), default="llama")
     p.add_argument("--out", default=None, help="checkpoint folder (default: a temporary one)")
     cli = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

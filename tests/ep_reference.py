@@ -44,6 +44,8 @@ def build_router_net(cfg: MoEConfig) -> RouterNet:
                     p.normal_(0.0, 1.0)
             if layer.router.config.type == "moepp":
                 layer.router.residual.normal_(0.0, 0.3)
+            if layer.ffn_out_bias is not None:
+                layer.ffn_out_bias.normal_(0.0, 0.5)
     return model
 
 

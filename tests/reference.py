@@ -20,6 +20,8 @@ def act(h: torch.Tensor, name: str) -> torch.Tensor:
         return F.silu(h[..., :f]) * h[..., f:]
     if name == "gelu":
         return F.gelu(h)
+    if name == "gelu_tanh":  # 0.5 h (1 + tanh(sqrt(2/pi) (h + 0.044715 h^3))), GPT-2's gelu_new
+        return 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h**3)))
     return torch.relu(h)
 
 
@@ -73,8 +75,11 @@ def reference_moe(
     w2: torch.Tensor,
     cfg: MoEConfig,
     seq_len: int | None = None,
+    b1: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
 ):
-    """Returns (out_TD, aux_loss, z_loss, kept_counts)."""
+    """Returns (out_TD, aux_loss, z_loss, kept_counts). With biases `b1 [E, gF]`, `b2 [E, D]`,
+    expert e is `act(x w1[e] + b1[e]) w2[e] + b2[e]`."""
     T = x_TD.shape[0]
     E, K = cfg.num_experts, cfg.router.top_k
     logits = [router_w @ x_TD[t] for t in range(T)]
@@ -91,7 +96,9 @@ def reference_moe(
                 continue
             e = ids[t][k]
             counts[e] += 1
-            acc = acc + weights[t][k] * (act(x_TD[t] @ w1[e], cfg.activation) @ w2[e])
+            h = x_TD[t] @ w1[e] + (0.0 if b1 is None else b1[e])
+            y = act(h, cfg.activation) @ w2[e] + (0.0 if b2 is None else b2[e])
+            acc = acc + weights[t][k] * y
         outs.append(acc)
     out = torch.stack(outs) if outs else x_TD.new_zeros(0, x_TD.shape[1])
 

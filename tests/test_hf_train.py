@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LLAMA = {"model_type": "llama", "vocab_size": 256, "hidden_size": 32, "intermediate_size": 48,
          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
          "max_position_embeddings": 64}  # fmt: skip
+GPT2 = {"model_type": "gpt2", "vocab_size": 256, "n_embd": 32, "n_inner": 48, "n_layer": 2,
+        "n_head": 4, "n_positions": 64, "bos_token_id": 0, "eos_token_id": 0}  # fmt: skip
 QWEN2_MOE = {"model_type": "qwen2_moe", "vocab_size": 256, "hidden_size": 32,
              "intermediate_size": 64, "moe_intermediate_size": 24, "num_experts": 4,
              "num_experts_per_tok": 2, "shared_expert_intermediate_size": 32,
@@ -58,6 +60,9 @@ def test_hf_config_from_a_table_a_file_and_a_folder(tmp_path):
     m = built[0]
     assert (m.vocab_size, m.dim, m.n_layers, m.n_heads, m.max_seq_len) == (256, 32, 2, 4, 64)
     assert (m.moe.hidden_size, m.moe.ffn_hidden_size, m.moe.num_experts) == (32, 48, 4)
+    gpt2 = RunConfig.from_dict(run_dict(GPT2)).model
+    assert (gpt2.dim, gpt2.n_layers, gpt2.max_seq_len, gpt2.moe.ffn_hidden_size) == (32, 2, 64, 48)
+    assert (gpt2.moe.activation, gpt2.moe.ffn_bias) == ("gelu_tanh", True)
     sparse = RunConfig.from_dict(run_dict(QWEN2_MOE, moe={})).model.moe
     assert (sparse.num_experts, sparse.ffn_hidden_size, sparse.router.top_k) == (4, 24, 2)
     assert (sparse.shared_expert_ffn_hidden_size, sparse.shared_expert_gate) == (32, True)
@@ -73,7 +78,7 @@ def test_hf_config_from_a_table_a_file_and_a_folder(tmp_path):
         (LLAMA, ["--model.hf_config.hidden_sizee", "3"], "did you mean 'hidden_size'"),
         (LLAMA, ["--model.hf_config.model_type", "lama"], "'lama') is not a transformers model"),
         ({**LLAMA, "hidden_act": "gelu"}, [], "hidden_act = 'gelu'"),
-        ({**LLAMA, "model_type": "gpt2"}, [], "GPT2LMHeadModel has no model.layers"),
+        (GPT2, ["--model.moe.activation", '"swiglu"'], "model.moe.activation ('swiglu') must"),
         ({"vocab_size": 256}, [], "model.hf_config needs a model_type"),
         ("/nonexistent/config.json", [], "is not a config.json or a folder holding one"),
         (QWEN2_MOE, ["--model.moe.num_experts", "8"], "model.moe.num_experts (8) contradicts"),
@@ -87,12 +92,13 @@ def test_what_contradicts_the_hf_model_is_refused(hf, overrides, message):
         RunConfig.from_dict(run_dict(hf, moe={}), overrides)
 
 
-def test_built_model_starts_at_the_dense_logits():
-    cfg = RunConfig.from_dict(run_dict(LLAMA, train={"seed": 3, "seq_len": 32}))
+@pytest.mark.parametrize("hf", [LLAMA, GPT2], ids=["llama", "gpt2"])
+def test_built_model_starts_at_the_dense_logits(hf):
+    cfg = RunConfig.from_dict(run_dict(hf, train={"seed": 3, "seq_len": 32}))
     torch.manual_seed(3)
-    dense = AutoModelForCausalLM.from_config(hf_config_object(LLAMA)).eval()
+    dense = AutoModelForCausalLM.from_config(hf_config_object(hf)).eval()
     model = build_hf_model(cfg, torch.device("cpu")).eval()
-    assert all(isinstance(layer.mlp, MoELayer) for layer in model.hf.model.layers)
+    assert len([m for m in model.modules() if isinstance(m, MoELayer)]) == 2
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(ids), dense(ids).logits)

@@ -94,11 +94,12 @@ def test_deepspeed_zero_0_1_2_match_moeflows_loop():
 class DsStyleNet(torch.nn.Module):
     """DeepSpeed's usage pattern: the MoE returns (output, l_aux, exp_counts)."""
 
-    def __init__(self, moe_cls, **moe_kwargs) -> None:
+    def __init__(self, moe_cls, bias: bool = False, **moe_kwargs) -> None:
         super().__init__()
         self.pre = torch.nn.Linear(D, D, bias=False)
+        gelu = torch.nn.GELU(approximate="tanh" if bias else "none")
         expert = torch.nn.Sequential(
-            torch.nn.Linear(D, 16, bias=False), torch.nn.GELU(), torch.nn.Linear(16, D, bias=False)
+            torch.nn.Linear(D, 16, bias=bias), gelu, torch.nn.Linear(16, D, bias=bias)
         )
         self.moe = moe_cls(D, expert, num_experts=4, k=2, drop_tokens=False, **moe_kwargs)
 
@@ -116,20 +117,27 @@ def _ds_style(rank, world):
 
     deepspeed.init_distributed(dist_backend="gloo")  # adopts the process group already there
     ctx = ParallelDims(ep=world).build()
-    # 1. The same numbers as DeepSpeed's MoE (ep 1 here, dropless, top-2, same weights).
-    torch.manual_seed(1)
-    theirs = DsStyleNet(TheirMoE, top2_2nd_expert_sampling=False)
-    theirs.moe.set_deepspeed_parallelism()
-    ours = DsStyleNet(MoE, top2_2nd_expert_sampling=False, use_rts=False)
-    with torch.no_grad():
-        ours.pre.weight.copy_(theirs.pre.weight)
-        ours.moe.router.weight.copy_(theirs.moe.deepspeed_moe.gate.wg.weight)
-        for e, expert in enumerate(theirs.moe.deepspeed_moe.experts.deepspeed_experts):
-            ours.moe.experts.w1[e].copy_(expert[0].weight.t())
-            ours.moe.experts.w2[e].copy_(expert[2].weight.t())
-    x = torch.randn(10, D, generator=torch.Generator().manual_seed(rank))
-    (want, _), (got, l_aux) = theirs(x), ours(x)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # 1. The same numbers as DeepSpeed's MoE (ep 1 here, dropless, top-2, same weights); with
+    # biased tanh-GELU experts too (b1 as w1's last row, b2 as the layer's ffn_out_bias).
+    for bias in (False, True):
+        torch.manual_seed(1)
+        theirs = DsStyleNet(TheirMoE, bias, top2_2nd_expert_sampling=False)
+        theirs.moe.set_deepspeed_parallelism()
+        ours = DsStyleNet(MoE, bias, top2_2nd_expert_sampling=False, use_rts=False)
+        with torch.no_grad():
+            ours.pre.weight.copy_(theirs.pre.weight)
+            ours.moe.router.weight.copy_(theirs.moe.deepspeed_moe.gate.wg.weight)
+            for e, expert in enumerate(theirs.moe.deepspeed_moe.experts.deepspeed_experts):
+                for p in expert.parameters():  # experts that differ (DeepSpeed copies one)
+                    p.add_(torch.randn_like(p), alpha=0.3)
+                ours.moe.experts.w1[e, :D].copy_(expert[0].weight.t())
+                ours.moe.experts.w2[e].copy_(expert[2].weight.t())
+                if bias:
+                    ours.moe.experts.w1[e, D].copy_(expert[0].bias)
+                    ours.moe.ffn_out_bias[e].copy_(expert[2].bias)
+        x = torch.randn(10, D, generator=torch.Generator().manual_seed(rank))
+        (want, _), (got, l_aux) = theirs(x), ours(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     # 2. Under the engine at ep 2 (ZeRO 2), as in moeflow's loop with GradSync.
     results = []
     for engine_loop in (False, True):

@@ -36,15 +36,32 @@ MODELS = {
 }
 
 
+# GPT-2: biases in both projections, gelu_new (tanh), its own config names.
+GPT2 = {"vocab_size": 64, "n_embd": 32, "n_inner": 48, "n_layer": 2, "n_head": 4,
+        "n_positions": 32, "bos_token_id": 0, "eos_token_id": 0}  # fmt: skip
+MODELS["gpt2"] = (GPT2Config, GPT2LMHeadModel)
+
+
 def tiny(kind: str, seed: int = 0) -> torch.nn.Module:
     config_cls, model_cls = MODELS[kind]
     torch.manual_seed(seed)
-    return model_cls(config_cls(**SHAPE)).double().eval()
+    model = model_cls(config_cls(**(GPT2 if kind == "gpt2" else SHAPE))).double().eval()
+    if kind == "gpt2":
+        with torch.no_grad():  # HF initialises GPT-2's biases to 0: make them count
+            for block in model.transformer.h:
+                block.mlp.c_fc.bias.normal_(0.0, 0.5)
+                block.mlp.c_proj.bias.normal_(0.0, 0.5)
+    return model
 
 
-def moe_cfg(**router) -> MoEConfig:
-    return MoEConfig(hidden_size=32, num_experts=4, ffn_hidden_size=48,
+def moe_cfg(kind: str = "llama", **router) -> MoEConfig:
+    gpt2 = {"activation": "gelu_tanh", "ffn_bias": True} if kind == "gpt2" else {}
+    return MoEConfig(hidden_size=32, num_experts=4, ffn_hidden_size=48, **gpt2,
                      router=RouterConfig(top_k=2, **router))  # fmt: skip
+
+
+def layers_of(model):
+    return model.transformer.h if hasattr(model, "transformer") else model.model.layers
 
 
 @pytest.mark.parametrize("kind", sorted(MODELS))
@@ -54,25 +71,44 @@ def test_upcycled_model_computes_the_dense_logits(kind, layers):
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         dense = model(ids).logits
-    replaced = upcycle(model, moe_cfg(), layers=layers)
+    replaced = upcycle(model, moe_cfg(kind), layers=layers)
     assert replaced == (layers or [0, 1])
-    kinds = [type(layer.mlp) for layer in model.model.layers]
-    assert kinds.count(MoELayer) == len(replaced)
+    moe = [any(isinstance(m, MoELayer) for m in layer.mlp.modules()) for layer in layers_of(model)]
+    assert moe.count(True) == len(replaced)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, dense, rtol=1e-10, atol=1e-12)
 
 
+def test_a_llama_mlp_with_biases_upcycles_exactly():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SHAPE, mlp_bias=True)).double().eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                proj.bias.normal_(0.0, 0.5)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        dense = model(ids).logits
+        upcycle(model, MoEConfig(hidden_size=32, num_experts=4, ffn_hidden_size=48, ffn_bias=True))
+        torch.testing.assert_close(model(ids).logits, dense, rtol=1e-10, atol=1e-12)
+
+
 def test_what_cannot_be_upcycled_is_refused():
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64))
-    with pytest.raises(ValueError, match=r"no model\.layers"):
-        upcycle(gpt2, moe_cfg())
+    with pytest.raises(ValueError, match=r"neither model\.layers nor transformer\.h"):
+        upcycle(torch.nn.Linear(2, 2), moe_cfg())
+    with pytest.raises(
+        ValueError, match=r"moe\.activation \('swiglu'\) must match .* \('gelu_tanh'\)"
+    ):
+        upcycle(tiny("gpt2"), moe_cfg())
     model = tiny("llama")
-    with pytest.raises(ValueError, match=r"must match decoder layer 0's MLP \(32, 48\)"):
+    with pytest.raises(
+        ValueError, match=r"ffn_hidden_size \(64\) must match decoder layer 0's MLP \(48\)"
+    ):
         upcycle(model, MoEConfig(hidden_size=32, num_experts=4, ffn_hidden_size=64))
     with pytest.raises(ValueError, match=r"layers \[5\] are not decoder layer indices"):
         upcycle(model, moe_cfg(), layers=[5])
     biased = LlamaForCausalLM(LlamaConfig(**SHAPE, mlp_bias=True))
-    with pytest.raises(ValueError, match="has biases"):
+    with pytest.raises(ValueError, match=r"moe\.ffn_bias \(False\) must match .* \(True\)"):
         upcycle(biased, moe_cfg())
     gelu = LlamaForCausalLM(LlamaConfig(**SHAPE, hidden_act="gelu"))
     with pytest.raises(ValueError, match="hidden_act = 'gelu'"):
@@ -320,9 +356,10 @@ def test_reentrant_checkpointing_is_refused_where_routers_read_the_context(route
         model(ids, labels=ids, use_cache=False).loss.backward()
 
 
-def test_hf_upcycle_example_runs_end_to_end(tmp_path):
-    """examples/hf_upcycle.py (shortened): upcycle, train at ep 2, lower the validation loss, save,
-    reload with identical logits (the script asserts each)."""
+@pytest.mark.parametrize("model", ["llama", "qwen2", "gpt2"])
+def test_hf_upcycle_example_runs_end_to_end(model, tmp_path):
+    """examples/hf_upcycle.py (shortened): upcycle (the dense logits at step 0), train at ep 2,
+    lower the validation loss, save, reload with identical logits (the script asserts each)."""
     import os
     import subprocess
     import sys
@@ -331,9 +368,10 @@ def test_hf_upcycle_example_runs_end_to_end(tmp_path):
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(
         [sys.executable, str(root / "examples" / "hf_upcycle.py"), "--steps", "60",
-         "--out", str(tmp_path)],
+         "--out", str(tmp_path), "--model", model],
         capture_output=True, text=True, timeout=300, cwd=root,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "logits identical: True" in done.stdout and "after 60 steps" in done.stdout
+    assert f"upcycled {model}:" in done.stdout and "dense model's: True" in done.stdout

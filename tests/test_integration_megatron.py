@@ -117,6 +117,12 @@ def test_unexpressible_moeflow_settings_name_the_field():
     for router, match in cases:
         with pytest.raises(ValueError, match=match):
             transformer_config_kwargs(MoEConfig.from_dict({**cfg.to_dict(), "router": router}))
+    for fields, match in (
+        ({"activation": "gelu_tanh"}, r"moe\.activation \('gelu_tanh'\) has no Megatron"),
+        ({"activation": "gelu", "ffn_bias": True}, r"moe\.ffn_bias = True has no Megatron"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            transformer_config_kwargs(MoEConfig.from_dict({**cfg.to_dict(), **fields}))
 
 
 def test_megatron_mlp_interface():

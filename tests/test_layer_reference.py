@@ -115,3 +115,36 @@ def test_aux_loss_scale_scales_only_the_balancing_gradient():
         layer(x).sum().backward()
         grads[scale] = layer.router.weight.grad.clone()
     torch.testing.assert_close(grads[3.0] - grads[0.0], 3 * (grads[1.0] - grads[0.0]))
+
+
+@pytest.mark.parametrize("activation", ["gelu_tanh", "swiglu"])
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_expert_biases_match_the_reference(activation, capacity_factor):
+    # b1 is w1's last row, b2 the layer's ffn_out_bias; a dropped pair gets neither.
+    cfg = MoEConfig(
+        hidden_size=8, num_experts=4, ffn_hidden_size=12, activation=activation, ffn_bias=True,
+        router=RouterConfig(top_k=2, capacity_factor=capacity_factor),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    layer = MoELayer(cfg).double()
+    with torch.no_grad():
+        layer.router.weight.normal_(0.0, 1.0)
+        layer.ffn_out_bias.normal_(0.0, 1.0)
+    x = torch.randn(13, 8, dtype=torch.float64)
+    g = torch.randn_like(x)
+    x1 = x.clone().requires_grad_(True)
+    (layer(x1) * g).sum().backward()
+    out = layer(x)
+    w1 = layer.experts.w1.detach()
+    ref = [layer.router.weight, w1[:, :8], layer.experts.w2, w1[:, 8], layer.ffn_out_bias]
+    ref = [p.detach().clone().requires_grad_(True) for p in ref]
+    x2 = x.clone().requires_grad_(True)
+    ref_out, aux, _, counts = reference_moe(x2, *ref[:3], cfg, b1=ref[3], b2=ref[4])
+    ((ref_out * g).sum() + cfg.router.aux_loss_coeff * aux).backward()
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-9, atol=1e-12)
+    got = [layer.router.weight.grad, layer.experts.w1.grad[:, :8], layer.experts.w2.grad,
+           layer.experts.w1.grad[:, 8], layer.ffn_out_bias.grad]  # fmt: skip
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b.grad, rtol=1e-9, atol=1e-12)
+    assert layer.last_stats.tokens_per_expert.tolist() == counts

@@ -3,8 +3,8 @@ single process in float64: outputs, input gradients and every parameter gradient
 
 Covers E >= G (whole experts per rank) and E < G (F-slices of one expert per rank), uneven token
 counts, k 1 and 2, dropless and capacity, the topk, null, moepp and rmoe routers, a re-placed and a
-replicated layout, overlap degree 1 and 2, the flat and the two-level all-to-all. One spawn per
-world size serves every case."""
+replicated layout, overlap degree 1 and 2, the flat and the two-level all-to-all, shared experts
+and expert biases. One spawn per world size serves every case."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def check_case(ctx, case: dict, shards: list[int]) -> int:
         hidden_size=D, num_experts=experts, ffn_hidden_size=F, activation=case.get("act", "swiglu"),
         router=router(case["router"], k, **extra),
         shared_expert_ffn_hidden_size=case.get("shared", 0),
-        shared_expert_gate=case.get("shared_gate", False),
+        shared_expert_gate=case.get("shared_gate", False), ffn_bias=case.get("bias", False),
     )  # fmt: skip
     gen = torch.Generator().manual_seed(100)
     xs = [torch.randn(n, D, dtype=torch.float64, generator=gen) for n in shards]
@@ -135,11 +135,13 @@ def check_memory(par: Net, mode: str, label: str) -> None:
     call, measured on the tensors, against the layout's arithmetic."""
     for layer in (par.moe1, par.moe2):
         lay, c = layer.layout, 2 if layer.config.activation == "swiglu" else 1
+        lay, bias = layer.layout, layer.config.ffn_bias
         held = sum(p.nbytes for p in layer.experts.parameters())
-        assert held == 8 * lay.rank_elements(D, c), label
-        assert held * lay.group_size == 8 * D * F * (c + 1) * len(lay.slots), label  # 1/G each
+        assert held == 8 * lay.rank_elements(D, c, bias), label
+        per_expert = F * (c * (D + bias) + D)
+        assert held * lay.group_size == 8 * per_expert * len(lay.slots), label  # 1/G each
         peak = layer.expert_dispatch.last_gather_peak_bytes
-        assert peak == 8 * lay.gather_peak_elements(mode, D, c), (label, peak)
+        assert peak == 8 * lay.gather_peak_elements(mode, D, c, bias), (label, peak)
         assert (peak > 0) == (mode == "dp" or (mode == "ep" and lay.shards > 1)), label
 
 
@@ -172,6 +174,9 @@ CASES = [
     {"experts": sliced, "router": "moepp", "k": 2, "two_level": True, "capacity": 1.0},
     # shared experts beside the routed ones, in every mode
     {"experts": sliced, "router": "topk", "k": 2, "shared": 8, "shared_gate": True, "overlap": 2},
+    # expert biases (b1 in w1's last row, b2 after the combine), whole experts and F-slices
+    {"experts": whole, "router": "topk", "k": 2, "bias": True, "act": "gelu_tanh", "capacity": 1.0},
+    {"experts": sliced, "router": "moepp", "k": 2, "bias": True, "act": "gelu_tanh", "overlap": 2},
 ]
 
 

@@ -81,3 +81,15 @@ def test_world_size_must_split_into_ep():
     pinned = RunConfig.from_dict({"parallel": {"ep": 2, "dp": 1}})
     with pytest.raises(ValueError, match=r"parallel.dp \(1\) x parallel.ep \(2\)"):
         pinned.parallel.dp_for(4)
+
+
+def test_fields_added_later_leave_the_fingerprint_of_older_checkpoints_alone():
+    # The default model's fingerprint as the release before shared experts, expert biases and
+    # HF models wrote it into every checkpoint: those checkpoints still resume.
+    assert RunConfig.from_dict({}).fingerprint() == "c99b1d0342091d44"
+    for override in (
+        ["--model.moe.ffn_bias", "true"],
+        ["--model.moe.shared_expert_ffn_hidden_size", "64"],
+        ["--model.moe.router.softmax_dtype", '"fp32"'],
+    ):
+        assert RunConfig.from_dict({}, override).fingerprint() != "c99b1d0342091d44", override

@@ -195,6 +195,7 @@ class MoE(DeepSpeedMoELayer):
             num_experts=num_experts,
             ffn_hidden_size=ffn.w2.shape[0],
             activation=ffn.activation,
+            ffn_bias=ffn.b1 is not None,
             router=RouterConfig(
                 top_k=k,
                 pre_softmax=True,
@@ -211,6 +212,9 @@ class MoE(DeepSpeedMoELayer):
         nn.Module.__init__(self)
         self.__dict__.update(MoELayer(config).__dict__)
         self.experts = GroupedExperts.from_dense(ffn, num_experts)
+        if self.ffn_out_bias is not None:
+            with torch.no_grad():
+                self.ffn_out_bias.copy_(ffn.b2.detach().expand_as(self.ffn_out_bias))
         if ep_size > 1 or ctx is not None:
             if ctx is None or ctx.dims.ep != ep_size:
                 raise ValueError(
@@ -234,29 +238,34 @@ class MoE(DeepSpeedMoELayer):
 
 
 def _as_feed_forward(expert: nn.Module, hidden: int) -> FeedForward:
-    """`expert` as a moeflow `FeedForward` (a copy of its weights)."""
+    """`expert` as a moeflow `FeedForward` (a copy of its weights, and biases if it has them)."""
     if isinstance(expert, FeedForward):
         return expert
-    acts = {nn.GELU: "gelu", nn.ReLU: "relu"}
     parts = list(expert) if isinstance(expert, nn.Sequential) else []
+    act = None
+    if len(parts) == 3 and isinstance(parts[1], nn.ReLU):
+        act = "relu"
+    elif len(parts) == 3 and isinstance(parts[1], nn.GELU):
+        act = "gelu_tanh" if parts[1].approximate == "tanh" else "gelu"
     ok = (
-        len(parts) == 3
+        act is not None
         and isinstance(parts[0], nn.Linear)
         and isinstance(parts[2], nn.Linear)
-        and type(parts[1]) in acts
-        and parts[0].bias is None
-        and parts[2].bias is None
-        and getattr(parts[1], "approximate", "none") == "none"
+        and (parts[0].bias is None) == (parts[2].bias is None)
         and parts[0].in_features == hidden == parts[2].out_features
     )
     if not ok:
         raise ValueError(
             f"MoE(expert={type(expert).__name__}): moeflow's experts are FFNs; pass a moeflow "
-            f"FeedForward or nn.Sequential(nn.Linear({hidden}, F, bias=False), nn.GELU() or "
-            f"nn.ReLU(), nn.Linear(F, {hidden}, bias=False))"
+            f"FeedForward or nn.Sequential(nn.Linear({hidden}, F), nn.GELU() or nn.ReLU(), "
+            f"nn.Linear(F, {hidden})) (both linears with biases or both without)"
         )
-    ffn = FeedForward(hidden, parts[0].out_features, acts[type(parts[1])])
+    bias = parts[0].bias is not None
+    ffn = FeedForward(hidden, parts[0].out_features, act, bias=bias)
     with torch.no_grad():
         ffn.w1.copy_(parts[0].weight.t())
         ffn.w2.copy_(parts[2].weight.t())
+        if bias:
+            ffn.b1.copy_(parts[0].bias)
+            ffn.b2.copy_(parts[2].bias)
     return ffn.to(parts[0].weight.device, parts[0].weight.dtype)

@@ -3,14 +3,17 @@ and converting the sparse MoE blocks of Mixtral, Qwen2-MoE/Qwen3-MoE and OLMoE i
 
 `upcycle(model, moe_config, layers=None)` replaces, in place, the MLP of the chosen decoder layers
 (default: all) of a Llama, Qwen2/Qwen3 or Mistral style model (`model.model.layers[i].mlp` with
-`gate_proj`, `up_proj`, `down_proj`, no biases, `hidden_act = "silu"`) with an `MoELayer` whose
-experts all start as copies of that MLP (sparse upcycling, Komatsuzaki et al.): SwiGLU with
-`w1 = [gate_proj^T | up_proj^T]`, `w2 = down_proj^T`. Router modules the layers share (RMoE's
-GRU cell) are registered once on the model as `moe_router_shared`. With the top-k weights summing
-to 1 (the default routing), the upcycled model computes the dense model's logits at step 0. The
-decoder layer calls `mlp(hidden_states)`, which `MoELayer` accepts as it is; `moeflow.parallel`
-(`parallelize`, `GradSync`) then works on the model as on moeflow's own decoder. Models whose
-MLPs have biases or another activation (GPT-2's `gelu_new` with biases) are refused, naming why.
+`gate_proj`, `up_proj`, `down_proj`, `hidden_act = "silu"`) or of GPT-2 (`transformer.h[i].mlp`
+with `c_fc`, `c_proj` and biases, `gelu_new`) with an `MoELayer` whose experts all start as copies
+of that MLP (sparse upcycling, Komatsuzaki et al.): SwiGLU with `w1 = [gate_proj^T | up_proj^T]`,
+`w2 = down_proj^T`; GPT-2 with `gelu_tanh`, `w1 = c_fc`, `w2 = c_proj` and their biases
+(`MoEConfig.ffn_bias`). GPT-2's MLP dropout stays after the MoE layer (`nn.Sequential`). Router
+modules the layers share (RMoE's GRU cell) are registered once on the model as
+`moe_router_shared`. With the top-k weights summing to 1 (the default routing), the upcycled model
+computes the dense model's logits at step 0. The decoder layer calls `mlp(hidden_states)`, which
+`MoELayer` accepts as it is; `moeflow.parallel` (`parallelize`, `GradSync`) then works on the model
+as on moeflow's own decoder. The `MoEConfig`'s shapes, activation and `ffn_bias` must be the MLP's
+(a mismatch is refused naming the field).
 
 Example:
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -38,40 +41,71 @@ from moeflow.moe.layer import MoELayer
 from moeflow.moe.routing_context import RoutingContext
 from moeflow.moe.walk import moe_layers
 
+# transformers' activation names -> moeflow's (GPT-2's "gelu_new" is the tanh approximation).
+HF_ACTIVATIONS = {
+    "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu",
+}  # fmt: skip
+
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a `*ForCausalLM` (or its base model): `model.model.layers`."""
-    base = getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(
-            f"{type(model).__name__} has no model.layers: upcycle() handles Llama, Qwen2/Qwen3 "
-            "and Mistral style decoders"
-        )
-    return layers
+    """The decoder layers of a `*ForCausalLM` (or its base model): `model.model.layers` (Llama,
+    Qwen2/Qwen3, Mistral), or `model.transformer.h` (GPT-2)."""
+    for path in ("model.layers", "layers", "transformer.h", "h"):
+        node = model
+        for part in path.split("."):
+            node = getattr(node, part, None)
+        if isinstance(node, nn.ModuleList):
+            return node
+    raise ValueError(
+        f"{type(model).__name__} has neither model.layers nor transformer.h: upcycle() handles "
+        "Llama, Qwen2/Qwen3, Mistral and GPT-2 style decoders"
+    )
 
 
-def dense_ffn(mlp: nn.Module, hidden_act: str) -> FeedForward:
-    """A copy of a Llama-style gated MLP as a moeflow SwiGLU `FeedForward`."""
-    parts = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+def dense_ffn(mlp: nn.Module, config) -> FeedForward:
+    """A copy of an HF MLP as a moeflow `FeedForward`: a Llama-style gated MLP (`gate_proj`,
+    `up_proj`, `down_proj`, `hidden_act = "silu"`, with or without `mlp_bias`) as SwiGLU, or
+    GPT-2's (`c_fc`, `c_proj` with biases, `activation_function`)."""
+    name = type(mlp).__name__
+    if all(hasattr(mlp, a) for a in ("c_fc", "c_proj")):  # GPT-2: Conv1D weights are [in, out]
+        act = getattr(config, "activation_function", "gelu_new")
+        if act not in HF_ACTIVATIONS:
+            raise ValueError(
+                f"activation_function = {act!r} has no moeflow activation; use one of "
+                f"{sorted(HF_ACTIVATIONS)}"
+            )
+        fc, proj = mlp.c_fc, mlp.c_proj
+        ffn = FeedForward(fc.weight.shape[0], fc.weight.shape[1], HF_ACTIVATIONS[act], bias=True)
+        ffn.to(device=fc.weight.device, dtype=fc.weight.dtype)
+        with torch.no_grad():
+            for dst, src in ((ffn.w1, fc.weight), (ffn.b1, fc.bias), (ffn.w2, proj.weight),
+                             (ffn.b2, proj.bias)):  # fmt: skip
+                dst.copy_(src)
+        return ffn
+    parts = [getattr(mlp, a, None) for a in ("gate_proj", "up_proj", "down_proj")]
     if not all(isinstance(p, nn.Linear) for p in parts):
         raise ValueError(
-            f"{type(mlp).__name__} is not a gated MLP (gate_proj, up_proj, down_proj): upcycle() "
-            "handles Llama, Qwen2/Qwen3 and Mistral style MLPs"
+            f"{name} is neither a gated MLP (gate_proj, up_proj, down_proj) nor GPT-2's (c_fc, "
+            "c_proj): upcycle() handles Llama, Qwen2/Qwen3, Mistral and GPT-2 style MLPs"
         )
-    if any(p.bias is not None for p in parts):
-        raise ValueError(f"{type(mlp).__name__} has biases (mlp_bias): moeflow's experts have none")
+    hidden_act = getattr(config, "hidden_act", "silu")
     if hidden_act != "silu":
         raise ValueError(
             f"hidden_act = {hidden_act!r}: moeflow's gated experts are SwiGLU (silu); upcycle "
             "a model with hidden_act='silu'"
         )
     gate, up, down = parts
-    ffn = FeedForward(gate.in_features, gate.out_features, "swiglu")
+    bias = gate.bias is not None
+    if any((p.bias is not None) != bias for p in parts):
+        raise ValueError(f"{name}: some projections have biases and some not")
+    ffn = FeedForward(gate.in_features, gate.out_features, "swiglu", bias=bias)
     ffn.to(device=gate.weight.device, dtype=gate.weight.dtype)
     with torch.no_grad():
         ffn.w1.copy_(torch.cat([gate.weight.t(), up.weight.t()], dim=1))
         ffn.w2.copy_(down.weight.t())
+        if bias:
+            ffn.b1.copy_(torch.cat([gate.bias, up.bias]))
+            ffn.b2.copy_(down.bias)
     return ffn
 
 
@@ -83,29 +117,29 @@ def upcycle(model: nn.Module, moe_config: MoEConfig, layers: list[int] | None = 
     bad = [i for i in chosen if not (isinstance(i, int) and 0 <= i < len(stack))]
     if bad:
         raise ValueError(f"layers {bad} are not decoder layer indices (0..{len(stack) - 1})")
-    hidden_act = getattr(getattr(model, "config", None), "hidden_act", "silu")
     # Router modules the MoE layers share (RMoE's GRU cell), registered once on the model, as
     # moeflow's decoder does.
     if not isinstance(getattr(model, "moe_router_shared", None), nn.ModuleDict):
         model.moe_router_shared = nn.ModuleDict()
     for i in chosen:
         mlp = stack[i].mlp
-        if isinstance(mlp, MoELayer):
+        if any(isinstance(m, MoELayer) for m in mlp.modules()):
             raise ValueError(f"decoder layer {i} already holds an MoELayer")
-        ffn = dense_ffn(mlp, hidden_act)
+        ffn = dense_ffn(mlp, getattr(model, "config", None))
         d, f = ffn.w1.shape[0], ffn.w2.shape[0]
-        if (moe_config.hidden_size, moe_config.ffn_hidden_size) != (d, f):
-            raise ValueError(
-                f"moe.hidden_size / moe.ffn_hidden_size ({moe_config.hidden_size}, "
-                f"{moe_config.ffn_hidden_size}) must match decoder layer {i}'s MLP ({d}, {f}) to "
-                f"upcycle it: set hidden_size={d}, ffn_hidden_size={f}"
-            )
-        if moe_config.activation != "swiglu":
-            raise ValueError(
-                f"moe.activation ({moe_config.activation!r}) must be 'swiglu' to upcycle a gated "
-                "silu MLP"
-            )
-        stack[i].mlp = MoELayer.from_dense(ffn, moe_config, model.moe_router_shared)
+        want = {"hidden_size": d, "ffn_hidden_size": f, "activation": ffn.activation,
+                "ffn_bias": ffn.b1 is not None}  # fmt: skip
+        for key, value in want.items():
+            if getattr(moe_config, key) != value:
+                raise ValueError(
+                    f"moe.{key} ({getattr(moe_config, key)!r}) must match decoder layer {i}'s "
+                    f"MLP ({value!r}) to upcycle it: set {key}={value!r}"
+                )
+        moe = MoELayer.from_dense(ffn, moe_config, model.moe_router_shared)
+        dropout = getattr(mlp, "dropout", None)  # GPT-2 drops the MLP's output in training
+        has_dropout = isinstance(dropout, nn.Dropout) and dropout.p > 0
+        stack[i].mlp = nn.Sequential(moe, nn.Dropout(dropout.p)) if has_dropout else moe
+        stack[i].mlp.train(mlp.training)  # the model's train/eval mode, as the MLP had it
         model.moe_router_shared.to(device=ffn.w1.device, dtype=ffn.w1.dtype)
     attach_routing_context(model)
     return chosen

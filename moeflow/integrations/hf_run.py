@@ -7,10 +7,11 @@ decoder's (`vocab_size`, `dim` = `hidden_size`, `n_layers` = `num_hidden_layers`
 well must agree, and the reference decoder's own fields (`rope_theta`, `norm_eps`, `init_std`,
 `dense_ffn_hidden_size`) are refused (set the HF model's own keys in `hf_config`).
 
-- A **dense** model (Llama, Qwen2/Qwen3, Mistral) is upcycled (`moeflow.integrations.hf.upcycle`):
-  the MLPs of decoder layers 0, f, 2f, ... (`f = model.moe_layer_freq`) become `MoELayer`s of
-  `[model.moe]` whose experts all start as copies of that MLP (`moe.hidden_size` and
-  `moe.ffn_hidden_size` come from the MLP).
+- A **dense** model (Llama, Qwen2/Qwen3, Mistral, GPT-2) is upcycled
+  (`moeflow.integrations.hf.upcycle`): the MLPs of decoder layers 0, f, 2f, ... (`f =
+  model.moe_layer_freq`) become `MoELayer`s of `[model.moe]` whose experts all start as copies of
+  that MLP (`moe.hidden_size`, `moe.ffn_hidden_size`, `moe.activation` and `moe.ffn_bias` come
+  from the MLP).
 - A **sparse** model (Mixtral, Qwen2-MoE/Qwen3-MoE, OLMoE) has its MoE blocks converted
   (`moeflow.integrations.hf.convert`): the shapes, `router.top_k`, the routing semantics
   (`pre_softmax`, `normalize_topk`, `softmax_dtype`) and the shared expert come from the model
@@ -199,20 +200,16 @@ def resolve_model_section(model: dict, upcycle: dict) -> dict:
         from moeflow.integrations.hf import decoder_layers, dense_ffn
 
         layer = decoder_layers(meta)[0]
-        ffn = dense_ffn(layer.mlp, getattr(config, "hidden_act", "silu"))
-        fixed = {"hidden_size": ffn.w1.shape[0], "ffn_hidden_size": ffn.w2.shape[0]}
+        ffn = dense_ffn(layer.mlp, config)
+        fixed = {"hidden_size": ffn.w1.shape[0], "ffn_hidden_size": ffn.w2.shape[0],
+                 "activation": ffn.activation, "ffn_bias": ffn.b1 is not None}  # fmt: skip
         for key, value in fixed.items():
             if key in moe and moe[key] != value:
                 raise ValueError(
-                    f"model.moe.{key} ({moe[key]!r}) must equal the MLP's ({value}) to upcycle "
+                    f"model.moe.{key} ({moe[key]!r}) must equal the MLP's ({value!r}) to upcycle "
                     f"it; remove model.moe.{key}"
                 )
         moe.update(fixed)
-        if moe.get("activation", "swiglu") != "swiglu":
-            raise ValueError(
-                f"model.moe.activation ({moe['activation']!r}) must be 'swiglu' to upcycle a "
-                "gated silu MLP; remove it"
-            )
         model["moe"] = moe
     return model
 

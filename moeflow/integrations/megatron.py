@@ -187,6 +187,16 @@ def transformer_config_kwargs(cfg: MoEConfig) -> dict:
             "moe.router.normalize_topk = True with pre_softmax: Megatron does not renormalise "
             "pre-softmax top-k weights; set normalize_topk = False"
         )
+    if cfg.activation not in {name for name, _ in ACTIVATIONS}:
+        raise ValueError(
+            f"moe.activation ({cfg.activation!r}) has no Megatron activation_func here; use "
+            f"one of {sorted({name for name, _ in ACTIVATIONS})}"
+        )
+    if cfg.ffn_bias:
+        raise ValueError(
+            "moe.ffn_bias = True has no Megatron equivalent here (add_bias_linear would add "
+            "biases to every linear layer, attention included); set ffn_bias = False"
+        )
     (_, gated), fn = next((key, fn) for key, fn in ACTIVATIONS.items() if key[0] == cfg.activation)
     return {
         "hidden_size": cfg.hidden_size,

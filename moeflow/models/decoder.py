@@ -121,7 +121,7 @@ class Block(nn.Module):
             self.ffn: nn.Module = MoELayer(cfg.moe, shared)
         else:
             width = cfg.dense_ffn_hidden_size or cfg.moe.ffn_hidden_size
-            self.ffn = FeedForward(cfg.dim, width, cfg.moe.activation)
+            self.ffn = FeedForward(cfg.dim, width, cfg.moe.activation, cfg.moe.ffn_bias)
 
     def forward(self, x, cos, sin, routing_context: RoutingContext) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin)
@@ -179,6 +179,8 @@ class MoEDecoder(nn.Module):
                 block.ffn.reset_buffers()
                 block.ffn.router.reset_parameters(generator=gen)
                 block.ffn.router.expert_bias.zero_()
+                if block.ffn.ffn_out_bias is not None:
+                    block.ffn.ffn_out_bias.zero_()
                 if block.ffn.zc_experts is not None:
                     block.ffn.zc_experts.reset_parameters(generator=gen)
                 if block.ffn.shared_expert is not None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from moeflow.utils.validate import check_choice, check_non_negative
 
-ACTIVATIONS = ("swiglu", "gelu", "relu")
+ACTIVATIONS = ("swiglu", "gelu", "gelu_tanh", "relu")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 DROP_POLICIES = ("probs", "position")
 AUX_LOSS_TYPES = ("none", "aux_loss", "seq_aux_loss", "global_aux_loss")
@@ -186,7 +186,14 @@ class RouterConfig:
 class MoEConfig:
     """Shape of one MoE layer: `hidden_size` D, `num_experts` E, `ffn_hidden_size` F per expert.
 
-    `activation`: `swiglu` (`silu(x W_gate) * (x W_up)`), `gelu` or `relu`.
+    `activation`: `swiglu` (`silu(x W_gate) * (x W_up)`), `gelu` (erf), `gelu_tanh` (its tanh
+    approximation, GPT-2's `gelu_new`) or `relu`.
+
+    `ffn_bias`: every routed expert computes `act(x W1 + b1) W2 + b2` (`nn.Linear`-style biases,
+    as GPT-2's MLP and DeepSpeed's experts have). `b1` is stored as the last row of `w1` (`[E, D+1,
+    g*F]`: it travels, shards and is gathered with w1's columns); `b2` is the layer's
+    `ffn_out_bias [E, D]`, held by every rank like the router and added after the combine, weighted
+    by each kept pair's gate (a dropped pair gets no bias, as it gets no expert output).
 
     Shared experts (DeepSeek-V2/V3, Qwen2-MoE; Megatron's `moe_shared_expert_intermediate_size`):
     `shared_expert_ffn_hidden_size` F_s > 0 adds an always-on FFN of width F_s (n shared experts
@@ -208,6 +215,7 @@ class MoEConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     shared_expert_ffn_hidden_size: int = 0
     shared_expert_gate: bool = False
+    ffn_bias: bool = False
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_experts", "ffn_hidden_size"):
@@ -221,6 +229,8 @@ class MoEConfig:
                 f"moe.shared_expert_ffn_hidden_size ({shared!r}) must be an integer >= 0 "
                 "(0: no shared expert)"
             )
+        if not isinstance(self.ffn_bias, bool):
+            raise ValueError(f"moe.ffn_bias ({self.ffn_bias!r}) must be true or false")
         if not isinstance(self.shared_expert_gate, bool):
             raise ValueError(
                 f"moe.shared_expert_gate ({self.shared_expert_gate!r}) must be true or false"

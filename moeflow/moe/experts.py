@@ -2,6 +2,8 @@
 
 Legend: R rows (expert-sorted tokens), D model dim, F FFN hidden dim, E experts, g = 2 for SwiGLU.
 `w1: [E, D, g*F]`, `w2: [E, F, D]`; expert e is exactly a `FeedForward` with `w1[e]`, `w2[e]`.
+With `bias`, `w1` is `[E, D+1, g*F]`, its last row each expert's `b1` (the output bias `b2` is the
+MoE layer's `ffn_out_bias`, see `MoEConfig.ffn_bias`).
 """
 
 from __future__ import annotations
@@ -48,28 +50,41 @@ class GroupedExperts(nn.Module):
     """
 
     def __init__(
-        self, num_experts: int, hidden_size: int, ffn_hidden_size: int, activation: str = "swiglu"
+        self,
+        num_experts: int,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        activation: str = "swiglu",
+        bias: bool = False,
     ) -> None:
         super().__init__()
         apply_activation(torch.zeros(0, 2), activation)  # validates the name
         self.num_experts = num_experts
         self.activation = activation
         g = gate_multiplier(activation)
-        self.w1 = nn.Parameter(torch.empty(num_experts, hidden_size, g * ffn_hidden_size))
+        rows = hidden_size + int(bias)  # b1 as w1's last row
+        self.w1 = nn.Parameter(torch.empty(num_experts, rows, g * ffn_hidden_size))
         self.w2 = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size))
         self.reset_parameters()
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         init_ffn_weights_(self.w1, self.w2, generator)
 
+    @property
+    def has_bias(self) -> bool:
+        return self.w1.shape[1] > self.w2.shape[2]
+
     @classmethod
     def from_dense(cls, ffn: FeedForward, num_experts: int) -> GroupedExperts:
-        """Every expert a copy of `ffn` (sparse upcycling)."""
-        hidden, gf = ffn.w1.shape
-        experts = cls(num_experts, hidden, ffn.w2.shape[0], ffn.activation)
+        """Every expert a copy of `ffn` (sparse upcycling); its `b1` too when it has biases (its
+        `b2` belongs to the MoE layer)."""
+        hidden = ffn.w1.shape[0]
+        bias = ffn.b1 is not None
+        experts = cls(num_experts, hidden, ffn.w2.shape[0], ffn.activation, bias)
         experts.to(device=ffn.w1.device, dtype=ffn.w1.dtype)
+        w1 = ffn.w1.detach() if not bias else torch.cat([ffn.w1.detach(), ffn.b1.detach()[None]])
         with torch.no_grad():
-            experts.w1.copy_(ffn.w1.detach().expand(num_experts, hidden, gf))
+            experts.w1.copy_(w1.expand(num_experts, *w1.shape))
             experts.w2.copy_(ffn.w2.detach().expand_as(experts.w2))
         return experts
 

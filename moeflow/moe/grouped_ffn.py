@@ -2,6 +2,11 @@
 
 Legend: R rows, D model dim, F FFN dim, g = 2 for SwiGLU, E experts, n rows of one block.
 
+With biases (`MoEConfig.ffn_bias`) `w1` is `[E, D+1, gF]`, its last row the bias `b1`: the first
+GEMM is then `addmm(b1[e], x, w1[e, :D])` and the bias gradient the column sums of the
+pre-activation gradient (written into that row of w1's gradient). The output bias `b2` is not
+here: the MoE layer adds it after the combine.
+
 A *block* is `(expert, first row, end row)`. Blocks of one expert need not be adjacent: under expert
 parallelism the received buffer is ordered by source rank, then expert, so expert e owns one block
 per source rank and the GEMMs run on those blocks in place (no reordering copy).
@@ -91,9 +96,15 @@ class WeightGrads:
     def accumulate(self, e: int, x_nD, grad_hs, a_nF, grad_nD) -> None:
         first = e not in self.written
         self.written.add(e)
+        d = x_nD.shape[1]
         parts = [self.w1[e]] if len(grad_hs) == 1 else list(self.w1[e].split(self.ffn, dim=-1))
         for gw, gh in zip(parts, grad_hs, strict=True):
-            _mm_into(gw, x_nD.t(), gh, first)
+            _mm_into(gw[:d], x_nD.t(), gh, first)
+            if gw.shape[0] > d:  # the bias row: column sums of the pre-activation gradient
+                if first:
+                    torch.sum(gh, dim=0, out=gw[d])
+                else:
+                    gw[d].add_(gh.sum(dim=0))
         _mm_into(self.w2[e], a_nF.t(), grad_nD, first)
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,6 +113,10 @@ class WeightGrads:
                 self.w1[e].zero_()
                 self.w2[e].zero_()
         return self.w1, self.w2
+
+
+def _tanh(activation: str) -> str:
+    return "tanh" if activation == "gelu_tanh" else "none"
 
 
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, overwrite: bool) -> None:
@@ -115,21 +130,29 @@ def ffn_forward(
     x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, blocks: list[Block], activation: str
 ) -> tuple[torch.Tensor, FFNActivations]:
     """Run every block; `x`, `w1`, `w2` already in the compute dtype. Rows in no block give 0."""
-    rows, ffn = x.shape[0], w2.shape[1]
+    (rows, d), ffn = x.shape, w2.shape[1]
     # SwiGLU's gate and up projections (column blocks of w1) are separate GEMMs into contiguous
     # tensors: elementwise kernels on strided halves of one buffer run ~2x slower on CPU.
     w1_parts = list(w1.split(ffn, dim=-1))
+    bias = w1.shape[1] > d
     covered = sum(hi - lo for _, lo, hi in blocks)
     y = x.new_empty(rows, w2.shape[-1]) if covered == rows else x.new_zeros(rows, w2.shape[-1])
     per_block = []
     for e, lo, hi in blocks:
-        hs = [x[lo:hi] @ w[e] for w in w1_parts]
+        if bias:
+            hs = [torch.addmm(w[e, d], x[lo:hi], w[e, :d]) for w in w1_parts]
+        else:
+            hs = [x[lo:hi] @ w[e] for w in w1_parts]
         if activation == "swiglu":
             aux = F.silu(hs[0])
             a = aux * hs[1]
             per_block.append([a, *hs, aux])
         else:
-            a = F.gelu(hs[0]) if activation == "gelu" else F.relu(hs[0])
+            a = (
+                F.relu(hs[0])
+                if activation == "relu"
+                else F.gelu(hs[0], approximate=_tanh(activation))
+            )
             per_block.append([a, *hs])
         torch.mm(a, w2[e], out=y[lo:hi])
     return y, FFNActivations(x, w1, w2, per_block, blocks, activation)
@@ -144,6 +167,7 @@ def ffn_backward(
     covered = sum(hi - lo for _, lo, hi in s.blocks)
     grad_x = torch.empty_like(s.x) if covered == s.x.shape[0] else torch.zeros_like(s.x)
     w1_parts = list(s.w1.split(s.w2.shape[1], dim=-1))
+    d = s.x.shape[1]
     for (e, lo, hi), tensors in zip(s.blocks, s.per_block, strict=True):
         a, h0 = tensors[0], tensors[1]
         gy = grad_y[lo:hi]
@@ -154,14 +178,16 @@ def ffn_backward(
             grad_a.mul_(up)  # d/d silu(gate)
             torch.ops.aten.silu_backward.grad_input(grad_a, h0, grad_input=grad_a)
             grad_hs = [grad_a, grad_up]
-        elif s.activation == "gelu":
-            torch.ops.aten.gelu_backward.grad_input(grad_a, h0, grad_input=grad_a)
+        elif s.activation in ("gelu", "gelu_tanh"):
+            torch.ops.aten.gelu_backward.grad_input(
+                grad_a, h0, approximate=_tanh(s.activation), grad_input=grad_a
+            )
             grad_hs = [grad_a]
         else:
             grad_a.masked_fill_(h0 <= 0, 0)
             grad_hs = [grad_a]
         for i, (gh, w) in enumerate(zip(grad_hs, w1_parts, strict=True)):
             # SwiGLU: the up projection's contribution adds to the gate's.
-            _mm_into(grad_x[lo:hi], gh, w[e].t(), overwrite=i == 0)
+            _mm_into(grad_x[lo:hi], gh, w[e, :d].t(), overwrite=i == 0)
         weight_grads.accumulate(e, s.x[lo:hi], grad_hs, a, gy)
     return grad_x

@@ -25,7 +25,7 @@ from moeflow.moe.experts import GroupedExperts
 from moeflow.moe.ffn import FeedForward
 from moeflow.moe.grouped_ffn import compute_dtype
 from moeflow.moe.layout import ExpertLayout
-from moeflow.moe.losses import balance_loss, seq_balance_loss, z_loss
+from moeflow.moe.losses import layer_losses
 from moeflow.moe.routers.base import RouterOutput
 from moeflow.moe.routers.moepp import ZeroComputationExperts
 from moeflow.moe.routers.registry import build_router
@@ -64,8 +64,14 @@ class MoELayer(nn.Module):
         self.config = config
         self.router = build_router(config, shared)
         self.experts = GroupedExperts(
-            config.num_experts, config.hidden_size, config.ffn_hidden_size, config.activation
-        )
+            config.num_experts, config.hidden_size, config.ffn_hidden_size, config.activation,
+            config.ffn_bias,
+        )  # fmt: skip
+        # Every expert's output bias b2 (`MoEConfig.ffn_bias`), whole on every rank (like the
+        # router), added after the combine weighted by the kept pairs' gates.
+        self.ffn_out_bias = None
+        if config.ffn_bias:
+            self.ffn_out_bias = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
         extra_kinds = self.router.expert_kinds[config.num_experts :]
         self.zc_experts = None
         if any(kind in ("copy", "constant") for kind in extra_kinds):
@@ -195,8 +201,16 @@ class MoELayer(nn.Module):
                 f"moe.activation ({config.activation!r}) differs from the dense FFN's "
                 f"({ffn.activation!r})"
             )
+        if (ffn.b1 is not None) != config.ffn_bias:
+            raise ValueError(
+                f"moe.ffn_bias ({config.ffn_bias}) must match the dense FFN, which has "
+                f"{'biases' if ffn.b1 is not None else 'no biases'}"
+            )
         layer = cls(config, shared).to(device=ffn.w1.device, dtype=ffn.w1.dtype)
         layer.experts = GroupedExperts.from_dense(ffn, config.num_experts)
+        if layer.ffn_out_bias is not None:
+            with torch.no_grad():
+                layer.ffn_out_bias.copy_(ffn.b2.detach().expand_as(layer.ffn_out_bias))
         return layer
 
     def forward(
@@ -238,7 +252,10 @@ class MoELayer(nn.Module):
             zc_TD = self.zc_experts(x_TD.to(out_TD.dtype), rel_TK, route.weights_TK)
             out_TD = out_TD + zc_TD
         training = self.training and torch.is_grad_enabled()
-        losses = self._losses(x, route, routed_E, training and not recomputing, recomputing)
+        losses = layer_losses(
+            cfg.router, self.router, self.balance, x, route, routed_E, training and not recomputing,
+            recomputing,
+        )  # fmt: skip
         total = cfg.router.aux_loss_coeff * losses[0] + cfg.router.z_loss_coeff * losses[1]
         if training:
             out_TD = attach_loss(out_TD, total, self.aux_loss_scale)
@@ -306,39 +323,12 @@ class MoELayer(nn.Module):
             dispatch=result.chunks,
         )
         out_TD = result.out_TD if side is None else result.out_TD + result.side_out
+        if self.ffn_out_bias is not None:  # sum_k gate_k * b2[expert_k] over kept FFN pairs
+            gates_TK = route.weights_TK.to(out_TD.dtype)
+            gates_TK = gates_TK if keep_TK is None else gates_TK * keep_TK
+            gates_TE = gates_TK.new_zeros(num_tokens, n).scatter_add_(1, ids_TK, gates_TK)
+            out_TD = out_TD + gates_TE @ self.ffn_out_bias.to(out_TD.dtype)
         return out_TD, kept_E, keep_TK, traffic
-
-    def _losses(
-        self,
-        x: torch.Tensor,
-        route: RouterOutput,
-        routed_E: torch.Tensor,
-        count_globally: bool,
-        recomputing: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        rc = self.config.router
-        scores_TE = route.scores_TE
-        weights_E = self.router.balance_weights()
-        zero = route.logits_TE.sum() * 0.0
-        aux = zero
-        if rc.aux_loss_type == "aux_loss":
-            aux = balance_loss(scores_TE, self.router.balance_counts(routed_E), weights_E)
-        elif rc.aux_loss_type == "global_aux_loss":
-            counts_E = self.balance.global_counts(routed_E, count_globally, recomputing)
-            aux = balance_loss(scores_TE, self.router.balance_counts(counts_E), weights_E)
-        elif rc.aux_loss_type == "seq_aux_loss":
-            num_choices = scores_TE.shape[1]
-            seq_len = x.shape[-2] if x.dim() >= 3 else scores_TE.shape[0]
-            num_seqs = scores_TE.shape[0] // max(seq_len, 1)
-            one_hot = torch.zeros_like(scores_TE).scatter_(1, route.expert_ids_TK, 1.0)
-            counts_BE = one_hot.view(num_seqs, seq_len, num_choices).sum(dim=1)
-            aux = seq_balance_loss(
-                scores_TE.view(num_seqs, seq_len, num_choices),
-                self.router.balance_counts(counts_BE),
-                weights_E,
-            )
-        zl = z_loss(route.logits_TE) if rc.z_loss_coeff > 0 else zero
-        return aux, zl
 
     def finish_optimizer_step(self, group: dist.ProcessGroup | None = None) -> None:
         """After each optimizer step: update the aux-loss-free bias from the step's loads (summed

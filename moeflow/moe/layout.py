@@ -181,12 +181,15 @@ class ExpertLayout:
         """Expert parameters a rank holds, as a fraction of one copy of all E experts."""
         return self.slots_per_group / self.shards / self.num_experts
 
-    def rank_elements(self, hidden_size: int, gate_blocks: int) -> int:
-        """Expert-parameter elements a rank holds (`w1 [L, D, c*f]` and `w2 [L, f, D]`, c =
-        `gate_blocks`: 2 for SwiGLU)."""
-        return self.slots_per_group * (gate_blocks + 1) * self.ffn_per_rank * hidden_size
+    def rank_elements(self, hidden_size: int, gate_blocks: int, bias: bool = False) -> int:
+        """Expert-parameter elements a rank holds (`w1 [L, D(+1 with bias), c*f]` and `w2 [L, f,
+        D]`, c = `gate_blocks`: 2 for SwiGLU)."""
+        rows = hidden_size + int(bias)
+        return self.slots_per_group * self.ffn_per_rank * (gate_blocks * rows + hidden_size)
 
-    def gather_peak_elements(self, mode: str, hidden_size: int, gate_blocks: int) -> int:
+    def gather_peak_elements(
+        self, mode: str, hidden_size: int, gate_blocks: int, bias: bool = False
+    ) -> int:
         """The most elements a call in `mode` holds at once beside the rank's own parameters,
         for the weights it gathers (`ExpertWeightGather`: receive buffer, reassembly, whole
         experts, w1 before w2): 0 where nothing is gathered.
@@ -206,7 +209,7 @@ class ExpertLayout:
             return 0
         if identity:
             return 0
-        u = hidden_size * gate_blocks * self.ffn_per_rank  # one local row of w1
+        u = (hidden_size + int(bias)) * gate_blocks * self.ffn_per_rank  # one local row of w1
         v = hidden_size * self.ffn_per_rank  # of w2
         recv1 = members * per * u if members > 1 else 0
         recv2 = members * per * v if members > 1 else 0

@@ -76,3 +76,40 @@ def seq_balance_loss(
     if weights_E is not None:
         term_BE = term_BE * weights_E.to(scores_BSE.dtype)
     return num_experts * term_BE.sum(dim=1).mean()
+
+
+def layer_losses(
+    rc,
+    router,
+    balance,
+    x: torch.Tensor,
+    route,
+    routed_E: torch.Tensor,
+    count_globally: bool,
+    recomputing: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One MoE layer call's (balancing loss, z-loss), before their coefficients, as the router
+    config `rc`'s `aux_loss_type` asks: per micro-batch, global-batch (counts summed over the
+    `BalanceState` `balance`'s group, counted once under recomputation) or per sequence."""
+    scores_TE = route.scores_TE
+    weights_E = router.balance_weights()
+    zero = route.logits_TE.sum() * 0.0
+    aux = zero
+    if rc.aux_loss_type == "aux_loss":
+        aux = balance_loss(scores_TE, router.balance_counts(routed_E), weights_E)
+    elif rc.aux_loss_type == "global_aux_loss":
+        counts_E = balance.global_counts(routed_E, count_globally, recomputing)
+        aux = balance_loss(scores_TE, router.balance_counts(counts_E), weights_E)
+    elif rc.aux_loss_type == "seq_aux_loss":
+        num_choices = scores_TE.shape[1]
+        seq_len = x.shape[-2] if x.dim() >= 3 else scores_TE.shape[0]
+        num_seqs = scores_TE.shape[0] // max(seq_len, 1)
+        one_hot = torch.zeros_like(scores_TE).scatter_(1, route.expert_ids_TK, 1.0)
+        counts_BE = one_hot.view(num_seqs, seq_len, num_choices).sum(dim=1)
+        aux = seq_balance_loss(
+            scores_TE.view(num_seqs, seq_len, num_choices),
+            router.balance_counts(counts_BE),
+            weights_E,
+        )
+    zl = z_loss(route.logits_TE) if rc.z_loss_coeff > 0 else zero
+    return aux, zl

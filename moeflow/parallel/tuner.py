@@ -255,7 +255,9 @@ class RuntimeTuner:
         size = layer.experts.w1.element_size()
         need = [
             size
-            * lay.gather_peak_elements(k.mode, cfg.hidden_size, gate_multiplier(cfg.activation))
+            * lay.gather_peak_elements(
+                k.mode, cfg.hidden_size, gate_multiplier(cfg.activation), cfg.ffn_bias
+            )
             for k in cands
         ]
         budget = self.free_bytes(layer.experts.w1.device)

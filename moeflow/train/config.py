@@ -34,8 +34,8 @@ from moeflow.models.decoder import DecoderConfig
 from moeflow.moe.layout import ExpertLayout
 from moeflow.parallel.dispatch import MODES
 from moeflow.parallel.tuner import TunerConfig
-from moeflow.placement.problem import PlacementConfig
 from moeflow.train.config_loader import build_dataclass, deep_copy, parse_overrides, set_dotted
+from moeflow.train.placement_config import PlacementRunConfig
 from moeflow.utils.validate import check_choice, check_int
 
 if sys.version_info >= (3, 11):
@@ -228,85 +228,6 @@ class CheckpointConfig:
 
 
 @dataclass(kw_only=True, frozen=True)
-class PlacementRunConfig:
-    """Routing statistics and live expert re-placement (`moeflow.placement`).
-
-    `stats`: count per-layer expert loads and cross-layer co-routing every micro-batch, decayed by
-    `decay` per step, and write `<out_dir>/routing_stats.json` at checkpoints and at the end
-    (`moeflow plan` reads it). Re-placement is considered at multiples of `every` steps, and at
-    multiples of `check_every` when the current placement's max/mean rank load exceeds
-    `imbalance_threshold` (0: no threshold trigger), never before `min_steps`; it is applied
-    when `method`'s placement scores at least `min_gain` (a fraction) below the current one.
-    `replica_slots`: expert slots per rank beyond E / ep, each holding a replica (of the next
-    ranks' experts at first; re-placement gives them to the hot experts); they cost the memory of
-    that many more experts and their AdamW state. The other fields are
-    `moeflow.placement.PlacementConfig`'s; `ranks_per_node` defaults to `parallel.ranks_per_node`,
-    then torchrun's LOCAL_WORLD_SIZE, then all ranks on one node."""
-
-    stats: bool = True
-    decay: float = 0.98
-    every: int = 0
-    imbalance_threshold: float = 0.0
-    check_every: int = 10
-    min_steps: int = 10
-    min_gain: float = 0.02
-    method: str = "ilp"
-    traffic_weight: float = 0.1
-    node_weight: float = 4.0
-    balance_slack: float = 0.05
-    time_limit_s: float = 5.0
-    solver: str = "auto"
-    ranks_per_node: int | None = None
-    replica_slots: int = 0
-
-    def __post_init__(self) -> None:
-        check_int("placement.replica_slots", self.replica_slots, minimum=0)
-        if not 0.0 < self.decay <= 1.0:
-            raise ValueError(f"placement.decay ({self.decay!r}) must be in (0, 1]")
-        for name in ("every", "check_every", "min_steps"):
-            check_int(f"placement.{name}", getattr(self, name), minimum=0)
-        if self.imbalance_threshold != 0 and self.imbalance_threshold < 1:
-            raise ValueError(
-                f"placement.imbalance_threshold ({self.imbalance_threshold!r}) is a max/mean load "
-                "ratio: 0 (off) or >= 1"
-            )
-        if self.imbalance_threshold and not self.check_every:
-            raise ValueError("placement.imbalance_threshold needs placement.check_every > 0")
-        if not 0.0 <= self.min_gain < 1.0:
-            raise ValueError(f"placement.min_gain ({self.min_gain!r}) must be in [0, 1)")
-        check_choice(
-            "placement.method", self.method, ("contiguous", "round_robin", "greedy", "ilp")
-        )
-        if (self.every or self.imbalance_threshold) and not self.stats:
-            raise ValueError(
-                "placement.every / placement.imbalance_threshold re-place experts from measured "
-                "routing: set placement.stats = true"
-            )
-        if self.ranks_per_node is not None:
-            check_int("placement.ranks_per_node", self.ranks_per_node)
-        self.problem(1)  # the solver fields, validated by the component that reads them
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.every or self.imbalance_threshold)
-
-    def problem(
-        self, num_ranks: int, ranks_per_node: int | None = None, num_experts: int | None = None
-    ) -> PlacementConfig:
-        """The placement problem of `num_ranks` expert-parallel ranks holding `num_experts`
-        experts per layer plus `replica_slots` replicas each."""
-        slots = None
-        if num_experts is not None:
-            slots = num_experts // num_ranks + self.replica_slots
-        return PlacementConfig(
-            num_ranks=num_ranks, ranks_per_node=ranks_per_node,
-            slots_per_rank=slots, num_slots=None if slots is None else slots * num_ranks,
-            traffic_weight=self.traffic_weight, node_weight=self.node_weight,
-            balance_slack=self.balance_slack, time_limit_s=self.time_limit_s, solver=self.solver,
-        )  # fmt: skip
-
-
-@dataclass(kw_only=True, frozen=True)
 class UpcycleConfig:
     """`[upcycle]` of a Hugging Face run: `weights`, a `save_pretrained` folder whose weights start
     the run (its config.json is `model.hf_config` when that is not set). See
@@ -393,5 +314,26 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self, sections: tuple[str, ...] = ("model",)) -> str:
-        blob = json.dumps({s: self.to_dict()[s] for s in sections}, sort_keys=True).encode()
+        """A hash of `sections`; fields added since checkpoints were first written count only
+        when set, so a checkpoint of an older release still resumes."""
+        data = {s: self.to_dict()[s] for s in sections}
+        for path, default in LATER_FIELDS:
+            *parents, leaf = path
+            node = data
+            for key in parents:
+                node = node.get(key, {}) if isinstance(node, dict) else {}
+            if isinstance(node, dict) and node.get(leaf, default) == default:
+                node.pop(leaf, None)
+        blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# Fields added to the model config after the first checkpoints, with the default that means "not
+# used": left out of the fingerprint at that default.
+LATER_FIELDS = (
+    (("model", "hf_config"), None),
+    (("model", "moe", "shared_expert_ffn_hidden_size"), 0),
+    (("model", "moe", "shared_expert_gate"), False),
+    (("model", "moe", "ffn_bias"), False),
+    (("model", "moe", "router", "softmax_dtype"), None),
+)

@@ -82,8 +82,10 @@ def expert_memory(model) -> list[dict]:
         size = layer.experts.w1.element_size()
         c = gate_multiplier(layer.config.activation)
         d = layer.config.hidden_size
-        peak = {m: held + size * layer.layout.gather_peak_elements(m, d, c) for m in MODES}
-        total = layer.config.num_experts * (c + 1) * layer.config.ffn_hidden_size * d * size
+        bias = layer.config.ffn_bias
+        peak = {m: held + size * layer.layout.gather_peak_elements(m, d, c, bias) for m in MODES}
+        f = layer.config.ffn_hidden_size
+        total = layer.config.num_experts * f * (c * (d + bias) + d) * size
         out.append({"layer": name, "held_bytes": held, "total_bytes": total, "peak_bytes": peak})
     return out
 
