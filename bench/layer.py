@@ -1,22 +1,38 @@
-"""Forward+backward time of one MoELayer against its floor and against DeepSpeed's MoE, in one run.
+"""Forward+backward time and memory of one MoELayer against its floor and DeepSpeed's MoE, one run.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/layer.py            # the issue's shapes
-    .venv/bin/python bench/layer.py --tokens 1024 --repeats 5    # quicker
+    OMP_NUM_THREADS=2 .venv/bin/python bench/layer.py            # the shapes, both allocators
+    .venv/bin/python bench/layer.py --repeats 5 --shapes coarse   # quicker
+    .venv/bin/python bench/layer.py --profile                     # where the layer's time goes
+
+Shapes (T tokens, D, F per expert, E experts, top-k): `coarse` T=4096 D=256 F=512 E=8 k=2 and
+`fine` (fine-grained experts, as DeepSeek and Qwen3) T=4096 D=256 F=64 E=64 k=8; each with GELU
+and SwiGLU experts, dropless and capacity factor 1.25, fp32.
 
 Floor: the same routed (token, slot) rows, already grouped by expert, through the E expert FFNs as
-plain per-expert matrix products (forward and backward), with the layer's own weights and per-expert
-counts. Everything the layer adds (router, top-k, sort, gather, capacity, weighted combine) is
-overhead on it. DeepSpeed: `deepspeed.moe.layer.MoE` with the layer's router and expert weights,
-ep_size=1, on gloo. Prints medians over interleaved repeats and the ratios, plus machine, threads
-and shapes.
+plain per-expert matrix products (forward and backward, input gradients included), with the
+layer's own weights and per-expert counts. Everything the layer adds (router, top-k, sort, gather,
+capacity, weighted combine, losses) is overhead on it. DeepSpeed: `deepspeed.moe.layer.MoE` with the
+layer's router and expert weights, ep_size=1, on gloo (`bench/peers.py`). Floor, moeflow and
+DeepSpeed alternate in a fresh random order every repeat; medians.
+
+Allocators, each in its own process (this script runs both): `moeflow` is what a user gets by
+default: the layer's first CPU forward keeps freed memory in glibc's heap
+(`moeflow.utils.cpu_alloc`); `system` leaves glibc's defaults (`MOEFLOW_CPU_ALLOC=system`). Every
+contender of a process runs under the same setting.
+
+Memory: bytes saved for the backward (activations, not weights), per token, measured with saved-
+tensor hooks on each contender's step.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import random
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,33 +44,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.peers import deepspeed_moe_like
 from moeflow import MoEConfig, MoELayer, RouterConfig
 from moeflow.moe.ffn import apply_activation
-from moeflow.utils import keep_freed_memory
+
+SHAPES = {"coarse": (4096, 256, 512, 8, 2), "fine": (4096, 256, 64, 64, 8)}
+ALLOCATORS = ("moeflow", "system")
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--ffn", type=int, default=512)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--activation", default="swiglu", choices=["swiglu", "gelu", "relu"])
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--activations", nargs="+", default=["gelu", "swiglu"])
+    p.add_argument("--allocators", nargs="+", default=list(ALLOCATORS), choices=ALLOCATORS)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=11)
+    p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed comparison")
-    p.add_argument(
-        "--system-malloc",
-        action="store_true",
-        help="leave glibc's defaults (freed memory returned to the OS, re-faulted every step)",
-    )
+    p.add_argument("--profile", action="store_true", help="per-phase breakdown of the layer")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args()
-
-
-def time_it(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 class Floor:
@@ -76,6 +82,24 @@ class Floor:
                 outs.append(apply_activation(x @ self.w1[e], self.act) @ self.w2[e])
                 grads.append(g)
         torch.autograd.backward(outs, grads)
+        for p in (*self.w1, *self.w2, *self.xs):
+            p.grad = None
+
+
+def saved_bytes(step, params) -> int:
+    """Bytes of the tensors one `step()` saves for its backward, weights excluded."""
+    weights = {p.untyped_storage().data_ptr() for p in params}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(seen.values())
 
 
 def init_deepspeed_single_process() -> None:
@@ -84,80 +108,127 @@ def init_deepspeed_single_process() -> None:
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29511")
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("LOCAL_RANK", "0")
+        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+            os.environ.setdefault(key, value)
         deepspeed.init_distributed(dist_backend="gloo")
+
+
+def build(shape: str, activation: str, capacity: float | None) -> tuple[MoELayer, torch.Tensor]:
+    t, d, f, e, k = SHAPES[shape]
+    cfg = MoEConfig(hidden_size=d, num_experts=e, ffn_hidden_size=f, activation=activation,
+                    router=RouterConfig(top_k=k, capacity_factor=capacity))  # fmt: skip
+    torch.manual_seed(0)
+    layer = MoELayer(cfg)
+    with torch.no_grad():
+        layer.router.weight.normal_(0, 0.2)  # a trained-looking, uneven router
+    return layer, torch.randn(t, d)
+
+
+def measure(args, shape: str, activation: str, capacity: float | None) -> dict:
+    """One configuration: medians (ms) and saved bytes per token of every contender."""
+    layer, x = build(shape, activation, capacity)
+    g = torch.randn_like(x)
+    xin = x.clone().requires_grad_(True)
+    layer(xin)  # applies the allocator setting (moeflow) before anything is timed
+    counts = layer.last_stats.tokens_per_expert.tolist()
+    floor = Floor(layer, counts)
+
+    def ours():
+        layer(xin).backward(g)
+
+    steps = {"floor": (floor.step, [*floor.w1, *floor.w2]), "moeflow": (ours, layer.parameters())}
+    if not args.no_deepspeed:
+        init_deepspeed_single_process()
+        ds = deepspeed_moe_like(layer, ep_size=1, capacity_factor=capacity)
+        xb = x.clone().view(1, *x.shape).requires_grad_(True)
+
+        def deepspeed_step():
+            out, _, _ = ds(xb)
+            out.backward(g.view_as(out))
+
+        steps["deepspeed"] = (deepspeed_step, ds.parameters())
+    memory = {k: saved_bytes(fn, list(p)) / x.shape[0] for k, (fn, p) in steps.items()}
+    times = {k: [] for k in steps}
+    order = list(steps)
+    for _ in range(args.warmup):
+        for key in order:
+            steps[key][0]()
+    rng = random.Random(0)
+    for _ in range(args.repeats):
+        rng.shuffle(order)
+        for key in order:
+            t0 = time.perf_counter()
+            steps[key][0]()
+            times[key].append(time.perf_counter() - t0)
+    stats = layer.last_stats
+    return {
+        "shape": shape, "activation": activation, "capacity": capacity,
+        "ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
+        "bytes_per_token": memory, "dropped": stats.dropped_fraction.item(),
+    }  # fmt: skip
+
+
+def worker(args) -> None:
+    torch.set_num_threads(args.threads)
+    for shape in args.shapes:
+        for activation in args.activations:
+            for capacity in (None, 1.25):
+                print(json.dumps(measure(args, shape, activation, capacity)), flush=True)
+    if args.profile:
+        from bench.layer_profile import print_profile, profile_step
+
+        for shape in args.shapes:
+            layer, x = build(shape, args.activations[0], None)
+            x.requires_grad_(True)
+            print(f"profile: {shape} {args.activations[0]} dropless, one step")
+            print_profile(profile_step(layer, x, torch.randn_like(x)))
 
 
 def main() -> None:
     args = parse_args()
-    kept = False if args.system_malloc else keep_freed_memory()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    settings = [("dropless", None), ("capacity 1.25", 1.25)]
+    if args.worker:
+        return worker(args)
     print(
         f"machine: {platform.machine()} {platform.processor() or ''} | torch {torch.__version__} | "
-        f"threads {torch.get_num_threads()} | fp32 | T={args.tokens} D={args.hidden} F={args.ffn} "
-        f"E={args.experts} k={args.top_k} act={args.activation} | median of {args.repeats}\n"
-        f"allocator: {'glibc keeps freed memory (keep_freed_memory)' if kept else 'glibc defaults'}"
-        " for every contender"
+        f"threads {args.threads} | fp32 | median of {args.repeats} | forward+backward"
     )
-    x = torch.randn(args.tokens, args.hidden)
-    g = torch.randn(args.tokens, args.hidden)
-    rows = []
-    for name, cf in settings:
-        cfg = MoEConfig(
-            hidden_size=args.hidden,
-            num_experts=args.experts,
-            ffn_hidden_size=args.ffn,
-            activation=args.activation,
-            router=RouterConfig(top_k=args.top_k, capacity_factor=cf),
-        )
-        layer = MoELayer(cfg)
-        with torch.no_grad():
-            layer.router.weight.normal_(0, 0.2)  # a trained-looking, uneven router
-        xin = x.clone().requires_grad_(True)
-        layer(xin)
-        counts = layer.last_stats.tokens_per_expert.tolist()
-        floor = Floor(layer, counts)
+    passthrough = [a for a in sys.argv[1:] if a not in ("--profile",)]
+    results = []
+    for alloc in args.allocators:
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        if alloc == "system":
+            env["MOEFLOW_CPU_ALLOC"] = "system"
+        else:
+            env.pop("MOEFLOW_CPU_ALLOC", None)
+        profile = ["--profile"] if args.profile and alloc == args.allocators[0] else []
+        done = subprocess.run(
+            [sys.executable, __file__, *passthrough, *profile, "--worker", alloc],
+            env=env, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if done.returncode:
+            sys.exit(f"worker ({alloc}) failed:\n{done.stderr[-3000:]}")
+        results += [{**json.loads(line), "alloc": alloc}
+                    for line in done.stdout.splitlines() if line.startswith("{")]  # fmt: skip
+        if profile:
+            print(f"\nwhere the layer's step goes ({alloc} allocator):")
+            print("\n".join(line for line in done.stdout.splitlines() if not line.startswith("{")))
+    print_table(results, not args.no_deepspeed)
 
-        def ours(layer=layer, xin=xin):
-            layer(xin).backward(g)
 
-        candidates = {"floor": floor.step, "moeflow": ours}
-        if not args.no_deepspeed:
-            init_deepspeed_single_process()
-            ds = deepspeed_moe_like(layer, ep_size=1, capacity_factor=cf)
-            xb = x.clone().view(1, args.tokens, args.hidden).requires_grad_(True)
-
-            def deepspeed_step(ds=ds, xb=xb):
-                out, _, _ = ds(xb)
-                out.backward(g.view_as(out))
-
-            candidates["deepspeed"] = deepspeed_step
-        times = {k: [] for k in candidates}
-        for _ in range(args.warmup):
-            for fn in candidates.values():
-                fn()
-        for _ in range(args.repeats):
-            for key, fn in candidates.items():
-                times[key].append(time_it(fn))
-        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-        load = layer.last_stats.max_load_violation.item()
-        rows.append((name, med, layer.last_stats.dropped_fraction.item(), load))
-
-    print(f"{'setting':<15}{'floor ms':>10}{'moeflow ms':>12}{'x floor':>9}", end="")
-    print(
-        f"{'deepspeed ms':>14}{'ds/moeflow':>12}{'ds x floor':>12}" if not args.no_deepspeed else ""
-    )
-    for name, med, dropped, load in rows:
-        line = f"{name:<15}{med['floor']:>10.1f}{med['moeflow']:>12.1f}"
-        line += f"{med['moeflow'] / med['floor']:>9.3f}"
-        if "deepspeed" in med:
-            line += f"{med['deepspeed']:>14.1f}{med['deepspeed'] / med['moeflow']:>12.2f}"
-            line += f"{med['deepspeed'] / med['floor']:>12.2f}"
-        print(line + f"   (dropped {dropped:.1%}, max load +{load:.0%} over mean)")
+def print_table(results: list[dict], deepspeed: bool) -> None:
+    head = f"\n{'allocator':<9}{'shape':<7}{'act':<7}{'setting':<10}{'floor ms':>9}{'moeflow':>9}"
+    head += f"{'x floor':>8}" + (f"{'deepspeed':>10}{'ds/ours':>8}" if deepspeed else "")
+    print(head + f"{'B/token ours':>13}{'floor':>7}" + (f"{'ds':>7}" if deepspeed else ""))
+    for r in results:
+        ms, mem = r["ms"], r["bytes_per_token"]
+        setting = "dropless" if r["capacity"] is None else f"cap {r['capacity']}"
+        line = f"{r['alloc']:<9}{r['shape']:<7}{r['activation']:<7}{setting:<10}"
+        line += f"{ms['floor']:>9.1f}{ms['moeflow']:>9.1f}{ms['moeflow'] / ms['floor']:>8.3f}"
+        if deepspeed:
+            line += f"{ms['deepspeed']:>10.1f}{ms['deepspeed'] / ms['moeflow']:>8.2f}"
+        line += f"{mem['moeflow']:>13.0f}{mem['floor']:>7.0f}"
+        line += f"{mem['deepspeed']:>7.0f}" if deepspeed else ""
+        print(line + (f"  (dropped {r['dropped']:.1%})" if r["dropped"] else ""))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from moeflow.moe.routers.registry import build_router
 from moeflow.moe.routing_context import RoutingContext
 from moeflow.moe.shared_expert import SharedExpert
 from moeflow.moe.stats import MoEStats, Traffic, measure_stats
+from moeflow.utils.cpu_alloc import apply_once
 
 
 class MoELayer(nn.Module):
@@ -228,6 +229,8 @@ class MoELayer(nn.Module):
         from one MoE layer to the next, carries router state and receives this layer's router
         logits."""
         cfg = self.config
+        if x.device.type == "cpu":
+            apply_once()  # glibc keeps freed blocks for reuse (moeflow.utils.cpu_alloc)
         if x.dim() < 1 or x.shape[-1] != cfg.hidden_size:
             raise ValueError(
                 f"MoELayer input last dim ({x.shape[-1] if x.dim() else None}) must equal "

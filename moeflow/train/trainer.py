@@ -52,7 +52,7 @@ from moeflow.train.metrics import IntervalMetrics, MetricsLogger, flops_per_toke
 from moeflow.train.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
 from moeflow.train.replacement import Replacer, describe_placement
 from moeflow.train.tuning import build_tuner, describe_decision
-from moeflow.utils.cpu_alloc import keep_freed_memory
+from moeflow.utils.cpu_alloc import apply_once
 
 
 @dataclass
@@ -113,7 +113,7 @@ class Trainer:
         self.step = 0
         self.stop_requested = False
         if runtime.device.type == "cpu":
-            keep_freed_memory()  # reuse freed activations instead of page-faulting them back
+            apply_once()  # reuse freed activations instead of page-faulting them back
 
     # -- setup -------------------------------------------------------------------------------
     def _saved_slots(self) -> dict[str, list[int]] | None:
