@@ -62,6 +62,8 @@ def instrument() -> None:
     _wrap(permutation._Permute, "backward", "permute (bwd)", True)
     _wrap(permutation._Unpermute, "forward", "un-permute (fwd)", True)
     _wrap(permutation._Unpermute, "backward", "un-permute (bwd)", True)
+    _wrap(permutation._Combine, "forward", "un-permute (fwd)", True)
+    _wrap(permutation._Combine, "backward", "un-permute (bwd)", True)
     _wrap(permutation, "build_plan", "counts and plan", False)
     dispatcher_mod.build_plan = permutation.build_plan
     _wrap(expert_compute.GroupedExpertCompute, "forward", "experts (fwd)", False)

@@ -14,6 +14,8 @@ the whole step, and the ratios against top-2.
   2 * 8 / (8 + 2) = 1.6 FFN experts per token after balancing. (With 1 zero + 1 copy and tau 0.75,
   1.5 FFN experts per token, 3000 steps measured +1.27% bits per byte against top-2.)
 - rmoe: top-2 with a GRU router of width 64 shared by the layers.
+- a2a64, a2a32 (`--only topk,a2a64,a2a32`): top-2 with the low-dimension all-to-all at r = 64 and
+  32 (D/2, D/4; `MoEConfig.a2a_dim`): every all-to-all moves r of the 128 values per row.
 """
 
 from __future__ import annotations
@@ -40,7 +42,11 @@ ROUTERS = {
         "--model.moe.router.constant_experts", "1", "--model.moe.router.zc_tau", "1.0",
     ],
     "rmoe": ["--model.moe.router.type", "rmoe", "--model.moe.router.rnn_dim", "64"],
+    # The low-dimension all-to-all (BigMac) at r = D/2 and D/4 (`--only topk,a2a64,a2a32`).
+    "a2a64": ["--model.moe.a2a_dim", "64"],
+    "a2a32": ["--model.moe.a2a_dim", "32"],
 }  # fmt: skip
+DEFAULT = "topk,null,moepp,rmoe"
 
 
 def worker(name: str, steps: int, out_file: str, run_dir: str) -> None:
@@ -85,7 +91,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--steps", type=int, default=3000)  # ~27 min for all four on 2 cores
     p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--only", default=",".join(ROUTERS))
+    p.add_argument("--only", default=DEFAULT, help=f"of {', '.join(ROUTERS)}")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)

@@ -77,9 +77,12 @@ def reference_moe(
     seq_len: int | None = None,
     b1: torch.Tensor | None = None,
     b2: torch.Tensor | None = None,
+    a2a: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
-    """Returns (out_TD, aux_loss, z_loss, kept_counts). With biases `b1 [E, gF]`, `b2 [E, D]`,
-    expert e is `act(x w1[e] + b1[e]) w2[e] + b2[e]`."""
+    """Returns (out_TD, aux_loss, z_loss, kept_counts). With biases `b1 [E, gF]`, `b2 [E, H]`,
+    expert e is `act(x w1[e] + b1[e]) w2[e] + b2[e]`. With `a2a = (down [D, r], up [r, D])`
+    (the low-dimension all-to-all) the experts read `x down` and the weighted sum is multiplied
+    by `up`; the router still reads x."""
     T = x_TD.shape[0]
     E, K = cfg.num_experts, cfg.router.top_k
     logits = [router_w @ x_TD[t] for t in range(T)]
@@ -90,16 +93,17 @@ def reference_moe(
     outs = []
     counts = [0] * E
     for t in range(T):
-        acc = torch.zeros_like(x_TD[t])
+        x_t = x_TD[t] if a2a is None else x_TD[t] @ a2a[0]
+        acc = torch.zeros_like(x_t)
         for k in range(K):
             if (t, k) not in kept:
                 continue
             e = ids[t][k]
             counts[e] += 1
-            h = x_TD[t] @ w1[e] + (0.0 if b1 is None else b1[e])
+            h = x_t @ w1[e] + (0.0 if b1 is None else b1[e])
             y = act(h, cfg.activation) @ w2[e] + (0.0 if b2 is None else b2[e])
             acc = acc + weights[t][k] * y
-        outs.append(acc)
+        outs.append(acc if a2a is None else acc @ a2a[1])
     out = torch.stack(outs) if outs else x_TD.new_zeros(0, x_TD.shape[1])
 
     def scores(lg):

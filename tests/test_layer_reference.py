@@ -148,3 +148,46 @@ def test_expert_biases_match_the_reference(activation, capacity_factor):
     for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b.grad, rtol=1e-9, atol=1e-12)
     assert layer.last_stats.tokens_per_expert.tolist() == counts
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+@pytest.mark.parametrize("bias", [False, True])
+def test_low_dim_all_to_all_matches_the_reference(capacity_factor, bias):
+    # a2a_dim r = D/2: experts on x A_down, the combined output times A_up; router on x.
+    cfg = MoEConfig(
+        hidden_size=8, num_experts=4, ffn_hidden_size=12, activation="gelu", a2a_dim=4,
+        ffn_bias=bias, router=RouterConfig(top_k=2, capacity_factor=capacity_factor),
+    )  # fmt: skip
+    torch.manual_seed(1)
+    layer = MoELayer(cfg).double()
+    with torch.no_grad():
+        layer.router.weight.normal_(0.0, 1.0)
+        if bias:
+            layer.ffn_out_bias.normal_(0.0, 1.0)
+    assert layer.experts.w1.shape == (4, 4 + bias, 12) and layer.experts.w2.shape == (4, 12, 4)
+    x = torch.randn(11, 8, dtype=torch.float64)
+    g = torch.randn_like(x)
+    x1 = x.clone().requires_grad_(True)
+    out = layer(x1)
+    (out * g).sum().backward()
+    w1 = layer.experts.w1.detach()
+    mine = [layer.router.weight, layer.experts.w2, layer.a2a.down, layer.a2a.up]
+    ref = [p.detach().clone().requires_grad_(True) for p in [*mine, w1[:, :4]]]
+    b = (
+        [p.detach().clone().requires_grad_(True) for p in (w1[:, 4], layer.ffn_out_bias)]
+        if bias
+        else [None, None]
+    )
+    x2 = x.clone().requires_grad_(True)
+    ref_out, aux, _, _ = reference_moe(
+        x2, ref[0], ref[4], ref[1], cfg, b1=b[0], b2=b[1], a2a=(ref[2], ref[3])
+    )
+    ((ref_out * g).sum() + cfg.router.aux_loss_coeff * aux).backward()
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-9, atol=1e-12)
+    for p, r in zip(mine, ref[:4], strict=True):
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(layer.experts.w1.grad[:, :4], ref[4].grad, rtol=1e-9, atol=1e-12)
+    if bias:
+        torch.testing.assert_close(layer.experts.w1.grad[:, 4], b[0].grad, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(layer.ffn_out_bias.grad, b[1].grad, rtol=1e-9, atol=1e-12)

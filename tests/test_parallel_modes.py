@@ -3,8 +3,9 @@ single process in float64: outputs, input gradients and every parameter gradient
 
 Covers E >= G (whole experts per rank) and E < G (F-slices of one expert per rank), uneven token
 counts, k 1 and 2, dropless and capacity, the topk, null, moepp and rmoe routers, a re-placed and a
-replicated layout, overlap degree 1 and 2, the flat and the two-level all-to-all, shared experts
-and expert biases. One spawn per world size serves every case."""
+replicated layout, overlap degree 1 and 2, the flat and the two-level all-to-all, shared experts,
+expert biases and the low-dimension all-to-all (whose bytes fall by D/r). One spawn per world size
+serves every case."""
 
 from __future__ import annotations
 
@@ -77,6 +78,7 @@ def check_case(ctx, case: dict, shards: list[int]) -> int:
         router=router(case["router"], k, **extra),
         shared_expert_ffn_hidden_size=case.get("shared", 0),
         shared_expert_gate=case.get("shared_gate", False), ffn_bias=case.get("bias", False),
+        a2a_dim=case.get("a2a"),
     )  # fmt: skip
     gen = torch.Generator().manual_seed(100)
     xs = [torch.randn(n, D, dtype=torch.float64, generator=gen) for n in shards]
@@ -135,13 +137,13 @@ def check_memory(par: Net, mode: str, label: str) -> None:
     call, measured on the tensors, against the layout's arithmetic."""
     for layer in (par.moe1, par.moe2):
         lay, c = layer.layout, 2 if layer.config.activation == "swiglu" else 1
-        lay, bias = layer.layout, layer.config.ffn_bias
+        lay, bias, d = layer.layout, layer.config.ffn_bias, layer.config.expert_dim
         held = sum(p.nbytes for p in layer.experts.parameters())
-        assert held == 8 * lay.rank_elements(D, c, bias), label
-        per_expert = F * (c * (D + bias) + D)
+        assert held == 8 * lay.rank_elements(d, c, bias), label
+        per_expert = F * (c * (d + bias) + d)
         assert held * lay.group_size == 8 * per_expert * len(lay.slots), label  # 1/G each
         peak = layer.expert_dispatch.last_gather_peak_bytes
-        assert peak == 8 * lay.gather_peak_elements(mode, D, c, bias), (label, peak)
+        assert peak == 8 * lay.gather_peak_elements(mode, d, c, bias), (label, peak)
         assert (peak > 0) == (mode == "dp" or (mode == "ep" and lay.shards > 1)), label
 
 
@@ -177,19 +179,45 @@ CASES = [
     # expert biases (b1 in w1's last row, b2 after the combine), whole experts and F-slices
     {"experts": whole, "router": "topk", "k": 2, "bias": True, "act": "gelu_tanh", "capacity": 1.0},
     {"experts": sliced, "router": "moepp", "k": 2, "bias": True, "act": "gelu_tanh", "overlap": 2},
+    # the low-dimension all-to-all (a2a_dim = D/2), with a shared expert at full width
+    {"experts": whole, "router": "topk", "k": 2, "a2a": 4, "overlap": 2, "shared": 8},
+    {"experts": sliced, "router": "rmoe", "k": 2, "a2a": 4, "bias": True, "capacity": 1.0},
 ]
+
+
+def check_a2a_bytes(ctx) -> int:
+    """The same routing with a2a_dim unset, D/2 and D/4: the all-to-all bytes fall by D/r."""
+    sent, first = {}, None
+    for r in (None, D // 2, D // 4):
+        cfg = MoEConfig(hidden_size=D, num_experts=8, ffn_hidden_size=F, a2a_dim=r,
+                        router=RouterConfig(top_k=2))  # fmt: skip
+        model = build(cfg)
+        first = first or dict(model.named_parameters())
+        with torch.no_grad():  # the first model's router (and whatever runs before moe1)
+            for name, p in model.named_parameters():
+                if name in first and first[name].shape == p.shape:
+                    p.copy_(first[name])
+        model = parallelize(model, ctx)
+        x = torch.randn(16, D, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        model(x)
+        traffic = model.moe1.last_stats.traffic
+        sent[r] = (traffic.sent_rows, traffic.sent_bytes)
+    rows, full = sent[None]
+    assert rows > 0 and all(v[0] == rows for v in sent.values()), sent  # same routing
+    assert sent[D // 2][1] * 2 == full and sent[D // 4][1] * 4 == full, sent
+    return 1
 
 
 def _all_cases(rank, world, cases, shards):
     ctx = ParallelDims(ep=world).build()
-    return sum(check_case(ctx, case, shards) for case in cases)
+    return sum(check_case(ctx, case, shards) for case in cases) + check_a2a_bytes(ctx)
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_every_mode_matches_the_single_process(world):
     shards = [10 + 3 * r for r in range(world)]  # uneven token counts per rank
     cases = [c for c in CASES if not (c.get("replicas") and c["experts"](world) < 2)]
-    want = len(cases) * len(MODES)
+    want = len(cases) * len(MODES) + 1  # + the a2a byte count
     assert run_on_ranks(_all_cases, world, args=(cases, shards), timeout=400) == [want] * world
 
 

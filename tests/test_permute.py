@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from moeflow.comm import build_plan, expert_capacity, permute, rank_within_expert, unpermute
+from moeflow.comm.permutation import combine
 
 
 def test_plan_by_hand():
@@ -70,3 +71,14 @@ def test_gradcheck(mode):
         return unpermute(torch.tanh(permute(x, plan) @ m), w, plan)
 
     assert torch.autograd.gradcheck(f, (x, w))
+
+    def carried(x, w):  # the weight travels as a last column; the "experts" weight their rows
+        rows = permute(x, plan, w)
+        return combine(torch.tanh(rows[:, :-1] @ m) * rows[:, -1:], plan)
+
+    assert torch.autograd.gradcheck(carried, (x, w))
+    torch.testing.assert_close(carried(x, w), f(x, w), rtol=1e-12, atol=1e-14)
+    rows = permute(x, plan, w)
+    assert rows.shape == (plan.num_rows, D + 1)
+    if mode == "padded":  # padding rows carry weight 0
+        assert not rows[plan.row_to_pair < 0].any()

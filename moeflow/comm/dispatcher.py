@@ -18,7 +18,9 @@ Schedule of one call:
 4. `exchange_compute`: dispatch chunk c+1 while chunk c computes and chunk c-1 returns (forward and
    backward; see `moeflow.comm.pipeline`); a side computation (a shared expert) runs while chunk
    0 travels.
-5. Un-permute each chunk, weighting by the router, and concatenate the chunks.
+5. Un-permute each chunk, weighting by the router, and concatenate the chunks. A `compute` with
+   `weighted = True` (the MoE layer's) gets each row's router weight as a last column in step 3
+   and weights its own outputs, so step 5 only sums (`moeflow.comm.permutation.combine`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,14 @@ from typing import Any
 import torch
 
 from moeflow.comm.all_to_all import Exchange
-from moeflow.comm.permutation import RoutingPlan, build_plan, pair_counts, permute, unpermute
+from moeflow.comm.permutation import (
+    RoutingPlan,
+    build_plan,
+    combine,
+    pair_counts,
+    permute,
+    unpermute,
+)
 from moeflow.comm.pipeline import ChunkPlan, SideCompute, exchange_compute
 
 # Parallel modes of an MoE layer (`moeflow.moe.expert_dispatch`): tokens to the experts, tokens to
@@ -169,13 +178,14 @@ class TokenDispatcher:
                 [flat_m[(c * W + i) * W : (c * W + i + 1) * W] for i in range(W)]
                 for c in range(num_chunks)
             ]
-        # 3. permute every chunk
+        # 3. permute every chunk (with a weighted compute, each row carries its pair's weight)
+        weighted = getattr(compute, "weighted", False)
         plans, x_chunks = [], []
         for c, (t0, t1) in enumerate(bounds):
             keep = None if keep_TK is None else keep_TK[t0:t1]
             plan = build_plan(slot_ids_TK[t0:t1], P, keep, pad_to, counts_host=counts_host[c])
             plans.append(plan)
-            x_chunks.append(permute(x_TD[t0:t1], plan))
+            x_chunks.append(permute(x_TD[t0:t1], plan, weights_TK[t0:t1] if weighted else None))
         chunk_plan = ChunkPlan(
             input_splits=[[sum(send[j][c]) for j in range(W)] for c in range(num_chunks)],
             output_splits=[[sum(recv[i][c]) for i in range(W)] for c in range(num_chunks)],
@@ -189,9 +199,9 @@ class TokenDispatcher:
             )
         except RuntimeError as exc:
             raise RuntimeError(f"{self.name}: expert all-to-all failed: {exc}") from exc
-        # 5. un-permute
+        # 5. un-permute (the rows come back weighted from a weighted compute)
         outs = [
-            unpermute(y, weights_TK[t0:t1], plan)
+            combine(y, plan) if weighted else unpermute(y, weights_TK[t0:t1], plan)
             for y, plan, (t0, t1) in zip(y_chunks, plans, bounds, strict=True)
         ]
         out = outs[0] if len(outs) == 1 else torch.cat(outs)

@@ -8,6 +8,12 @@ pair is one (token, slot) choice, index `t*K + k`.
 within an expert, by pair index (token order), so the buffer is deterministic. Both directions are
 gathers, forward and backward: no scatter-add, so results are bitwise deterministic on every device,
 and tokens repeated K times have their input gradient summed over K in a fixed order.
+
+Two ways to apply the router weights: `permute` + `unpermute(y, weights)` weights the rows while
+combining (and saves `y` for the weights' gradient); `permute(x, plan, weights)` + `combine(y)`
+carries each pair's weight as a last column to the experts, which weight their own outputs and
+return the weights' gradient in that column (`moeflow.moe.grouped_ffn`), so the combine only sums
+and saves nothing. The MoE layer uses the second.
 """
 
 from __future__ import annotations
@@ -131,22 +137,34 @@ def _slot_rows(plan: RoutingPlan) -> list[torch.Tensor]:
 
 class _Permute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-        ctx.plan = plan
+    def forward(
+        ctx, x_TD: torch.Tensor, weights_TK: torch.Tensor | None, plan: RoutingPlan
+    ) -> torch.Tensor:
+        ctx.plan, ctx.weighted = plan, weights_TK is not None
         src_rows = torch.where(plan.row_to_pair >= 0, plan.row_to_pair // plan.top_k, -1)
-        return _gather_rows(x_TD, src_rows, plan.has_padding)
+        if weights_TK is None:
+            return _gather_rows(x_TD, src_rows, plan.has_padding)
+        # [R, D + 1]: each row's token, then its pair's router weight (0 on padding rows).
+        out = x_TD.new_empty(plan.num_rows, x_TD.shape[1] + 1)
+        torch.index_select(x_TD, 0, src_rows.clamp(min=0), out=out[:, :-1])
+        pair = plan.row_to_pair.clamp(min=0)
+        out[:, -1] = weights_TK.reshape(-1).index_select(0, pair)
+        if plan.has_padding:
+            out.masked_fill_((plan.row_to_pair < 0).unsqueeze(-1), 0)
+        return out
 
     @staticmethod
     def backward(ctx, grad_RD: torch.Tensor):
         # grad_x[t] = sum_k grad[row(t, k)]: K gathers of T rows, summed in slot order
-        # (deterministic, and cheaper than gathering T*K rows and reducing them).
+        # (deterministic, and cheaper than gathering T*K rows and reducing them); with weights,
+        # the last column is each row's pair's weight gradient.
         plan: RoutingPlan = ctx.plan
-        grad_RD = grad_RD.contiguous()
-        rows = _slot_rows(plan)
-        grad_x = _gather_rows(grad_RD, rows[0], plan.has_dropped)
-        for rows_k in rows[1:]:
-            grad_x.add_(_gather_rows(grad_RD, rows_k, plan.has_dropped))
-        return grad_x, None
+        grad_w = None
+        if ctx.weighted:
+            if ctx.needs_input_grad[1]:
+                grad_w = _to_pairs(grad_RD[:, -1], plan).view(plan.num_tokens, plan.top_k)
+            grad_RD = grad_RD[:, :-1]
+        return combine_rows(grad_RD, plan), grad_w, None
 
 
 class _Unpermute(torch.autograd.Function):
@@ -190,15 +208,59 @@ class _Unpermute(torch.autograd.Function):
         return grad_y, grad_w, None
 
 
+def combine_rows(y_RD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    """`out[t] = sum_k y[row(t, k)]` (dropped pairs give 0), summed in slot order k: K gathers
+    of T rows into one `[T, D]` (deterministic; no scatter-add)."""
+    y_RD = y_RD.contiguous() if y_RD.stride(-1) != 1 else y_RD
+    rows = _slot_rows(plan)
+    out = _gather_rows(y_RD, rows[0], plan.has_dropped)
+    for rows_k in rows[1:]:
+        out.add_(_gather_rows(y_RD, rows_k, plan.has_dropped))
+    return out
+
+
+def _to_pairs(values_R: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    """`[T*K]`: each pair's row value (0 for dropped pairs; padding rows ignored)."""
+    if plan.has_padding:
+        out = values_R.new_zeros(plan.num_tokens * plan.top_k)
+        valid = plan.row_to_pair >= 0
+        out[plan.row_to_pair[valid]] = values_R[valid]
+        return out
+    return _gather_rows(values_R.unsqueeze(-1), plan.pair_to_row, plan.has_dropped).squeeze(-1)
+
+
+class _Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_RD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        ctx.plan = plan
+        return combine_rows(y_RD, plan)
+
+    @staticmethod
+    def backward(ctx, grad_TD: torch.Tensor):
+        # Row r of pair (t, k) gets grad_out[t]: one gather (padding rows 0); nothing saved.
+        plan: RoutingPlan = ctx.plan
+        src = torch.where(plan.row_to_pair >= 0, plan.row_to_pair // plan.top_k, -1)
+        return _gather_rows(grad_TD.contiguous(), src, plan.has_padding), None
+
+
 def _effective_weights(weights_TK: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
     if not plan.has_dropped:
         return weights_TK
     return weights_TK * (plan.pair_to_row >= 0).view_as(weights_TK).to(weights_TK.dtype)
 
 
-def permute(x_TD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-    """Copy each kept pair's token row into the expert-sorted buffer `[R, D]`."""
-    return _Permute.apply(x_TD, plan)
+def permute(
+    x_TD: torch.Tensor, plan: RoutingPlan, weights_TK: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Copy each kept pair's token row into the expert-sorted buffer `[R, D]`; with `weights_TK`,
+    `[R, D + 1]` whose last column is the pair's router weight (the experts then weight their
+    own outputs and `combine` only sums: see `moeflow.moe.grouped_ffn`)."""
+    return _Permute.apply(x_TD, weights_TK, plan)
+
+
+def combine(y_RD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    """`out[t] = sum_k y[row(t, k)]` for rows the experts already weighted; differentiable."""
+    return _Combine.apply(y_RD, plan)
 
 
 def unpermute(y_RD: torch.Tensor, weights_TK: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:

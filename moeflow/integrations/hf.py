@@ -225,7 +225,7 @@ def convert(
 
 # The `MoEConfig` fields an HF sparse block fixes: its shapes, routing semantics, shared expert.
 BLOCK_FIXED = (
-    "hidden_size", "num_experts", "ffn_hidden_size", "activation",
+    "hidden_size", "num_experts", "ffn_hidden_size", "activation", "a2a_dim", "ffn_bias",
     "shared_expert_ffn_hidden_size", "shared_expert_gate",
     "router.top_k", "router.pre_softmax", "router.normalize_topk", "router.softmax_dtype",
 )  # fmt: skip

@@ -192,6 +192,11 @@ def transformer_config_kwargs(cfg: MoEConfig) -> dict:
             f"moe.activation ({cfg.activation!r}) has no Megatron activation_func here; use "
             f"one of {sorted({name for name, _ in ACTIVATIONS})}"
         )
+    if cfg.a2a_dim is not None:
+        raise ValueError(
+            f"moe.a2a_dim = {cfg.a2a_dim} (the low-dimension all-to-all) has no Megatron "
+            "equivalent; unset it"
+        )
     if cfg.ffn_bias:
         raise ValueError(
             "moe.ffn_bias = True has no Megatron equivalent here (add_bias_linear would add "

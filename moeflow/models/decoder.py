@@ -181,6 +181,8 @@ class MoEDecoder(nn.Module):
                 block.ffn.router.expert_bias.zero_()
                 if block.ffn.ffn_out_bias is not None:
                     block.ffn.ffn_out_bias.zero_()
+                if block.ffn.a2a is not None:
+                    block.ffn.a2a.reset_parameters(generator=gen)
                 if block.ffn.zc_experts is not None:
                     block.ffn.zc_experts.reset_parameters(generator=gen)
                 if block.ffn.shared_expert is not None:

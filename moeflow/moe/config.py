@@ -195,6 +195,13 @@ class MoEConfig:
     `ffn_out_bias [E, D]`, held by every rank like the router and added after the combine, weighted
     by each kept pair's gate (a dropped pair gets no bias, as it gets no expert output).
 
+    `a2a_dim` r < D: the low-dimension all-to-all (BigMac, descend-communicate-communicate-ascend;
+    `moeflow.moe.low_dim`). Tokens are projected down to r before dispatch and the combined output
+    back up to D after it: `out = (sum_k g_k E_k(x A_down) [+ b2]) A_up`, with `A_down [D, r]`,
+    `A_up [r, D]` dense and every expert an FFN r -> F -> r. The router reads x at full width; a
+    shared expert and zero-computation experts work at full width. Every all-to-all moves r values
+    per row instead of D.
+
     Shared experts (DeepSeek-V2/V3, Qwen2-MoE; Megatron's `moe_shared_expert_intermediate_size`):
     `shared_expert_ffn_hidden_size` F_s > 0 adds an always-on FFN of width F_s (n shared experts
     of width F are one FFN of width n*F: their sum is the FFN over the concatenated columns) whose
@@ -216,6 +223,7 @@ class MoEConfig:
     shared_expert_ffn_hidden_size: int = 0
     shared_expert_gate: bool = False
     ffn_bias: bool = False
+    a2a_dim: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_experts", "ffn_hidden_size"):
@@ -228,6 +236,14 @@ class MoEConfig:
             raise ValueError(
                 f"moe.shared_expert_ffn_hidden_size ({shared!r}) must be an integer >= 0 "
                 "(0: no shared expert)"
+            )
+        r = self.a2a_dim
+        if r is not None and (
+            not isinstance(r, int) or isinstance(r, bool) or not 1 <= r < self.hidden_size
+        ):
+            raise ValueError(
+                f"moe.a2a_dim ({r!r}) must be an integer in 1..{self.hidden_size - 1} (below "
+                "moe.hidden_size), or unset for the full width"
             )
         if not isinstance(self.ffn_bias, bool):
             raise ValueError(f"moe.ffn_bias ({self.ffn_bias!r}) must be true or false")
@@ -250,6 +266,11 @@ class MoEConfig:
                 + (f" + {self.router.extra_experts} extra experts" if choices > self.num_experts
                    else "")
             )  # fmt: skip
+
+    @property
+    def expert_dim(self) -> int:
+        """The width the experts read and write, and the all-to-all moves: `a2a_dim` or D."""
+        return self.a2a_dim or self.hidden_size
 
     def to_dict(self) -> dict:
         """Plain nested dict (TOML/JSON friendly)."""

@@ -52,11 +52,16 @@ class GroupedExpertCompute:
 
     With a `gather` (`ExpertWeightGather`), `params` are this rank's F-slices: `materialize`
     gathers the whole experts (in forward, and again in backward), and `finish` returns the
-    gradients of the slices, reduce-scattered over the gathering group."""
+    gradients of the slices, reduce-scattered over the gathering group. `weighted`: rows arrive
+    `[R, D + 1]`, the last column each row's router weight (`permute(x, plan, weights)`); the
+    outputs come back weighted and the gradient's last column is the weights' gradient."""
 
-    def __init__(self, activation: str, gather: ExpertWeightGather | None = None) -> None:
+    def __init__(
+        self, activation: str, gather: ExpertWeightGather | None = None, weighted: bool = False
+    ) -> None:
         self.activation = activation
         self.gather = gather
+        self.weighted = weighted
 
     def materialize(self, params):
         return params if self.gather is None else self.gather.gather(*params)
@@ -65,12 +70,15 @@ class GroupedExpertCompute:
         w1, w2 = (p.to(x_RD.dtype) for p in params)
         order, merged = expert_major(blocks, x_RD.device)
         x = x_RD.contiguous() if order is None else x_RD.index_select(0, order)
+        row_w = None
+        if self.weighted:  # the last column: each row's router weight
+            x, row_w = x[:, :-1], x[:, -1].contiguous()
         with torch.autocast(device_type=x_RD.device.type, enabled=False):
-            y, saved = ffn_forward(x, w1, w2, merged, self.activation)
+            y, saved = ffn_forward(x, w1, w2, merged, self.activation, row_w)
         if order is not None:
             y = torch.empty_like(y).index_copy_(0, order, y)  # back to source-rank order
         # The weights are saved once by the pipeline; keep only the activations.
-        return y, [t for t in saved.tensors() if t is not saved.w1 and t is not saved.w2]
+        return y, [saved.x, saved.row_w, *saved.tensors()[4:]]
 
     def new_grads(self, params) -> dict:
         return {"params": params, "grads": None}
@@ -84,7 +92,7 @@ class GroupedExpertCompute:
         if order is not None:
             grad_y = grad_y.index_select(0, order)
         activations = FFNActivations.from_tensors([x, w1, w2, *saved[1:]], merged, self.activation)
-        grad_x = ffn_backward(activations, grad_y, acc["grads"])
+        grad_x = ffn_backward(activations, grad_y, acc["grads"])  # [R, D (+1: the weights')]
         if order is not None:
             grad_x = torch.empty_like(grad_x).index_copy_(0, order, grad_x)
         return grad_x

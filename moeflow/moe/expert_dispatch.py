@@ -147,7 +147,7 @@ class ExpertDispatch(nn.Module):
                 exchange = self.two_level_exchange if two_level else self.exchange
                 dispatcher = TokenDispatcher(exchange, per, self.config)
             dispatcher.name = self.name
-            compute = GroupedExpertCompute(self.activation, gather)
+            compute = GroupedExpertCompute(self.activation, gather, weighted=True)
             self._paths[(mode, two_level)] = (dispatcher, compute)
         return self._paths[(mode, two_level)]
 

@@ -108,3 +108,23 @@ class GroupedExperts(nn.Module):
                 f"{x_RD.shape[0]} rows"
             )
         return grouped_ffn(x_RD, self.w1, self.w2, rows_per_expert, self.activation)
+
+
+def gated_bias(
+    weights_TK: torch.Tensor,
+    ids_TK: torch.Tensor,
+    keep_TK: torch.Tensor | None,
+    bias_EH: torch.Tensor,
+) -> torch.Tensor:
+    """`[T, H]`: `sum_k keep[t, k] * weights[t, k] * bias[ids[t, k]]`, the experts' output
+    biases `b2` as the combine weighs them (`MoEConfig.ffn_bias`); one `[T, E] @ [E, H]` product.
+
+    Example:
+        >>> gated_bias(torch.tensor([[0.75, 0.25]]), torch.tensor([[1, 0]]), None,
+        ...            torch.tensor([[4.0], [8.0]])).tolist()
+        [[7.0]]
+    """
+    gates_TK = weights_TK.to(bias_EH.dtype)
+    gates_TK = gates_TK if keep_TK is None else gates_TK * keep_TK
+    gates_TE = gates_TK.new_zeros(ids_TK.shape[0], bias_EH.shape[0])
+    return gates_TE.scatter_add_(1, ids_TK, gates_TK) @ bias_EH

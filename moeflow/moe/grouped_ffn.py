@@ -65,22 +65,24 @@ class FFNActivations:
     per_block: list[list[torch.Tensor]]
     blocks: list[Block]
     activation: str
+    row_w: torch.Tensor | None = None  # per-row output weights (`ffn_forward`'s `row_w`)
 
     @staticmethod
     def width(activation: str) -> int:
         return 4 if activation == "swiglu" else 2
 
-    def tensors(self) -> list[torch.Tensor]:
+    def tensors(self) -> list[torch.Tensor | None]:
         """For `ctx.save_for_backward` (so saved-tensor hooks, e.g. activation checkpointing or
         offloading, see them); `from_tensors` rebuilds the object."""
-        return [self.x, self.w1, self.w2, *[t for block in self.per_block for t in block]]
+        blocks = [t for block in self.per_block for t in block]
+        return [self.x, self.w1, self.w2, self.row_w, *blocks]
 
     @classmethod
     def from_tensors(cls, tensors, blocks: list[Block], activation: str) -> FFNActivations:
-        x, w1, w2, *rest = tensors
+        x, w1, w2, row_w, *rest = tensors
         k = cls.width(activation)
         per_block = [list(rest[i : i + k]) for i in range(0, len(rest), k)]
-        return cls(x, w1, w2, per_block, blocks, activation)
+        return cls(x, w1, w2, per_block, blocks, activation, row_w)
 
 
 class WeightGrads:
@@ -127,9 +129,18 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, overwrite: boo
 
 
 def ffn_forward(
-    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, blocks: list[Block], activation: str
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    blocks: list[Block],
+    activation: str,
+    row_w: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, FFNActivations]:
-    """Run every block; `x`, `w1`, `w2` already in the compute dtype. Rows in no block give 0."""
+    """Run every block; `x`, `w1`, `w2` already in the compute dtype. Rows in no block give 0.
+    `row_w` `[R]`: each output row is scaled by its weight (the router's, applied here while the
+    block is in cache, so the combine only sums; `ffn_backward` then returns the weights'
+    gradient, `<a W2, grad_y> = <a, grad_y W2^T>` over F instead of D, and nothing of `y` is
+    kept)."""
     (rows, d), ffn = x.shape, w2.shape[1]
     # SwiGLU's gate and up projections (column blocks of w1) are separate GEMMs into contiguous
     # tensors: elementwise kernels on strided halves of one buffer run ~2x slower on CPU.
@@ -155,23 +166,43 @@ def ffn_forward(
             )
             per_block.append([a, *hs])
         torch.mm(a, w2[e], out=y[lo:hi])
-    return y, FFNActivations(x, w1, w2, per_block, blocks, activation)
+        if row_w is not None:
+            y[lo:hi].mul_(row_w[lo:hi].unsqueeze(-1))
+    return y, FFNActivations(x, w1, w2, per_block, blocks, activation, row_w)
 
 
 def ffn_backward(
-    saved: FFNActivations, grad_y: torch.Tensor, weight_grads: WeightGrads
+    saved: FFNActivations,
+    grad_y: torch.Tensor,
+    weight_grads: WeightGrads,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Gradient wrt `x` (rows in no block get 0); weight gradients go into `weight_grads`."""
+    """Gradient wrt `x` (rows in no block get 0); weight gradients go into `weight_grads`. `out`
+    `[R, D]` (or `[R, D + 1]` with row weights: the last column receives their gradient) is
+    written in place of a new buffer."""
     s = saved
     grad_y = grad_y.to(s.x.dtype).contiguous()
+    rows, d = s.x.shape
     covered = sum(hi - lo for _, lo, hi in s.blocks)
-    grad_x = torch.empty_like(s.x) if covered == s.x.shape[0] else torch.zeros_like(s.x)
+    weighted = s.row_w is not None
+    if out is None:
+        out = s.x.new_empty(rows, d + weighted)
+    if covered < rows:
+        out.zero_()
+    grad_x = out[:, :d]
+    # The weights' gradient, contiguous (one strided copy into `out` at the end).
+    grad_w = s.x.new_zeros(rows) if weighted else None
     w1_parts = list(s.w1.split(s.w2.shape[1], dim=-1))
-    d = s.x.shape[1]
     for (e, lo, hi), tensors in zip(s.blocks, s.per_block, strict=True):
         a, h0 = tensors[0], tensors[1]
         gy = grad_y[lo:hi]
         grad_a = gy @ s.w2[e].t()  # [n, F], consumed below
+        a_w2 = a  # what W2's gradient multiplies: the rows' (weighted) activations
+        if weighted:
+            w_n1 = s.row_w[lo:hi].unsqueeze(-1)
+            torch.linalg.vecdot(a, grad_a, out=grad_w[lo:hi])  # <a W2, g> = <a, g W2^T>
+            grad_a.mul_(w_n1)
+            a_w2 = a * w_n1
         if s.activation == "swiglu":
             up, aux = tensors[2], tensors[3]
             grad_up = grad_a * aux  # d/d up = silu(gate)
@@ -189,5 +220,7 @@ def ffn_backward(
         for i, (gh, w) in enumerate(zip(grad_hs, w1_parts, strict=True)):
             # SwiGLU: the up projection's contribution adds to the gate's.
             _mm_into(grad_x[lo:hi], gh, w[e, :d].t(), overwrite=i == 0)
-        weight_grads.accumulate(e, s.x[lo:hi], grad_hs, a, gy)
-    return grad_x
+        weight_grads.accumulate(e, s.x[lo:hi], grad_hs, a_w2, gy)
+    if weighted:
+        out[:, d].copy_(grad_w)
+    return out

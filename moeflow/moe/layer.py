@@ -21,11 +21,12 @@ from moeflow.moe.aux_loss import attach_loss
 from moeflow.moe.balance_state import BalanceState
 from moeflow.moe.config import MoEConfig
 from moeflow.moe.expert_dispatch import ExpertDispatch
-from moeflow.moe.experts import GroupedExperts
+from moeflow.moe.experts import GroupedExperts, gated_bias
 from moeflow.moe.ffn import FeedForward
 from moeflow.moe.grouped_ffn import compute_dtype
 from moeflow.moe.layout import ExpertLayout
 from moeflow.moe.losses import layer_losses
+from moeflow.moe.low_dim import LowDimProjection
 from moeflow.moe.routers.base import RouterOutput
 from moeflow.moe.routers.moepp import ZeroComputationExperts
 from moeflow.moe.routers.registry import build_router
@@ -64,15 +65,18 @@ class MoELayer(nn.Module):
         super().__init__()
         self.config = config
         self.router = build_router(config, shared)
+        D = config.hidden_size
+        # BigMac's projections around the all-to-all (`a2a_dim`): the experts are r wide.
+        self.a2a = None if config.a2a_dim is None else LowDimProjection(D, config.a2a_dim)
         self.experts = GroupedExperts(
-            config.num_experts, config.hidden_size, config.ffn_hidden_size, config.activation,
+            config.num_experts, config.expert_dim, config.ffn_hidden_size, config.activation,
             config.ffn_bias,
         )  # fmt: skip
         # Every expert's output bias b2 (`MoEConfig.ffn_bias`), whole on every rank (like the
         # router), added after the combine weighted by the kept pairs' gates.
         self.ffn_out_bias = None
         if config.ffn_bias:
-            self.ffn_out_bias = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
+            self.ffn_out_bias = nn.Parameter(torch.zeros(config.num_experts, config.expert_dim))
         extra_kinds = self.router.expert_kinds[config.num_experts :]
         self.zc_experts = None
         if any(kind in ("copy", "constant") for kind in extra_kinds):
@@ -192,6 +196,11 @@ class MoELayer(nn.Module):
     ) -> MoELayer:
         """Sparse upcycling: every expert starts as a copy of `ffn`; the router is fresh (with
         `shared`, the model's router modules shared by its MoE layers, e.g. RMoE's GRU)."""
+        if config.a2a_dim is not None:
+            raise ValueError(
+                "moe.a2a_dim projects tokens before the experts, so upcycled experts would not "
+                "compute the dense FFN; upcycle with a2a_dim unset"
+            )
         if ffn.w1.shape[0] != config.hidden_size or ffn.w2.shape[0] != config.ffn_hidden_size:
             raise ValueError(
                 f"dense FFN is {ffn.w1.shape[0]}->{ffn.w2.shape[0]} but moe.hidden_size="
@@ -306,8 +315,9 @@ class MoELayer(nn.Module):
             ids_TK = ids_TK.clamp(max=n - 1)
         x_in = x_TD.to(compute_dtype(x_TD))
         side = None if self.shared_expert is None else self.shared_expert.side_compute(x_in)
+        x_send = x_in if self.a2a is None else self.a2a.descend(x_in)  # r wide with a2a_dim
         result = self.expert_dispatch(
-            x_in,
+            x_send,
             route.weights_TK,
             ids_TK,
             keep_TK,
@@ -321,16 +331,17 @@ class MoELayer(nn.Module):
         traffic = Traffic(
             mode=self.expert_dispatch.last_mode,
             sent_rows=result.sent_rows,
-            sent_bytes=result.sent_rows * x_TD.shape[1] * result.out_TD.element_size(),
+            sent_bytes=result.sent_rows * x_send.shape[1] * result.out_TD.element_size(),
             gathered_bytes=self.expert_dispatch.last_gathered_bytes,
             dispatch=result.chunks,
         )
-        out_TD = result.out_TD if side is None else result.out_TD + result.side_out
+        out_TD = result.out_TD
         if self.ffn_out_bias is not None:  # sum_k gate_k * b2[expert_k] over kept FFN pairs
-            gates_TK = route.weights_TK.to(out_TD.dtype)
-            gates_TK = gates_TK if keep_TK is None else gates_TK * keep_TK
-            gates_TE = gates_TK.new_zeros(num_tokens, n).scatter_add_(1, ids_TK, gates_TK)
-            out_TD = out_TD + gates_TE @ self.ffn_out_bias.to(out_TD.dtype)
+            bias = gated_bias(route.weights_TK, ids_TK, keep_TK, self.ffn_out_bias)
+            out_TD = out_TD + bias.to(out_TD.dtype)
+        if self.a2a is not None:
+            out_TD = self.a2a.ascend(out_TD)
+        out_TD = out_TD if side is None else out_TD + result.side_out
         return out_TD, kept_E, keep_TK, traffic
 
     def finish_optimizer_step(self, group: dist.ProcessGroup | None = None) -> None:

@@ -221,7 +221,7 @@ class RuntimeTuner:
     def _shape(self, layer: MoELayer, tokens: float, rho: float) -> LayerShape:
         cfg = layer.config
         return LayerShape(
-            tokens=max(int(tokens), 1), hidden=cfg.hidden_size, ffn=cfg.ffn_hidden_size,
+            tokens=max(int(tokens), 1), hidden=cfg.expert_dim, ffn=cfg.ffn_hidden_size,
             experts=cfg.num_experts, top_k=cfg.router.top_k, group=layer.layout.group_size,
             gate_blocks=gate_multiplier(cfg.activation), imbalance=max(rho, 1.0),
         )  # fmt: skip
@@ -256,7 +256,7 @@ class RuntimeTuner:
         need = [
             size
             * lay.gather_peak_elements(
-                k.mode, cfg.hidden_size, gate_multiplier(cfg.activation), cfg.ffn_bias
+                k.mode, cfg.expert_dim, gate_multiplier(cfg.activation), cfg.ffn_bias
             )
             for k in cands
         ]

@@ -336,4 +336,5 @@ LATER_FIELDS = (
     (("model", "moe", "shared_expert_gate"), False),
     (("model", "moe", "ffn_bias"), False),
     (("model", "moe", "router", "softmax_dtype"), None),
+    (("model", "moe", "a2a_dim"), None),
 )

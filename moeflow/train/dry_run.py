@@ -41,7 +41,7 @@ def dry_run(cfg: RunConfig, world_size: int | None = None) -> dict:
         layers = [m for _, m in moe_layers(model)]
         m = cfg.model
         c = gate_multiplier(m.moe.activation)
-        per_expert = (c + 1) * m.moe.ffn_hidden_size * m.moe.hidden_size
+        per_expert = (c + 1) * m.moe.ffn_hidden_size * m.moe.expert_dim
         layout = layers[0].layout if layers else None
         total = dense + per_expert * sum(x.config.num_experts for x in layers)
         active = dense + per_expert * m.moe.router.top_k * len(layers)
@@ -81,7 +81,7 @@ def expert_memory(model) -> list[dict]:
         held = sum(p.numel() * p.element_size() for p in layer.experts.parameters())
         size = layer.experts.w1.element_size()
         c = gate_multiplier(layer.config.activation)
-        d = layer.config.hidden_size
+        d = layer.config.expert_dim
         bias = layer.config.ffn_bias
         peak = {m: held + size * layer.layout.gather_peak_elements(m, d, c, bias) for m in MODES}
         f = layer.config.ffn_hidden_size

@@ -36,7 +36,9 @@ def flops_per_token(cfg: DecoderConfig, seq_len: int) -> int:
     g = gate_multiplier(moe.activation)
     attn = 4 * cfg.dim * cfg.dim
     dense_ffn = (g + 1) * cfg.dim * (cfg.dense_ffn_hidden_size or moe.ffn_hidden_size)
-    moe_ffn = moe.router.top_k * (g + 1) * cfg.dim * moe.ffn_hidden_size + cfg.dim * moe.num_experts
+    moe_ffn = moe.router.top_k * (g + 1) * moe.expert_dim * moe.ffn_hidden_size
+    moe_ffn += cfg.dim * moe.num_experts  # the router
+    moe_ffn += 2 * cfg.dim * moe.a2a_dim if moe.a2a_dim else 0  # down and up projections
     moe_ffn += (g + 1) * cfg.dim * moe.shared_expert_ffn_hidden_size  # always-on shared expert
     moe_ffn += cfg.dim if moe.shared_expert_gate else 0
     active = cfg.vocab_size * cfg.dim  # the output head
