@@ -331,7 +331,8 @@ class MoELayer(nn.Module):
         traffic = Traffic(
             mode=self.expert_dispatch.last_mode,
             sent_rows=result.sent_rows,
-            sent_bytes=result.sent_rows * x_send.shape[1] * result.out_TD.element_size(),
+            # each row: its token's (D or a2a_dim) values and its router weight
+            sent_bytes=result.sent_rows * (x_send.shape[1] + 1) * result.out_TD.element_size(),
             gathered_bytes=self.expert_dispatch.last_gathered_bytes,
             dispatch=result.chunks,
         )
