@@ -22,6 +22,11 @@ contender of a process runs under the same setting.
 
 Memory: bytes saved for the backward (activations, not weights), per token, measured with saved-
 tensor hooks on each contender's step.
+
+`gmm x fl`: the layer with `expert_kernel = "grouped_mm"` (each projection of all experts in one
+`torch.nn.functional.grouped_mm` call; on CPU torch's own kernel), the same weights. `--device
+cuda` runs everything in bf16 on the GPU (the floor then runs at the GPU's own GEMM rate; the
+layer's default kernel there is grouped_mm), timed with synchronisation.
 """
 
 from __future__ import annotations
@@ -59,6 +64,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed comparison")
     p.add_argument("--profile", action="store_true", help="per-phase breakdown of the layer")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cuda: bf16 on the GPU, the floor at the GPU's own GEMM rate (no DeepSpeed, one "
+        "allocator)",
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -69,11 +80,13 @@ class Floor:
     def __init__(self, layer: MoELayer, counts: list[int]) -> None:
         d = layer.config.hidden_size
         self.act = layer.config.activation
+        w = layer.experts.w1
         # One leaf tensor per expert matrix: no indexing cost of any kind in the floor.
         self.w1 = [w.detach().clone().requires_grad_(True) for w in layer.experts.w1]
         self.w2 = [w.detach().clone().requires_grad_(True) for w in layer.experts.w2]
-        self.xs = [torch.randn(n, d, requires_grad=True) for n in counts]
-        self.gs = [torch.randn(n, d) for n in counts]
+        self.xs = [torch.randn(n, d, device=w.device, dtype=w.dtype, requires_grad=True)
+                   for n in counts]  # fmt: skip
+        self.gs = [torch.randn(n, d, device=w.device, dtype=w.dtype) for n in counts]
 
     def step(self) -> None:
         outs, grads = [], []
@@ -113,20 +126,27 @@ def init_deepspeed_single_process() -> None:
         deepspeed.init_distributed(dist_backend="gloo")
 
 
-def build(shape: str, activation: str, capacity: float | None) -> tuple[MoELayer, torch.Tensor]:
+def build(
+    shape: str, activation: str, capacity: float | None, kernel: str = "auto", device="cpu"
+) -> tuple[MoELayer, torch.Tensor]:
     t, d, f, e, k = SHAPES[shape]
     cfg = MoEConfig(hidden_size=d, num_experts=e, ffn_hidden_size=f, activation=activation,
+                    expert_kernel=kernel,
                     router=RouterConfig(top_k=k, capacity_factor=capacity))  # fmt: skip
     torch.manual_seed(0)
     layer = MoELayer(cfg)
     with torch.no_grad():
         layer.router.weight.normal_(0, 0.2)  # a trained-looking, uneven router
-    return layer, torch.randn(t, d)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return layer.to(device=device, dtype=dtype), torch.randn(t, d).to(device, dtype)
 
 
 def measure(args, shape: str, activation: str, capacity: float | None) -> dict:
     """One configuration: medians (ms) and saved bytes per token of every contender."""
-    layer, x = build(shape, activation, capacity)
+    layer, x = build(shape, activation, capacity, device=args.device)
+    # The grouped_mm expert path, the same weights (on CPU: torch's own grouped_mm kernel).
+    grouped, _ = build(shape, activation, capacity, "grouped_mm", args.device)
+    grouped.load_state_dict(layer.state_dict())
     g = torch.randn_like(x)
     xin = x.clone().requires_grad_(True)
     layer(xin)  # applies the allocator setting (moeflow) before anything is timed
@@ -136,8 +156,16 @@ def measure(args, shape: str, activation: str, capacity: float | None) -> dict:
     def ours():
         layer(xin).backward(g)
 
-    steps = {"floor": (floor.step, [*floor.w1, *floor.w2]), "moeflow": (ours, layer.parameters())}
-    if not args.no_deepspeed:
+    def ours_grouped():
+        grouped(xin).backward(g)
+
+    steps = {
+        "floor": (floor.step, [*floor.w1, *floor.w2]),
+        "moeflow": (ours, layer.parameters()),
+        "grouped_mm": (ours_grouped, grouped.parameters()),
+    }
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    if not args.no_deepspeed and args.device == "cpu":
         init_deepspeed_single_process()
         ds = deepspeed_moe_like(layer, ep_size=1, capacity_factor=capacity)
         xb = x.clone().view(1, *x.shape).requires_grad_(True)
@@ -157,8 +185,10 @@ def measure(args, shape: str, activation: str, capacity: float | None) -> dict:
     for _ in range(args.repeats):
         rng.shuffle(order)
         for key in order:
+            sync()
             t0 = time.perf_counter()
             steps[key][0]()
+            sync()
             times[key].append(time.perf_counter() - t0)
     stats = layer.last_stats
     return {
@@ -217,17 +247,20 @@ def main() -> None:
 
 def print_table(results: list[dict], deepspeed: bool) -> None:
     head = f"\n{'allocator':<9}{'shape':<7}{'act':<7}{'setting':<10}{'floor ms':>9}{'moeflow':>9}"
-    head += f"{'x floor':>8}" + (f"{'deepspeed':>10}{'ds/ours':>8}" if deepspeed else "")
+    head += f"{'x floor':>8}{'gmm x fl':>9}" + (
+        f"{'deepspeed':>10}{'ds/ours':>8}" if deepspeed else ""
+    )
     print(head + f"{'B/token ours':>13}{'floor':>7}" + (f"{'ds':>7}" if deepspeed else ""))
     for r in results:
         ms, mem = r["ms"], r["bytes_per_token"]
         setting = "dropless" if r["capacity"] is None else f"cap {r['capacity']}"
         line = f"{r['alloc']:<9}{r['shape']:<7}{r['activation']:<7}{setting:<10}"
         line += f"{ms['floor']:>9.1f}{ms['moeflow']:>9.1f}{ms['moeflow'] / ms['floor']:>8.3f}"
-        if deepspeed:
+        line += f"{ms['grouped_mm'] / ms['floor']:>9.3f}"
+        if deepspeed and "deepspeed" in ms:
             line += f"{ms['deepspeed']:>10.1f}{ms['deepspeed'] / ms['moeflow']:>8.2f}"
         line += f"{mem['moeflow']:>13.0f}{mem['floor']:>7.0f}"
-        line += f"{mem['deepspeed']:>7.0f}" if deepspeed else ""
+        line += f"{mem['deepspeed']:>7.0f}" if deepspeed and "deepspeed" in mem else ""
         print(line + (f"  (dropped {r['dropped']:.1%})" if r["dropped"] else ""))
 
 

@@ -202,6 +202,11 @@ class MoEConfig:
     shared expert and zero-computation experts work at full width. Every all-to-all moves r values
     per row instead of D.
 
+    `expert_kernel`: how the local experts' GEMMs run (`moeflow.moe.grouped_mm_ffn`): `loop`, one
+    GEMM pair per expert block (the CPU path); `grouped_mm`, each projection of all local experts
+    in one `torch.nn.functional.grouped_mm` call wherever it can run (no float64, no `ffn_bias`,
+    16-byte rows); `auto` (default): grouped_mm on CUDA in bf16, the loop elsewhere.
+
     Shared experts (DeepSeek-V2/V3, Qwen2-MoE; Megatron's `moe_shared_expert_intermediate_size`):
     `shared_expert_ffn_hidden_size` F_s > 0 adds an always-on FFN of width F_s (n shared experts
     of width F are one FFN of width n*F: their sum is the FFN over the concatenated columns) whose
@@ -224,6 +229,7 @@ class MoEConfig:
     shared_expert_gate: bool = False
     ffn_bias: bool = False
     a2a_dim: int | None = None
+    expert_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_experts", "ffn_hidden_size"):
@@ -245,6 +251,7 @@ class MoEConfig:
                 f"moe.a2a_dim ({r!r}) must be an integer in 1..{self.hidden_size - 1} (below "
                 "moe.hidden_size), or unset for the full width"
             )
+        check_choice("moe.expert_kernel", self.expert_kernel, ("auto", "loop", "grouped_mm"))
         if not isinstance(self.ffn_bias, bool):
             raise ValueError(f"moe.ffn_bias ({self.ffn_bias!r}) must be true or false")
         if not isinstance(self.shared_expert_gate, bool):

@@ -15,6 +15,7 @@ import torch
 
 from moeflow.comm.all_to_all import LocalExchange
 from moeflow.comm.pipeline import ChunkPlan, exchange_compute
+from moeflow.moe import grouped_mm_ffn
 from moeflow.moe.grouped_ffn import (
     Block,
     FFNActivations,
@@ -57,11 +58,22 @@ class GroupedExpertCompute:
     outputs come back weighted and the gradient's last column is the weights' gradient."""
 
     def __init__(
-        self, activation: str, gather: ExpertWeightGather | None = None, weighted: bool = False
+        self,
+        activation: str,
+        gather: ExpertWeightGather | None = None,
+        weighted: bool = False,
+        kernel: str = "auto",
     ) -> None:
         self.activation = activation
         self.gather = gather
         self.weighted = weighted
+        self.kernel = kernel  # `moeflow.moe.grouped_mm_ffn.KERNELS`
+
+    def _grouped(self, x, w1, w2, merged) -> list[int] | None:
+        """The local experts' end rows when this call runs on grouped_mm, else None."""
+        if not grouped_mm_ffn.usable(self.kernel, x, w1, w2):
+            return None
+        return grouped_mm_ffn.grouped_ends(merged, w1.shape[0])
 
     def materialize(self, params):
         return params if self.gather is None else self.gather.gather(*params)
@@ -73,8 +85,12 @@ class GroupedExpertCompute:
         row_w = None
         if self.weighted:  # the last column: each row's router weight
             x, row_w = x[:, :-1], x[:, -1].contiguous()
+        ends = self._grouped(x, w1, w2, merged)
         with torch.autocast(device_type=x_RD.device.type, enabled=False):
-            y, saved = ffn_forward(x, w1, w2, merged, self.activation, row_w)
+            if ends is None:
+                y, saved = ffn_forward(x, w1, w2, merged, self.activation, row_w)
+            else:
+                y, saved = grouped_mm_ffn.forward(x, w1, w2, merged, self.activation, row_w, ends)
         if order is not None:
             y = torch.empty_like(y).index_copy_(0, order, y)  # back to source-rank order
         # The weights are saved once by the pipeline; keep only the activations.
@@ -92,7 +108,11 @@ class GroupedExpertCompute:
         if order is not None:
             grad_y = grad_y.index_select(0, order)
         activations = FFNActivations.from_tensors([x, w1, w2, *saved[1:]], merged, self.activation)
-        grad_x = ffn_backward(activations, grad_y, acc["grads"])  # [R, D (+1: the weights')]
+        ends = self._grouped(x, w1, w2, merged)  # the forward's choice (same inputs)
+        if ends is None:
+            grad_x = ffn_backward(activations, grad_y, acc["grads"])  # [R, D (+1: weights')]
+        else:
+            grad_x = grouped_mm_ffn.backward(activations, grad_y, acc["grads"], ends)
         if order is not None:
             grad_x = torch.empty_like(grad_x).index_copy_(0, order, grad_x)
         return grad_x

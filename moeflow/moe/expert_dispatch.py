@@ -57,9 +57,12 @@ def check_mode(mode: str) -> str:
 class ExpertDispatch(nn.Module):
     """The routing tables and per-mode paths of one layer under its layout (no parameters)."""
 
-    def __init__(self, num_experts: int, ffn_hidden_size: int, activation: str) -> None:
+    def __init__(
+        self, num_experts: int, ffn_hidden_size: int, activation: str, kernel: str = "auto"
+    ) -> None:
         super().__init__()
         self.activation = activation
+        self.kernel = kernel
         self.layout = ExpertLayout.canonical(num_experts, ffn_hidden_size, 1)
         self.exchange: Exchange = LocalExchange()
         self.two_level_exchange: Exchange | None = None  # within nodes, then across them
@@ -147,7 +150,7 @@ class ExpertDispatch(nn.Module):
                 exchange = self.two_level_exchange if two_level else self.exchange
                 dispatcher = TokenDispatcher(exchange, per, self.config)
             dispatcher.name = self.name
-            compute = GroupedExpertCompute(self.activation, gather, weighted=True)
+            compute = GroupedExpertCompute(self.activation, gather, True, self.kernel)
             self._paths[(mode, two_level)] = (dispatcher, compute)
         return self._paths[(mode, two_level)]
 

@@ -109,6 +109,17 @@ class WeightGrads:
                     gw[d].add_(gh.sum(dim=0))
         _mm_into(self.w2[e], a_nF.t(), grad_nD, first)
 
+    def add_all(self, g1: torch.Tensor, g2: torch.Tensor, ends: list[int]) -> None:
+        """Every expert's gradient at once (the grouped-GEMM path): experts that had rows are
+        written or added to, the others left to `finish`."""
+        starts = [0, *ends[:-1]]
+        for e, (lo, hi) in enumerate(zip(starts, ends, strict=True)):
+            if hi > lo:
+                first = e not in self.written
+                self.written.add(e)
+                (self.w1[e].copy_ if first else self.w1[e].add_)(g1[e])
+                (self.w2[e].copy_ if first else self.w2[e].add_)(g2[e])
+
     def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
         for e in range(self.w1.shape[0]):
             if e not in self.written:

@@ -94,7 +94,7 @@ class MoELayer(nn.Module):
         # (all experts here until `attach`), every mode per call. Not saved: checkpoints keep
         # logical ids.
         self.expert_dispatch = ExpertDispatch(
-            config.num_experts, config.ffn_hidden_size, config.activation
+            config.num_experts, config.ffn_hidden_size, config.activation, config.expert_kernel
         )
         self.balance = BalanceState(self.router.num_choices)
 

@@ -337,4 +337,5 @@ LATER_FIELDS = (
     (("model", "moe", "ffn_bias"), False),
     (("model", "moe", "router", "softmax_dtype"), None),
     (("model", "moe", "a2a_dim"), None),
+    (("model", "moe", "expert_kernel"), "auto"),
 )

@@ -1,0 +1,145 @@
+"""The grouped-GEMM expert path (`MoEConfig.expert_kernel`) against the per-block loop: the same
+outputs and gradients on CPU in fp32 and bf16 (torch runs grouped_mm there too), at ep 1 and 2,
+and on a GPU in bf16 where one exists; where it cannot run (float64, expert biases, unaligned
+rows) the loop runs instead."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeflow import MoEConfig, MoELayer, RouterConfig
+from moeflow.moe import grouped_mm_ffn
+from moeflow.parallel import GradSync, ParallelDims, parallelize
+from tests.distributed import run_on_ranks
+
+D, F = 16, 24
+
+
+def pair(kernel_cfg: dict, device="cpu", dtype=torch.float32, seed=0):
+    """The same layer twice: the loop and the grouped_mm path."""
+    out = []
+    for kernel in ("loop", "grouped_mm"):
+        cfg = MoEConfig(hidden_size=D, num_experts=4, ffn_hidden_size=F, expert_kernel=kernel,
+                        **kernel_cfg)  # fmt: skip
+        torch.manual_seed(seed)
+        layer = MoELayer(cfg)
+        with torch.no_grad():
+            layer.router.weight.normal_(0.0, 1.0)
+        out.append(layer.to(device=device, dtype=dtype))
+    return out
+
+
+def step(layer, x, g):
+    x = x.clone().requires_grad_(True)
+    y = layer(x)
+    (y * g).sum().backward()
+    return y, x.grad, {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}
+
+
+def calls(monkeypatch) -> list:
+    seen = []
+    real = grouped_mm_ffn.forward
+
+    def spy(*args, **kwargs):
+        seen.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(grouped_mm_ffn, "forward", spy)
+    return seen
+
+
+CASES = [
+    {"activation": "gelu", "router": RouterConfig(top_k=2)},
+    {"activation": "swiglu", "router": RouterConfig(top_k=2, capacity_factor=1.0)},
+    {"activation": "relu", "router": RouterConfig(top_k=1, capacity_factor=2.0,
+                                                  pad_to_capacity=True)},
+    {"activation": "gelu_tanh", "a2a_dim": 8, "router": RouterConfig(top_k=2)},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c["activation"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_grouped_mm_equals_the_loop_on_cpu(case, dtype, monkeypatch):
+    seen = calls(monkeypatch)
+    loop, grouped = pair(case, dtype=dtype)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(37, D, generator=gen).to(dtype)
+    g = torch.randn(37, D, generator=gen).to(dtype)
+    want, got = step(loop, x, g), step(grouped, x, g)
+    assert seen, "the grouped_mm path did not run"
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2}
+    torch.testing.assert_close(got[0], want[0], **tol)
+    torch.testing.assert_close(got[1], want[1], **tol)
+    assert got[2].keys() == want[2].keys()
+    for name in want[2]:
+        torch.testing.assert_close(got[2][name], want[2][name], **tol, msg=name)
+
+
+def test_where_grouped_mm_cannot_run_the_loop_does(monkeypatch):
+    seen = calls(monkeypatch)
+    x = torch.randn(9, D)
+    for case, dtype in (({}, torch.float64), ({"ffn_bias": True}, torch.float32)):
+        loop, grouped = pair({"activation": "gelu", **case}, dtype=dtype)
+        torch.testing.assert_close(grouped(x.to(dtype)), loop(x.to(dtype)), rtol=0, atol=0)
+    assert not seen
+    unaligned = MoEConfig(hidden_size=6, num_experts=2, ffn_hidden_size=10,
+                          expert_kernel="grouped_mm")  # fmt: skip
+    MoELayer(unaligned)(torch.randn(5, 6))  # 24-byte rows: the loop
+    assert not seen
+    with pytest.raises(ValueError, match=r"moe\.expert_kernel"):
+        MoEConfig(hidden_size=8, num_experts=2, ffn_hidden_size=8, expert_kernel="cublas")
+
+
+def test_grouped_ends():
+    assert grouped_mm_ffn.grouped_ends([(0, 0, 3), (2, 3, 7)], 4) == [3, 3, 7, 7]
+    assert grouped_mm_ffn.grouped_ends([], 2) == [0, 0]
+    assert grouped_mm_ffn.grouped_ends([(1, 0, 2), (0, 2, 4)], 2) is None  # not in order
+    assert grouped_mm_ffn.grouped_ends([(0, 1, 3)], 1) is None  # not from row 0
+
+
+def _ep(rank, world):
+    seen, real = [], grouped_mm_ffn.forward
+    grouped_mm_ffn.forward = lambda *a, **k: seen.append(1) or real(*a, **k)
+    ctx = ParallelDims(ep=world).build()
+    gen = torch.Generator().manual_seed(2)
+    xs = [torch.randn(11 + 4 * r, D, generator=gen) for r in range(world)]
+    gs = [torch.randn_like(x) for x in xs]
+    results = []
+    for layer in pair({"activation": "swiglu", "router": RouterConfig(top_k=2)}):
+        model = parallelize(torch.nn.Sequential(layer), ctx)
+        sync = GradSync(model, ctx)
+        out = step(model, xs[rank], gs[rank])
+        sync.sync()
+        results.append(out)
+    (y0, x0, g0), (y1, x1, g1) = results
+    tol = {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(y1, y0, **tol)
+    torch.testing.assert_close(x1, x0, **tol)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], **tol, msg=name)
+    assert seen, "the grouped_mm path did not run"
+    return sorted(g0)
+
+
+def test_grouped_mm_equals_the_loop_at_ep2():
+    names = ["0.experts.w1", "0.experts.w2", "0.router.weight"]
+    assert run_on_ranks(_ep, 2, timeout=120) == [names, names]
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA GPU: compares the GPU's grouped_mm path (the default there, bf16) with "
+    "the per-block loop",
+)
+def test_grouped_mm_equals_the_loop_on_the_gpu(monkeypatch):
+    seen = calls(monkeypatch)
+    for case in CASES:
+        loop, grouped = pair(case, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(64, D, device="cuda", dtype=torch.bfloat16)
+        g = torch.randn_like(x)
+        want, got = step(loop, x, g), step(grouped, x, g)
+        torch.testing.assert_close(got[0], want[0], rtol=3e-2, atol=3e-2)
+        for name in want[2]:
+            torch.testing.assert_close(got[2][name], want[2][name], rtol=3e-2, atol=3e-2)
+    assert seen
