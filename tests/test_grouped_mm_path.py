@@ -91,6 +91,17 @@ def test_where_grouped_mm_cannot_run_the_loop_does(monkeypatch):
         MoEConfig(hidden_size=8, num_experts=2, ffn_hidden_size=8, expert_kernel="cublas")
 
 
+def test_auto_picks_grouped_mm_on_cpu_for_many_experts(monkeypatch):
+    seen = calls(monkeypatch)
+    few = MoEConfig(hidden_size=D, num_experts=8, ffn_hidden_size=F)
+    MoELayer(few)(torch.randn(20, D))
+    assert not seen  # 8 experts: the loop
+    many = MoEConfig(hidden_size=D, num_experts=grouped_mm_ffn.CPU_GROUPED_FROM,
+                     ffn_hidden_size=F)  # fmt: skip
+    MoELayer(many)(torch.randn(20, D))
+    assert seen  # 32 experts: grouped_mm
+
+
 def test_grouped_ends():
     assert grouped_mm_ffn.grouped_ends([(0, 0, 3), (2, 3, 7)], 4) == [3, 3, 7, 7]
     assert grouped_mm_ffn.grouped_ends([], 2) == [0, 0]

@@ -205,7 +205,8 @@ class MoEConfig:
     `expert_kernel`: how the local experts' GEMMs run (`moeflow.moe.grouped_mm_ffn`): `loop`, one
     GEMM pair per expert block (the CPU path); `grouped_mm`, each projection of all local experts
     in one `torch.nn.functional.grouped_mm` call wherever it can run (no float64, no `ffn_bias`,
-    16-byte rows); `auto` (default): grouped_mm on CUDA in bf16, the loop elsewhere.
+    16-byte rows); `auto` (default): grouped_mm on CUDA in bf16 and on CPU with 32 or more local
+    experts (many small experts), the loop elsewhere.
 
     Shared experts (DeepSeek-V2/V3, Qwen2-MoE; Megatron's `moe_shared_expert_intermediate_size`):
     `shared_expert_ffn_hidden_size` F_s > 0 adds an always-on FFN of width F_s (n shared experts
