@@ -9,7 +9,8 @@
 
 `train` runs as a plain process (a world of one) or as every rank of a torchrun job. Errors in the
 config or the command line exit with status 2 and one line that says what to fix; a run stopped
-by SIGTERM writes a checkpoint and exits 0.
+on a NaN or infinite loss (`train.on_nonfinite`) exits with status 1 and one line naming the step;
+a run stopped by SIGTERM writes a checkpoint and exits 0.
 
 Example:
     >>> main(["slurm", "--nodes", "1", "--gpus-per-node", "1", "--job-name", "a;b", "c.toml"])
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from moeflow.launch.slurm import SlurmJob, render_sbatch
 from moeflow.train.config import RunConfig
+from moeflow.train.nonfinite import NonFiniteError
 
 
 class UsageError(ValueError):
@@ -168,10 +170,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[argv[0]](argv[1:])
     except ValueError as exc:  # config and usage errors: one line, no traceback
-        rank = os.environ.get("RANK")
-        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
-        print(f"{prefix}moeflow: error: {exc}", file=sys.stderr)
+        _say_error(exc)
         raise SystemExit(2) from None
+    except NonFiniteError as exc:  # a diverged run: one line, the run's own exit status
+        _say_error(exc)
+        raise SystemExit(1) from None
+
+
+def _say_error(exc: BaseException) -> None:
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
+    print(f"{prefix}moeflow: error: {exc}", file=sys.stderr)
 
 
 if __name__ == "__main__":

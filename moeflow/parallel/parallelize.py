@@ -30,7 +30,7 @@ from moeflow.comm.hierarchical import HierarchicalExchange
 from moeflow.moe.layer import MoELayer
 from moeflow.moe.layout import ExpertLayout, check_sizes
 from moeflow.moe.walk import moe_layers
-from moeflow.parallel.dims import ParallelContext
+from moeflow.parallel.dims import ParallelContext, ParallelDims
 
 
 def _check_same_configs(layers: list[tuple[str, MoELayer]], ctx: ParallelContext) -> None:
@@ -77,9 +77,21 @@ def expert_layouts(model: nn.Module) -> dict[str, ExpertLayout]:
     return {name: layer.layout for name, layer in moe_layers(model)}
 
 
+def _context(model: nn.Module, ctx) -> ParallelContext:
+    if isinstance(ctx, ParallelContext):
+        return ctx
+    if isinstance(ctx, ParallelDims):
+        device = next((p.device.type for p in model.parameters()), "cpu")
+        return ctx.build("cpu" if device == "meta" else device)
+    raise TypeError(
+        f"parallelize(model, ctx): ctx must be a ParallelContext (ParallelDims(dp=..., ep=...)"
+        f".build()) or the ParallelDims themselves, not {type(ctx).__name__}"
+    )
+
+
 def parallelize(
     model: nn.Module,
-    ctx: ParallelContext,
+    ctx: ParallelContext | ParallelDims,
     dispatch: DispatchConfig | None = None,
     expert_slots: dict[str, list[int]] | None = None,
     replica_slots: int = 0,
@@ -89,6 +101,8 @@ def parallelize(
     `expert_slots[name]`: the logical expert of every slot, shard group after shard group (see
     `ExpertLayout`); it may hold replicas. Default: contiguous blocks of expert ids per shard
     group plus `replica_slots` replica slots per group. World size 1 and ep=1 take the same path.
+    `ctx` may be the `ParallelDims` themselves: their groups are built here (collective), for the
+    device type of the model's parameters.
 
     Example (one process; the same call on every rank of a job):
         >>> import torch.distributed as dist
@@ -103,6 +117,7 @@ def parallelize(
         (1, torch.Size([3, 8]))
         >>> shutdown(runtime)
     """
+    ctx = _context(model, ctx)
     layers = moe_layers(model)
     _check_same_configs(layers, ctx)
     dispatch = dispatch or DispatchConfig()

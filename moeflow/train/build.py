@@ -15,6 +15,7 @@ Example (one process, the meta device: nothing is allocated):
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -27,7 +28,10 @@ from moeflow.parallel.dims import ParallelContext
 from moeflow.parallel.dispatch import DispatchConfig
 from moeflow.parallel.parallelize import parallelize
 from moeflow.train import checkpoint as ckpt
+from moeflow.train.ckpt_integrity import verify_checkpoint
 from moeflow.train.config import RunConfig
+
+logger = logging.getLogger(__name__)
 
 
 def agree(ctx: ParallelContext, check) -> None:
@@ -71,13 +75,16 @@ def resolve_output(
 
         agree(ctx, check_fresh)
         return None
-    path = ckpt.latest_checkpoint(root) if resume == "latest" else Path(resume)
+    skipped: list[str] = []
+    path = newest_intact(root, ctx, skipped) if resume == "latest" else Path(resume)
 
     def check_resume() -> str | None:
         if path is None:
+            what = "complete checkpoint"
+            if skipped:
+                what = f"intact checkpoint ({len(skipped)} damaged: {skipped[0]})"
             return (
-                f"--resume: no complete checkpoint under {str(root)!r}; run without --resume to "
-                "start a new run"
+                f"--resume: no {what} under {str(root)!r}; run without --resume to start a new run"
             )
         try:
             meta = ckpt.read_meta(path)
@@ -92,6 +99,27 @@ def resolve_output(
 
     agree(ctx, check_resume)
     return path
+
+
+def newest_intact(root: Path, ctx: ParallelContext, skipped: list[str]) -> Path | None:
+    """`--resume` with no path: the newest checkpoint whose files all match their manifest
+    (`verify_checkpoint`, the files split over the ranks); each damaged newer one is appended to
+    `skipped` and named in a warning. Collective over the world group."""
+    found = [[str(p) for p in reversed(ckpt.list_checkpoints(root))]]
+    dist.broadcast_object_list(found, src=0, group=ctx.world_group)  # one list for every rank
+    for candidate in map(Path, found[0]):
+        try:
+            problem = verify_checkpoint(
+                candidate, ckpt.read_meta(candidate).get("files"), ctx.world_group
+            )
+        except ckpt.CheckpointError as exc:
+            problem = str(exc)
+        if problem is None:
+            return candidate
+        skipped.append(f"{candidate.name}: {problem}")
+        if ctx.rank == 0:
+            logger.warning("--resume: skipping the damaged checkpoint %s (%s)", candidate, problem)
+    return None
 
 
 def build_model(

@@ -35,6 +35,7 @@ from moeflow.moe.layout import ExpertLayout
 from moeflow.parallel.dispatch import MODES
 from moeflow.parallel.tuner import TunerConfig
 from moeflow.train.config_loader import build_dataclass, deep_copy, parse_overrides, set_dotted
+from moeflow.train.nonfinite import POLICIES
 from moeflow.train.placement_config import PlacementRunConfig
 from moeflow.utils.validate import check_choice, check_int
 
@@ -115,7 +116,10 @@ class TrainConfig:
     """The loop. Each optimizer step sees `micro_batch_size * grad_accum_steps` sequences of
     `seq_len` tokens per rank. `autocast`: `auto` is bf16 on GPU and off on CPU. Validation runs
     every `eval_every` steps (0: only at the end) on `eval_windows` fixed windows, split over the
-    ranks, so its value does not depend on the world size."""
+    ranks, so its value does not depend on the world size. `on_nonfinite`: what a NaN or
+    infinite loss or gradient norm does (`moeflow.train.nonfinite`): `stop` (exit non-zero before
+    the update, naming the step) or `skip` (drop the update and count it; `max_nonfinite_skips`
+    in a row stop the run)."""
 
     steps: int = 300
     seed: int = 0
@@ -127,8 +131,12 @@ class TrainConfig:
     eval_every: int = 100
     eval_windows: int = 64
     out_dir: str = "runs/default"
+    on_nonfinite: str = "stop"
+    max_nonfinite_skips: int = 10
 
     def __post_init__(self) -> None:
+        check_choice("train.on_nonfinite", self.on_nonfinite, POLICIES)
+        check_int("train.max_nonfinite_skips", self.max_nonfinite_skips)
         for name in ("steps", "seq_len", "micro_batch_size", "grad_accum_steps", "eval_windows"):
             check_int(f"train.{name}", getattr(self, name))
         check_int("train.seed", self.seed, minimum=0)

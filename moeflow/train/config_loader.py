@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 import types
 import typing
@@ -106,6 +107,7 @@ def _coerce(path: str, hint, value):
         origin = typing.get_origin(hint)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    _check_finite(path, value)
     if origin is tuple and isinstance(value, list):
         return tuple(value)
     expected = origin or hint
@@ -114,6 +116,15 @@ def _coerce(path: str, hint, value):
             f"{path} ({value!r}) must be of type {getattr(expected, '__name__', expected)}"
         )
     return value
+
+
+def _check_finite(path: str, value) -> None:
+    """TOML spells `inf` and `nan` as floats: no config field means either (a learning rate or a
+    timeout of `inf` would pass a `> 0` check and break the run later)."""
+    items = value if isinstance(value, list | tuple) else [value]
+    for item in items:
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"{path} ({value!r}) must be a finite number, not {item!r}")
 
 
 def build_dataclass(cls: type, data, path: str, root: type | None = None):

@@ -92,8 +92,8 @@ class Replacer:
 
     def write(self, trace: RoutingTrace | None = None) -> Path | None:
         """Write the statistics file (collective: the snapshot; rank 0 writes)."""
-        if self.stats is None:
-            return None
+        if self.stats is None or (trace is None and self.stats.steps == 0):
+            return None  # no step since the run (or its resume) started: nothing recorded
         trace = trace or self.snapshot()
         if self.ctx.rank == 0 and trace is not None and trace.loads.sum() > 0:
             trace.meta["expert_slots"] = current_expert_slots(self.model)

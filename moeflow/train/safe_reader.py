@@ -5,17 +5,24 @@ a crafted file asks for. `SafeFileSystemReader` reads it with an unpickler that 
 own metadata classes, `torch.Size`, dtypes and layouts, and a few plain containers; anything else
 raises `UnsafeCheckpointError`. moeflow checkpoints hold only tensors in DCP (every non-tensor value
 lives in JSON beside them), so DCP's `torch.load(weights_only=False)` path for byte values is never
-taken either (`check_tensor_only` makes sure).
+taken either (`check_tensor_only` makes sure). Paths in the metadata are confined to the checkpoint
+directory and files are checked against the manifest (`moeflow.train.ckpt_integrity`).
 """
 
 from __future__ import annotations
 
+import os
 import pickle
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
+from torch.futures import Future
+
+from moeflow.train.ckpt_integrity import confined, verify_file
 
 
 class UnsafeCheckpointError(ValueError):
@@ -53,10 +60,29 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """`FileSystemReader` whose metadata is read by an allow-list unpickler."""
+    """`FileSystemReader` whose metadata is read by an allow-list unpickler, whose paths stay in
+    the checkpoint directory, and which checks each file against `manifest` (the `files` table of
+    `moeflow.json`, `moeflow.train.ckpt_integrity`) before it reads from it."""
+
+    def __init__(self, path: str | os.PathLike, manifest: dict | None = None) -> None:
+        super().__init__(path)
+        self.manifest = manifest
+        self.verified: set[str] = set()
+
+    def _verify(self, name: str) -> None:
+        if name not in self.verified:
+            verify_file(Path(self.path), name, self.manifest)
+            self.verified.add(name)
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        for item in plan.items:
+            name = self.storage_data[item.storage_index].relative_path
+            self._verify(name)
+        return super().read_data(plan, planner)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = self._get_metadata_path(kwargs.get("rank"))
+        self._verify(Path(path).name)
         with self.fs.create_stream(path, "rb") as stream:
             try:
                 metadata = _MetadataUnpickler(stream).load()
@@ -69,6 +95,8 @@ class SafeFileSystemReader(FileSystemReader):
         if not isinstance(metadata, Metadata):
             raise UnsafeCheckpointError(f"{path} does not hold DCP metadata")
         check_tensor_only(metadata, str(path))
+        for info in (metadata.storage_data or {}).values():
+            confined(getattr(info, "relative_path", None), Path(self.path))
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id

@@ -8,10 +8,12 @@ Per optimizer step, on every rank:
 3. `GradSync`: dense gradients averaged over the world, expert gradients over the
    expert-data-parallel group; with `parallel.overlap_grad_sync` (the default) each bucket is sent
    from the last micro-batch's backward as soon as it is ready, and the step waits for them;
-4. clip by the global gradient norm (expert parts summed over the `ep` group), AdamW step;
-5. one all-reduce of a stop flag (SIGTERM on any rank: checkpoint after this step and exit 0);
-   every `log_every` steps one all-reduce of the metrics; expert re-placement
-   (`moeflow.train.replacement`), validation and checkpoints when due.
+4. clip by the global gradient norm (expert parts summed over the `ep` group);
+5. one all-reduce and host sync of the step's flags: a stop flag (SIGTERM on any rank: checkpoint
+   after this step and exit 0) and the non-finite guard's (`moeflow.train.nonfinite`: a NaN or
+   infinite loss or gradient norm stops the run or skips the update, `train.on_nonfinite`);
+   then the AdamW step; every `log_every` steps one all-reduce of the metrics; expert
+   re-placement (`moeflow.train.replacement`), validation and checkpoints when due.
 
 Example (one process, a few steps on the embedded corpus):
     >>> import tempfile
@@ -30,7 +32,6 @@ import contextlib
 import math
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,42 +47,15 @@ from moeflow.parallel.replace import current_expert_slots, replica_row_weights
 from moeflow.train import checkpoint as ckpt
 from moeflow.train.build import build_model, resolve_output
 from moeflow.train.config import RunConfig
-from moeflow.train.data import BatchStream, Corpus, eval_batches, load_corpus
+from moeflow.train.data import BatchStream, eval_batches, load_corpus
 from moeflow.train.distributed import Runtime, init_distributed, shutdown
 from moeflow.train.metrics import IntervalMetrics, MetricsLogger, flops_per_token, plot_run
+from moeflow.train.nonfinite import NonFiniteError, NonFiniteGuard, check_validation
 from moeflow.train.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
 from moeflow.train.replacement import Replacer, describe_placement
+from moeflow.train.result import TrainResult, summary_lines, unigram_bpb
 from moeflow.train.tuning import build_tuner, describe_decision
 from moeflow.utils.cpu_alloc import apply_once
-
-
-@dataclass
-class TrainResult:
-    """What a run did. `losses[i]`: the mean training loss (over micro-batches and ranks) of the
-    `log_every` steps up to `loss_steps[i]`."""
-
-    out_dir: Path
-    first_step: int
-    last_step: int
-    losses: list[float] = field(default_factory=list)
-    loss_steps: list[int] = field(default_factory=list)
-    val_loss: float | None = None
-    val_bpb: float | None = None
-    unigram_bpb: float | None = None
-    checkpoint: Path | None = None
-    metrics_path: Path | None = None
-    plot_path: Path | None = None
-    stopped_by_signal: bool = False
-
-
-def unigram_bpb(corpus: Corpus) -> float | None:
-    """Bits per byte of the best context-free model of the validation bytes (training byte
-    frequencies, add-one): the baseline a language model must beat."""
-    if corpus.bytes_per_token is None:
-        return None
-    counts = torch.bincount(torch.from_numpy(corpus.train.astype("int64")), minlength=256)
-    logp = ((counts.double() + 1) / (counts.sum() + 256)).log2()
-    return -logp[torch.from_numpy(corpus.val.astype("int64"))].mean().item()
 
 
 class Trainer:
@@ -111,7 +85,11 @@ class Trainer:
             runtime.world_size, t.seed,
         )  # fmt: skip
         self.step = 0
-        self.stop_requested = False
+        self.stop_requested = False  # SIGTERM seen by this rank
+        self.stop_agreed = False  # ... by any rank, as of the last step's flag exchange
+        self.guard = NonFiniteGuard(
+            t.on_nonfinite, t.max_nonfinite_skips, self.ctx.rank, runtime.world_size
+        )
         if runtime.device.type == "cpu":
             apply_once()  # reuse freed activations instead of page-faulting them back
 
@@ -162,11 +140,12 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------------
     def train_step(self, metrics: IntervalMetrics) -> torch.Tensor:
-        """One optimizer step (steps 1-4 of the module doc); statistics are added to `metrics`.
+        """One optimizer step (steps 1-5 of the module doc); statistics are added to `metrics`.
         Returns the gradient norm before clipping (on the device)."""
         cfg, device = self.cfg, self.runtime.device
         accum = cfg.train.grad_accum_steps
         set_lr(self.optimizer, lr_at(self.step, cfg.optim, cfg.train.steps))
+        step_loss = torch.zeros((), device=device)
         for micro in range(accum):
             x, y = (t.to(device, non_blocking=True) for t in self.stream.next_batch())
             with self._autocast():
@@ -177,13 +156,18 @@ class Trainer:
             with contextlib.nullcontext() if last else self.grad_sync.no_sync():
                 (loss / accum).backward()
             metrics.add(loss, self.moe_layers)
+            step_loss += loss.detach()
             self.replacer.observe()
         self.grad_sync.sync()
         grad_norm = clip_grad_norm_(
             self.dense_params, self.expert_params, cfg.optim.grad_clip, self.ctx.ep_group,
             replica_row_weights(self.model),
         )  # fmt: skip
-        self.optimizer.step()
+        # Step 5's one all-reduce and host sync, before the update: stop flags and the guard.
+        flags = self.guard.exchange(step_loss, grad_norm, self.stop_requested, self.ctx.world_group)
+        self.stop_agreed = bool(flags[0])
+        if self.guard.decide(self.step + 1, flags, step_loss.item(), grad_norm.item()):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         finish_optimizer_step(self.model)  # global-batch counts reset, aux-free bias update
         self.replacer.end_step()
@@ -203,6 +187,7 @@ class Trainer:
             **{k: reduced.pop(k) for k in IntervalMetrics.LAYER_SCALARS},
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": float(grad_norm),
+            "skipped_steps": self.guard.skipped,
             "tokens_per_s": tok_s,
         }
         if self.cfg.metrics.peak_flops:
@@ -285,14 +270,19 @@ class Trainer:
         started = time.perf_counter()
         try:
             self._loop(log, result, say)
+            loop_s = time.perf_counter() - started
+            if not result.stopped_by_signal:
+                result.val_loss, result.val_bpb = self.evaluate()
+                log.log({"kind": "val", "step": self.step, "val_loss": result.val_loss,
+                         "val_bpb": result.val_bpb})  # fmt: skip
+                check_validation(self.step, result.val_loss)
+            result.checkpoint = self.save()
+        except NonFiniteError as exc:  # the metrics file says why the run ended, then the CLI
+            log.log({"kind": "error", "step": self.step, "error": str(exc)})
+            log.close()
+            raise
         finally:
             signal.signal(signal.SIGTERM, previous)
-        loop_s = time.perf_counter() - started
-        if not result.stopped_by_signal:
-            result.val_loss, result.val_bpb = self.evaluate()
-            log.log({"kind": "val", "step": self.step, "val_loss": result.val_loss,
-                     "val_bpb": result.val_bpb})  # fmt: skip
-        result.checkpoint = self.save()
         result.last_step = self.step
         end = {"kind": "end", "step": self.step, "signal": result.stopped_by_signal}
         if self.tuner is not None:
@@ -309,19 +299,17 @@ class Trainer:
             if result.unigram_bpb is not None:
                 baseline = result.unigram_bpb * math.log(2) * self.corpus.bytes_per_token
             result.plot_path = plot_run(log.records, self.out_dir / "training.png", baseline)
-        self._summary(result, say)
+        say(summary_lines(result))
         return result
 
     def _loop(self, log: MetricsLogger, result: TrainResult, say) -> None:
         cfg = self.cfg
         metrics, since, t0 = self.new_metrics(), 0, time.perf_counter()
-        stop = torch.zeros(1, device=self.runtime.device)
         while self.step < cfg.train.steps:
             grad_norm = self.train_step(metrics)
             since += 1
-            stop.fill_(float(self.stop_requested))
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=self.ctx.world_group)
-            last = self.step == cfg.train.steps or bool(stop.item())
+            stop = self.stop_agreed
+            last = self.step == cfg.train.steps or stop
             if self.step % cfg.metrics.log_every == 0 or last:
                 record = self._record(metrics, grad_norm, time.perf_counter() - t0, since)
                 log.log(record)
@@ -329,10 +317,10 @@ class Trainer:
                 result.losses.append(record["loss"])
                 result.loss_steps.append(self.step)
                 metrics, since, t0 = self.new_metrics(), 0, time.perf_counter()
-            if not stop.item() and self.step < cfg.train.steps:
+            if not stop and self.step < cfg.train.steps:
                 self._maybe_replace(log, say)
                 self._maybe_tune(log, say)
-            if stop.item():
+            if stop:
                 result.stopped_by_signal = True
                 say(f"SIGTERM: stopping after step {self.step}, writing a checkpoint")
                 return
@@ -340,6 +328,7 @@ class Trainer:
             if every and self.step % every == 0 and self.step < cfg.train.steps:
                 loss, bpb = self.evaluate()
                 log.log({"kind": "val", "step": self.step, "val_loss": loss, "val_bpb": bpb})
+                check_validation(self.step, loss)
                 say(f"step {self.step}: validation {loss:.4f} nats/token"
                     + (f", {bpb:.3f} bits/byte" if bpb is not None else ""))  # fmt: skip
             every = cfg.checkpoint.every
@@ -369,22 +358,6 @@ class Trainer:
             f"{len(self.corpus.val) / 1e6:.2f}M validation tokens; steps {self.step} -> "
             f"{self.cfg.train.steps}"
         )
-
-    def _summary(self, result: TrainResult, say) -> None:
-        lines = []
-        if result.val_bpb is not None:
-            verdict = "below" if result.val_bpb < (result.unigram_bpb or math.inf) else "NOT below"
-            lines.append(
-                f"validation {result.val_bpb:.3f} bits/byte vs unigram baseline "
-                f"{result.unigram_bpb:.3f} ({verdict} the baseline)"
-            )
-        elif result.val_loss is not None:
-            lines.append(f"validation loss {result.val_loss:.4f} nats/token")
-        lines.append(f"checkpoint: {result.checkpoint}")
-        lines.append(f"metrics:    {result.metrics_path}")
-        if result.plot_path is not None:
-            lines.append(f"plot:       {result.plot_path}")
-        say("\n".join(lines))
 
 
 def train(

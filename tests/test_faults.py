@@ -1,0 +1,263 @@
+"""Faults and hostile input (issue 15): a diverged, corrupted or full run never costs a good
+checkpoint and says why in one line."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import pickle
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeflow.launch.cli import main
+from moeflow.train import checkpoint as ckpt
+from moeflow.train.config import RunConfig
+from moeflow.train.distributed import init_distributed, shutdown
+from moeflow.train.nonfinite import NonFiniteError, NonFiniteGuard
+from moeflow.train.trainer import Trainer, train
+from tests.distributed import run_on_ranks
+from tests.test_cli import write_config
+
+
+def tiny(out: Path, steps: int = 4, ep: int = 1, **train_kw) -> RunConfig:
+    return RunConfig.from_dict(
+        {
+            "model": {"dim": 32, "n_layers": 1, "n_heads": 2, "max_seq_len": 32,
+                      "moe": {"num_experts": 4, "ffn_hidden_size": 32}},
+            "data": {"max_bytes": 100_000},
+            "train": {"steps": steps, "seq_len": 32, "micro_batch_size": 2, "out_dir": str(out),
+                      "eval_windows": 8, "eval_every": 0, **train_kw},
+            "optim": {"warmup_steps": 1},
+            "parallel": {"ep": ep},
+            "checkpoint": {"every": 2, "keep": 2},
+            "metrics": {"progress": False, "plot": False, "log_every": 1},
+        }
+    )  # fmt: skip
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def all_finite(cfg: RunConfig, path: Path) -> bool:
+    runtime = init_distributed(60)
+    try:
+        trainer = Trainer(cfg, runtime, resume=str(path), overwrite=False)
+        trainer._load()
+        tensors = [*trainer.model.parameters()]
+        tensors += [v for s in trainer.optimizer.state.values() for v in s.values()]
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
+    finally:
+        shutdown(runtime)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [["--optim.lr", "inf"], ["--optim.weight_decay", "inf"], ["--parallel.timeout_s", "inf"],
+     ["--optim.betas", "[0.9, nan]"], ["--model.moe.router.capacity_factor", "nan"],
+     ["--optim.grad_clip", "-inf"]],
+)  # fmt: skip
+def test_every_float_field_must_be_finite(override):
+    field = override[0][2:]
+    with pytest.raises(ValueError, match=rf"^{field} \(.*\) must be a finite number"):
+        RunConfig.from_dict({}, override)
+
+
+def test_diverged_resume_stops_nonzero_and_keeps_a_finite_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.toml", out, steps=4, every=2)
+    assert main(["train", str(cfg), "--quiet"]) == 0
+    root = out / "checkpoints"
+    good = ckpt.list_checkpoints(root)
+    assert [p.name for p in good] == ["step_00000002", "step_00000004"]
+    capsys.readouterr()
+    # lr 1000 from step 4: NaN within a few steps (this small model takes lr 50 finitely);
+    # keep = 2 would rotate both good checkpoints away.
+    args = ["train", str(cfg), "--resume", "--quiet", "--train.steps", "40", "--optim.lr", "1000",
+            "--checkpoint.keep", "2"]  # fmt: skip
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 1
+    line = one_line_error(capsys)
+    assert re.search(r"error: step \d+: .*(not finite|is nan|is inf)", line)
+    assert 'train.on_nonfinite = "stop" stopped the run before the update' in line
+    newest = ckpt.latest_checkpoint(root)
+    assert newest is not None and all_finite(RunConfig.from_toml(cfg), newest)
+    records = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["kind"] == "error" and records[-1]["error"] == line.split("error: ", 1)[1]
+    # The run resumes from what was kept (at a sane learning rate).
+    assert main(["train", str(cfg), "--resume", "--quiet", "--train.steps", "8"]) == 0
+
+
+def test_skip_drops_the_update_and_stops_after_n_in_a_row(tmp_path):
+    cfg = tiny(tmp_path / "a", steps=6, on_nonfinite="skip", max_nonfinite_skips=2)
+    runtime = init_distributed(60)
+    try:
+        trainer = Trainer(cfg, runtime, resume=None, overwrite=False)
+        weight = trainer.model.blocks[0].ffn.router.weight
+        poison = {3}  # the steps (1-based) whose gradient is NaN
+        weight.register_hook(lambda g: g * math.nan if trainer.step + 1 in poison else g)
+        metrics = trainer.new_metrics()
+        snapshots = []
+        for _ in range(4):
+            trainer.train_step(metrics)
+            snapshots.append([p.detach().clone() for p in trainer.model.parameters()])
+        assert trainer.guard.skipped == 1 and trainer.step == 4
+        unchanged = [torch.equal(a, b) for a, b in zip(snapshots[1], snapshots[2], strict=True)]
+        assert all(unchanged)  # step 3 was skipped: no parameter moved
+        assert not all(torch.equal(a, b) for a, b in zip(snapshots[2], snapshots[3], strict=True))
+        poison.update({5, 6})
+        trainer.train_step(metrics)
+        with pytest.raises(NonFiniteError, match=r"step 6: .*2th step in a row"):
+            trainer.train_step(metrics)
+    finally:
+        shutdown(runtime)
+
+
+def test_guard_counts_skips_in_a_row_and_names_the_ranks():
+    guard = NonFiniteGuard("skip", max_skips=3, rank=1, world_size=4)
+    flags = torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0, 1.0])  # loss NaN on ranks 1 and 3
+    assert not guard.decide(5, flags, loss=math.nan, grad_norm=2.0)
+    assert guard.decide(6, torch.zeros(6), loss=1.0, grad_norm=1.0) and guard.in_a_row == 0
+    stop = NonFiniteGuard("stop", max_skips=3, rank=1, world_size=4)
+    with pytest.raises(NonFiniteError, match=r"step 5: .*rank\(s\) 1, 3; this rank's: nan"):
+        stop.decide(5, flags, loss=math.nan, grad_norm=2.0)
+
+
+def test_a_checkpoint_with_nan_is_never_written(tmp_path):
+    runtime = init_distributed(60)
+    try:
+        trainer = Trainer(tiny(tmp_path / "a"), runtime, resume=None, overwrite=False)
+        (tmp_path / "a").mkdir()  # as `Trainer.run` does
+        trainer.train_step(trainer.new_metrics())
+        first = trainer.save()
+        trainer.train_step(trainer.new_metrics())
+        with torch.no_grad():  # as a bug outside the guarded step might leave it
+            trainer.model.blocks[0].ffn.experts.w1[1, 0, 0] = math.inf
+        with pytest.raises(NonFiniteError, match=r"rank 0: blocks\.0\.ffn\.experts\.1\.w1"):
+            trainer.save()
+        root = tmp_path / "a" / "checkpoints"
+        assert ckpt.list_checkpoints(root) == [first] and not list(root.glob(".*partial"))
+    finally:
+        shutdown(runtime)
+
+
+def _flip(path: Path, offset: int, n: int = 4096) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(offset, min(offset + n, len(data))):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_checkpoints_are_named_and_resume_falls_back(tmp_path, caplog):
+    out = tmp_path / "run"
+    train(tiny(out, steps=4), quiet=True)
+    root = out / "checkpoints"
+    older, newest = ckpt.list_checkpoints(root)
+    cfg = tiny(out, steps=6)
+
+    def resume(which):
+        runtime = init_distributed(60)
+        try:
+            trainer = Trainer(cfg, runtime, resume=which, overwrite=False)
+            trainer._load()
+            return trainer.resume_path
+        finally:
+            shutdown(runtime)
+
+    data = next(newest.glob("*.distcp"))
+    pristine = data.read_bytes()
+    _flip(data, len(pristine) // 2)  # 4 KiB of flipped bytes inside the tensors
+    with pytest.raises(ValueError, match=rf"is corrupt: {data.name}: its SHA-256 is not"):
+        resume(str(newest))  # an explicit path never falls back
+    with caplog.at_level("WARNING"):
+        assert resume("latest") == older
+    assert f"skipping the damaged checkpoint {newest}" in caplog.text
+    data.write_bytes(pristine[:-100])
+    with pytest.raises(ValueError, match=rf"{data.name}: {len(pristine) - 100} bytes, "):
+        resume(str(newest))
+    data.unlink()
+    with pytest.raises(ValueError, match=rf"{data.name}: the file is missing"):
+        resume(str(newest))
+    next(older.glob("*.distcp")).unlink()
+    with pytest.raises(ValueError, match=r"no intact checkpoint .*2 damaged"):
+        resume("latest")
+
+
+@pytest.mark.parametrize("escape", ["../../elsewhere/__0_0.distcp", "/etc/passwd"])
+def test_metadata_paths_are_confined_to_the_checkpoint(tmp_path, escape):
+    out = tmp_path / "run"
+    path = train(tiny(out, steps=2), quiet=True).checkpoint
+    metadata = pickle.loads((path / ".metadata").read_bytes())
+    for info in metadata.storage_data.values():
+        info.relative_path = escape
+    (path / ".metadata").write_bytes(pickle.dumps(metadata))
+    meta = json.loads((path / "moeflow.json").read_text())
+    meta["files"][".metadata"] = ckpt.digest(path / ".metadata")  # a consistent forgery
+    (path / "moeflow.json").write_text(json.dumps(meta))
+    runtime = init_distributed(60)
+    try:
+        with pytest.raises(ValueError, match=rf"names the file '{escape}', which is not a plain"):
+            Trainer(tiny(out), runtime, resume=str(path), overwrite=False)._load()
+    finally:
+        shutdown(runtime)
+
+
+def _full_disk_on_rank_1(rank, world_size, out):
+    """Two ranks save twice; the second save's rank-1 write fails as a full disk does."""
+    cfg = tiny(Path(out), steps=2, ep=2)
+    Path(out).mkdir(parents=True, exist_ok=True)  # as `Trainer.run` does
+    trainer = Trainer(cfg, init_distributed(60), resume=None, overwrite=False)
+    trainer.train_step(trainer.new_metrics())
+    first = trainer.save()
+    trainer.train_step(trainer.new_metrics())
+    real = ckpt._write_json
+
+    def full(path, data):
+        if rank == 1 and path.name.startswith("rank_"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data)
+
+    ckpt._write_json = full
+    try:
+        trainer.save()
+    except ckpt.CheckpointError as exc:
+        message = str(exc)
+    finally:
+        ckpt._write_json = real
+    root = Path(out) / "checkpoints"
+    return message, str(first), [p.name for p in root.iterdir()]
+
+
+def test_a_full_disk_on_one_rank_stops_every_rank_with_one_line(tmp_path):
+    results = run_on_ranks(_full_disk_on_rank_1, 2, args=(str(tmp_path / "run"),))
+    (m0, first, left), (m1, _, _) = results
+    assert m0 == m1 and "\n" not in m0
+    assert "rank 1: no space left on device in" in m0 and f"'{first}' is intact" in m0
+    assert left == ["step_00000001"]  # the .partial directory is gone
+
+
+def test_parallelize_takes_parallel_dims_or_says_what_to_pass():
+    from torch import nn
+
+    from moeflow import MoEConfig, MoELayer
+    from moeflow.parallel import ParallelDims, parallelize
+
+    runtime = init_distributed(60)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(MoELayer(MoEConfig(hidden_size=8, num_experts=2, ffn_hidden_size=8)))
+        x = torch.randn(5, 8)
+        before = model(x)
+        assert parallelize(model, ParallelDims()) is model
+        assert model[0].layout.group_size == 1 and torch.equal(model(x), before)
+        with pytest.raises(TypeError, match=r"ctx must be a ParallelContext .* not dict"):
+            parallelize(model, {"ep": 1})
+    finally:
+        shutdown(runtime)
