@@ -6,10 +6,16 @@ from __future__ import annotations
 import errno
 import json
 import math
+import os
 import pickle
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,7 +26,7 @@ from moeflow.train.distributed import init_distributed, shutdown
 from moeflow.train.nonfinite import NonFiniteError, NonFiniteGuard
 from moeflow.train.trainer import Trainer, train
 from tests.distributed import run_on_ranks
-from tests.test_cli import write_config
+from tests.test_cli import ROOT, write_config
 
 
 def tiny(out: Path, steps: int = 4, ep: int = 1, **train_kw) -> RunConfig:
@@ -134,7 +140,6 @@ def test_a_checkpoint_with_nan_is_never_written(tmp_path):
     runtime = init_distributed(60)
     try:
         trainer = Trainer(tiny(tmp_path / "a"), runtime, resume=None, overwrite=False)
-        (tmp_path / "a").mkdir()  # as `Trainer.run` does
         trainer.train_step(trainer.new_metrics())
         first = trainer.save()
         trainer.train_step(trainer.new_metrics())
@@ -212,7 +217,6 @@ def test_metadata_paths_are_confined_to_the_checkpoint(tmp_path, escape):
 def _full_disk_on_rank_1(rank, world_size, out):
     """Two ranks save twice; the second save's rank-1 write fails as a full disk does."""
     cfg = tiny(Path(out), steps=2, ep=2)
-    Path(out).mkdir(parents=True, exist_ok=True)  # as `Trainer.run` does
     trainer = Trainer(cfg, init_distributed(60), resume=None, overwrite=False)
     trainer.train_step(trainer.new_metrics())
     first = trainer.save()
@@ -261,3 +265,94 @@ def test_parallelize_takes_parallel_dims_or_says_what_to_pass():
             parallelize(model, {"ep": 1})
     finally:
         shutdown(runtime)
+
+
+def _tokens(folder: Path, train: list[int], val: list[int]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, ids in (("train", train), ("val", val)):
+        np.asarray(ids, dtype=np.uint16).tofile(folder / f"{name}.bin")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["out_dir is a file", "out_dir under a file", "read-only out_dir", "token id >= vocab",
+     "empty .bin", "config is a directory", "validation shorter than a window"],
+)  # fmt: skip
+def test_bad_input_gives_one_line_before_the_first_step(tmp_path, capsys, monkeypatch, case):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.toml", out, steps=2)
+    args = ["train", str(cfg), "--quiet"]
+    ok_train = list(range(256)) * 40
+    if case == "out_dir is a file":
+        (tmp_path / "afile").write_text("x")
+        args += ["--train.out_dir", str(tmp_path / "afile")]
+        want = r"train\.out_dir \('.*afile'\) is a file, not a directory"
+    elif case == "out_dir under a file":
+        (tmp_path / "afile").write_text("x")
+        args += ["--train.out_dir", str(tmp_path / "afile" / "run")]
+        want = r"train\.out_dir \('.*afile/run'\) cannot be created: Not a directory"
+    elif case == "read-only out_dir":
+        real = Path.write_bytes
+
+        def read_only(self, data):
+            if self.name.startswith(".write_probe_"):
+                raise OSError(errno.EROFS, "Read-only file system", str(self))
+            return real(self, data)
+
+        monkeypatch.setattr(Path, "write_bytes", read_only)
+        want = r"train\.out_dir \('.*run'\) is not writable: Read-only file system"
+    elif case == "token id >= vocab":
+        data = _tokens(tmp_path / "tok", [*ok_train[:5000], 300, *ok_train], ok_train[:600])
+        args += ["--data.kind", "tokens", "--data.path", str(data)]
+        want = r"data: train\.bin holds token id 300 at position 5000, >= model\.vocab_size \(256\)"
+    elif case == "empty .bin":
+        data = _tokens(tmp_path / "tok", ok_train, [])
+        args += ["--data.kind", "tokens", "--data.path", str(data)]
+        want = r"data\.path: .*val\.bin is empty \(0 bytes\)"
+    elif case == "config is a directory":
+        args[1] = str(tmp_path)
+        want = r"config file '.*' is a directory; pass a \.toml file"
+    else:
+        data = _tokens(tmp_path / "tok", ok_train, list(range(20)))
+        args += ["--data.kind", "tokens", "--data.path", str(data)]
+        want = r"data: the validation split has 20 tokens, fewer than one window of 33"
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    assert re.search(want, one_line_error(capsys))
+    assert not (out / "metrics.jsonl").exists()  # nothing ran
+
+
+def _moeflow(*args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "moeflow", *args], cwd=ROOT, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **kw,
+    )  # fmt: skip
+
+
+def test_launch_names_the_failing_rank_and_exits_0_on_sigterm(tmp_path):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.toml", out, steps=400, ep=2, every=0)
+    proc = _moeflow("launch", "--nproc", "2", "--", "train", str(cfg))
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)  # the launcher only, as a user's `kill` does
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, log
+    end = json.loads(metrics.read_text().splitlines()[-1])
+    assert end["kind"] == "end" and end["signal"] is True
+    assert (out / "checkpoints" / f"step_{end['step']:08d}" / "moeflow.json").is_file()
+    assert "Traceback" not in log and "SignalException" not in log
+    # A diverging run on 2 ranks: the launcher's last lines name a rank, its exit code, the step.
+    proc = _moeflow("launch", "--nproc", "2", "--", "train", str(cfg), "--resume",
+                    "--optim.lr", "1000")  # fmt: skip
+    log = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 1
+    last = log.strip().splitlines()[-2:]
+    assert re.match(r"moeflow launch: rank [01] failed first \(exit code 1\): step \d+: ", last[0])
+    assert re.match(r"moeflow launch: also failed: rank [01] \(", last[1]), last

@@ -26,6 +26,7 @@ import os
 import sys
 from pathlib import Path
 
+from moeflow.launch.local import record_error, run_local
 from moeflow.launch.slurm import SlurmJob, render_sbatch
 from moeflow.train.config import RunConfig
 from moeflow.train.nonfinite import NonFiniteError
@@ -90,15 +91,7 @@ def cmd_launch(argv: list[str]) -> int:
     cfg = RunConfig.from_toml(targs.config, overrides)  # fail here, not in N ranks
     if not targs.dry_run:
         cfg.parallel.dp_for(args.nproc)
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import main as torchrun
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    try:
-        torchrun(["--standalone", f"--nproc-per-node={args.nproc}", "-m", "moeflow", *rest])
-    except ChildFailedError:
-        return 1  # torchrun has printed which rank failed and why
-    return 0
+    return run_local(args.nproc, rest)
 
 
 def cmd_slurm(argv: list[str]) -> int:
@@ -175,12 +168,16 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as exc:  # a diverged run: one line, the run's own exit status
         _say_error(exc)
         raise SystemExit(1) from None
+    except Exception as exc:  # a bug: the traceback, and its last line for `moeflow launch`
+        record_error(f"{type(exc).__name__}: {exc}")
+        raise
 
 
 def _say_error(exc: BaseException) -> None:
     rank = os.environ.get("RANK")
     prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
     print(f"{prefix}moeflow: error: {exc}", file=sys.stderr)
+    record_error(str(exc))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ Example (one process, the meta device: nothing is allocated):
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from moeflow.parallel.parallelize import parallelize
 from moeflow.train import checkpoint as ckpt
 from moeflow.train.ckpt_integrity import verify_checkpoint
 from moeflow.train.config import RunConfig
+from moeflow.train.data import Corpus, check_tokens, check_validation_split
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ def resolve_output(
     root = out / "checkpoints"
     if resume is not None and overwrite:
         raise ValueError("--resume and --overwrite contradict each other; pass one of them")
+    agree(ctx, lambda: writable_dir(out))
     if resume is None:
 
         def check_fresh() -> str | None:
@@ -101,6 +104,25 @@ def resolve_output(
     return path
 
 
+def writable_dir(out: Path) -> str | None:
+    """Why `train.out_dir` cannot hold a run (it is a file, cannot be created, or is not
+    writable: a probe file is created and removed), or None; it is created if missing."""
+    where = f"train.out_dir ({str(out)!r})"
+    if out.exists() and not out.is_dir():
+        return f"{where} is a file, not a directory; choose another train.out_dir"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"{where} cannot be created: {exc.strerror or exc} ({exc.filename}); choose another"
+    probe = out / f".write_probe_{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        return f"{where} is not writable: {exc.strerror or exc}; choose a writable train.out_dir"
+    return None
+
+
 def newest_intact(root: Path, ctx: ParallelContext, skipped: list[str]) -> Path | None:
     """`--resume` with no path: the newest checkpoint whose files all match their manifest
     (`verify_checkpoint`, the files split over the ranks); each damaged newer one is appended to
@@ -120,6 +142,31 @@ def newest_intact(root: Path, ctx: ParallelContext, skipped: list[str]) -> Path 
         if ctx.rank == 0:
             logger.warning("--resume: skipping the damaged checkpoint %s (%s)", candidate, problem)
     return None
+
+
+def check_data(cfg: RunConfig, ctx: ParallelContext, corpus: Corpus, train_offset: int) -> None:
+    """Before the first step, on every rank (collective): one validation window at least, and,
+    for token files, every id below `model.vocab_size`; each rank scans its own training shard
+    (starting at `train_offset`) and a slice of the validation tokens, and every rank raises the
+    first problem found."""
+    rank, world = ctx.rank, dist.get_world_size(ctx.world_group)
+    problem = None
+    try:
+        check_validation_split(corpus.val, cfg.train.seq_len)
+        if corpus.bytes_per_token is None:  # ids from files, not bytes
+            vocab, shard = cfg.model.vocab_size, len(corpus.train) // world
+            mine = corpus.train[train_offset : train_offset + shard]
+            check_tokens(mine, vocab, "train.bin", offset=train_offset)
+            step = -(-len(corpus.val) // world)
+            part = corpus.val[rank * step : (rank + 1) * step]
+            check_tokens(part, vocab, "val.bin", offset=rank * step)
+    except ValueError as exc:
+        problem = str(exc)
+    problems: list = [None] * world
+    dist.all_gather_object(problems, problem, group=ctx.world_group)
+    first = next((p for p in problems if p), None)
+    if first:
+        raise ValueError(first)
 
 
 def build_model(

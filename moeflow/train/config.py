@@ -310,6 +310,8 @@ class RunConfig:
     @classmethod
     def from_toml(cls, path: str | Path, overrides: list[str] | None = None) -> RunConfig:
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"config file {str(path)!r} is a directory; pass a .toml file")
         if not path.is_file():
             raise ValueError(f"config file {str(path)!r} does not exist")
         try:

@@ -112,10 +112,46 @@ def load_corpus(cfg: DataConfig) -> Corpus:
                 f"data.path ({cfg.path!r}) must hold train.bin and val.bin (uint16 token ids, "
                 f"nanoGPT layout) for data.kind = 'tokens'; {file} is missing"
             )
+        if file.stat().st_size == 0:
+            raise ValueError(f"data.path: {file} is empty (0 bytes); it must hold uint16 tokens")
         if file.stat().st_size % 2:
             raise ValueError(f"{file} has an odd number of bytes; it is not a uint16 token file")
         arrays.append(np.memmap(file, dtype=np.uint16, mode="r"))
     return Corpus(arrays[0], arrays[1], f"{path} (uint16 tokens, memory-mapped)", None)
+
+
+def check_tokens(
+    tokens: np.ndarray, vocab_size: int, what: str, offset: int = 0, chunk: int = 1 << 24
+) -> None:
+    """Every id of `tokens` (positions `offset...` of the file `what`) below `vocab_size` (the
+    model's embedding rows), scanned in chunks before the first step: an id past it would fail
+    mid-run as an index error.
+
+    Example:
+        >>> try:
+        ...     check_tokens(np.array([1, 7, 300], dtype=np.uint16), 256, "train.bin", offset=10)
+        ... except ValueError as exc:
+        ...     print(str(exc)[:56])
+        data: train.bin holds token id 300 at position 12, >= mo
+    """
+    for lo in range(0, len(tokens), chunk):
+        part = np.asarray(tokens[lo : lo + chunk])
+        if len(part) and int(part.max()) >= vocab_size:
+            at = lo + int(np.argmax(part >= vocab_size))
+            raise ValueError(
+                f"data: {what} holds token id {int(tokens[at])} at position {offset + at}, >= "
+                f"model.vocab_size ({vocab_size}); raise model.vocab_size or re-tokenize"
+            )
+
+
+def check_validation_split(tokens: np.ndarray, seq_len: int) -> None:
+    """At least one validation window, checked before the first step (not at the first
+    validation, after the training)."""
+    if (len(tokens) - 1) // seq_len < 1:
+        raise ValueError(
+            f"data: the validation split has {len(tokens)} tokens, fewer than one window of "
+            f"{seq_len + 1} (train.seq_len + 1); use more data or a larger data.val_percent"
+        )
 
 
 def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> torch.Tensor:
@@ -191,12 +227,8 @@ def eval_batches(
     window i goes to rank `i % world_size`. Every rank yields the same number of batches (an
     expert-parallel forward is collective); padding rows repeat window 0 with a zero mask.
     """
+    check_validation_split(tokens, seq_len)
     available = (len(tokens) - 1) // seq_len
-    if available < 1:
-        raise ValueError(
-            f"data: the validation split has {len(tokens)} tokens, fewer than one window of "
-            f"{seq_len + 1}; use more data or a larger data.val_percent"
-        )
     num_windows = min(num_windows, available)
     starts = np.linspace(0, (available - 1) * seq_len, num_windows).astype(np.int64)
     mine = starts[rank::world_size]

@@ -45,7 +45,7 @@ from moeflow.parallel.dims import ParallelDims
 from moeflow.parallel.grad_sync import GradSync
 from moeflow.parallel.replace import current_expert_slots, replica_row_weights
 from moeflow.train import checkpoint as ckpt
-from moeflow.train.build import build_model, resolve_output
+from moeflow.train.build import build_model, check_data, resolve_output
 from moeflow.train.config import RunConfig
 from moeflow.train.data import BatchStream, eval_batches, load_corpus
 from moeflow.train.distributed import Runtime, init_distributed, shutdown
@@ -84,6 +84,8 @@ class Trainer:
             self.corpus.train, t.seq_len, t.micro_batch_size, self.ctx.rank,
             runtime.world_size, t.seed,
         )  # fmt: skip
+        shard = len(self.corpus.train) // runtime.world_size
+        check_data(cfg, self.ctx, self.corpus, self.ctx.rank * shard)
         self.step = 0
         self.stop_requested = False  # SIGTERM seen by this rank
         self.stop_agreed = False  # ... by any rank, as of the last step's flag exchange

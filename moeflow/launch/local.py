@@ -1,0 +1,127 @@
+"""`moeflow launch`: N ranks on this machine under torchrun (standalone rendezvous), with a one-line
+account of a failure and SIGTERM handled as a single `moeflow train` handles it.
+
+- Each rank's error (the one line `moeflow` prints) is also written to torchrun's per-rank error
+  file (`record_error`), so when ranks fail the launcher prints which rank failed first, its exit
+  code and that line (torchrun's own summary is an exception's text, which `launch` catches).
+- SIGTERM to the launcher is forwarded to the ranks (its child processes) instead of torchrun
+  tearing them down: they finish their step, write a checkpoint and exit 0, and so does the
+  launcher. This needs `/proc` to find the children (Linux); elsewhere torchrun handles SIGTERM.
+
+Example:
+    >>> class Failure:  # what torchrun reports per rank
+    ...     def __init__(self, code, message, timestamp):
+    ...         self.exitcode, self.message, self.timestamp = code, message, timestamp
+    >>> class Failed:
+    ...     failures = {0: Failure(-15, "Signal 15 (SIGTERM) received by PID 7", 11),
+    ...                 1: Failure(2, "data: val.bin is empty", 10)}
+    ...     def get_first_failure(self):
+    ...         return 1, self.failures[1]
+    >>> print(summarize(Failed()))
+    moeflow launch: rank 1 failed first (exit code 2): data: val.bin is empty
+    moeflow launch: also failed: rank 0 (stopped by SIGTERM)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+ERROR_HANDLER = "torch.distributed.elastic.multiprocessing.errors.error_handler"
+
+
+def record_error(line: str) -> None:
+    """Write this rank's one-line error where torchrun collects it (nothing outside torchrun)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    stamp = int(time.time())
+    data = {"message": {"message": line, "extraInfo": {"py_callstack": "", "timestamp": stamp}}}
+    with contextlib.suppress(OSError):  # the error is printed on stderr anyway
+        Path(path).write_text(json.dumps(data))
+
+
+def summarize(failed) -> str:
+    """Which rank failed first, its exit code and its first error line; then the others."""
+    rank, first = failed.get_first_failure()
+    lines = [
+        f"moeflow launch: rank {rank} failed first (exit code {first.exitcode}): "
+        f"{_first_line(first.message)}"
+    ]
+    others = [
+        f"rank {r} ({f'exit code {f.exitcode}' if f.exitcode >= 0 else _signal(f.exitcode)})"
+        for r, f in sorted(failed.failures.items())
+        if r != rank
+    ]
+    if others:
+        lines.append(f"moeflow launch: also failed: {', '.join(others)}")
+    return "\n".join(lines)
+
+
+def _signal(exitcode: int) -> str:
+    try:
+        return f"stopped by {signal.Signals(-exitcode).name}"
+    except ValueError:
+        return f"stopped by signal {-exitcode}"
+
+
+def _first_line(message) -> str:
+    if isinstance(message, dict):  # torchrun's error-file layout (as `record_error` writes it)
+        message = message.get("message", message)
+    text = message if isinstance(message, str) else json.dumps(message)
+    lines = text.strip().splitlines()
+    return lines[0] if lines else "(no message)"
+
+
+def _children() -> list[int]:
+    me = os.getpid()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) > 1 and int(fields[1]) == me:
+            found.append(int(entry))
+    return found
+
+
+def _forward_sigterm(signum, frame) -> None:
+    for pid in _children():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+
+
+def run_local(nproc: int, argv: list[str]) -> int:
+    """Run `moeflow *argv` on `nproc` local ranks; the launcher's exit status."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # torchrun logs that it has no error file of its own to copy the ranks' into: `summarize`
+    # says what failed instead.
+    logging.getLogger(ERROR_HANDLER).setLevel(logging.CRITICAL)
+    flags = ["--standalone", f"--nproc-per-node={nproc}"]
+    previous = None
+    if Path("/proc/self/stat").is_file():
+        flags.append("--signals-to-handle=SIGINT,SIGHUP,SIGQUIT")
+        previous = signal.signal(signal.SIGTERM, _forward_sigterm)
+    try:
+        torchrun([*flags, "-m", "moeflow", *argv])
+    except ChildFailedError as exc:
+        print(summarize(exc), file=sys.stderr)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return 0
