@@ -356,3 +356,45 @@ def test_launch_names_the_failing_rank_and_exits_0_on_sigterm(tmp_path):
     last = log.strip().splitlines()[-2:]
     assert re.match(r"moeflow launch: rank [01] failed first \(exit code 1\): step \d+: ", last[0])
     assert re.match(r"moeflow launch: also failed: rank [01] \(", last[1]), last
+
+
+def _rank_pids(parent: int) -> dict[int, int]:
+    """{rank: pid} of `parent`'s child processes (torchrun's workers)."""
+    found = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[-1].split()
+            env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        rank = [int(e[5:]) for e in env if e.startswith(b"RANK=")]
+        if int(stat[1]) == parent and rank:
+            found[rank[0]] = int(entry)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks in /proc")
+def test_a_stopped_rank_is_named_and_ends_the_job_within_the_timeout(tmp_path):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.toml", out, steps=2000, ep=2)
+    proc = _moeflow("launch", "--nproc", "2", "--", "train", str(cfg), "--parallel.timeout_s", "5")
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.05)
+    stopped = time.monotonic()
+    os.kill(_rank_pids(proc.pid)[1], signal.SIGSTOP)
+    log = proc.communicate(timeout=120)[0]
+    took = time.monotonic() - stopped
+    assert proc.returncode == 1
+    assert took < 5 + 30 + 10  # the timeout, torchrun's 30 s grace for the stopped rank, slack
+    last = log.strip().splitlines()[-3:]
+    assert last[0] == "moeflow launch: rank 1 did not answer (stopped, hung or dead)", log
+    assert re.match(
+        r"moeflow launch: rank 0 failed \(exit code 1\): rank 1 did not answer: its "
+        r"last heartbeat is \d+ s old \(step \d+, .*parallel\.timeout_s = 5 s",
+        last[1],
+    )
+    record = json.loads(metrics.read_text().splitlines()[-1])
+    assert record["kind"] == "error" and "rank 1 did not answer" in record["error"]

@@ -9,8 +9,9 @@
 
 `train` runs as a plain process (a world of one) or as every rank of a torchrun job. Errors in the
 config or the command line exit with status 2 and one line that says what to fix; a run stopped
-on a NaN or infinite loss (`train.on_nonfinite`) exits with status 1 and one line naming the step;
-a run stopped by SIGTERM writes a checkpoint and exits 0.
+on a NaN or infinite loss (`train.on_nonfinite`) or by a collective that timed out
+(`parallel.timeout_s`) exits with status 1 and one line naming the step or the ranks that did not
+answer; a run stopped by SIGTERM writes a checkpoint and exits 0.
 
 Example:
     >>> main(["slurm", "--nodes", "1", "--gpus-per-node", "1", "--job-name", "a;b", "c.toml"])
@@ -30,6 +31,7 @@ from moeflow.launch.local import record_error, run_local
 from moeflow.launch.slurm import SlurmJob, render_sbatch
 from moeflow.train.config import RunConfig
 from moeflow.train.nonfinite import NonFiniteError
+from moeflow.train.watchdog import HangError
 
 
 class UsageError(ValueError):
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # config and usage errors: one line, no traceback
         _say_error(exc)
         raise SystemExit(2) from None
-    except NonFiniteError as exc:  # a diverged run: one line, the run's own exit status
+    except (NonFiniteError, HangError) as exc:  # a diverged or hung run: one line, status 1
         _say_error(exc)
         raise SystemExit(1) from None
     except Exception as exc:  # a bug: the traceback, and its last line for `moeflow launch`
@@ -177,7 +179,7 @@ def _say_error(exc: BaseException) -> None:
     rank = os.environ.get("RANK")
     prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
     print(f"{prefix}moeflow: error: {exc}", file=sys.stderr)
-    record_error(str(exc))
+    record_error(str(exc), getattr(exc, "blamed", None))
 
 
 if __name__ == "__main__":

@@ -36,24 +36,34 @@ from pathlib import Path
 ERROR_HANDLER = "torch.distributed.elastic.multiprocessing.errors.error_handler"
 
 
-def record_error(line: str) -> None:
-    """Write this rank's one-line error where torchrun collects it (nothing outside torchrun)."""
+def record_error(line: str, blamed: list[int] | None = None) -> None:
+    """Write this rank's one-line error where torchrun collects it (nothing outside torchrun);
+    `blamed`: the ranks this rank found at fault (a hang: the ranks that did not answer)."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
-    stamp = int(time.time())
-    data = {"message": {"message": line, "extraInfo": {"py_callstack": "", "timestamp": stamp}}}
+    info = {"py_callstack": "", "timestamp": int(time.time()), "blamed": blamed or []}
+    data = {"message": {"message": line, "extraInfo": info}}
     with contextlib.suppress(OSError):  # the error is printed on stderr anyway
         Path(path).write_text(json.dumps(data))
 
 
 def summarize(failed) -> str:
-    """Which rank failed first, its exit code and its first error line; then the others."""
+    """Which rank failed first, its exit code and its first error line; then the others. A rank
+    that reported others as not answering (a hang) puts those first: they are the cause."""
     rank, first = failed.get_first_failure()
-    lines = [
-        f"moeflow launch: rank {rank} failed first (exit code {first.exitcode}): "
-        f"{_first_line(first.message)}"
-    ]
+    lines = []
+    for r, f in sorted(failed.failures.items()):
+        blamed = _blamed(f.message)
+        if blamed:
+            rank, first = r, f
+            names = ", ".join(map(str, blamed))
+            lines.append(f"moeflow launch: rank {names} did not answer (stopped, hung or dead)")
+            break
+    lines.append(
+        f"moeflow launch: rank {rank} failed{'' if lines else ' first'} (exit code "
+        f"{first.exitcode}): {_first_line(first.message)}"
+    )
     others = [
         f"rank {r} ({f'exit code {f.exitcode}' if f.exitcode >= 0 else _signal(f.exitcode)})"
         for r, f in sorted(failed.failures.items())
@@ -62,6 +72,12 @@ def summarize(failed) -> str:
     if others:
         lines.append(f"moeflow launch: also failed: {', '.join(others)}")
     return "\n".join(lines)
+
+
+def _blamed(message) -> list[int]:
+    if isinstance(message, dict):
+        return list(message.get("extraInfo", {}).get("blamed") or [])
+    return []
 
 
 def _signal(exitcode: int) -> str:

@@ -94,12 +94,27 @@ class ParallelContext:
                 self.edp_group = group
         self.world_group = dist.new_group(list(range(dims.world_size)), timeout=timeout)
         self.device_type = device_type
+        self.timeout_s = dims.timeout_s
         self._shard_groups: dict[int, dist.ProcessGroup | None] = {1: None}
         self._node_groups: dict[int, tuple[dist.ProcessGroup, dist.ProcessGroup]] = {}
 
     @property
     def world_size(self) -> int:
         return self.dims.world_size
+
+    def groups(self) -> list[dist.ProcessGroup]:
+        """Every group this context built (this rank's), and the default group."""
+        found = [dist.group.WORLD, self.ep_group, self.edp_group, self.world_group]
+        found += list(self._shard_groups.values())
+        found += [g for pair in self._node_groups.values() for g in pair]
+        return list({id(g): g for g in found if g is not None}.values())
+
+    def set_timeout(self, seconds: float) -> None:
+        """The collective timeout of every group from now on (and of groups built later): e.g.
+        a generous one for start-up and checkpoints, a short one for training steps."""
+        self.timeout_s = seconds
+        for group in self.groups():
+            dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=seconds), group)
 
     def ranks_per_node(self, requested: int | None = None) -> int | None:
         """Ranks per node: `requested`, else torchrun's `LOCAL_WORLD_SIZE`, else None (unknown);
@@ -115,7 +130,7 @@ class ParallelContext:
         if shards not in self._shard_groups:
             if self.dims.ep % shards:
                 raise ValueError(f"{shards} shards do not divide parallel.ep ({self.dims.ep})")
-            timeout = datetime.timedelta(seconds=self.dims.timeout_s)
+            timeout = datetime.timedelta(seconds=self.timeout_s)
             mine = None
             for first in range(0, self.world_size, shards):
                 group = dist.new_group(list(range(first, first + shards)), timeout=timeout)
@@ -138,7 +153,7 @@ class ParallelContext:
                 f"dispatch.ranks_per_node ({G}) must divide parallel.ep ({ep}) for a two-level "
                 "all-to-all (an expert-parallel group must span whole nodes)"
             )
-        timeout = datetime.timedelta(seconds=self.dims.timeout_s)
+        timeout = datetime.timedelta(seconds=self.timeout_s)
         intra = inter = None
         for d in range(self.dims.dp):
             base = d * ep

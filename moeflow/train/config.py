@@ -159,11 +159,16 @@ class ParallelConfig:
     `moeflow.parallel.tuner`) measures the candidates while training and chooses per MoE layer
     (two-level only where the nodes split the expert group). `overlap_grad_sync`: gradient
     buckets are all-reduced from backward hooks as soon as they are ready, overlapping the rest
-    of the backward (`GradSync(overlap=True)`); false: after the backward."""
+    of the backward (`GradSync(overlap=True)`); false: after the backward. `timeout_s`: how long
+    a collective of a training step or validation waits for the other ranks before the run stops
+    with an error naming the ranks that did not answer (`moeflow.train.watchdog`);
+    `startup_timeout_s`: the same for start-up (process groups, building, loading a checkpoint)
+    and checkpoint saves, which may legitimately take longer."""
 
     ep: int = 1
     dp: int | None = None
-    timeout_s: float = 600.0
+    timeout_s: float = 180.0
+    startup_timeout_s: float = 600.0
     mode: str = "ep"
     overlap_degree: int | str = 1
     overlap_grad_sync: bool = True
@@ -183,8 +188,9 @@ class ParallelConfig:
             check_int("parallel.dp", self.dp)
         if self.ranks_per_node is not None:
             check_int("parallel.ranks_per_node", self.ranks_per_node)
-        if not self.timeout_s > 0:
-            raise ValueError(f"parallel.timeout_s ({self.timeout_s!r}) must be > 0")
+        for name in ("timeout_s", "startup_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"parallel.{name} ({getattr(self, name)!r}) must be > 0 (seconds)")
 
     def dp_for(self, world_size: int) -> int:
         if world_size % self.ep:

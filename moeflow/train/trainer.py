@@ -55,6 +55,7 @@ from moeflow.train.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
 from moeflow.train.replacement import Replacer, describe_placement
 from moeflow.train.result import TrainResult, summary_lines, unigram_bpb
 from moeflow.train.tuning import build_tuner, describe_decision
+from moeflow.train.watchdog import HangError, Watchdog, is_hang
 from moeflow.utils.cpu_alloc import apply_once
 
 
@@ -64,8 +65,11 @@ class Trainer:
     def __init__(self, cfg: RunConfig, runtime: Runtime, resume: str | None, overwrite: bool):
         self.cfg, self.runtime = cfg, runtime
         p = cfg.parallel
-        dims = ParallelDims(dp=p.dp_for(runtime.world_size), ep=p.ep, timeout_s=p.timeout_s)
+        dims = ParallelDims(dp=p.dp_for(runtime.world_size), ep=p.ep, timeout_s=p.startup_timeout_s)
         self.ctx = dims.build(runtime.device.type)
+        # Heartbeats often enough to tell a stopped rank within a step's timeout.
+        self.watchdog = Watchdog(self.ctx.rank, runtime.world_size, p.timeout_s).start()
+        self.watchdog.setting, self.watchdog.timeout_s = "startup_timeout_s", p.startup_timeout_s
         self.out_dir = Path(cfg.train.out_dir)
         self.resume_path = resolve_output(cfg, self.ctx, resume, overwrite)
         self.model = build_model(cfg, self.ctx, runtime.device, self._saved_slots())
@@ -149,6 +153,7 @@ class Trainer:
         set_lr(self.optimizer, lr_at(self.step, cfg.optim, cfg.train.steps))
         step_loss = torch.zeros((), device=device)
         for micro in range(accum):
+            self.watchdog.at(self.step + 1, "forward and backward")
             x, y = (t.to(device, non_blocking=True) for t in self.stream.next_batch())
             with self._autocast():
                 logits = self.model(x)
@@ -160,6 +165,7 @@ class Trainer:
             metrics.add(loss, self.moe_layers)
             step_loss += loss.detach()
             self.replacer.observe()
+        self.watchdog.at(self.step + 1, "gradient sync and clipping")
         self.grad_sync.sync()
         grad_norm = clip_grad_norm_(
             self.dense_params, self.expert_params, cfg.optim.grad_clip, self.ctx.ep_group,
@@ -209,6 +215,7 @@ class Trainer:
     def evaluate(self) -> tuple[float, float | None]:
         """Mean validation loss (nats per token) over the fixed windows, and bits per byte."""
         t = self.cfg.train
+        self.watchdog.at(self.step, "validation")
         self.model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.runtime.device)
         for x, y, mask in eval_batches(
@@ -240,12 +247,23 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             "expert_slots": current_expert_slots(self.model),
         }
+        self.watchdog.at(self.step, "checkpoint")
+        setting = self.watchdog.setting
+        self._timeout("startup_timeout_s")  # writes may take long
         self.replacer.write()
         rank_state = {"data": self.stream.state_dict()}
-        return ckpt.save_checkpoint(
+        path = ckpt.save_checkpoint(
             self.out_dir / "checkpoints", self.step, self.model, self.optimizer, meta,
             rank_state, group=self.ctx.world_group, keep=self.cfg.checkpoint.keep,
         )  # fmt: skip
+        self._timeout(setting)
+        return path
+
+    def _timeout(self, setting: str) -> None:
+        """Every group's collective timeout from `parallel.<setting>` (and the watchdog's)."""
+        seconds = getattr(self.cfg.parallel, setting)
+        self.ctx.set_timeout(seconds)
+        self.watchdog.setting, self.watchdog.timeout_s = setting, seconds
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self, quiet: bool = False) -> TrainResult:
@@ -271,6 +289,7 @@ class Trainer:
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         started = time.perf_counter()
         try:
+            self._timeout("timeout_s")  # start-up is over
             self._loop(log, result, say)
             loop_s = time.perf_counter() - started
             if not result.stopped_by_signal:
@@ -279,12 +298,17 @@ class Trainer:
                          "val_bpb": result.val_bpb})  # fmt: skip
                 check_validation(self.step, result.val_loss)
             result.checkpoint = self.save()
-        except NonFiniteError as exc:  # the metrics file says why the run ended, then the CLI
+        except (NonFiniteError, RuntimeError) as exc:  # the metrics file says why, then the CLI
+            if not isinstance(exc, NonFiniteError) and not is_hang(exc):
+                raise
+            if not isinstance(exc, NonFiniteError):
+                exc = HangError(*self.watchdog.diagnose())
             log.log({"kind": "error", "step": self.step, "error": str(exc)})
             log.close()
-            raise
+            raise exc from None
         finally:
             signal.signal(signal.SIGTERM, previous)
+            self.watchdog.close()
         result.last_step = self.step
         end = {"kind": "end", "step": self.step, "signal": result.stopped_by_signal}
         if self.tuner is not None:
@@ -366,7 +390,7 @@ def train(
     cfg: RunConfig, resume: str | None = None, overwrite: bool = False, quiet: bool = False
 ) -> TrainResult:
     """Run `cfg` in this process (one rank of a torchrun job, or a world of one)."""
-    runtime = init_distributed(cfg.parallel.timeout_s)
+    runtime = init_distributed(cfg.parallel.startup_timeout_s)
     try:
         return Trainer(cfg, runtime, resume, overwrite).run(quiet=quiet)
     finally:
