@@ -398,3 +398,99 @@ def test_a_stopped_rank_is_named_and_ends_the_job_within_the_timeout(tmp_path):
     )
     record = json.loads(metrics.read_text().splitlines()[-1])
     assert record["kind"] == "error" and "rank 1 did not answer" in record["error"]
+
+
+# -- moeflow plan on hostile or huge statistics ----------------------------------------------------
+def _stats(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "stats.json"
+    path.write_text(text)
+    return str(path)
+
+
+BASE = '{"format": "moeflow.routing_stats", "version": 1, "loads": [[1.0, 2.0]], "co_routing": []'
+
+
+@pytest.mark.parametrize(
+    "text, args, want",
+    [(BASE.replace("2.0", "9" * 400) + "}", [], r"not numeric arrays \(int too large"),
+     (BASE + ', "meta": ' + "[" * 100_000 + "]" * 100_000 + "}", [], r"nests too deeply"),
+     (BASE + ', "layer_names": 5}', [], r"'layer_names' must be a list of strings, got 5"),
+     (BASE + ', "meta": [1]}', [], r"'meta' must be a table, got list"),
+     (BASE + "}", ["--time-limit", "nan"], r"placement\.time_limit_s \(nan\) must be a finite"),
+     (BASE + "}", ["--traffic-weight", "nan"], r"placement\.traffic_weight \(nan\) must be a fi"),
+     (BASE + "}", ["--node-weight", "inf"], r"placement\.node_weight \(inf\) must be a finite")],
+)  # fmt: skip
+def test_plan_refuses_hostile_statistics_in_one_line(tmp_path, capsys, text, args, want):
+    with pytest.raises(SystemExit) as stop:
+        main(["plan", _stats(tmp_path, text), "--ranks", "2", "--method", "greedy", *args])
+    assert stop.value.code == 2
+    assert re.search(want, one_line_error(capsys))
+
+
+def _greedy_by_scanning(trace, cfg):
+    """The reference greedy: every copy scans every rank (EPLB's rule as written)."""
+    from moeflow.placement.baselines import _copies
+
+    slots = cfg.slots(trace.num_experts)
+    layers = []
+    for layer in range(trace.num_layers):
+        ranks, load = [[] for _ in slots], [0.0] * len(slots)
+        for e, w in sorted(_copies(trace, cfg, layer), key=lambda c: (-c[1], c[0])):
+            free = [g for g in range(len(slots)) if len(ranks[g]) < slots[g] and e not in ranks[g]]
+            g = min(free, key=lambda r: (load[r], r))
+            ranks[g].append(e)
+            load[g] += w
+        layers.append(ranks)
+    return layers
+
+
+def _replicas_by_scanning(load_E, num_slots, num_ranks):
+    counts = np.ones(len(load_E), dtype=np.int64)
+    for _ in range(num_slots - len(load_E)):
+        per_copy = np.where(counts < num_ranks, load_E / counts, -np.inf)
+        counts[int(np.argmax(per_copy))] += 1
+    return counts
+
+
+@pytest.mark.parametrize("experts, ranks, extra", [(64, 8, 4), (96, 16, 16), (40, 8, 0)])
+def test_fast_baselines_equal_the_scanning_rules(experts, ranks, extra):
+    from moeflow.placement.baselines import contiguous, greedy, replica_counts, round_robin
+    from moeflow.placement.problem import PlacementConfig
+    from moeflow.placement.trace import RoutingTrace
+
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        loads = rng.zipf(1.5, size=(2, experts)).astype(float)
+        loads[:, :3] = loads[0, 0]  # ties
+        trace = RoutingTrace(loads, np.zeros((1, experts, experts)))
+        cfg = PlacementConfig(num_ranks=ranks, num_slots=experts + extra,
+                              slots_per_rank=-(-(experts + extra) // ranks))  # fmt: skip
+        counts = replica_counts(loads[0], experts + extra, ranks)
+        assert counts.tolist() == _replicas_by_scanning(loads[0], experts + extra, ranks).tolist()
+        assert greedy(trace, cfg).layers == _greedy_by_scanning(trace, cfg)
+        for build in (contiguous, round_robin):  # in-order fills with replicas never dead-end
+            build(trace, cfg).validate(trace, cfg)
+
+
+def test_the_ilp_says_when_it_cannot_and_auto_is_never_worse_than_per_layer(capfd):
+    from moeflow.placement.planner import plan
+    from moeflow.placement.problem import PlacementConfig
+    from moeflow.placement.trace import RoutingTrace, synthetic_trace
+
+    rng = np.random.default_rng(0)
+    huge = RoutingTrace(rng.zipf(1.5, size=(1, 4096)).astype(float), np.zeros((0, 4096, 4096)))
+    result = plan(huge, PlacementConfig(num_ranks=64), "ilp")
+    assert result.status == "too_large" and "max_layer_binaries" in result.notes[0]
+    assert (
+        result.placement.layers
+        == plan(huge, PlacementConfig(num_ranks=64), "greedy").placement.layers
+    )
+    for seed in range(3):
+        trace = synthetic_trace(16, num_layers=3, tokens=4000, seed=seed)
+        scores = {
+            mode: plan(trace, PlacementConfig(num_ranks=4, decompose=mode, time_limit_s=3), "ilp")
+            for mode in ("layer", "auto")
+        }
+        assert scores["layer"].status == "optimal"  # each layer solved to optimality
+        assert scores["auto"].metrics.objective <= scores["layer"].metrics.objective + 1e-6
+    assert capfd.readouterr().out == ""  # no solver banner on stdout

@@ -17,6 +17,8 @@ Example:
 
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 
 from moeflow.placement.problem import Placement, PlacementConfig
@@ -24,17 +26,28 @@ from moeflow.placement.trace import RoutingTrace
 
 
 def replica_counts(load_E: np.ndarray, num_slots: int, num_ranks: int) -> np.ndarray:
-    """Copies per expert (EPLB's rule: each extra copy to the largest load per copy)."""
+    """Copies per expert (EPLB's rule: each extra copy to the largest load per copy, ties to the
+    lowest id; at most one copy per rank). A heap: O((E + extra copies) log E)."""
     counts = np.ones(len(load_E), dtype=np.int64)
-    for _ in range(num_slots - len(load_E)):
-        per_copy = np.where(counts < num_ranks, load_E / counts, -np.inf)
-        counts[int(np.argmax(per_copy))] += 1
+    extra = num_slots - len(load_E)
+    if extra <= 0 or num_ranks == 1:
+        return counts
+    heap = [(-float(w), e) for e, w in enumerate(load_E)]
+    heapq.heapify(heap)
+    for _ in range(extra):
+        if not heap:
+            break
+        _, e = heapq.heappop(heap)
+        counts[e] += 1
+        if counts[e] < num_ranks:
+            heapq.heappush(heap, (-float(load_E[e] / counts[e]), e))
     return counts
 
 
 def copies_of(load_E: np.ndarray, counts: np.ndarray) -> list[tuple[int, float]]:
     """(expert, load per copy) for every copy of every expert, in expert order."""
-    return [(e, float(load_E[e] / counts[e])) for e in range(len(load_E)) for _ in range(counts[e])]
+    per_copy = (load_E / counts).tolist()
+    return [(e, per_copy[e]) for e, n in enumerate(counts.tolist()) for _ in range(n)]
 
 
 def _copies(trace: RoutingTrace, cfg: PlacementConfig, layer: int) -> list[tuple[int, float]]:
@@ -47,14 +60,38 @@ def _pack(copies, slots: list[int], layer: int, choose) -> list[list[int]]:
     """Copies heaviest first, each onto `choose(e, w, free ranks, loads)` among the ranks with a
     free slot and no copy of the same expert."""
     ranks: list[list[int]] = [[] for _ in slots]
+    held: list[set[int]] = [set() for _ in slots]
     load = np.zeros(len(slots))
     for e, w in sorted(copies, key=lambda c: (-c[1], c[0])):
-        free = [g for g in range(len(slots)) if len(ranks[g]) < slots[g] and e not in ranks[g]]
+        free = [g for g in range(len(slots)) if len(ranks[g]) < slots[g] and e not in held[g]]
         if not free:
             raise ValueError(f"layer {layer}: no rank can take another copy of expert {e}")
         g = choose(e, w, free, load)
         ranks[g].append(e)
+        held[g].add(e)
         load[g] += w
+    return ranks
+
+
+def _pack_least_loaded(copies, slots: list[int], layer: int) -> list[list[int]]:
+    """`_pack` with the least-loaded free rank (ties: the lowest) chosen from a heap of
+    `(load, rank)` over ranks with a free slot: O(copies log R), the same placement."""
+    ranks: list[list[int]] = [[] for _ in slots]
+    held: list[set[int]] = [set() for _ in slots]
+    heap = [(0.0, g) for g, n in enumerate(slots) if n > 0]
+    for e, w in sorted(copies, key=lambda c: (-c[1], c[0])):
+        skipped = []
+        while heap and e in held[heap[0][1]]:
+            skipped.append(heapq.heappop(heap))
+        if not heap:
+            raise ValueError(f"layer {layer}: no rank can take another copy of expert {e}")
+        load, g = heapq.heappop(heap)
+        ranks[g].append(e)
+        held[g].add(e)
+        if len(ranks[g]) < slots[g]:
+            heapq.heappush(heap, (load + w, g))
+        for item in skipped:
+            heapq.heappush(heap, item)
     return ranks
 
 
@@ -64,20 +101,44 @@ def _least_loaded(e: int, w: float, free: list[int], load: np.ndarray) -> int:
 
 def _fill_in_order(copies: list[int], slots: list[int], start: int = 0, stride: bool = False):
     """Place copies rank by rank (`stride=False`) or cycling over ranks (`stride=True`), skipping
-    full ranks and ranks that already hold the expert."""
+    full ranks and ranks that already hold the expert. When only ranks holding the expert have
+    free slots left, a copy placed earlier moves into one of them to make room (`_make_room`)."""
     ranks: list[list[int]] = [[] for _ in slots]
+    held: list[set[int]] = [set() for _ in slots]
+    open_ranks = sum(1 for n in slots if n > 0)
     g = start
     for e in copies:
         for _ in range(len(slots)):
-            if len(ranks[g]) < slots[g] and e not in ranks[g]:
+            if len(ranks[g]) < slots[g] and e not in held[g]:
                 break
             g = (g + 1) % len(slots)
         else:
-            raise ValueError(f"no rank can take another copy of expert {e}")
+            g = _make_room(e, ranks, held, slots)
         ranks[g].append(e)
-        if stride:
+        held[g].add(e)
+        if len(ranks[g]) == slots[g]:
+            open_ranks -= 1
+        if stride or (len(ranks[g]) == slots[g] and open_ranks):
             g = (g + 1) % len(slots)
     return ranks
+
+
+def _make_room(e: int, ranks, held, slots) -> int:
+    """A rank for a copy of `e` when every rank with a free slot holds `e`: move some copy `d`
+    from a rank `h` without `e` to a free rank `f` without `d`; `e` then takes its slot on `h`."""
+    free = [f for f in range(len(slots)) if len(ranks[f]) < slots[f]]
+    for h in range(len(slots)):
+        if e in held[h]:
+            continue
+        for i, d in enumerate(ranks[h]):
+            f = next((f for f in free if d not in held[f]), None)
+            if f is not None:
+                ranks[f].append(d)
+                held[f].add(d)
+                del ranks[h][i]
+                held[h].discard(d)
+                return h
+    raise ValueError(f"no rank can take another copy of expert {e}")
 
 
 def contiguous(trace: RoutingTrace, cfg: PlacementConfig) -> Placement:
@@ -107,7 +168,7 @@ def greedy(trace: RoutingTrace, cfg: PlacementConfig) -> Placement:
     slots = cfg.slots(trace.num_experts)
     return Placement(
         [
-            _pack(_copies(trace, cfg, layer), slots, layer, _least_loaded)
+            _pack_least_loaded(_copies(trace, cfg, layer), slots, layer)
             for layer in range(trace.num_layers)
         ]
     )

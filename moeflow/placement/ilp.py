@@ -13,6 +13,12 @@ Joint model (`decompose="none"`), for copies c of layer l with load w_c (load / 
   (`z[p,n]`). Pairs left out count as crossing (an upper bound; `evaluate` scores the real value).
 - minimise `sum_l Lambda_l + lambda * sum_p D_p * ((1 - sum_g y) + (node_weight - 1)(1 - sum_n z))`.
 
+`decompose="auto"`: one layer, the joint model; past `max_joint_binaries`, the per-layer
+decomposition below; otherwise both, the per-layer one first (a third of the budget), then the
+joint model warm-started from its result, keeping the better (never worse than per-layer alone).
+Past `max_layer_binaries` per layer no model is built: the greedy warm start is returned with
+the status `too_large` and a note, in bounded time.
+
 Per-layer decomposition (`decompose="layer"`, or "auto" past `max_joint_binaries`): layer 0 for
 balance alone, then each layer l+1 with layer l fixed. The co-location terms become linear in x
 (no y, z), so each sub-model is an assignment problem with load rows; the time limit is split
@@ -40,152 +46,26 @@ Example:
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
 
-import numpy as np
-
-from moeflow.placement.baselines import (
-    affinity_greedy,
-    affinity_layer,
-    colocation_gain,
-    copies_of,
+from moeflow.placement.baselines import affinity_greedy, affinity_layer, colocation_gain
+from moeflow.placement.ilp_model import (
+    add_layer,
+    all_crossing,
+    fixed_traffic_terms,
+    lam_start,
+    layer_copies,
+    read_layer,
+    traffic_terms,
+    warm_start_layer,
 )
 from moeflow.placement.problem import Placement, PlacementConfig, evaluate
 from moeflow.placement.solver import SolveInfo, pick_solver, run_solver
 from moeflow.placement.trace import RoutingTrace
 
 
-# -- model building -----------------------------------------------------------------------------
-@dataclass
-class _Layer:
-    copies: list[tuple[int, float]]  # (expert, load per copy)
-    x: dict  # (copy, rank) -> LpVariable
-    lam: object  # LpVariable
-
-
-def _copies_of(placement: Placement, layer: int, trace: RoutingTrace) -> list[tuple[int, float]]:
-    return copies_of(trace.loads[layer], placement.replica_counts(layer, trace.num_experts))
-
-
-def _add_layer(prob, layer: int, copies, cfg: PlacementConfig, slots, bound: float | None):
-    import pulp
-
-    ranks = range(cfg.num_ranks)
-    x = {
-        (c, g): pulp.LpVariable(f"x_{layer}_{c}_{g}", cat=pulp.LpBinary)
-        for c in range(len(copies))
-        for g in ranks
-    }
-    # Valid lower bounds that the LP relaxation would not find: no rank is below the mean, and
-    # the rank holding the heaviest copy carries at least that copy.
-    floor = max(max(w for _, w in copies), sum(w for _, w in copies) / cfg.num_ranks)
-    lam = pulp.LpVariable(f"lam_{layer}", lowBound=floor, upBound=bound)
-    for c in range(len(copies)):
-        prob += pulp.lpSum(x[c, g] for g in ranks) == 1, f"one_{layer}_{c}"
-    for g in ranks:
-        prob += pulp.lpSum(x[c, g] for c in range(len(copies))) <= slots[g], f"slots_{layer}_{g}"
-        prob += (
-            pulp.lpSum(w * x[c, g] for c, (_, w) in enumerate(copies)) <= lam,
-            f"load_{layer}_{g}",
-        )
-    by_expert: dict[int, list[int]] = {}
-    for c, (e, _) in enumerate(copies):
-        by_expert.setdefault(e, []).append(c)
-    for e, cs in by_expert.items():
-        if len(cs) > 1:
-            for g in ranks:
-                prob += pulp.lpSum(x[c, g] for c in cs) <= 1, f"distinct_{layer}_{e}_{g}"
-    return _Layer(copies, x, lam)
-
-
-def _all_crossing(d_EE: np.ndarray, cfg: PlacementConfig) -> float:
-    """Traffic cost if every token crossed: the objective's constant, from which the model's
-    co-location terms subtract."""
-    return cfg.traffic_weight * (cfg.node_weight if cfg.nodes > 1 else 1.0) * float(d_EE.sum())
-
-
-def _top_pairs(d_EE: np.ndarray, per_expert: int) -> list[tuple[int, int, float]]:
-    pairs = []
-    for i in range(d_EE.shape[0]):
-        order = np.argsort(-d_EE[i], kind="stable")[:per_expert]
-        pairs += [(i, int(j), float(d_EE[i, j])) for j in order if d_EE[i, j] > 0]
-    return pairs
-
-
-def _copy_index(copies) -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for c, (e, _) in enumerate(copies):
-        out.setdefault(e, []).append(c)
-    return out
-
-
-def _traffic_terms(prob, layer: int, a: _Layer, b: _Layer, d_EE, cfg: PlacementConfig) -> list:
-    """Co-location variables for layers (layer, layer+1); returns the objective's terms."""
-    import pulp
-
-    ranks, nodes = range(cfg.num_ranks), range(cfg.nodes)
-    rpn = cfg.ranks_per_node or cfg.num_ranks
-    intra = cfg.nodes > 1 and rpn > 1  # both rank and node crossings exist
-    rank_cost = 1.0 if cfg.nodes == 1 else (1.0 if intra else cfg.node_weight)
-    ia, ib = _copy_index(a.copies), _copy_index(b.copies)
-    terms = []
-    for n_pair, (i, j, d) in enumerate(_top_pairs(d_EE, cfg.max_pairs_per_expert)):
-        w = cfg.traffic_weight * d / (len(ia[i]) * len(ib[j]))
-        for ca in ia[i]:
-            for cb in ib[j]:
-                tag = f"{layer}_{n_pair}_{ca}_{cb}"
-                y = [pulp.LpVariable(f"y_{tag}_{g}", 0, 1) for g in ranks]
-                for g in ranks:
-                    prob += y[g] <= a.x[ca, g]
-                    prob += y[g] <= b.x[cb, g]
-                terms += [(yg, -w * rank_cost) for yg in y]
-                if intra:
-                    z = [pulp.LpVariable(f"z_{tag}_{n}", 0, 1) for n in nodes]
-                    for n in nodes:
-                        members = range(n * rpn, (n + 1) * rpn)
-                        prob += z[n] <= pulp.lpSum(a.x[ca, g] for g in members)
-                        prob += z[n] <= pulp.lpSum(b.x[cb, g] for g in members)
-                    terms += [(zn, -w * (cfg.node_weight - 1.0)) for zn in z]
-    return terms
-
-
-def _fixed_traffic_terms(prev: Placement, layer: int, b: _Layer, trace, cfg) -> list:
-    """Layer `layer` fixed by `prev`, layer+1 free in `b`: co-location is linear in b's x, with
-    every co-routing pair in its coefficients (no sparsification)."""
-    gain_ER = colocation_gain(trace, cfg, prev, layer)
-    counts = {}
-    for e, _ in b.copies:
-        counts[e] = counts.get(e, 0) + 1
-    return [
-        (b.x[c, g], -gain_ER[e, g] / counts[e])
-        for c, (e, _) in enumerate(b.copies)
-        for g in range(cfg.num_ranks)
-        if gain_ER[e, g] > 0
-    ]
-
-
 # -- solving ------------------------------------------------------------------------------------
-def _read(layer_vars: _Layer, cfg: PlacementConfig) -> list[list[int]]:
-    ranks: list[list[int]] = [[] for _ in range(cfg.num_ranks)]
-    for c, (e, _) in enumerate(layer_vars.copies):
-        values = [layer_vars.x[c, g].varValue or 0.0 for g in range(cfg.num_ranks)]
-        ranks[int(np.argmax(values))].append(e)
-    return ranks
-
-
-def _warm_start(layer_vars: _Layer, ranks: list[list[int]], cfg: PlacementConfig) -> None:
-    """Set x from a placement (copies of one expert matched in rank order)."""
-    queue: dict[int, list[int]] = {}
-    for g, ids in enumerate(ranks):
-        for e in ids:
-            queue.setdefault(e, []).append(g)
-    for c, (e, _) in enumerate(layer_vars.copies):
-        g_c = queue[e].pop(0)
-        for g in range(cfg.num_ranks):
-            layer_vars.x[c, g].setInitialValue(1.0 if g == g_c else 0.0)
-
-
 def _bound(trace, warm: Placement, cfg: PlacementConfig, layer: int) -> float | None:
     if cfg.balance_slack is None:
         return None
@@ -193,40 +73,35 @@ def _bound(trace, warm: Placement, cfg: PlacementConfig, layer: int) -> float | 
     return float((trace.loads[layer] @ a).max()) * (1.0 + cfg.balance_slack) + 1e-6
 
 
-def _lam_start(layer_vars: _Layer, ranks, cfg) -> None:
-    load = {e: w for e, w in layer_vars.copies}
-    layer_vars.lam.setInitialValue(max(sum(load[e] for e in ids) for ids in ranks))
-
-
-def _solve_joint(trace, cfg, warm: Placement, bounds, solver: str):
+def _solve_joint(trace, cfg, warm: Placement, bounds, solver: str, budget: float):
     import pulp
 
-    deadline = time.perf_counter() + cfg.time_limit_s  # model building counts too
+    deadline = time.perf_counter() + budget  # model building counts too
     prob = pulp.LpProblem("placement", pulp.LpMinimize)
     slots = cfg.slots(trace.num_experts)
     warm, breaking = _symmetry_breaking(warm, cfg, slots)
     layers = []
     for layer in range(trace.num_layers):
-        lv = _add_layer(prob, layer, _copies_of(warm, layer, trace), cfg, slots, bounds[layer])
+        lv = add_layer(prob, layer, layer_copies(warm, layer, trace), cfg, slots, bounds[layer])
         if layer == 0:
             for c, g in breaking(len(lv.copies)):
                 prob += lv.x[c, g] == 0, f"symmetry_{c}_{g}"
-        _warm_start(lv, warm.layers[layer], cfg)
-        _lam_start(lv, warm.layers[layer], cfg)
+        warm_start_layer(lv, warm.layers[layer], cfg)
+        lam_start(lv, warm.layers[layer], cfg)
         layers.append(lv)
     terms = []
     for layer in range(trace.num_layers - 1):
-        terms += _traffic_terms(
+        terms += traffic_terms(
             prob, layer, layers[layer], layers[layer + 1], trace.co_routing[layer], cfg
         )
-    constant = sum(_all_crossing(trace.co_routing[layer], cfg) for layer in range(len(layers) - 1))
+    constant = sum(all_crossing(trace.co_routing[layer], cfg) for layer in range(len(layers) - 1))
     prob += pulp.lpSum(lv.lam for lv in layers) + pulp.LpAffineExpression(terms, constant)
     _set_co_location_start(prob)
     left = max(deadline - time.perf_counter(), 0.05)
     status, gap = run_solver(prob, solver, cfg, left, warm=True)
     if status == "failed":
         return warm, status, gap
-    return Placement([_read(lv, cfg) for lv in layers]), status, gap
+    return Placement([read_layer(lv, cfg) for lv in layers]), status, gap
 
 
 def _symmetry_breaking(warm: Placement, cfg: PlacementConfig, slots: list[int]):
@@ -287,22 +162,24 @@ def _set_co_location_start(prob) -> None:
             v.setInitialValue(round(upper.get(v.name, 0.0)))
 
 
-def _solve_per_layer(trace, cfg, warm: Placement, base: Placement, bounds, solver: str):
+def _solve_per_layer(
+    trace, cfg, warm: Placement, base: Placement, bounds, solver: str, budget: float
+):
     import pulp
 
     slots = cfg.slots(trace.num_experts)
     # One budget for the whole solve, model building included: each layer gets an even share
     # of what is left, so time a quick layer does not use goes to the layers after it.
-    deadline = time.perf_counter() + cfg.time_limit_s
+    deadline = time.perf_counter() + budget
     placed = Placement([list(map(list, ranks)) for ranks in warm.layers])
     statuses, gaps = [], []
     for layer in range(trace.num_layers):
         prob = pulp.LpProblem(f"placement_layer_{layer}", pulp.LpMinimize)
-        lv = _add_layer(prob, layer, _copies_of(warm, layer, trace), cfg, slots, bounds[layer])
+        lv = add_layer(prob, layer, layer_copies(warm, layer, trace), cfg, slots, bounds[layer])
         terms, constant = [], 0.0
         if layer > 0:
-            terms = _fixed_traffic_terms(placed, layer - 1, lv, trace, cfg)
-            constant = _all_crossing(trace.co_routing[layer - 1], cfg)
+            terms = fixed_traffic_terms(placed, layer - 1, lv, trace, cfg)
+            constant = all_crossing(trace.co_routing[layer - 1], cfg)
         prob += lv.lam + pulp.LpAffineExpression(terms, constant)
         # Warm start: the affinity greedy given the layer just solved, if it fits the bound and
         # scores better than the warm placement's own layer.
@@ -313,14 +190,14 @@ def _solve_per_layer(trace, cfg, warm: Placement, base: Placement, bounds, solve
                 trace, cfg, placed, layer, start, bounds[layer]
             ):
                 start = candidate
-        _warm_start(lv, start, cfg)
-        _lam_start(lv, start, cfg)
+        warm_start_layer(lv, start, cfg)
+        lam_start(lv, start, cfg)
         left = (deadline - time.perf_counter()) / (trace.num_layers - layer)
         status, gap = run_solver(prob, solver, cfg, max(left, 0.05), warm=True)
         statuses.append(status)
         gaps.append(gap)
         if status != "failed":
-            placed.layers[layer] = _read(lv, cfg)
+            placed.layers[layer] = read_layer(lv, cfg)
     if "failed" in statuses:
         status = "failed"
     elif all(s == "optimal" for s in statuses):
@@ -330,6 +207,35 @@ def _solve_per_layer(trace, cfg, warm: Placement, base: Placement, bounds, solve
     known = [g for g in gaps if g is not None]
     gap = max(known) if known and len(known) == len(gaps) else None
     return placed, status, gap
+
+
+def _per_layer_then_joint(trace, cfg, warm, base, bounds, solver) -> tuple[Placement, SolveInfo]:
+    """`decompose="auto"`: the per-layer decomposition with a third of the budget, then the
+    joint model warm-started from the better of it and `warm` with the rest; the better of the
+    two by `evaluate` (so auto is never worse than the per-layer decomposition)."""
+    deadline = time.perf_counter() + cfg.time_limit_s
+    layered, l_status, l_gap = _solve_per_layer(
+        trace, cfg, warm, base, bounds, solver, cfg.time_limit_s / 3
+    )
+    if l_status != "failed":
+        layered.validate(trace, cfg)
+    score = {
+        "warm": evaluate(trace, warm, cfg).objective,
+        "layered": evaluate(trace, layered, cfg).objective if l_status != "failed" else math.inf,
+    }
+    start = layered if score["layered"] < score["warm"] else warm
+    left = max(deadline - time.perf_counter(), 0.05)
+    joint, j_status, j_gap = _solve_joint(trace, cfg, start, bounds, solver, left)
+    score["joint"] = evaluate(trace, joint, cfg).objective if j_status != "failed" else math.inf
+    notes = [
+        f"auto: per-layer decomposition first ({score['layered']:.1f}, {l_status}), then the "
+        f"joint model from the better start ({score['joint']:.1f}, {j_status})"
+    ]
+    if score["joint"] <= score["layered"]:
+        return joint, SolveInfo(j_status, solver, 0.0, "joint", j_gap, notes=notes)
+    notes.append("kept the per-layer placement (the joint model did not improve on it)")
+    info = SolveInfo(l_status, solver, 0.0, "per-layer", l_gap, trace.num_layers, notes)
+    return layered, info
 
 
 def _layer_cost(trace, cfg, placed: Placement, layer: int, ranks, bound) -> float:
@@ -357,6 +263,15 @@ def solve_ilp(
     and the notes say so. Raises `SolverUnavailableError` when no solver can run."""
     solver = pick_solver(cfg)
     start = time.perf_counter()
+    per_layer = cfg.total_slots(trace.num_experts) * cfg.num_ranks
+    if per_layer > cfg.max_layer_binaries:
+        info = SolveInfo("too_large", solver, time.perf_counter() - start, "none")
+        info.notes.append(
+            f"the ILP would have {per_layer} binaries per layer, past "
+            f"placement.max_layer_binaries ({cfg.max_layer_binaries}); kept the greedy warm "
+            "start (raise the limit, or place fewer, coarser slots)"
+        )
+        return warm, info
     base = warm
     bounds = [_bound(trace, base, cfg, layer) for layer in range(trace.num_layers)]
     affinity = affinity_greedy(trace, cfg, warm)
@@ -369,17 +284,22 @@ def solve_ilp(
     mode = cfg.decompose
     if mode == "auto":
         big = joint_binaries(trace, cfg) > cfg.max_joint_binaries
-        mode = "layer" if big and trace.num_layers > 1 else "none"
+        mode = "none" if trace.num_layers == 1 else ("layer" if big else "both")
     if mode == "none":
-        placement, status, gap = _solve_joint(trace, cfg, warm, bounds, solver)
+        placement, status, gap = _solve_joint(trace, cfg, warm, bounds, solver, cfg.time_limit_s)
         info = SolveInfo(status, solver, 0.0, "joint", gap)
-    else:
-        placement, status, gap = _solve_per_layer(trace, cfg, warm, base, bounds, solver)
+    elif mode == "layer":
+        placement, status, gap = _solve_per_layer(
+            trace, cfg, warm, base, bounds, solver, cfg.time_limit_s
+        )
         info = SolveInfo(status, solver, 0.0, "per-layer", gap, subproblems=trace.num_layers)
         info.notes.append(
             f"decomposed: {trace.num_layers} layers solved one after another (each with the "
             "previous layer fixed); optimal per layer, not jointly"
         )
+    else:  # auto on a joint model small enough: per layer first, then jointly from the better
+        placement, info = _per_layer_then_joint(trace, cfg, warm, base, bounds, solver)
+        status = info.status
     info.seconds = time.perf_counter() - start
     sparse = any((d > 0).sum(axis=1).max() > cfg.max_pairs_per_expert for d in trace.co_routing)
     if mode == "none" and sparse:

@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +31,13 @@ from moeflow.placement.trace import RoutingTrace
 
 SOLVERS = ("auto", "highs", "cbc")
 DECOMPOSITIONS = ("auto", "none", "layer")
+
+
+def _describe_slots(slots: list[int]) -> str:
+    if len(set(slots)) == 1:
+        return f"{slots[0]} each"
+    shown = ", ".join(map(str, slots[:16]))
+    return f"[{shown}{', ...' if len(slots) > 16 else ''}]"
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -53,6 +61,7 @@ class PlacementConfig:
     decompose: str = "auto"
     max_pairs_per_expert: int = 4
     max_joint_binaries: int = 600  # decompose="auto": larger joint models are solved per layer
+    max_layer_binaries: int = 200_000  # past this per layer the ILP is not built (kept greedy)
 
     def __post_init__(self) -> None:
         if self.num_ranks < 1:
@@ -71,6 +80,10 @@ class PlacementConfig:
                 )
         elif slots is not None and slots < 1:
             raise ValueError(f"placement.slots_per_rank ({slots}) must be >= 1")
+        for name in ("traffic_weight", "node_weight", "time_limit_s", "balance_slack"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"placement.{name} ({value}) must be a finite number")
         for name in ("traffic_weight", "time_limit_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"placement.{name} ({getattr(self, name)}) must be >= 0")
@@ -132,7 +145,7 @@ class PlacementConfig:
         if budget > capacity:
             raise ValueError(
                 f"placement.num_slots ({budget}) exceeds the {capacity} slots of {self.num_ranks} "
-                f"ranks ({slots}); lower num_slots or raise slots_per_rank"
+                f"ranks ({_describe_slots(slots)}); lower num_slots or raise slots_per_rank"
             )
         if budget > num_experts * self.num_ranks:
             raise ValueError(
@@ -155,6 +168,16 @@ class Placement:
             for e in ids:
                 counts[e] += 1
         return counts
+
+    def rank_loads(self, layer: int, loads_E: np.ndarray) -> np.ndarray:
+        """`[R]`: the load each rank serves (an expert's load split evenly over its copies);
+        `loads_E @ fractions(layer, E)` without the dense `[E, R]` matrix (O(copies))."""
+        ids = self.layers[layer]
+        flat = np.fromiter((e for r in ids for e in r), dtype=np.int64)
+        rank_of = np.repeat(np.arange(len(ids)), [len(r) for r in ids])
+        copies = np.bincount(flat, minlength=len(loads_E))
+        weight = np.asarray(loads_E, dtype=np.float64)[flat] / np.maximum(copies[flat], 1)
+        return np.bincount(rank_of, weights=weight, minlength=len(ids))
 
     def fractions(self, layer: int, num_experts: int) -> np.ndarray:
         """`[E, R]`: the share of expert e's tokens that rank g serves (1/r_e per replica)."""
@@ -260,12 +283,13 @@ def node_fractions(a_ER: np.ndarray, cfg: PlacementConfig) -> np.ndarray:
 def evaluate(trace: RoutingTrace, placement: Placement, cfg: PlacementConfig) -> PlacementMetrics:
     """Score `placement` on `trace` (see the module doc)."""
     e = trace.num_experts
-    shares = [placement.fractions(layer, e) for layer in range(trace.num_layers)]
     max_load, mean_load = [], []
-    for layer, a_ER in enumerate(shares):
-        rank_load = trace.loads[layer] @ a_ER
-        max_load.append(float(rank_load.max()))
+    for layer in range(trace.num_layers):
+        max_load.append(float(placement.rank_loads(layer, trace.loads[layer]).max()))
         mean_load.append(float(trace.loads[layer].sum() / cfg.num_ranks))
+    # The dense [E, R] shares only where there is traffic between layers to score.
+    layers = range(trace.num_layers) if trace.num_layers > 1 else []
+    shares = [placement.fractions(layer, e) for layer in layers]
     cross_rank = cross_node = co_tokens = 0.0
     for layer in range(trace.num_layers - 1):
         d_EE = trace.co_routing[layer]

@@ -12,11 +12,18 @@ Example:
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from moeflow.placement.problem import PlacementConfig
+
+log = logging.getLogger("moeflow.placement")
 
 
 class SolverUnavailableError(RuntimeError):
@@ -25,7 +32,7 @@ class SolverUnavailableError(RuntimeError):
 
 @dataclass
 class SolveInfo:
-    status: str  # optimal | time_limit | failed
+    status: str  # optimal | time_limit | failed | too_large (no model built)
     solver: str
     seconds: float
     decomposition: str  # joint | per-layer
@@ -73,8 +80,35 @@ def pick_solver(cfg: PlacementConfig) -> str:
     return cfg.solver
 
 
+@contextmanager
+def output_to_log():
+    """What native solver code prints on file descriptor 1 (HiGHS' banner, even with output
+    off) goes to the `moeflow.placement` logger at debug level, never into the caller's stdout
+    (a training progress bar, `moeflow plan`'s table)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode(errors="replace").strip()
+            if text:
+                log.debug("solver output:\n%s", text)
+
+
 def run_solver(prob, solver: str, cfg: PlacementConfig, time_limit: float, warm: bool):
-    """Solve `prob`; returns (status, gap) from the solver's own report."""
+    """Solve `prob`; returns (status, gap) from the solver's own report. Solver output goes to
+    logging (`output_to_log`)."""
+    with output_to_log():
+        return _run_solver(prob, solver, cfg, time_limit, warm)
+
+
+def _run_solver(prob, solver: str, cfg: PlacementConfig, time_limit: float, warm: bool):
     import pulp
 
     if solver == "highs":

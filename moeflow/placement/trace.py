@@ -124,13 +124,20 @@ class RoutingTrace:
         try:
             loads = np.array(data["loads"], dtype=np.float64)
             co = np.array(data["co_routing"], dtype=np.float64)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             msg = f"{source}: 'loads'/'co_routing' are not numeric arrays ({exc})"
             raise ValueError(msg) from None
         if co.size == 0 and loads.ndim == 2:  # one layer: JSON keeps no shape for an empty list
             co = np.zeros((0, loads.shape[1], loads.shape[1]))
+        names, meta = data.get("layer_names") or [], data.get("meta") or {}
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(
+                f"{source}: 'layer_names' must be a list of strings, got {names!r:.80}"
+            )
+        if not isinstance(meta, dict):
+            raise ValueError(f"{source}: 'meta' must be a table, got {type(meta).__name__}")
         try:
-            return cls(loads, co, list(data.get("layer_names") or []), dict(data.get("meta") or {}))
+            return cls(loads, co, names, meta)
         except ValueError as exc:
             raise ValueError(f"{source}: {exc}") from None
 
@@ -141,8 +148,11 @@ class RoutingTrace:
             raise FileNotFoundError(f"routing statistics file {str(path)!r} does not exist")
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             msg = f"routing statistics file {str(path)!r} is not valid JSON: {exc}"
+            raise ValueError(msg) from None
+        except RecursionError:  # hostile nesting
+            msg = f"routing statistics file {str(path)!r} nests too deeply to be statistics"
             raise ValueError(msg) from None
         return cls.from_dict(data, source=f"routing statistics file {str(path)!r}")
 
