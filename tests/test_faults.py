@@ -97,6 +97,7 @@ def test_diverged_resume_stops_nonzero_and_keeps_a_finite_checkpoint(tmp_path, c
     assert newest is not None and all_finite(RunConfig.from_toml(cfg), newest)
     records = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["kind"] == "error" and records[-1]["error"] == line.split("error: ", 1)[1]
+    assert f"step {records[-1]['step']}:" in line  # the step that failed, as the message says
     # The run resumes from what was kept (at a sane learning rate).
     assert main(["train", str(cfg), "--resume", "--quiet", "--train.steps", "8"]) == 0
 

@@ -216,7 +216,8 @@ def save_checkpoint(
     if nonfinite:
         raise NonFiniteError(
             f"checkpoint step {step} not written: non-finite values in {'; '.join(nonfinite)}; "
-            f"the newest finite checkpoint is {_previous(root)}"
+            f"the newest finite checkpoint is {_previous(root)}",
+            step,
         )
 
     def start() -> None:

@@ -37,7 +37,12 @@ POLICIES = ("stop", "skip")
 
 
 class NonFiniteError(RuntimeError):
-    """A run stopped on a NaN or infinite loss, gradient norm or tensor; the message says where."""
+    """A run stopped on a NaN or infinite loss, gradient norm or tensor; the message says where.
+    `step`: the step it happened at (the one that did not complete)."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 FIX = (
@@ -85,14 +90,16 @@ class NonFiniteGuard:
         if self.policy == "stop":
             raise NonFiniteError(
                 f'step {step}: {", ".join(what)}; train.on_nonfinite = "stop" stopped the run '
-                f"before the update (no checkpoint of this state is written); {FIX}"
+                f"before the update (no checkpoint of this state is written); {FIX}",
+                step,
             )
         self.skipped += 1
         self.in_a_row += 1
         if self.in_a_row >= self.max_skips:
             raise NonFiniteError(
                 f"step {step}: {', '.join(what)}, the {self.in_a_row}th step in a row "
-                f"(train.max_nonfinite_skips = {self.max_skips}); the run has diverged; {FIX}"
+                f"(train.max_nonfinite_skips = {self.max_skips}); the run has diverged; {FIX}",
+                step,
             )
         return False
 
@@ -103,7 +110,8 @@ def check_validation(step: int, loss: float) -> None:
     if not math.isfinite(loss):
         raise NonFiniteError(
             f"step {step}: the validation loss is {loss}; the model's weights give non-finite "
-            f"outputs (no checkpoint of this state is written); {FIX}"
+            f"outputs (no checkpoint of this state is written); {FIX}",
+            step,
         )
 
 

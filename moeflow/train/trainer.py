@@ -303,7 +303,7 @@ class Trainer:
                 raise
             if not isinstance(exc, NonFiniteError):
                 exc = HangError(*self.watchdog.diagnose())
-            log.log({"kind": "error", "step": self.step, "error": str(exc)})
+            log.log({"kind": "error", "step": getattr(exc, "step", self.step), "error": str(exc)})
             log.close()
             raise exc from None
         finally:
