@@ -7,6 +7,9 @@ account of a failure and SIGTERM handled as a single `moeflow train` handles it.
 - SIGTERM to the launcher is forwarded to the ranks (its child processes) instead of torchrun
   tearing them down: they finish their step, write a checkpoint and exit 0, and so does the
   launcher. This needs `/proc` to find the children (Linux); elsewhere torchrun handles SIGTERM.
+- Once a rank has exited, a rank that stays stopped (SIGSTOP, Ctrl-Z: it cannot act on torchrun's
+  SIGTERM, which would wait 30 s for it) for `STOPPED_GRACE_S` is killed (`_reap_stopped`), so a
+  job with a stopped rank ends within `parallel.timeout_s` and a few seconds. Linux only too.
 
 Example:
     >>> class Failure:  # what torchrun reports per rank
@@ -30,10 +33,12 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 ERROR_HANDLER = "torch.distributed.elastic.multiprocessing.errors.error_handler"
+STOPPED_GRACE_S = 2.0
 
 
 def record_error(line: str, blamed: list[int] | None = None) -> None:
@@ -95,9 +100,10 @@ def _first_line(message) -> str:
     return lines[0] if lines else "(no message)"
 
 
-def _children() -> list[int]:
+def _children() -> dict[int, str]:
+    """{pid: state letter} of this process's children (the ranks), from `/proc`."""
     me = os.getpid()
-    found = []
+    found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -108,7 +114,7 @@ def _children() -> list[int]:
         # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
         fields = stat.rsplit(")", 1)[-1].split()
         if len(fields) > 1 and int(fields[1]) == me:
-            found.append(int(entry))
+            found[int(entry)] = fields[0]
     return found
 
 
@@ -116,6 +122,30 @@ def _forward_sigterm(signum, frame) -> None:
     for pid in _children():
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
+
+
+def _is_rank(pid: int) -> bool:
+    try:
+        return b"\0LOCAL_RANK=" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+
+
+def _reap_stopped(nproc: int, done: threading.Event) -> None:
+    """Polls the ranks until `done`: once fewer than `nproc` are left (one has exited), a rank
+    stopped for `STOPPED_GRACE_S` gets SIGKILL (torchrun then reports it as killed)."""
+    seen_all, stopped_since = False, {}
+    while not done.wait(0.2):
+        ranks = {pid: state for pid, state in _children().items() if _is_rank(pid)}
+        seen_all = seen_all or len(ranks) >= nproc
+        if not seen_all or len(ranks) >= nproc:
+            continue
+        now = time.monotonic()
+        stopped_since = {pid: stopped_since.get(pid, now) for pid, s in ranks.items() if s == "T"}
+        for pid, since in stopped_since.items():
+            if now - since >= STOPPED_GRACE_S:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def run_local(nproc: int, argv: list[str]) -> int:
@@ -128,16 +158,18 @@ def run_local(nproc: int, argv: list[str]) -> int:
     # says what failed instead.
     logging.getLogger(ERROR_HANDLER).setLevel(logging.CRITICAL)
     flags = ["--standalone", f"--nproc-per-node={nproc}"]
-    previous = None
+    previous, done = None, threading.Event()
     if Path("/proc/self/stat").is_file():
         flags.append("--signals-to-handle=SIGINT,SIGHUP,SIGQUIT")
         previous = signal.signal(signal.SIGTERM, _forward_sigterm)
+        threading.Thread(target=_reap_stopped, args=(nproc, done), daemon=True).start()
     try:
         torchrun([*flags, "-m", "moeflow", *argv])
     except ChildFailedError as exc:
         print(summarize(exc), file=sys.stderr)
         return 1
     finally:
+        done.set()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return 0
