@@ -8,9 +8,14 @@ Per configuration (forward + backward of one layer; every rank times every step,
 the slowest rank's, the figure the median over repeats):
 - a2a: the four all-to-alls of a step (dispatch and combine, forward and backward) on the layer's
   real split sizes, nothing else;
-- compute: the local experts' grouped FFN forward+backward on the rows this rank receives;
+- floor: the per-rank floor, as in `bench/layer.py`: the local experts' plain per-expert matrix
+  products (forward and backward, input gradients included) on as many rows per expert as this
+  rank receives, already grouped, no routing or exchange of any kind;
+- compute: the local experts' grouped FFN forward+backward on the rows this rank receives, as the
+  layer runs it (its router-weight column and block bookkeeping included);
 - serial: the whole layer, overlap degree 1; overlapped: the same with overlap degree n;
 - efficiency = (serial - overlapped) / min(a2a, compute): the share of the hideable time hidden;
+- best/floor: the layer's best time (serial or overlapped) over the floor, the slowest rank's each;
 - deepspeed: `deepspeed.moe.layer.MoE(ep_size=ranks, drop_tokens=False)` with the same router and
   expert weights (`bench/peers.py`), so it routes the same tokens to the same experts.
 Ranks share this machine's cores (OMP_NUM_THREADS=1 each), so with more ranks than cores the
@@ -38,6 +43,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.layer import Floor
 from bench.peers import deepspeed_moe_like
 from moeflow import MoEConfig, MoELayer, RouterConfig
 from moeflow.parallel import ParallelDims, parallelize
@@ -134,6 +140,10 @@ def measure(ctx, args, tokens: int, rank: int, world: int):
         compute.finish(acc)
 
     fns["compute"] = compute_only
+    counts = [0] * layer.experts.w1.shape[0]
+    for slot, first, end in blocks:
+        counts[slot] += end - first
+    fns["floor"] = Floor(layer, counts).step
     if not args.no_deepspeed:
         ds = deepspeed_moe_like(layer, world, capacity_factor=None)
         xb = x.detach().view(1, tokens, args.hidden).clone().requires_grad_(True)
@@ -213,17 +223,20 @@ def main() -> None:
     for world in args.ranks:
         rows = spawn_ranks(bench_rank, world, args)
         print(f"\nep={world} ranks (tokens per rank; times in ms per forward+backward)")
-        head = f"{'tokens':>7}{'a2a':>8}{'compute':>9}{'serial':>8}"
+        head = f"{'tokens':>7}{'a2a':>8}{'floor':>8}{'compute':>9}{'serial':>8}"
         head += "".join(f"{'ovl' + str(n):>8}{'eff' + str(n):>7}" for n in args.overlap)
+        head += f"{'best/floor':>11}"
         head += f"{'deepspeed':>11}{'ds/best':>9}" if not args.no_deepspeed else ""
         print(head)
         for tokens, r, remote in rows:
-            line = f"{tokens:>7}{r['a2a']:>8.1f}{r['compute']:>9.1f}{r['serial']:>8.1f}"
+            line = f"{tokens:>7}{r['a2a']:>8.1f}{r['floor']:>8.1f}{r['compute']:>9.1f}"
+            line += f"{r['serial']:>8.1f}"
             hideable = min(r["a2a"], r["compute"])
             for n in args.overlap:
                 eff = (r["serial"] - r[f"overlap{n}"]) / hideable if hideable > 0 else 0.0
                 line += f"{r[f'overlap{n}']:>8.1f}{eff:>7.0%}"
             best = min([r["serial"]] + [r[f"overlap{n}"] for n in args.overlap])
+            line += f"{best / r['floor']:>11.2f}"
             if "deepspeed" in r:
                 line += f"{r['deepspeed']:>11.1f}{r['deepspeed'] / best:>9.2f}"
             print(line + f"   ({remote} rows sent off-rank by rank 0)")

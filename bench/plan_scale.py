@@ -29,7 +29,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["10000:64", "100000:512", "1000000:4096"])
     args = p.parse_args()
-    print(f"{'experts':>9}{'ranks':>7}  " + "".join(f"{m:>22}" for m in METHODS))
+    print("per method: seconds, max/mean rank load, status")
+    print(f"{'experts':>9}{'ranks':>7}  " + "".join(f"{m:>28}" for m in METHODS))
     for size in args.sizes:
         experts, ranks = map(int, size.split(":"))
         loads = np.random.default_rng(0).zipf(1.5, size=(1, experts)).astype(float)
@@ -42,8 +43,8 @@ def main() -> None:
             result = plan(trace, cfg, method)
             seconds = time.perf_counter() - start
             ratio = result.metrics.max_load[0] / result.metrics.mean_load[0]
-            cells.append(f"{seconds:8.2f} s {ratio:6.3f} {result.status[:4]:>4}")
-        print(f"{experts:>9}{ranks:>7}  " + "".join(f"{c:>22}" for c in cells))
+            cells.append(f"{seconds:8.2f} s {ratio:6.3f} {result.status:>10}")
+        print(f"{experts:>9}{ranks:>7}  " + "".join(f"{c:>28}" for c in cells))
 
 
 if __name__ == "__main__":
