@@ -22,23 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from moeflow.launch.local import rank_pids
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "examples" / "configs" / "tiny_cpu.toml"
-
-
-def rank_pids(parent: int) -> dict[int, int]:
-    """{rank: pid} of the launcher's child processes (torchrun's workers)."""
-    found = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[-1].split()
-            env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        rank = [int(e[5:]) for e in env if e.startswith(b"RANK=")]
-        if int(stat[1]) == parent and rank:
-            found[rank[0]] = int(entry)
-    return found
 
 
 def sample(pid: int) -> tuple[float, int]:

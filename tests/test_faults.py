@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from moeflow.launch.cli import main
-from moeflow.launch.local import STOPPED_GRACE_S
+from moeflow.launch.local import STOPPED_GRACE_S, rank_pids
 from moeflow.train import checkpoint as ckpt
 from moeflow.train.config import RunConfig
 from moeflow.train.distributed import init_distributed, shutdown
@@ -360,21 +360,6 @@ def test_launch_names_the_failing_rank_and_exits_0_on_sigterm(tmp_path):
     assert re.match(r"moeflow launch: also failed: rank [01] \(", last[1]), last
 
 
-def _rank_pids(parent: int) -> dict[int, int]:
-    """{rank: pid} of `parent`'s child processes (torchrun's workers)."""
-    found = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[-1].split()
-            env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        rank = [int(e[5:]) for e in env if e.startswith(b"RANK=")]
-        if int(stat[1]) == parent and rank:
-            found[rank[0]] = int(entry)
-    return found
-
-
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks in /proc")
 def test_a_stopped_rank_is_named_and_ends_the_job_within_the_timeout(tmp_path):
     out = tmp_path / "run"
@@ -386,7 +371,7 @@ def test_a_stopped_rank_is_named_and_ends_the_job_within_the_timeout(tmp_path):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
         time.sleep(0.05)
     stopped = time.monotonic()
-    os.kill(_rank_pids(proc.pid)[1], signal.SIGSTOP)
+    os.kill(rank_pids(proc.pid)[1], signal.SIGSTOP)
     log = proc.communicate(timeout=120)[0]
     took = time.monotonic() - stopped
     assert proc.returncode == 1

@@ -100,9 +100,9 @@ def _first_line(message) -> str:
     return lines[0] if lines else "(no message)"
 
 
-def _children() -> dict[int, str]:
-    """{pid: state letter} of this process's children (the ranks), from `/proc`."""
-    me = os.getpid()
+def _children(parent: int | None = None) -> dict[int, str]:
+    """{pid: state letter} of the children of `parent` (default: this process), from `/proc`."""
+    me = os.getpid() if parent is None else parent
     found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -124,11 +124,20 @@ def _forward_sigterm(signum, frame) -> None:
             os.kill(pid, signal.SIGTERM)
 
 
-def _is_rank(pid: int) -> bool:
+def _rank_of(pid: int) -> int | None:
+    """The global rank torchrun gave process `pid` (its `RANK` variable), None if not a rank."""
     try:
-        return b"\0LOCAL_RANK=" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes()
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except OSError:
-        return False
+        return None
+    return next((int(e[5:]) for e in env if e.startswith(b"RANK=")), None)
+
+
+def rank_pids(parent: int | None = None) -> dict[int, int]:
+    """{rank: pid} of the ranks a launcher process (`parent`, default: this one) runs; Linux
+    (`/proc`). For tools that watch a job from outside (`bench/soak.py`, the fault tests)."""
+    ranks = {pid: _rank_of(pid) for pid in _children(parent)}
+    return {rank: pid for pid, rank in sorted(ranks.items()) if rank is not None}
 
 
 def _reap_stopped(nproc: int, done: threading.Event) -> None:
@@ -136,7 +145,7 @@ def _reap_stopped(nproc: int, done: threading.Event) -> None:
     stopped for `STOPPED_GRACE_S` gets SIGKILL (torchrun then reports it as killed)."""
     seen_all, stopped_since = False, {}
     while not done.wait(0.2):
-        ranks = {pid: state for pid, state in _children().items() if _is_rank(pid)}
+        ranks = {pid: s for pid, s in _children().items() if _rank_of(pid) is not None}
         seen_all = seen_all or len(ranks) >= nproc
         if not seen_all or len(ranks) >= nproc:
             continue
