@@ -153,26 +153,41 @@ def test_main_job_writes_metrics_plot_and_checkpoint(tmp_path):
     assert "bits/byte vs unigram baseline" in done.stderr + done.stdout
 
 
-def test_bad_input_fails_before_any_work(tmp_path):
+def in_process(capsys, *args: str) -> tuple[int, str]:
+    """`moeflow *args` in this process (no interpreter start-up): (exit code, stderr)."""
+    from moeflow.launch.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def test_bad_input_fails_before_any_work(tmp_path, capsys):
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "c.toml", out, steps=2)
-    r = moeflow("train", str(cfg), "--resume")
-    assert r.returncode == 2 and "no complete checkpoint under" in r.stderr
-    assert moeflow("train", str(cfg)).returncode == 0
+    code, err = in_process(capsys, "train", str(cfg), "--resume")
+    assert code == 2 and "no complete checkpoint under" in err
+    assert in_process(capsys, "train", str(cfg), "--quiet")[0] == 0
     before = (out / "metrics.jsonl").read_bytes()
-    r = moeflow("train", str(cfg))
-    assert r.returncode == 2 and "already holds 1 checkpoint(s) of another run" in r.stderr
+    code, err = in_process(capsys, "train", str(cfg))
+    assert code == 2 and "already holds 1 checkpoint(s) of another run" in err
     assert (out / "metrics.jsonl").read_bytes() == before  # nothing touched
-    r = moeflow("train", str(cfg), "--train.stpes", "3")
-    assert r.returncode == 2 and "did you mean train.steps" in r.stderr
-    r = moeflow("train", str(cfg), "--resume", "--model.dim", "64", "--model.n_heads", "4")
-    assert r.returncode == 2 and "written for another model config" in r.stderr
-    r = moeflow("train", str(cfg), "--placement.replica_slots", "1")
-    assert r.returncode == 2 and "placement.replica_slots (1) needs parallel.ep > 1" in r.stderr
+    code, err = in_process(capsys, "train", str(cfg), "--train.stpes", "3")
+    assert code == 2 and "did you mean train.steps" in err
+    code, err = in_process(
+        capsys, "train", str(cfg), "--resume", "--model.dim", "64", "--model.n_heads", "4"
+    )
+    assert code == 2 and "written for another model config" in err
+    code, err = in_process(capsys, "train", str(cfg), "--placement.replica_slots", "1")
+    assert code == 2 and "placement.replica_slots (1) needs parallel.ep > 1" in err
     assert (out / "metrics.jsonl").read_bytes() == before
+    # Through the launcher, as a user runs it: one subprocess.
     r = moeflow("train", str(write_config(tmp_path / "d.toml", out, ep=2)), nproc=3)
     assert r.returncode == 2 and "world size (3) is not divisible by parallel.ep (2)" in r.stderr
-    assert moeflow("train", str(cfg), "--overwrite").returncode == 0
+    assert in_process(capsys, "train", str(cfg), "--overwrite", "--quiet")[0] == 0
 
 
 def test_dry_run_of_the_gpu_recipe_on_a_fake_world():

@@ -91,20 +91,28 @@ def run_cfg(out_dir: Path, ep: int, placement: dict) -> RunConfig:
     )  # fmt: skip
 
 
-def _train_and_collect(rank, world_size, out_dir, placement, ep):
-    cfg = run_cfg(Path(out_dir), ep, placement)
+def _train_and_collect(trainer: Trainer, out_dir: Path):
+    result = trainer.run(quiet=True)
+    state = {k: v.detach().clone() for k, v in ckpt.model_state_dict(trainer.model).items()}
+    moments = ckpt.optimizer_state_dict(trainer.model, trainer.optimizer)
+    state.update({k: v.clone() for k, v in moments.items()})
+    records = []
+    if trainer.runtime.rank == 0:
+        lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+        records = [r for r in map(json.loads, lines) if r.get("kind") == "placement"]
+    return result.losses, result.val_loss, state, records, current_expert_slots(trainer.model)
+
+
+def _plain_and_moving(rank, world_size, root, placement, ep):
+    """The plain run and the re-placing one, one after the other in one process group."""
     runtime = init_distributed(60)
     try:
-        trainer = Trainer(cfg, runtime, resume=None, overwrite=True)
-        result = trainer.run(quiet=True)
-        state = {k: v.detach().clone() for k, v in ckpt.model_state_dict(trainer.model).items()}
-        moments = ckpt.optimizer_state_dict(trainer.model, trainer.optimizer)
-        state.update({k: v.clone() for k, v in moments.items()})
-        records = []
-        if rank == 0:
-            lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
-            records = [r for r in map(json.loads, lines) if r.get("kind") == "placement"]
-        return result.losses, result.val_loss, state, records, current_expert_slots(trainer.model)
+        runs = []
+        for name, settings in (("plain", {}), ("moving", placement)):
+            out_dir = Path(root) / name
+            trainer = Trainer(run_cfg(out_dir, ep, settings), runtime, resume=None, overwrite=True)
+            runs.append(_train_and_collect(trainer, out_dir))
+        return runs
     finally:
         shutdown(runtime)
 
@@ -116,15 +124,11 @@ def test_replacement_changes_nothing_but_the_placement(tmp_path, world_size, ep,
     # (4, 2, 0): two ep groups of 2 (dp=2) migrate side by side, each within its own group.
     # replicas 1: every rank holds one more expert slot; the moving run starts with replicas of
     # the next rank's experts and re-places them onto the hot experts; still the plain run's math.
-    plain = run_on_ranks(
-        _train_and_collect, world_size, args=(str(tmp_path / "plain"), {}, ep), timeout=240
-    )
-    moving = run_on_ranks(
-        _train_and_collect, world_size,
-        args=(str(tmp_path / "moving"), {"every": 3, "min_steps": 1, "method": "greedy",
-                                         "min_gain": 0.0, "replica_slots": replicas}, ep),
-        timeout=240,
-    )  # fmt: skip
+    placement = {"every": 3, "min_steps": 1, "method": "greedy", "min_gain": 0.0,
+                 "replica_slots": replicas}  # fmt: skip
+    runs = run_on_ranks(_plain_and_moving, world_size, args=(str(tmp_path), placement, ep),
+                        timeout=300)  # fmt: skip
+    plain, moving = [r[0] for r in runs], [r[1] for r in runs]
     # The trainer's statistics file: 7 steps of `world_size` ranks x 4 x 32 tokens x top-2, decayed.
     trace = RoutingTrace.load(tmp_path / "plain" / "routing_stats.json")
     decayed = sum(0.98**i for i in range(7)) * world_size * 4 * 32 * 2
