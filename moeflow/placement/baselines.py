@@ -212,7 +212,7 @@ def affinity_layer(
     slots = cfg.slots(trace.num_experts)
     slack = cfg.balance_slack if cfg.balance_slack is not None else 0.0
     counts = base.replica_counts(layer, trace.num_experts)
-    cap = float((trace.loads[layer] @ base.fractions(layer, trace.num_experts)).max())
+    cap = float(base.rank_loads(layer, trace.loads[layer]).max())
     cap *= 1.0 + slack
     gain = colocation_gain(trace, cfg, placed, layer - 1)
 

@@ -69,8 +69,8 @@ from moeflow.placement.trace import RoutingTrace
 def _bound(trace, warm: Placement, cfg: PlacementConfig, layer: int) -> float | None:
     if cfg.balance_slack is None:
         return None
-    a = warm.fractions(layer, trace.num_experts)
-    return float((trace.loads[layer] @ a).max()) * (1.0 + cfg.balance_slack) + 1e-6
+    max_load = float(warm.rank_loads(layer, trace.loads[layer]).max())
+    return max_load * (1.0 + cfg.balance_slack) + 1e-6
 
 
 def _solve_joint(trace, cfg, warm: Placement, bounds, solver: str, budget: float):
@@ -276,7 +276,7 @@ def solve_ilp(
     bounds = [_bound(trace, base, cfg, layer) for layer in range(trace.num_layers)]
     affinity = affinity_greedy(trace, cfg, warm)
     fits = all(
-        b is None or (trace.loads[layer] @ affinity.fractions(layer, trace.num_experts)).max() <= b
+        b is None or affinity.rank_loads(layer, trace.loads[layer]).max() <= b
         for layer, b in enumerate(bounds)
     )
     if fits and evaluate(trace, affinity, cfg).objective < evaluate(trace, warm, cfg).objective:
