@@ -139,20 +139,27 @@ CASES = [
 ]
 
 
-def _equivalence(rank, world, dp, ep, cases, shards):
-    ctx = ParallelDims(dp=dp, ep=ep).build()
-    for case in cases:
-        check_case(ctx, case, shards)
-    return len(cases)
+def _equivalence(rank, world, layouts, cases, shards):
+    """Every case at every `(dp, ep)` of this world size, in one spawn of ranks."""
+    done = {}
+    for dp, ep in layouts:
+        ctx = ParallelDims(dp=dp, ep=ep).build()
+        for case in cases:
+            check_case(ctx, case, shards)
+        done[(dp, ep)] = len(cases)
+    return done
 
 
-@pytest.mark.parametrize(
-    ("dp", "ep"), [(1, 1), (1, 2), (2, 1), (1, 4), (2, 2)], ids=lambda v: str(v)
-)
-def test_matches_single_process(dp, ep):
-    world = dp * ep
+# (dp, ep) layouts per world size.
+LAYOUTS = {1: [(1, 1)], 2: [(1, 2), (2, 1)], 4: [(1, 4), (2, 2)]}
+
+
+@pytest.mark.parametrize("world", sorted(LAYOUTS))
+def test_matches_single_process(world):
     shards = [12 + 3 * r for r in range(world)]  # uneven token counts per rank
-    assert run_on_ranks(_equivalence, world, args=(dp, ep, CASES, shards)) == [len(CASES)] * world
+    layouts = LAYOUTS[world]
+    results = run_on_ranks(_equivalence, world, args=(layouts, CASES, shards))
+    assert results == [dict.fromkeys(layouts, len(CASES))] * world
 
 
 def _flat_vs_two_level(rank, world):

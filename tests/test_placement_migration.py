@@ -33,37 +33,46 @@ def random_slots(experts: int, ranks: int, per_rank: int, seed: int) -> list[int
     return [e for g in order for e in rng.permutation(placement.layers[0][g]).tolist()]
 
 
-def _migrate_on_ranks(rank, world_size, experts, per_group, seeds, shards=1):
-    """Random re-placements over `world_size / shards` shard groups: every rank ends with the
-    rows (and its own F-slice) of the experts the new layout gives it, bitwise."""
+def _migrate_on_ranks(rank, world_size, cases, seeds):
+    """Per case `(experts, per_group, shards)`: random re-placements over `world_size / shards`
+    shard groups; every rank ends with the rows (and its own F-slice) of the experts the new
+    layout gives it, bitwise. All cases of one world size share one spawn of ranks."""
     import torch.distributed as dist
 
-    ok = []
-    groups = world_size // shards
-    for seed in range(seeds):
-        full = torch.randn(experts, 3, 2 * shards, generator=torch.Generator().manual_seed(seed))
-        base = ExpertLayout.canonical(experts, 2 * shards, world_size)
-        old = base.with_slots(random_slots(experts, groups, per_group, seed))
-        new = base.with_slots(random_slots(experts, groups, per_group, seed + 100))
-        lo, hi = old.ffn_range(rank)
-        mine = full[old.local_experts(rank)][..., lo:hi]
-        moved, grad_like = migrate_rows([mine, mine.double() * 2], old, new, dist.group.WORLD)
-        expected = full[new.local_experts(rank)][..., lo:hi]
-        ok.append(torch.equal(moved, expected) and torch.equal(grad_like, expected.double() * 2))
-    return ok
+    results = {}
+    for experts, per_group, shards in cases:
+        ok = []
+        groups = world_size // shards
+        for seed in range(seeds):
+            gen = torch.Generator().manual_seed(seed)
+            full = torch.randn(experts, 3, 2 * shards, generator=gen)
+            base = ExpertLayout.canonical(experts, 2 * shards, world_size)
+            old = base.with_slots(random_slots(experts, groups, per_group, seed))
+            new = base.with_slots(random_slots(experts, groups, per_group, seed + 100))
+            lo, hi = old.ffn_range(rank)
+            mine = full[old.local_experts(rank)][..., lo:hi]
+            moved, grad_like = migrate_rows([mine, mine.double() * 2], old, new, dist.group.WORLD)
+            expected = full[new.local_experts(rank)][..., lo:hi]
+            same = torch.equal(moved, expected)
+            ok.append(same and torch.equal(grad_like, expected.double() * 2))
+        results[(experts, per_group, shards)] = ok
+    return results
 
 
-@pytest.mark.parametrize(
-    "world_size, experts, per_group, shards",
-    [(2, 8, 4, 1), (4, 8, 2, 1), (4, 8, 3, 1), (4, 2, 2, 2)],
-)
-def test_migrate_rows_puts_every_expert_where_the_new_placement_says(
-    world_size, experts, per_group, shards
-):
-    # (4, 8, 3): 8 experts in 12 slots, 4 of them replicas, before and after. (4, 2, 2, 2): 2
-    # experts sliced over 2 ranks each, 2 shard groups holding both (one replica each).
-    results = run_on_ranks(_migrate_on_ranks, world_size, args=(experts, per_group, 4, shards))
-    assert all(all(r) for r in results) and len(results[0]) == 4
+# (experts, per_group, shards) per world size. (8, 3, 1) on 4 ranks: 8 experts in 12 slots, 4 of
+# them replicas, before and after. (2, 2, 2): 2 experts sliced over 2 ranks each, 2 shard groups
+# holding both (one replica each).
+MIGRATE_CASES = {2: [(8, 4, 1)], 4: [(8, 2, 1), (8, 3, 1), (2, 2, 2)]}
+
+
+@pytest.mark.parametrize("world_size", sorted(MIGRATE_CASES))
+def test_migrate_rows_puts_every_expert_where_the_new_placement_says(world_size):
+    cases = MIGRATE_CASES[world_size]
+    results = run_on_ranks(_migrate_on_ranks, world_size, args=(cases, 4))
+    for rank, per_case in enumerate(results):
+        assert sorted(per_case) == sorted(cases)
+        for case, ok in per_case.items():
+            assert ok == [True] * 4, f"rank {rank}, (experts, per_group, shards) = {case}: {ok}"
 
 
 def test_migrate_rows_rejects_placements_it_cannot_source():
@@ -103,65 +112,83 @@ def _train_and_collect(trainer: Trainer, out_dir: Path):
     return result.losses, result.val_loss, state, records, current_expert_slots(trainer.model)
 
 
-def _plain_and_moving(rank, world_size, root, placement, ep):
-    """The plain run and the re-placing one, one after the other in one process group."""
+def _plain_and_moving(rank, world_size, root, cases):
+    """Per `(ep, replicas)` case, the re-placing run; per ep, the plain run it is compared with
+    (the same for every replica count). All in one process group, one after the other."""
     runtime = init_distributed(60)
     try:
-        runs = []
-        for name, settings in (("plain", {}), ("moving", placement)):
-            out_dir = Path(root) / name
-            trainer = Trainer(run_cfg(out_dir, ep, settings), runtime, resume=None, overwrite=True)
-            runs.append(_train_and_collect(trainer, out_dir))
-        return runs
+        plain, moving = {}, {}
+        for ep, replicas in cases:
+            if ep not in plain:
+                out_dir = Path(root) / f"plain-ep{ep}"
+                trainer = Trainer(run_cfg(out_dir, ep, {}), runtime, resume=None, overwrite=True)
+                plain[ep] = _train_and_collect(trainer, out_dir)
+            placement = {"every": 3, "min_steps": 1, "method": "greedy", "min_gain": 0.0,
+                         "replica_slots": replicas}  # fmt: skip
+            out_dir = Path(root) / f"moving-ep{ep}-r{replicas}"
+            trainer = Trainer(run_cfg(out_dir, ep, placement), runtime, None, overwrite=True)
+            moving[(ep, replicas)] = _train_and_collect(trainer, out_dir)
+        return plain, moving
     finally:
         shutdown(runtime)
 
 
-@pytest.mark.parametrize(
-    "world_size, ep, replicas", [(2, 2, 0), (4, 4, 0), (4, 2, 0), (2, 2, 1), (4, 4, 1)]
-)
-def test_replacement_changes_nothing_but_the_placement(tmp_path, world_size, ep, replicas):
-    # (4, 2, 0): two ep groups of 2 (dp=2) migrate side by side, each within its own group.
-    # replicas 1: every rank holds one more expert slot; the moving run starts with replicas of
-    # the next rank's experts and re-places them onto the hot experts; still the plain run's math.
-    placement = {"every": 3, "min_steps": 1, "method": "greedy", "min_gain": 0.0,
-                 "replica_slots": replicas}  # fmt: skip
-    runs = run_on_ranks(_plain_and_moving, world_size, args=(str(tmp_path), placement, ep),
-                        timeout=300)  # fmt: skip
-    plain, moving = [r[0] for r in runs], [r[1] for r in runs]
+# (ep, replicas) per world size. (ep 2 on 4 ranks): two ep groups of 2 (dp=2) migrate side by
+# side, each within its own group. replicas 1: every rank holds one more expert slot; the moving
+# run starts with replicas of the next rank's experts and re-places them onto the hot experts;
+# still the plain run's math.
+REPLACE_CASES = {2: [(2, 0), (2, 1)], 4: [(4, 0), (2, 0), (4, 1)]}
+
+
+@pytest.mark.parametrize("world_size", sorted(REPLACE_CASES))
+def test_replacement_changes_nothing_but_the_placement(tmp_path, world_size):
+    cases = REPLACE_CASES[world_size]
+    runs = run_on_ranks(_plain_and_moving, world_size, args=(str(tmp_path), cases), timeout=300)
+    for ep, replicas in cases:
+        plain = [r[0][ep] for r in runs]
+        moving = [r[1][(ep, replicas)] for r in runs]
+        _check_replacement(tmp_path / f"plain-ep{ep}", world_size, ep, replicas, plain, moving)
+
+
+def _check_replacement(plain_dir: Path, world_size, ep, replicas, plain, moving) -> None:
+    case = f"world {world_size}, ep {ep}, replicas {replicas}"
     # The trainer's statistics file: 7 steps of `world_size` ranks x 4 x 32 tokens x top-2, decayed.
-    trace = RoutingTrace.load(tmp_path / "plain" / "routing_stats.json")
+    trace = RoutingTrace.load(plain_dir / "routing_stats.json")
     decayed = sum(0.98**i for i in range(7)) * world_size * 4 * 32 * 2
-    assert trace.loads.sum(axis=1) == pytest.approx([decayed, decayed])
-    np.testing.assert_allclose(trace.co_routing[0].sum(axis=1), trace.loads[0])
+    assert trace.loads.sum(axis=1) == pytest.approx([decayed, decayed]), case
+    np.testing.assert_allclose(trace.co_routing[0].sum(axis=1), trace.loads[0], err_msg=case)
     records = moving[0][3]
-    assert [r["step"] for r in records] == [3, 6]
+    assert [r["step"] for r in records] == [3, 6], case
     applied = [r for r in records if r["applied"]]
-    assert applied and all(r["moved_experts"] > 0 for r in applied)
+    assert applied and all(r["moved_experts"] > 0 for r in applied), case
     start = list(ExpertLayout.canonical(8, 32, ep, replicas).slots)
-    assert any(m != start for m in moving[0][4].values())  # really re-placed
+    assert any(m != start for m in moving[0][4].values()), case  # really re-placed
     for rank in range(world_size):
         losses, val, state, _, _ = moving[rank]
         ref_losses, ref_val, ref_state, _, _ = plain[rank]
-        assert len(losses) == 7
-        assert losses == pytest.approx(ref_losses, rel=1e-5)
-        assert val == pytest.approx(ref_val, rel=1e-5)
+        assert len(losses) == 7, case
+        assert losses == pytest.approx(ref_losses, rel=1e-5), case
+        assert val == pytest.approx(ref_val, rel=1e-5), case
         # Same keys (experts by logical id) on this rank, same values: weights and moments.
         held = {k for k in state if ".experts." in k}
         ref_held = {k for k in ref_state if ".experts." in k}
-        assert len(ref_held) == 2 * 8 * 2 * 3 // ep  # 2 layers, w1 and w2, weight + 2 moments
-        assert len(held) == 2 * (8 // ep + replicas) * 2 * 3
+        assert len(ref_held) == 2 * 8 * 2 * 3 // ep, case  # 2 layers, w1/w2, weight + 2 moments
+        assert len(held) == 2 * (8 // ep + replicas) * 2 * 3, case
         dense = {k for k in state if ".experts." not in k}
-        assert dense == {k for k in ref_state if ".experts." not in k}
+        assert dense == {k for k in ref_state if ".experts." not in k}, case
         for key in dense:
-            torch.testing.assert_close(state[key], ref_state[key], rtol=1e-5, atol=1e-6, msg=key)
+            torch.testing.assert_close(
+                state[key], ref_state[key], rtol=1e-5, atol=1e-6, msg=f"{case} {key}"
+            )
         # Each rank's experts, by logical id, equal the plain run's copy of the same expert.
         ref_all = {k: v for r in plain for k, v in r[2].items() if ".experts." in k}
         for key in held:
-            torch.testing.assert_close(state[key], ref_all[key], rtol=1e-5, atol=1e-6, msg=key)
+            torch.testing.assert_close(
+                state[key], ref_all[key], rtol=1e-5, atol=1e-6, msg=f"{case} {key}"
+            )
     # The union over ranks is every logical expert.
     mine = {k for r in moving for k in r[2] if ".experts." in k}
-    assert mine == set(ref_all) and len(mine) == 2 * 8 * 2 * 3
+    assert mine == set(ref_all) and len(mine) == 2 * 8 * 2 * 3, case
 
 
 def _resume_maps(rank, world_size, out_dir):
