@@ -64,7 +64,7 @@ def check_case(ctx, case: dict, shards: list[int]) -> None:
     cfg = MoEConfig(
         hidden_size=D,
         num_experts=E,
-        ffn_hidden_size=12,
+        ffn_hidden_size=case.get("ffn", 12),
         shared_expert_ffn_hidden_size=case.get("shared", 0),
         shared_expert_gate=case.get("shared_gate", False),
         router=RouterConfig(
@@ -136,6 +136,11 @@ CASES = [
     # Shared experts (dense, beside the routed ones), computed while the tokens travel.
     {"top_k": 2, "shared": 10, "overlap": 2},
     {"top_k": 1, "shared": 6, "shared_gate": True, "capacity_factor": 1.0},
+    # F <= D: the router weights travel with the rows and the experts apply them (F > D above:
+    # the combine applies them).
+    {"top_k": 2, "ffn": 8, "overlap": 2},
+    {"top_k": 2, "ffn": 6, "capacity_factor": 0.75, "drop_policy": "position", "replicas": 1},
+    {"top_k": 1, "ffn": 4, "two_level": True, "ranks_per_node": 2, "capacity_factor": 1.0},
 ]
 
 

@@ -16,12 +16,12 @@ from tests.distributed import run_on_ranks
 D, F = 16, 24
 
 
-def pair(kernel_cfg: dict, device="cpu", dtype=torch.float32, seed=0):
-    """The same layer twice: the loop and the grouped_mm path."""
+def pair(kernel_cfg: dict, device="cpu", dtype=torch.float32, seed=0, kernel="grouped_mm"):
+    """The same layer twice: the loop and the whole-buffer path on `kernel`."""
     out = []
-    for kernel in ("loop", "grouped_mm"):
-        cfg = MoEConfig(hidden_size=D, num_experts=4, ffn_hidden_size=F, expert_kernel=kernel,
-                        **kernel_cfg)  # fmt: skip
+    for name in ("loop", kernel):
+        sizes = {"hidden_size": D, "num_experts": 4, "ffn_hidden_size": F}
+        cfg = MoEConfig(**{**sizes, **kernel_cfg}, expert_kernel=name)
         torch.manual_seed(seed)
         layer = MoELayer(cfg)
         with torch.no_grad():
@@ -56,9 +56,15 @@ CASES = [
                                                   pad_to_capacity=True)},
     {"activation": "gelu_tanh", "a2a_dim": 8, "router": RouterConfig(top_k=2)},
 ]  # fmt: skip
+# F < D: the row weights scale the activations before the second GEMM instead of its output.
+NARROW = {"activation": "gelu", "ffn_hidden_size": 8, "router": RouterConfig(top_k=3)}
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c["activation"])
+def case_id(case: dict) -> str:
+    return f"{case['activation']}-F{case.get('ffn_hidden_size', F)}"
+
+
+@pytest.mark.parametrize("case", [*CASES, NARROW], ids=case_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_grouped_mm_equals_the_loop_on_cpu(case, dtype, monkeypatch):
     seen = calls(monkeypatch)
@@ -91,15 +97,59 @@ def test_where_grouped_mm_cannot_run_the_loop_does(monkeypatch):
         MoEConfig(hidden_size=8, num_experts=2, ffn_hidden_size=8, expert_kernel="cublas")
 
 
-def test_auto_picks_grouped_mm_on_cpu_for_many_experts(monkeypatch):
+@pytest.mark.parametrize("case", [*CASES, NARROW], ids=case_id)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_grouped_loop_equals_the_loop_on_cpu(case, dtype, monkeypatch):
+    # One mm per expert over whole-buffer activations: the loop's math, to rounding (float64
+    # runs here too, unlike torch's grouped_mm).
     seen = calls(monkeypatch)
+    loop, grouped = pair(case, dtype=dtype, kernel="grouped_loop")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(41, D, generator=gen).to(dtype)
+    g = torch.randn(41, D, generator=gen).to(dtype)
+    want, got = step(loop, x, g), step(grouped, x, g)
+    assert seen, "the whole-buffer path did not run"
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(got[0], want[0], **tol)
+    torch.testing.assert_close(got[1], want[1], **tol)
+    assert got[2].keys() == want[2].keys()
+    for name in want[2]:
+        torch.testing.assert_close(got[2][name], want[2][name], **tol, msg=name)
+
+
+def test_choose_says_which_kernel_runs():
+    x32, x64 = torch.zeros(4, 16), torch.zeros(4, 16, dtype=torch.float64)
+    w1, w2 = torch.zeros(8, 16, 24), torch.zeros(8, 24, 16)
+    biased = torch.zeros(8, 17, 24)  # MoEConfig.ffn_bias: b1 as w1's last row
+    many = torch.zeros(grouped_mm_ffn.CPU_GROUPED_FROM, 16, 24)
+    many2 = torch.zeros(grouped_mm_ffn.CPU_GROUPED_FROM, 24, 16)
+    choose = grouped_mm_ffn.choose
+    assert choose("auto", x32, w1, w2) == "loop"  # 8 experts on CPU
+    assert choose("auto", x32, many, many2) == "grouped_loop"  # many small experts on CPU
+    assert choose("grouped_mm", x32, w1, w2) == "grouped_mm"
+    assert choose("grouped_mm", x64, w1, w2) == "loop"  # no float64 grouped_mm
+    assert choose("grouped_loop", x64, w1, w2) == "grouped_loop"
+    assert choose("grouped_loop", x32, biased, w2) == "loop"
+    assert choose("loop", x32, many, many2) == "loop"
+
+
+def test_auto_picks_the_whole_buffer_path_on_cpu_for_many_experts(monkeypatch):
+    seen = calls(monkeypatch)
+    kernels = []
+    real = grouped_mm_ffn.F.grouped_mm
+
+    def spy(*args, **kwargs):
+        kernels.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(grouped_mm_ffn.F, "grouped_mm", spy)
     few = MoEConfig(hidden_size=D, num_experts=8, ffn_hidden_size=F)
     MoELayer(few)(torch.randn(20, D))
     assert not seen  # 8 experts: the loop
     many = MoEConfig(hidden_size=D, num_experts=grouped_mm_ffn.CPU_GROUPED_FROM,
                      ffn_hidden_size=F)  # fmt: skip
     MoELayer(many)(torch.randn(20, D))
-    assert seen  # 32 experts: grouped_mm
+    assert seen and not kernels  # 32 experts: the whole buffer, one mm per expert
 
 
 def test_grouped_ends():

@@ -13,12 +13,12 @@ CAPACITY_CASES = [(None, "probs")] + [
 ]
 
 
-def make_layer(seed: int = 0, **router_kw) -> tuple[MoELayer, MoEConfig]:
+def make_layer(seed: int = 0, ffn: int = 12, **router_kw) -> tuple[MoELayer, MoEConfig]:
     activation = router_kw.pop("activation", "swiglu")
     cfg = MoEConfig(
         hidden_size=8,
         num_experts=8,
-        ffn_hidden_size=12,
+        ffn_hidden_size=ffn,
         activation=activation,
         router=RouterConfig(**router_kw),
     )
@@ -58,10 +58,17 @@ def check_against_reference(layer: MoELayer, cfg: MoEConfig, x: torch.Tensor, se
 
 @pytest.mark.parametrize("top_k", [1, 2, 4])
 @pytest.mark.parametrize(("capacity_factor", "drop_policy"), CAPACITY_CASES)
-def test_topk_capacity_matrix(top_k, capacity_factor, drop_policy):
+@pytest.mark.parametrize("ffn", [12, 6], ids=["combine-weights", "experts-weight"])
+def test_topk_capacity_matrix(top_k, capacity_factor, drop_policy, ffn):
+    # F > D: the combine applies the router weights; F <= D: the experts do (MoEConfig).
     layer, cfg = make_layer(
-        top_k=top_k, capacity_factor=capacity_factor, drop_policy=drop_policy, z_loss_coeff=1e-3
+        ffn=ffn,
+        top_k=top_k,
+        capacity_factor=capacity_factor,
+        drop_policy=drop_policy,
+        z_loss_coeff=1e-3,
     )
+    assert layer.expert_dispatch.carry_weights == (ffn <= 8)
     x = torch.randn(3, 10, 8, dtype=torch.float64)
     check_against_reference(layer, cfg, x)
     if capacity_factor is not None and capacity_factor < 1:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moeflow.comm import build_plan, expert_capacity, permute, rank_within_expert, unpermute
-from moeflow.comm.permutation import combine
+from moeflow.comm.permutation import carrier_width, combine
 
 
 def test_plan_by_hand():
@@ -82,3 +82,21 @@ def test_gradcheck(mode):
     assert rows.shape == (plan.num_rows, D + 1)
     if mode == "padded":  # padding rows carry weight 0
         assert not rows[plan.row_to_pair < 0].any()
+
+    # An aligned carrier (rows that stay on the rank): the same values, the weight in column D,
+    # zero columns after it, and the same function and gradients.
+    width = carrier_width(D, x.dtype, aligned=True)
+    assert width == 4 and carrier_width(D, torch.float32, aligned=True) == 4
+    assert carrier_width(D, x.dtype, aligned=False) == D + 1
+    wide = permute(x, plan, w, width)
+    assert wide.shape == (plan.num_rows, width)
+    assert torch.equal(wide[:, : D + 1], rows) and not wide[:, D + 1 :].any()
+
+    def carried_wide(x, w):
+        rows = permute(x, plan, w, width)
+        return combine(torch.tanh(rows[:, :D] @ m) * rows[:, D : D + 1], plan)
+
+    assert torch.autograd.gradcheck(carried_wide, (x, w))
+    torch.testing.assert_close(carried_wide(x, w), f(x, w), rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="needs more than 3 columns"):
+        permute(x, plan, w, D)

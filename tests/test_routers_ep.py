@@ -79,7 +79,7 @@ def _check(rank, world, names, shards):
         layer = par.moe1
         pairs = remote_ffn_pairs(layer, seen["x"], ctx.ep_index, world)
         sent = layer.last_stats.traffic.sent_bytes
-        assert sent == pairs * (D + 1) * 8, (name, sent, pairs)  # the token and its weight
+        assert sent == pairs * D * 8, (name, sent, pairs)  # the token (F > D: no weight)
         routed = layer.last_stats.routed_per_choice
         checked[name] = (pairs, int(routed[E:].sum()), int(routed.sum()))
         finish_optimizer_step(par)

@@ -19,8 +19,9 @@ Schedule of one call:
    backward; see `moeflow.comm.pipeline`); a side computation (a shared expert) runs while chunk
    0 travels.
 5. Un-permute each chunk, weighting by the router, and concatenate the chunks. A `compute` with
-   `weighted = True` (the MoE layer's) gets each row's router weight as a last column in step 3
-   and weights its own outputs, so step 5 only sums (`moeflow.comm.permutation.combine`).
+   `weighted = True` (the MoE layer's) gets each row's router weight as column D in step 3
+   (`moeflow.comm.permutation.carrier_width`) and weights its own outputs, so step 5 only sums
+   (`moeflow.comm.permutation.combine`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from moeflow.comm.all_to_all import Exchange
 from moeflow.comm.permutation import (
     RoutingPlan,
     build_plan,
+    carrier_width,
     combine,
     pair_counts,
     permute,
@@ -96,6 +98,7 @@ class DispatchResult:
     plans: list[RoutingPlan]
     chunks: ChunkPlan  # split sizes and received expert blocks of every chunk
     sent_rows: int  # rows this rank sent to other ranks (not to itself), all chunks
+    sent_bytes: int  # their bytes: D values each, and the router weight where it travels
     side_out: torch.Tensor | None = None  # the side computation's output (e.g. shared expert)
 
 
@@ -180,12 +183,16 @@ class TokenDispatcher:
             ]
         # 3. permute every chunk (with a weighted compute, each row carries its pair's weight)
         weighted = getattr(compute, "weighted", False)
+        # Rows that stay on this rank carry the weight in a 16-byte aligned row; rows that travel
+        # carry it in one extra column (no padding on the wire).
+        width = carrier_width(x_TD.shape[1], x_TD.dtype, aligned=W == 1)
         plans, x_chunks = [], []
         for c, (t0, t1) in enumerate(bounds):
             keep = None if keep_TK is None else keep_TK[t0:t1]
             plan = build_plan(slot_ids_TK[t0:t1], P, keep, pad_to, counts_host=counts_host[c])
             plans.append(plan)
-            x_chunks.append(permute(x_TD[t0:t1], plan, weights_TK[t0:t1] if weighted else None))
+            weights = _chunk(weights_TK, t0, t1) if weighted else None
+            x_chunks.append(permute(_chunk(x_TD, t0, t1), plan, weights, width))
         chunk_plan = ChunkPlan(
             input_splits=[[sum(send[j][c]) for j in range(W)] for c in range(num_chunks)],
             output_splits=[[sum(recv[i][c]) for i in range(W)] for c in range(num_chunks)],
@@ -201,14 +208,21 @@ class TokenDispatcher:
             raise RuntimeError(f"{self.name}: expert all-to-all failed: {exc}") from exc
         # 5. un-permute (the rows come back weighted from a weighted compute)
         outs = [
-            combine(y, plan) if weighted else unpermute(y, weights_TK[t0:t1], plan)
+            combine(y, plan) if weighted else unpermute(y, _chunk(weights_TK, t0, t1), plan)
             for y, plan, (t0, t1) in zip(y_chunks, plans, bounds, strict=True)
         ]
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         sent = sum(
             chunk_plan.input_splits[c][j] for c in range(num_chunks) for j in range(W) if j != me
         )
-        return DispatchResult(out, plans, chunk_plan, sent, side_out)
+        row_bytes = (width if weighted else x_TD.shape[1]) * x_TD.element_size()
+        return DispatchResult(out, plans, chunk_plan, sent, sent * row_bytes, side_out)
+
+
+def _chunk(t: torch.Tensor, t0: int, t1: int) -> torch.Tensor:
+    """Rows `t0:t1` of `t`; `t` itself when that is all of it (a slice's backward would write
+    the gradient into a zero-filled copy)."""
+    return t if (t0, t1) == (0, t.shape[0]) else t[t0:t1]
 
 
 def _as_wcl(flat: list[int], W: int, C: int, L: int) -> list[list[list[int]]]:

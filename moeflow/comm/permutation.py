@@ -11,9 +11,9 @@ and tokens repeated K times have their input gradient summed over K in a fixed o
 
 Two ways to apply the router weights: `permute` + `unpermute(y, weights)` weights the rows while
 combining (and saves `y` for the weights' gradient); `permute(x, plan, weights)` + `combine(y)`
-carries each pair's weight as a last column to the experts, which weight their own outputs and
-return the weights' gradient in that column (`moeflow.moe.grouped_ffn`), so the combine only sums
-and saves nothing. The MoE layer uses the second.
+carries each pair's weight as column D to the experts (`carrier_width`), which weight their own
+outputs and return the weights' gradient in that column (`moeflow.moe.grouped_ffn`), so the
+combine only sums and saves nothing. The MoE layer uses the second.
 """
 
 from __future__ import annotations
@@ -136,20 +136,47 @@ def _slot_rows(plan: RoutingPlan) -> list[torch.Tensor]:
     return list(plan.pair_to_row.view(plan.num_tokens, plan.top_k).t().contiguous())
 
 
+def carrier_width(d: int, dtype: torch.dtype, aligned: bool) -> int:
+    """Columns of a weighted row buffer: the D values, then the router weight; with `aligned`,
+    zero columns up to a row of a multiple of 16 bytes, so the `[R, D]` view of the values is a
+    legal input of grouped GEMM kernels and of fast sparse products without a copy. The
+    dispatcher aligns rows that stay on the rank (nothing on the wire) and sends `D + 1`.
+
+    Example:
+        >>> carrier_width(256, torch.float32, False), carrier_width(256, torch.float32, True)
+        (257, 260)
+    """
+    if not aligned:
+        return d + 1
+    per_row = max(1, 16 // torch.empty((), dtype=dtype).element_size())
+    return -(-(d + 1) // per_row) * per_row
+
+
 class _Permute(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, x_TD: torch.Tensor, weights_TK: torch.Tensor | None, plan: RoutingPlan
+        ctx,
+        x_TD: torch.Tensor,
+        weights_TK: torch.Tensor | None,
+        plan: RoutingPlan,
+        width: int | None,
     ) -> torch.Tensor:
-        ctx.plan, ctx.weighted = plan, weights_TK is not None
+        d = x_TD.shape[1]
+        ctx.plan, ctx.weighted, ctx.d = plan, weights_TK is not None, d
         src_rows = torch.where(plan.row_to_pair >= 0, plan.row_to_pair // plan.top_k, -1)
         if weights_TK is None:
             return _gather_rows(x_TD, src_rows, plan.has_padding)
-        # [R, D + 1]: each row's token, then its pair's router weight (0 on padding rows).
-        out = x_TD.new_empty(plan.num_rows, x_TD.shape[1] + 1)
-        torch.index_select(x_TD, 0, src_rows.clamp(min=0), out=out[:, :-1])
+        # [R, width]: each row's token, then its pair's router weight (0 on padding rows), then
+        # zero padding columns.
+        width = width or d + 1
+        if width <= d:
+            raise ValueError(f"a weighted row buffer needs more than {d} columns, got {width}")
+        out = x_TD.new_empty(plan.num_rows, width)
+        torch.index_select(x_TD, 0, src_rows.clamp(min=0), out=out[:, :d])
         pair = plan.row_to_pair.clamp(min=0)
-        out[:, -1] = weights_TK.reshape(-1).index_select(0, pair)
+        out[:, d] = weights_TK.reshape(-1).index_select(0, pair)
+        if width > d + 1:
+            out[:, d + 1 :] = 0
         if plan.has_padding:
             out.masked_fill_((plan.row_to_pair < 0).unsqueeze(-1), 0)
         return out
@@ -158,14 +185,15 @@ class _Permute(torch.autograd.Function):
     def backward(ctx, grad_RD: torch.Tensor):
         # grad_x[t] = sum_k grad[row(t, k)]: K gathers of T rows, summed in slot order
         # (deterministic, and cheaper than gathering T*K rows and reducing them); with weights,
-        # the last column is each row's pair's weight gradient.
+        # column D is each row's pair's weight gradient.
         plan: RoutingPlan = ctx.plan
         grad_w = None
         if ctx.weighted:
             if ctx.needs_input_grad[1]:
-                grad_w = _to_pairs(grad_RD[:, -1], plan).view(plan.num_tokens, plan.top_k)
-            grad_RD = grad_RD[:, :-1]
-        return combine_rows(grad_RD, plan), grad_w, None
+                column = grad_RD[:, ctx.d].contiguous()
+                grad_w = _to_pairs(column, plan).view(plan.num_tokens, plan.top_k)
+            grad_RD = grad_RD[:, : ctx.d]
+        return combine_rows(grad_RD, plan), grad_w, None, None
 
 
 class _Unpermute(torch.autograd.Function):
@@ -271,12 +299,16 @@ def _effective_weights(weights_TK: torch.Tensor, plan: RoutingPlan) -> torch.Ten
 
 
 def permute(
-    x_TD: torch.Tensor, plan: RoutingPlan, weights_TK: torch.Tensor | None = None
+    x_TD: torch.Tensor,
+    plan: RoutingPlan,
+    weights_TK: torch.Tensor | None = None,
+    width: int | None = None,
 ) -> torch.Tensor:
     """Copy each kept pair's token row into the expert-sorted buffer `[R, D]`; with `weights_TK`,
-    `[R, D + 1]` whose last column is the pair's router weight (the experts then weight their
-    own outputs and `combine` only sums: see `moeflow.moe.grouped_ffn`)."""
-    return _Permute.apply(x_TD, weights_TK, plan)
+    `[R, width]` (default `D + 1`, see `carrier_width`) whose column D is the pair's router weight
+    (the experts then weight their own outputs and `combine` only sums: see
+    `moeflow.moe.grouped_ffn`)."""
+    return _Permute.apply(x_TD, weights_TK, plan, width)
 
 
 def combine(y_RD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:

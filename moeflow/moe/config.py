@@ -202,11 +202,19 @@ class MoEConfig:
     shared expert and zero-computation experts work at full width. Every all-to-all moves r values
     per row instead of D.
 
-    `expert_kernel`: how the local experts' GEMMs run (`moeflow.moe.grouped_mm_ffn`): `loop`, one
-    GEMM pair per expert block (the CPU path); `grouped_mm`, each projection of all local experts
-    in one `torch.nn.functional.grouped_mm` call wherever it can run (no float64, no `ffn_bias`,
-    16-byte rows); `auto` (default): grouped_mm on CUDA in bf16 and on CPU with 32 or more local
-    experts (many small experts), the loop elsewhere.
+    `expert_kernel`: how the local experts run (`moeflow.moe.grouped_mm_ffn`): `loop`, one GEMM
+    pair and the activation per expert block (few large experts on CPU); `grouped_mm`, each
+    projection of all local experts in one `torch.nn.functional.grouped_mm` call and each
+    elementwise step over the whole buffer, wherever it can run (no float64, no `ffn_bias`, 16-byte
+    rows); `grouped_loop`, the same whole-buffer steps with one `torch.mm` per expert (no
+    `ffn_bias`); `auto` (default): grouped_mm on CUDA in bf16, grouped_loop on CPU with 32 or
+    more local experts (many small experts), the loop elsewhere.
+
+    Router weights: with F <= D (the experts' row width: `a2a_dim` or D) the experts weight their
+    own output rows (each row carries its pair's weight, nothing is kept for the weights'
+    gradient, whose passes run over F-wide activations); with F > D the combine weights the
+    rows and keeps them for the weights' gradient (D-wide passes, D values per row more kept),
+    and no weight travels. Both give the same function and gradients.
 
     Shared experts (DeepSeek-V2/V3, Qwen2-MoE; Megatron's `moe_shared_expert_intermediate_size`):
     `shared_expert_ffn_hidden_size` F_s > 0 adds an always-on FFN of width F_s (n shared experts
@@ -252,7 +260,9 @@ class MoEConfig:
                 f"moe.a2a_dim ({r!r}) must be an integer in 1..{self.hidden_size - 1} (below "
                 "moe.hidden_size), or unset for the full width"
             )
-        check_choice("moe.expert_kernel", self.expert_kernel, ("auto", "loop", "grouped_mm"))
+        check_choice(
+            "moe.expert_kernel", self.expert_kernel, ("auto", "loop", "grouped_mm", "grouped_loop")
+        )
         if not isinstance(self.ffn_bias, bool):
             raise ValueError(f"moe.ffn_bias ({self.ffn_bias!r}) must be true or false")
         if not isinstance(self.shared_expert_gate, bool):

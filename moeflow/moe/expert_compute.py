@@ -54,8 +54,9 @@ class GroupedExpertCompute:
     With a `gather` (`ExpertWeightGather`), `params` are this rank's F-slices: `materialize`
     gathers the whole experts (in forward, and again in backward), and `finish` returns the
     gradients of the slices, reduce-scattered over the gathering group. `weighted`: rows arrive
-    `[R, D + 1]`, the last column each row's router weight (`permute(x, plan, weights)`); the
-    outputs come back weighted and the gradient's last column is the weights' gradient."""
+    `[R, D + 1]` (or wider, padded to 16-byte rows: `moeflow.comm.permutation.carrier_width`),
+    column D each row's router weight (`permute(x, plan, weights)`); the outputs come back
+    weighted and the gradient, as wide as the rows, has the weights' gradient in column D."""
 
     def __init__(
         self,
@@ -69,11 +70,12 @@ class GroupedExpertCompute:
         self.weighted = weighted
         self.kernel = kernel  # `moeflow.moe.grouped_mm_ffn.KERNELS`
 
-    def _grouped(self, x, w1, w2, merged) -> list[int] | None:
-        """The local experts' end rows when this call runs on grouped_mm, else None."""
-        if not grouped_mm_ffn.usable(self.kernel, x, w1, w2):
-            return None
-        return grouped_mm_ffn.grouped_ends(merged, w1.shape[0])
+    def _kernel(self, x, w1, w2, merged) -> tuple[str, list[int] | None]:
+        """`(kernel, ends)`: the whole-buffer kernel and the local experts' end rows, or
+        `("loop", None)` (`moeflow.moe.grouped_mm_ffn.choose`)."""
+        kernel = grouped_mm_ffn.choose(self.kernel, x, w1, w2)
+        ends = None if kernel == "loop" else grouped_mm_ffn.grouped_ends(merged, w1.shape[0])
+        return ("loop", None) if ends is None else (kernel, ends)
 
     def materialize(self, params):
         return params if self.gather is None else self.gather.gather(*params)
@@ -81,38 +83,45 @@ class GroupedExpertCompute:
     def forward(self, params, x_RD: torch.Tensor, blocks: list[Block]):
         w1, w2 = (p.to(x_RD.dtype) for p in params)
         order, merged = expert_major(blocks, x_RD.device)
-        x = x_RD.contiguous() if order is None else x_RD.index_select(0, order)
-        row_w = None
-        if self.weighted:  # the last column: each row's router weight
-            x, row_w = x[:, :-1], x[:, -1].contiguous()
-        ends = self._grouped(x, w1, w2, merged)
+        rows = x_RD.contiguous() if order is None else x_RD.index_select(0, order)
+        x, row_w = rows, None
+        if self.weighted:  # column D (after the row's D values): its router weight
+            d = w2.shape[-1]
+            x, row_w = rows[:, :d], rows[:, d].contiguous()
+        kernel, ends = self._kernel(x, w1, w2, merged)
         with torch.autocast(device_type=x_RD.device.type, enabled=False):
             if ends is None:
                 y, saved = ffn_forward(x, w1, w2, merged, self.activation, row_w)
             else:
-                y, saved = grouped_mm_ffn.forward(x, w1, w2, merged, self.activation, row_w, ends)
+                y, saved = grouped_mm_ffn.forward(
+                    x, w1, w2, merged, self.activation, row_w, ends, kernel
+                )
         if order is not None:
             y = torch.empty_like(y).index_copy_(0, order, y)  # back to source-rank order
-        # The weights are saved once by the pipeline; keep only the activations.
-        return y, [saved.x, saved.row_w, *saved.tensors()[4:]]
+        # The weights are saved once by the pipeline; keep only the activations, and the rows
+        # whole (x is a column view of them when weighted: the gradient has their width).
+        return y, [rows, saved.row_w, *saved.tensors()[4:]]
 
     def new_grads(self, params) -> dict:
         return {"params": params, "grads": None}
 
     def backward(self, params, saved, grad_y, blocks: list[Block], acc: dict) -> torch.Tensor:
-        x = saved[0]
-        w1, w2 = (p.to(x.dtype) for p in params)
+        rows = saved[0]
+        w1, w2 = (p.to(rows.dtype) for p in params)
+        x = rows[:, : w2.shape[-1]] if self.weighted else rows
         if acc["grads"] is None:
             acc["grads"] = WeightGrads(w1, w2)
         order, merged = expert_major(blocks, x.device)
         if order is not None:
             grad_y = grad_y.index_select(0, order)
         activations = FFNActivations.from_tensors([x, w1, w2, *saved[1:]], merged, self.activation)
-        ends = self._grouped(x, w1, w2, merged)  # the forward's choice (same inputs)
+        width = rows.shape[1]
+        kernel, ends = self._kernel(x, w1, w2, merged)  # the forward's choice (same inputs)
         if ends is None:
-            grad_x = ffn_backward(activations, grad_y, acc["grads"])  # [R, D (+1: weights')]
+            out = x.new_empty(x.shape[0], width)
+            grad_x = ffn_backward(activations, grad_y, acc["grads"], out)
         else:
-            grad_x = grouped_mm_ffn.backward(activations, grad_y, acc["grads"], ends)
+            grad_x = grouped_mm_ffn.backward(activations, grad_y, acc["grads"], ends, kernel, width)
         if order is not None:
             grad_x = torch.empty_like(grad_x).index_copy_(0, order, grad_x)
         return grad_x

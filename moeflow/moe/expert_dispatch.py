@@ -58,11 +58,20 @@ class ExpertDispatch(nn.Module):
     """The routing tables and per-mode paths of one layer under its layout (no parameters)."""
 
     def __init__(
-        self, num_experts: int, ffn_hidden_size: int, activation: str, kernel: str = "auto"
+        self,
+        num_experts: int,
+        ffn_hidden_size: int,
+        activation: str,
+        kernel: str = "auto",
+        carry_weights: bool = True,
     ) -> None:
         super().__init__()
         self.activation = activation
         self.kernel = kernel
+        # Where the router weights are applied: by the experts, on their rows (the weights travel
+        # with the rows, nothing is saved for their gradient), or by the combine (the rows come
+        # back unweighted and are kept for the weights' gradient). See `MoEConfig`.
+        self.carry_weights = carry_weights
         self.layout = ExpertLayout.canonical(num_experts, ffn_hidden_size, 1)
         self.exchange: Exchange = LocalExchange()
         self.two_level_exchange: Exchange | None = None  # within nodes, then across them
@@ -150,7 +159,7 @@ class ExpertDispatch(nn.Module):
                 exchange = self.two_level_exchange if two_level else self.exchange
                 dispatcher = TokenDispatcher(exchange, per, self.config)
             dispatcher.name = self.name
-            compute = GroupedExpertCompute(self.activation, gather, True, self.kernel)
+            compute = GroupedExpertCompute(self.activation, gather, self.carry_weights, self.kernel)
             self._paths[(mode, two_level)] = (dispatcher, compute)
         return self._paths[(mode, two_level)]
 

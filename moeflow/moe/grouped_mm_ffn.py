@@ -1,24 +1,29 @@
-"""The grouped-GEMM expert path: each projection of every local expert in one
-`torch.nn.functional.grouped_mm` call, for GPUs (one kernel per projection instead of one per
-expert block), switchable per layer (`MoEConfig.expert_kernel`).
+"""The whole-buffer expert path: each projection of every local expert as one grouped GEMM and
+each elementwise step over the whole buffer at once, switchable per layer
+(`MoEConfig.expert_kernel`). Two GEMM backends: `grouped_mm`, one
+`torch.nn.functional.grouped_mm` call per projection (for GPUs: one kernel instead of one per
+expert); `grouped_loop`, one `torch.mm` per expert writing into its rows of one buffer (for CPUs
+with many small experts, where torch's grouped_mm is slower than `mm` and the per-block loop's
+many small elementwise calls cost more than they save).
 
 Legend: R rows (expert-major), D model dim, F FFN dim, g = 2 for SwiGLU, L local experts.
 
 Same math as `moeflow.moe.grouped_ffn` (the per-block loop, the CPU default), same saved state
-contract (`FFNActivations`), so `GroupedExpertCompute` runs either:
+contract (`FFNActivations`), so `GroupedExpertCompute` runs any of them:
 
     forward:  h = gmm(x, w1) [R, gF];  a = act(h);  y = gmm(a, w2) [R, D];  y *= row_w
     backward: ga = gmm(g, w2^T);  grad_w = <a, ga>;  ga *= row_w
               gh = act'(h) ga;  grad_x = gmm(gh, w1^T)
               grad_w1 = gmm(x^T, gh) [L, D, gF];  grad_w2 = gmm((row_w a)^T, g) [L, F, D]
 
-`gmm(a, b)` is `grouped_mm(a, b, offs=ends)` with `ends[e]` the end row of local expert e (zero
-rows allowed). It needs the rows grouped by local expert in order from row 0 (the layer's own
-buffers are), no bias row in w1, and a dtype the installed torch's grouped_mm accepts (bf16 on
-CUDA; fp32 and bf16 on CPU in torch 2.13, not float64) with rows of a multiple of 16 bytes;
-`usable` says whether a call qualifies
-and the compute falls back to the loop otherwise. Whole-buffer intermediates (`[R, gF]`) are
-kept for the backward, where the loop keeps them per block.
+`gmm(a, b)` runs `a[rows of e] @ b[e]` for every local expert e, with `ends[e]` the end row of
+local expert e (zero rows allowed). It needs the rows grouped by local expert in order from row 0
+(the layer's own buffers are) and no bias row in w1; `grouped_mm` also a dtype the installed
+torch's grouped_mm accepts (bf16 on CUDA; fp32 and bf16 on CPU in torch 2.13, not float64) and
+rows of a multiple of 16 bytes. `choose` says which kernel a call runs on (the loop where the one
+asked for cannot run). `grouped_loop` writes the weight gradients per expert straight into the
+accumulator and the input gradient straight into its columns of the output. Whole-buffer
+intermediates (`[R, gF]`) are kept for the backward, where the loop keeps them per block.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch.nn.functional as F
 
 from moeflow.moe.grouped_ffn import Block, FFNActivations, WeightGrads
 
-KERNELS = ("auto", "loop", "grouped_mm")
+KERNELS = ("auto", "loop", "grouped_mm", "grouped_loop")
 
 
 def grouped_ends(blocks: list[Block], num_experts: int) -> list[int] | None:
@@ -44,32 +49,79 @@ def grouped_ends(blocks: list[Block], num_experts: int) -> list[int] | None:
     return ends + [row] * (num_experts - nxt)
 
 
-# `auto` on CPU: grouped_mm from this many local experts (many small experts: the loop's per-block
-# calls cost more than one grouped call). Measured with bench/layer.py, 2 threads, fp32: with 64
-# local experts of F=64 (k=8) grouped_mm was 5-6% faster than the loop in all four settings; with
-# 8 of F=512 (k=2) the loop was 5-7% faster.
+# `auto` on CPU: the whole-buffer path from this many local experts (many small experts: the
+# loop's per-block elementwise calls cost more than their cache locality saves), with one
+# `torch.mm` per expert (`grouped_loop`): torch 2.13's CPU grouped_mm runs the projections whose
+# output is wider than their depth 2-2.5x slower than `mm` (measured at 64 experts of F=64, D=256,
+# 512 rows each, 2 threads: `a @ w2` 19.4 ms grouped against 7.4 ms per expert; `x @ w1` 8.2
+# against 8.4). With 8 experts of F=512 (k=2) the loop was 5-7% faster than either.
 CPU_GROUPED_FROM = 32
 
 
-def usable(kernel: str, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
-    """Whether a call runs on grouped_mm: `grouped_mm` always (where it can run at all), `auto`
-    on CUDA in bf16 and on CPU with `CPU_GROUPED_FROM` local experts or more (where it pays),
-    `loop` never."""
-    if kernel == "loop" or not hasattr(F, "grouped_mm") or w1.shape[1] != w2.shape[2]:
-        return False  # a bias row in w1 (MoEConfig.ffn_bias) runs on the loop
-    if x.dtype == torch.float64:
-        return False
-    if any(t.shape[-1] * t.element_size() % 16 for t in (x, w1, w2)):
-        return False  # the kernels want 16-byte aligned rows
+def choose(kernel: str, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> str:
+    """The kernel a call runs on: `loop`, `grouped_mm` or `grouped_loop`. `grouped_mm` where
+    torch's grouped_mm can run at all (not float64, 16-byte rows, no bias row), `grouped_loop`
+    wherever there is no bias row; `auto`: grouped_mm on CUDA in bf16, grouped_loop on CPU with
+    `CPU_GROUPED_FROM` local experts or more, else the loop. A call that cannot run the kernel
+    asked for runs the loop."""
+    if kernel == "loop" or w1.shape[1] != w2.shape[2]:
+        return "loop"  # a bias row in w1 (MoEConfig.ffn_bias) runs on the loop
     if kernel == "auto":
-        if x.device.type == "cpu":
-            return w1.shape[0] >= CPU_GROUPED_FROM
-        return x.device.type == "cuda" and x.dtype == torch.bfloat16
-    return True
+        if x.device.type == "cuda" and x.dtype == torch.bfloat16:
+            kernel = "grouped_mm"
+        elif x.device.type == "cpu" and w1.shape[0] >= CPU_GROUPED_FROM:
+            return "grouped_loop"
+        else:
+            return "loop"
+    if kernel == "grouped_loop":
+        return kernel
+    if not hasattr(F, "grouped_mm") or x.dtype == torch.float64:
+        return "loop"
+    if any(t.shape[-1] * t.element_size() % 16 for t in (x, w1, w2)):
+        return "loop"  # the kernels want 16-byte aligned rows
+    return "grouped_mm"
 
 
-def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    return F.grouped_mm(a, b, offs=offs)
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or a contiguous copy where its row stride is not a multiple of 16 bytes (grouped_mm's
+    requirement; a view into a wider row buffer usually is one already)."""
+    if t.stride(-1) == 1 and t.stride(0) * t.element_size() % 16 == 0:
+        return t
+    return t.contiguous()
+
+
+def _rows(a: torch.Tensor, w: torch.Tensor, ends: list[int], kernel: str, out=None):
+    """`out[rows of e] = a[rows of e] @ w[e]` for every local expert e; rows past `ends[-1]` are
+    left as they are. `w` may be a transposed view (`mm` reads it in place)."""
+    if kernel == "grouped_mm":
+        offs = torch.tensor(ends, dtype=torch.int32, device=a.device)
+        y = F.grouped_mm(_aligned(a), w, offs=offs)
+        if out is None:
+            return y
+        return out[: y.shape[0]].copy_(y)
+    if out is None:
+        out = a.new_empty(a.shape[0], w.shape[-1])
+    lo = 0
+    for e, hi in enumerate(ends):
+        if hi > lo:
+            torch.mm(a[lo:hi], w[e], out=out[lo:hi])
+        lo = hi
+    return out
+
+
+def _weight_grads(weight_grads, x, gh, a_w2, grad_y, ends, kernel, swiglu: bool) -> None:
+    """`x^T gh` and `a_w2^T grad_y` per local expert, into `weight_grads`."""
+    if kernel == "grouped_mm":
+        offs = torch.tensor(ends, dtype=torch.int32, device=x.device)
+        g1 = F.grouped_mm(_aligned(x).t(), gh, offs=offs)
+        weight_grads.add_all(g1, F.grouped_mm(a_w2.t(), grad_y, offs=offs), ends)
+        return
+    lo = 0
+    for e, hi in enumerate(ends):
+        if hi > lo:
+            parts = list(gh[lo:hi].chunk(2, dim=-1)) if swiglu else [gh[lo:hi]]
+            weight_grads.accumulate(e, x[lo:hi], parts, a_w2[lo:hi], grad_y[lo:hi])
+        lo = hi
 
 
 def _activate(h: torch.Tensor, activation: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -92,35 +144,45 @@ def forward(
     activation: str,
     row_w: torch.Tensor | None,
     ends: list[int],
+    kernel: str = "grouped_mm",
 ) -> tuple[torch.Tensor, FFNActivations]:
-    """The whole buffer at once (see the module doc); rows past `ends[-1]` give 0."""
-    offs = torch.tensor(ends, dtype=torch.int32, device=x.device)
-    x = x.contiguous()
-    h = _gmm(x, w1, offs)
+    """The whole buffer at once (see the module doc); rows past `ends[-1]` give 0. `x` may be a
+    column view of a wider row buffer (the row weights' carrier)."""
+    h = _rows(x, w1, ends, kernel)
     a, saved = _activate(h, activation)
-    y = _gmm(a, w2, offs)
+    # Row weights scale the narrower side: `(w a) W2 = w (a W2)`; `a` itself is kept unweighted.
+    scale_a = row_w is not None and a.shape[1] < w2.shape[-1]
+    y = _rows(a * row_w.unsqueeze(-1) if scale_a else a, w2, ends, kernel)
     if ends[-1] < x.shape[0]:
         y[ends[-1] :] = 0
-    if row_w is not None:
+    if row_w is not None and not scale_a:
         y.mul_(row_w.unsqueeze(-1))
     per_block = [[a, *saved]]  # one "block": the whole buffer
     return y, FFNActivations(x, w1, w2, per_block, blocks, activation, row_w)
 
 
 def backward(
-    s: FFNActivations, grad_y: torch.Tensor, weight_grads: WeightGrads, ends: list[int]
+    s: FFNActivations,
+    grad_y: torch.Tensor,
+    weight_grads: WeightGrads,
+    ends: list[int],
+    kernel: str = "grouped_mm",
+    width: int | None = None,
 ) -> torch.Tensor:
-    """Gradient wrt x (`[R, D + 1]` with row weights: the last column theirs); the weight
-    gradients are added into `weight_grads`."""
-    offs = torch.tensor(ends, dtype=torch.int32, device=s.x.device)
+    """Gradient wrt x, `[R, width]` (default D, or D + 1 with row weights): with row weights
+    column D is theirs, columns past it (padding of the carrier) 0. The weight gradients are
+    added into `weight_grads`."""
     grad_y = grad_y.to(s.x.dtype).contiguous()
     a, *saved = s.per_block[0]
-    ga = _gmm(grad_y, s.w2.transpose(1, 2), offs)
+    ga = _rows(grad_y, s.w2.transpose(1, 2), ends, kernel)
     rows, d = s.x.shape
-    out = s.x.new_empty(rows, d + (s.row_w is not None))
+    weighted = s.row_w is not None
+    out = s.x.new_empty(rows, width or d + weighted)
+    if out.shape[1] > d + weighted:
+        out[:, d + weighted :] = 0
     a_w2 = a
-    if s.row_w is not None:
-        out[:, d] = torch.linalg.vecdot(a, ga)
+    if weighted:
+        torch.linalg.vecdot(a, ga, out=out[:, d])
         ga.mul_(s.row_w.unsqueeze(-1))
         a_w2 = a * s.row_w.unsqueeze(-1)
     if s.activation == "swiglu":
@@ -133,8 +195,9 @@ def backward(
     else:
         approximate = "tanh" if s.activation == "gelu_tanh" else "none"
         gh = torch.ops.aten.gelu_backward(ga, saved[0], approximate=approximate)
-    out[:, :d] = _gmm(gh, s.w1.transpose(1, 2), offs)
+    _rows(gh, s.w1.transpose(1, 2), ends, kernel, out=out[:, :d])
     if ends[-1] < rows:
         out[ends[-1] :] = 0
-    weight_grads.add_all(_gmm(s.x.t(), gh, offs), _gmm(a_w2.t(), grad_y, offs), ends)
+    swiglu = s.activation == "swiglu"
+    _weight_grads(weight_grads, s.x, gh, a_w2, grad_y, ends, kernel, swiglu)
     return out

@@ -94,8 +94,9 @@ class MoELayer(nn.Module):
         # (all experts here until `attach`), every mode per call. Not saved: checkpoints keep
         # logical ids.
         self.expert_dispatch = ExpertDispatch(
-            config.num_experts, config.ffn_hidden_size, config.activation, config.expert_kernel
-        )
+            config.num_experts, config.ffn_hidden_size, config.activation, config.expert_kernel,
+            carry_weights=config.ffn_hidden_size <= config.expert_dim,
+        )  # fmt: skip
         self.balance = BalanceState(self.router.num_choices)
 
     def set_router(self, router: nn.Module, config: MoEConfig) -> None:
@@ -331,8 +332,7 @@ class MoELayer(nn.Module):
         traffic = Traffic(
             mode=self.expert_dispatch.last_mode,
             sent_rows=result.sent_rows,
-            # each row: its token's (D or a2a_dim) values and its router weight
-            sent_bytes=result.sent_rows * (x_send.shape[1] + 1) * result.out_TD.element_size(),
+            sent_bytes=result.sent_bytes,
             gathered_bytes=self.expert_dispatch.last_gathered_bytes,
             dispatch=result.chunks,
         )

@@ -26,10 +26,10 @@ class MoEStats:
     token, and `ffn_experts_histogram[j]` the number of tokens that got j of them. `expert_ids`
     are the `[T, K]` logical choices (routing statistics). The traffic of the call: its parallel
     `mode`, the (token, slot) rows the forward all-to-all sent to other ranks (`sent_rows`,
-    `sent_bytes`: a row is the token's values and the pair's router weight; null and
-    zero-computation pairs never travel), the expert-weight bytes its gather
-    received (`gathered_bytes`), and the dispatch plan (`dispatch`: split sizes and expert blocks
-    of every chunk).
+    `sent_bytes`: a row is the token's values, and the pair's router weight where the experts
+    apply it (F <= D, `MoEConfig`); null and zero-computation pairs never travel), the
+    expert-weight bytes its gather received (`gathered_bytes`), and the dispatch plan
+    (`dispatch`: split sizes and expert blocks of every chunk).
 
     Example:
         >>> from moeflow.moe.config import MoEConfig
