@@ -43,7 +43,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.layer import Floor
+from bench.layer import Floor, clear_grads
 from bench.peers import deepspeed_moe_like
 from moeflow import MoEConfig, MoELayer, RouterConfig
 from moeflow.parallel import ParallelDims, parallelize
@@ -115,9 +115,14 @@ def measure(ctx, args, tokens: int, rank: int, world: int):
     x = torch.randn(tokens, args.hidden, generator=torch.Generator().manual_seed(rank))
     x.requires_grad_(True)
     g = torch.randn(tokens, args.hidden)
-    fns = {"serial": lambda: layer(x, overlap_degree=1).backward(g)}
+
+    def step(n: int) -> None:
+        layer(x, overlap_degree=n).backward(g)
+        clear_grads(layer.parameters(), x)
+
+    fns = {"serial": lambda: step(1)}
     for n in args.overlap:
-        fns[f"overlap{n}"] = lambda n=n: layer(x, overlap_degree=n).backward(g)
+        fns[f"overlap{n}"] = lambda n=n: step(n)
     layer(x, overlap_degree=1)
     plan = layer.last_stats.traffic.dispatch
     send, recv = plan.input_splits[0], plan.output_splits[0]
@@ -129,9 +134,11 @@ def measure(ctx, args, tokens: int, rank: int, world: int):
 
     fns["a2a"] = a2a_only
     blocks = plan.chunk_meta[0]
-    xr, gr = torch.randn(sum(recv), args.hidden), torch.randn(sum(recv), args.hidden)
     params = (layer.experts.w1.detach(), layer.experts.w2.detach())
     _, compute = layer.expert_dispatch.path("ep")
+    # Received rows: D values, and the router weight where the experts apply it (F <= D).
+    xr = torch.randn(sum(recv), args.hidden + compute.weighted)
+    gr = torch.randn(sum(recv), args.hidden)
 
     def compute_only():  # exactly what the layer runs on the received rows, without the exchange
         _, saved = compute.forward(params, xr, blocks)
@@ -151,6 +158,7 @@ def measure(ctx, args, tokens: int, rank: int, world: int):
         def ds_step():
             out, _, _ = ds(xb)
             out.backward(g.view_as(out))
+            clear_grads(ds.parameters(), xb)
 
         fns["deepspeed"] = ds_step
     res = timed_interleaved(fns, args.repeats, args.warmup)

@@ -13,7 +13,8 @@ plain per-expert matrix products (forward and backward, input gradients included
 layer's own weights and per-expert counts. Everything the layer adds (router, top-k, sort, gather,
 capacity, weighted combine, losses) is overhead on it. DeepSpeed: `deepspeed.moe.layer.MoE` with the
 layer's router and expert weights, ep_size=1, on gloo (`bench/peers.py`). Floor, moeflow and
-DeepSpeed alternate in a fresh random order every repeat; medians.
+DeepSpeed alternate in a fresh random order every repeat; medians. Every step ends with its
+gradients set to None, as `zero_grad()` between training steps: none adds into the last step's.
 
 Allocators, each in its own process (this script runs both): `moeflow` is what a user gets by
 default: the layer's first CPU forward keeps freed memory in glibc's heap
@@ -99,6 +100,14 @@ class Floor:
             p.grad = None
 
 
+def clear_grads(params, x: torch.Tensor) -> None:
+    """`grad = None` on the parameters and the input after a step, as an optimizer's
+    `zero_grad()` does between steps (and as the floor does): no contender pays for adding into
+    the previous step's gradients."""
+    for p in (*params, x):
+        p.grad = None
+
+
 def saved_bytes(step, params) -> int:
     """Bytes of the tensors one `step()` saves for its backward, weights excluded."""
     weights = {p.untyped_storage().data_ptr() for p in params}
@@ -155,9 +164,11 @@ def measure(args, shape: str, activation: str, capacity: float | None) -> dict:
 
     def ours():
         layer(xin).backward(g)
+        clear_grads(layer.parameters(), xin)
 
     def ours_grouped():
         grouped(xin).backward(g)
+        clear_grads(grouped.parameters(), xin)
 
     steps = {
         "floor": (floor.step, [*floor.w1, *floor.w2]),
@@ -173,6 +184,7 @@ def measure(args, shape: str, activation: str, capacity: float | None) -> dict:
         def deepspeed_step():
             out, _, _ = ds(xb)
             out.backward(g.view_as(out))
+            clear_grads(ds.parameters(), xb)
 
         steps["deepspeed"] = (deepspeed_step, ds.parameters())
     memory = {k: saved_bytes(fn, list(p)) / x.shape[0] for k, (fn, p) in steps.items()}

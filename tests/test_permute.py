@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from moeflow.comm import build_plan, expert_capacity, permute, rank_within_expert, unpermute
+from moeflow.comm.capacity import capacity_keep_mask
 from moeflow.comm.permutation import carrier_width, combine
 
 
@@ -100,3 +101,26 @@ def test_gradcheck(mode):
     torch.testing.assert_close(carried_wide(x, w), f(x, w), rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match="needs more than 3 columns"):
         permute(x, plan, w, D)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_probs_capacity_one_sort_equals_the_two_sort_selection(dtype):
+    # Below float64 the "probs" policy sorts once on an int64 key (expert, weight's bit pattern);
+    # float64 weights take two stable sorts. The same weights in float64 (exact) must keep the
+    # same pairs: ties to the earlier pair, negative weights and -0.0 == +0.0 included.
+    gen = torch.Generator().manual_seed(5)
+    for T, K, E in ((64, 4, 8), (37, 3, 5), (50, 1, 3)):
+        for trial in range(6):
+            w = torch.rand(T, K, generator=gen)
+            if trial % 2 == 0:
+                w = (w * 4).round() / 4  # many ties
+            if trial % 3 == 1:
+                w = w - 0.5  # negative weights
+            w[0, 0], w[1, 0] = -0.0, 0.0
+            w = w.to(dtype)
+            ids = torch.randint(0, E, (T, K), generator=gen)
+            cap = max(1, T * K // E * 3 // 4)
+            fast = capacity_keep_mask(ids, w, E, cap, "probs")
+            ref = capacity_keep_mask(ids, w.double(), E, cap, "probs")
+            assert torch.equal(fast, ref), (T, K, E, trial)
+            assert 0 < int(fast.sum()) < T * K

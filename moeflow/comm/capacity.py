@@ -31,7 +31,12 @@ def rank_within_expert(
     n = expert_ids.numel()
     # One sort on a combined key: expert major, priority minor.
     key = expert_ids.to(torch.int64) * n + priority
-    order = torch.argsort(key, stable=True)
+    return _ranks(expert_ids, torch.argsort(key, stable=True), num_experts)
+
+
+def _ranks(expert_ids: torch.Tensor, order: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Each pair's rank within its expert, given `order`: the pairs sorted expert-major."""
+    n = expert_ids.numel()
     counts = torch.bincount(expert_ids, minlength=num_experts)
     starts = torch.cumsum(counts, 0) - counts
     sorted_experts = expert_ids[order]
@@ -39,6 +44,21 @@ def rank_within_expert(
     ranks = torch.empty_like(ranks_sorted)
     ranks[order] = ranks_sorted
     return ranks
+
+
+def _by_weight_order(ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
+    """Pairs sorted by expert, then weight descending, then pair index, in one stable sort of an
+    int64 key (expert in the high 32 bits, the weight's fp32 bit pattern mapped to an order-
+    preserving unsigned integer in the low 32, reversed): None for float64 weights, whose order
+    does not fit in 32 bits."""
+    if weights.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    bits = weights.float().view(torch.int32).to(torch.int64)
+    # IEEE floats compare as their bit patterns when non-negative; negative ones in reverse
+    # (and -0.0 equals +0.0).
+    key = torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)  # in (-2^31, 2^31)
+    descending = (2**31 - 1) - key  # in [0, 2^32)
+    return torch.argsort(ids.to(torch.int64) * 2**32 + descending, stable=True)
 
 
 def capacity_keep_mask(
@@ -59,6 +79,9 @@ def capacity_keep_mask(
     ids = expert_ids_TK.reshape(-1)
     n = ids.numel()
     if drop_policy == "probs":
+        order = _by_weight_order(ids, weights_TK.reshape(-1).detach())
+        if order is not None:
+            return (_ranks(ids, order, num_experts) < capacity).view(num_tokens, top_k)
         # Priority = position in a stable descending sort of the weights.
         by_weight = torch.argsort(weights_TK.reshape(-1).detach(), descending=True, stable=True)
         priority = torch.empty_like(by_weight)
