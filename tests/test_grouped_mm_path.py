@@ -64,17 +64,30 @@ def case_id(case: dict) -> str:
     return f"{case['activation']}-F{case.get('ffn_hidden_size', F)}"
 
 
+# The whole-buffer kernels against the loop: torch's grouped_mm in fp32 and bf16 (it runs on CPU
+# too, not in float64); one mm per expert in float64 (the loop's math, to rounding) and fp32.
+KERNEL_DTYPES = [
+    ("grouped_mm", torch.float32, {"rtol": 1e-4, "atol": 1e-5}),
+    ("grouped_mm", torch.bfloat16, {"rtol": 3e-2, "atol": 3e-2}),
+    ("grouped_loop", torch.float64, {"rtol": 1e-10, "atol": 1e-12}),
+    ("grouped_loop", torch.float32, {"rtol": 1e-4, "atol": 1e-5}),
+]
+
+
 @pytest.mark.parametrize("case", [*CASES, NARROW], ids=case_id)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_grouped_mm_equals_the_loop_on_cpu(case, dtype, monkeypatch):
+@pytest.mark.parametrize(
+    ("kernel", "dtype", "tol"),
+    KERNEL_DTYPES,
+    ids=[f"{k}-{str(d).removeprefix('torch.')}" for k, d, _ in KERNEL_DTYPES],
+)
+def test_whole_buffer_kernels_equal_the_loop_on_cpu(case, kernel, dtype, tol, monkeypatch):
     seen = calls(monkeypatch)
-    loop, grouped = pair(case, dtype=dtype)
+    loop, grouped = pair(case, dtype=dtype, kernel=kernel)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(37, D, generator=gen).to(dtype)
     g = torch.randn(37, D, generator=gen).to(dtype)
     want, got = step(loop, x, g), step(grouped, x, g)
-    assert seen, "the grouped_mm path did not run"
-    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2}
+    assert seen, f"the whole-buffer path ({kernel}) did not run"
     torch.testing.assert_close(got[0], want[0], **tol)
     torch.testing.assert_close(got[1], want[1], **tol)
     assert got[2].keys() == want[2].keys()
@@ -95,26 +108,6 @@ def test_where_grouped_mm_cannot_run_the_loop_does(monkeypatch):
     assert not seen
     with pytest.raises(ValueError, match=r"moe\.expert_kernel"):
         MoEConfig(hidden_size=8, num_experts=2, ffn_hidden_size=8, expert_kernel="cublas")
-
-
-@pytest.mark.parametrize("case", [*CASES, NARROW], ids=case_id)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-def test_grouped_loop_equals_the_loop_on_cpu(case, dtype, monkeypatch):
-    # One mm per expert over whole-buffer activations: the loop's math, to rounding (float64
-    # runs here too, unlike torch's grouped_mm).
-    seen = calls(monkeypatch)
-    loop, grouped = pair(case, dtype=dtype, kernel="grouped_loop")
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(41, D, generator=gen).to(dtype)
-    g = torch.randn(41, D, generator=gen).to(dtype)
-    want, got = step(loop, x, g), step(grouped, x, g)
-    assert seen, "the whole-buffer path did not run"
-    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
-    torch.testing.assert_close(got[0], want[0], **tol)
-    torch.testing.assert_close(got[1], want[1], **tol)
-    assert got[2].keys() == want[2].keys()
-    for name in want[2]:
-        torch.testing.assert_close(got[2][name], want[2][name], **tol, msg=name)
 
 
 def test_choose_says_which_kernel_runs():
