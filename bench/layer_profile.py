@@ -24,7 +24,7 @@ import moeflow.moe.expert_compute as expert_compute
 import moeflow.moe.layer as layer_mod
 
 GEMMS = {"aten.mm.default", "aten.mm.out", "aten.addmm.default", "aten.addmm.out",
-         "aten.addmm_.default", "aten.bmm.default"}  # fmt: skip
+         "aten.addmm_.default", "aten.bmm.default", "aten._grouped_mm.default"}  # fmt: skip
 
 
 GATHERS = {"index_select", "index", "gather", "embedding"}
