@@ -115,13 +115,15 @@ class GroupedExpertCompute:
         if order is not None:
             grad_y = grad_y.index_select(0, order)
         activations = FFNActivations.from_tensors([x, w1, w2, *saved[1:]], merged, self.activation)
-        width = rows.shape[1]
+        # The gradient is as wide as the received rows; their padding columns get 0.
+        out = rows.new_empty(rows.shape)
+        if self.weighted and rows.shape[1] > x.shape[1] + 1:
+            out[:, x.shape[1] + 1 :] = 0
         kernel, ends = self._kernel(x, w1, w2, merged)  # the forward's choice (same inputs)
         if ends is None:
-            out = x.new_empty(x.shape[0], width)
             grad_x = ffn_backward(activations, grad_y, acc["grads"], out)
         else:
-            grad_x = grouped_mm_ffn.backward(activations, grad_y, acc["grads"], ends, kernel, width)
+            grad_x = grouped_mm_ffn.backward(activations, grad_y, acc["grads"], ends, kernel, out)
         if order is not None:
             grad_x = torch.empty_like(grad_x).index_copy_(0, order, grad_x)
         return grad_x

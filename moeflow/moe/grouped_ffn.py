@@ -189,8 +189,8 @@ def ffn_backward(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradient wrt `x` (rows in no block get 0); weight gradients go into `weight_grads`. `out`
-    `[R, D]` (or `[R, D + 1 + pad]` with row weights: column D receives their gradient, the
-    padding columns 0) is written in place of a new buffer."""
+    `[R, D]` (or `[R, D + 1 + pad]` with row weights: column D receives their gradient; padding
+    columns are left as they are) is written in place of a new buffer."""
     s = saved
     grad_y = grad_y.to(s.x.dtype).contiguous()
     rows, d = s.x.shape
@@ -200,8 +200,6 @@ def ffn_backward(
         out = s.x.new_empty(rows, d + weighted)
     if covered < rows:
         out.zero_()
-    elif out.shape[1] > d + weighted:
-        out[:, d + weighted :] = 0
     grad_x = out[:, :d]
     # The weights' gradient, contiguous (one strided copy into `out` at the end).
     grad_w = s.x.new_zeros(rows) if weighted else None
@@ -210,15 +208,12 @@ def ffn_backward(
         a, h0 = tensors[0], tensors[1]
         gy = grad_y[lo:hi]
         grad_a = gy @ s.w2[e].t()  # [n, F], consumed below
-        a_w2, gy_w2 = a, gy  # W2's gradient is a_w2^T gy_w2: the weight on the narrower side
+        a_w2 = a  # what W2's gradient multiplies: the rows' (weighted) activations
         if weighted:
             w_n1 = s.row_w[lo:hi].unsqueeze(-1)
             torch.linalg.vecdot(a, grad_a, out=grad_w[lo:hi])  # <a W2, g> = <a, g W2^T>
             grad_a.mul_(w_n1)
-            if gy.shape[1] < a.shape[1]:
-                gy_w2 = gy * w_n1
-            else:
-                a_w2 = a * w_n1
+            a_w2 = a * w_n1
         if s.activation == "swiglu":
             up, aux = tensors[2], tensors[3]
             grad_up = grad_a * aux  # d/d up = silu(gate)
@@ -236,7 +231,7 @@ def ffn_backward(
         for i, (gh, w) in enumerate(zip(grad_hs, w1_parts, strict=True)):
             # SwiGLU: the up projection's contribution adds to the gate's.
             _mm_into(grad_x[lo:hi], gh, w[e, :d].t(), overwrite=i == 0)
-        weight_grads.accumulate(e, s.x[lo:hi], grad_hs, a_w2, gy_w2)
+        weight_grads.accumulate(e, s.x[lo:hi], grad_hs, a_w2, gy)
     if weighted:
         out[:, d].copy_(grad_w)
     return out

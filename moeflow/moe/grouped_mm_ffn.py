@@ -167,19 +167,18 @@ def backward(
     weight_grads: WeightGrads,
     ends: list[int],
     kernel: str = "grouped_mm",
-    width: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Gradient wrt x, `[R, width]` (default D, or D + 1 with row weights): with row weights
-    column D is theirs, columns past it (padding of the carrier) 0. The weight gradients are
-    added into `weight_grads`."""
+    """Gradient wrt x, written into `out` (default a new `[R, D]`, or `[R, D + 1]` with row
+    weights): with row weights column D is theirs; padding columns past it are left as they
+    are. The weight gradients are added into `weight_grads`."""
     grad_y = grad_y.to(s.x.dtype).contiguous()
     a, *saved = s.per_block[0]
     ga = _rows(grad_y, s.w2.transpose(1, 2), ends, kernel)
     rows, d = s.x.shape
     weighted = s.row_w is not None
-    out = s.x.new_empty(rows, width or d + weighted)
-    if out.shape[1] > d + weighted:
-        out[:, d + weighted :] = 0
+    if out is None:
+        out = s.x.new_empty(rows, d + weighted)
     a_w2 = a
     if weighted:
         torch.linalg.vecdot(a, ga, out=out[:, d])
