@@ -2,10 +2,11 @@
 
 Every aten op of one step is intercepted (`TorchDispatchMode`) and charged to the phase running it
 (router, counts and plan, permute, expert compute, un-permute, the losses and statistics, each
-forward and backward), with its wall time and the bytes it reads (its tensor inputs) and writes
-(its outputs). Matrix products of the expert compute are the floor's work and are listed apart;
-everything else is the layer's own overhead, and every byte of it appears in one row. Timing each
-op adds Python overhead (a few microseconds per op), so read the shares, not the sum.
+forward and backward; where no row travels, the experts' own gathers and token-order adds), with
+its wall time and the bytes it reads (its tensor inputs) and writes (its outputs). Matrix products
+of the expert compute are the floor's work and are listed apart; everything else is the layer's
+own overhead, and every byte of it appears in one row. Timing each op adds Python overhead (a few
+microseconds per op), so read the shares, not the sum.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import moeflow.comm.dispatcher as dispatcher_mod
+import moeflow.comm.local_compute as local_compute
 import moeflow.comm.permutation as permutation
 import moeflow.moe.expert_compute as expert_compute
 import moeflow.moe.layer as layer_mod
@@ -69,6 +71,12 @@ def instrument() -> None:
     _wrap(expert_compute.GroupedExpertCompute, "forward", "experts (fwd)", False)
     _wrap(expert_compute.GroupedExpertCompute, "backward", "experts (bwd)", False)
     _wrap(expert_compute.GroupedExpertCompute, "finish", "experts (bwd)", False)
+    # Where no row travels: the experts gather their rows and add their outputs into token order
+    # themselves (their `index_select` / `index_add_` rows), the op around them the weights.
+    _wrap(local_compute._LocalCompute, "forward", "row weights (fwd)", True)
+    _wrap(local_compute._LocalCompute, "backward", "row weights (bwd)", True)
+    _wrap(expert_compute.GroupedExpertCompute, "forward_tokens", "experts (fwd)", False)
+    _wrap(expert_compute.GroupedExpertCompute, "backward_tokens", "experts (bwd)", False)
     _wrap(layer_mod, "layer_losses", "balancing losses (fwd)", False)
     _wrap(layer_mod, "measure_stats", "statistics", False)
 

@@ -22,6 +22,11 @@ Schedule of one call:
    `weighted = True` (the MoE layer's) gets each row's router weight as column D in step 3
    (`moeflow.comm.permutation.carrier_width`) and weights its own outputs, so step 5 only sums
    (`moeflow.comm.permutation.combine`).
+
+Where no row travels (W = 1, one chunk, no capacity padding) and the compute can read token order
+(`reads_tokens`), steps 3-5 are one `moeflow.comm.local_compute` op instead: the compute gathers
+each expert's rows itself and adds its weighted outputs into token order, so no `[R, D]` buffer
+is written in either direction; the side computation runs first.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import Any
 import torch
 
 from moeflow.comm.all_to_all import Exchange
+from moeflow.comm.local_compute import local_compute
 from moeflow.comm.permutation import (
     RoutingPlan,
     build_plan,
@@ -181,24 +187,36 @@ class TokenDispatcher:
                 [flat_m[(c * W + i) * W : (c * W + i + 1) * W] for i in range(W)]
                 for c in range(num_chunks)
             ]
-        # 3. permute every chunk (with a weighted compute, each row carries its pair's weight)
-        weighted = getattr(compute, "weighted", False)
-        # Rows that stay on this rank carry the weight in a 16-byte aligned row; rows that travel
-        # carry it in one extra column (no padding on the wire).
-        width = carrier_width(x_TD.shape[1], x_TD.dtype, aligned=W == 1)
-        plans, x_chunks = [], []
-        for c, (t0, t1) in enumerate(bounds):
-            keep = None if keep_TK is None else keep_TK[t0:t1]
-            plan = build_plan(slot_ids_TK[t0:t1], P, keep, pad_to, counts_host=counts_host[c])
-            plans.append(plan)
-            weights = _chunk(weights_TK, t0, t1) if weighted else None
-            x_chunks.append(permute(_chunk(x_TD, t0, t1), plan, weights, width))
+        plans = [
+            build_plan(
+                slot_ids_TK[t0:t1], P, None if keep_TK is None else keep_TK[t0:t1], pad_to,
+                counts_host=counts_host[c],
+            )
+            for c, (t0, t1) in enumerate(bounds)
+        ]  # fmt: skip
         chunk_plan = ChunkPlan(
             input_splits=[[sum(send[j][c]) for j in range(W)] for c in range(num_chunks)],
             output_splits=[[sum(recv[i][c]) for i in range(W)] for c in range(num_chunks)],
             chunk_meta=[_received_blocks(recv, c, W, L) for c in range(num_chunks)],
             matrices=matrices,
         )
+        if _stays_local(compute, x_TD, params, W, num_chunks, pad_to):
+            # 3-5 where no row travels: the compute reads token order (`local_compute`).
+            side_out = None if side is None else side.fn(*side.inputs)
+            out = local_compute(
+                compute, params, x_TD, weights_TK, plans[0].row_to_pair, chunk_plan.chunk_meta[0]
+            )
+            return DispatchResult(out, plans, chunk_plan, 0, 0, side_out)
+        # 3. permute every chunk (with a weighted compute, each row carries its pair's weight)
+        weighted = getattr(compute, "weighted", False)
+        # Rows that stay on this rank carry the weight in a 16-byte aligned row; rows that travel
+        # carry it in one extra column (no padding on the wire).
+        width = carrier_width(x_TD.shape[1], x_TD.dtype, aligned=W == 1)
+        x_chunks = [
+            permute(_chunk(x_TD, t0, t1), plan, _chunk(weights_TK, t0, t1) if weighted else None,
+                    width)
+            for plan, (t0, t1) in zip(plans, bounds, strict=True)
+        ]  # fmt: skip
         # 4. dispatch, compute, combine
         try:
             y_chunks, side_out = exchange_compute(
@@ -217,6 +235,15 @@ class TokenDispatcher:
         )
         row_bytes = (width if weighted else x_TD.shape[1]) * x_TD.element_size()
         return DispatchResult(out, plans, chunk_plan, sent, sent * row_bytes, side_out)
+
+
+def _stays_local(compute, x_TD, params, W: int, chunks: int, pad_to: int | None) -> bool:
+    """Whether the call runs `local_compute`: one rank, one chunk, no capacity padding, and a
+    compute that reads token order for these inputs (`reads_tokens`)."""
+    if W != 1 or chunks != 1 or pad_to is not None:
+        return False
+    reads = getattr(compute, "reads_tokens", None)
+    return reads is not None and reads(x_TD, params)
 
 
 def _chunk(t: torch.Tensor, t0: int, t1: int) -> torch.Tensor:

@@ -20,6 +20,13 @@ instead of `[R, F]`, which on CPU would be page-faulted in again every step. The
 `moeflow.moe.ffn.FeedForward` per expert; tests compare the two and run gradcheck. Under
 `torch.autocast` the GEMMs run in the autocast dtype, as `nn.Linear` would.
 
+Token order (`src`): where no row travels (`moeflow.comm.local_compute`), `x` is the tokens
+`[T, D]` themselves and buffer row r is token `src[r]`. Each block gathers its rows where its GEMM
+reads them (still in cache), adds its outputs into their tokens' rows of a `[T, D]` output (one
+`index_add_` per block; a token has at most one row per expert, so no two writes of one call meet
+and every sum runs in block order: deterministic), and the backward gathers the output gradient
+the same way. No `[R, D]` buffer exists in either direction.
+
 `ffn_forward` / `ffn_backward` are plain functions (no autograd) so that the expert-parallel
 dispatcher can interleave them with communication in its own forward and backward; the autograd
 op is the dispatcher's (`moeflow.moe.expert_compute.grouped_ffn` runs it on one rank).
@@ -66,6 +73,7 @@ class FFNActivations:
     blocks: list[Block]
     activation: str
     row_w: torch.Tensor | None = None  # per-row output weights (`ffn_forward`'s `row_w`)
+    src: torch.Tensor | None = None  # token order: buffer row r is `x[src[r]]` (see the module doc)
 
     @staticmethod
     def width(activation: str) -> int:
@@ -75,29 +83,40 @@ class FFNActivations:
         """For `ctx.save_for_backward` (so saved-tensor hooks, e.g. activation checkpointing or
         offloading, see them); `from_tensors` rebuilds the object."""
         blocks = [t for block in self.per_block for t in block]
-        return [self.x, self.w1, self.w2, self.row_w, *blocks]
+        return [self.x, self.w1, self.w2, self.row_w, self.src, *blocks]
 
     @classmethod
     def from_tensors(cls, tensors, blocks: list[Block], activation: str) -> FFNActivations:
-        x, w1, w2, row_w, *rest = tensors
+        x, w1, w2, row_w, src, *rest = tensors
         k = cls.width(activation)
         per_block = [list(rest[i : i + k]) for i in range(0, len(rest), k)]
-        return cls(x, w1, w2, per_block, blocks, activation, row_w)
+        return cls(x, w1, w2, per_block, blocks, activation, row_w, src)
+
+    @property
+    def num_rows(self) -> int:
+        return self.x.shape[0] if self.src is None else self.src.shape[0]
 
 
 class WeightGrads:
     """Weight gradients filled block by block: the first block of an expert writes, later blocks
-    add, and experts with no block at all get zeros."""
+    add, and experts with no block at all get zeros (each matrix on its own: a kernel may fill
+    W2's gradients in one pass over the blocks and W1's in another)."""
 
     def __init__(self, w1: torch.Tensor, w2: torch.Tensor) -> None:
         self.w1 = torch.empty_like(w1)
         self.w2 = torch.empty_like(w2)
         self.ffn = w2.shape[1]
-        self.written: set[int] = set()
+        self.written1: set[int] = set()
+        self.written2: set[int] = set()
 
     def accumulate(self, e: int, x_nD, grad_hs, a_nF, grad_nD) -> None:
-        first = e not in self.written
-        self.written.add(e)
+        self.accumulate_w1(e, x_nD, grad_hs)
+        self.accumulate_w2(e, a_nF, grad_nD)
+
+    def accumulate_w1(self, e: int, x_nD, grad_hs) -> None:
+        """`x^T grad_h` (per SwiGLU half) into expert e's W1 gradient (and its bias row)."""
+        first = e not in self.written1
+        self.written1.add(e)
         d = x_nD.shape[1]
         parts = [self.w1[e]] if len(grad_hs) == 1 else list(self.w1[e].split(self.ffn, dim=-1))
         for gw, gh in zip(parts, grad_hs, strict=True):
@@ -107,6 +126,11 @@ class WeightGrads:
                     torch.sum(gh, dim=0, out=gw[d])
                 else:
                     gw[d].add_(gh.sum(dim=0))
+
+    def accumulate_w2(self, e: int, a_nF, grad_nD) -> None:
+        """`a^T grad_y` into expert e's W2 gradient."""
+        first = e not in self.written2
+        self.written2.add(e)
         _mm_into(self.w2[e], a_nF.t(), grad_nD, first)
 
     def add_all(self, g1: torch.Tensor, g2: torch.Tensor, ends: list[int]) -> None:
@@ -115,15 +139,16 @@ class WeightGrads:
         starts = [0, *ends[:-1]]
         for e, (lo, hi) in enumerate(zip(starts, ends, strict=True)):
             if hi > lo:
-                first = e not in self.written
-                self.written.add(e)
-                (self.w1[e].copy_ if first else self.w1[e].add_)(g1[e])
-                (self.w2[e].copy_ if first else self.w2[e].add_)(g2[e])
+                pairs = ((self.w1, self.written1, g1), (self.w2, self.written2, g2))
+                for grads, written, g in pairs:
+                    (grads[e].copy_ if e not in written else grads[e].add_)(g[e])
+                    written.add(e)
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
         for e in range(self.w1.shape[0]):
-            if e not in self.written:
+            if e not in self.written1:
                 self.w1[e].zero_()
+            if e not in self.written2:
                 self.w2[e].zero_()
         return self.w1, self.w2
 
@@ -139,6 +164,11 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, overwrite: boo
         out.addmm_(a, b)
 
 
+def take(x: torch.Tensor, src: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor:
+    """Buffer rows `lo:hi`: a slice of `x`, or in token order (`src`) their tokens, gathered."""
+    return x[lo:hi] if src is None else x.index_select(0, src[lo:hi])
+
+
 def ffn_forward(
     x: torch.Tensor,
     w1: torch.Tensor,
@@ -146,25 +176,32 @@ def ffn_forward(
     blocks: list[Block],
     activation: str,
     row_w: torch.Tensor | None = None,
+    src: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, FFNActivations]:
     """Run every block; `x`, `w1`, `w2` already in the compute dtype. Rows in no block give 0.
     `row_w` `[R]`: each output row is scaled by its weight (the router's, applied here while the
     block is in cache, so the combine only sums; `ffn_backward` then returns the weights'
     gradient, `<a W2, grad_y> = <a, grad_y W2^T>` over F instead of D, and nothing of `y` is
-    kept)."""
-    (rows, d), ffn = x.shape, w2.shape[1]
+    kept). With `src` (token order, see the module doc) `x` is `[T, D]` and so is the output:
+    each token's rows summed."""
+    d, ffn = x.shape[1], w2.shape[1]
     # SwiGLU's gate and up projections (column blocks of w1) are separate GEMMs into contiguous
     # tensors: elementwise kernels on strided halves of one buffer run ~2x slower on CPU.
     w1_parts = list(w1.split(ffn, dim=-1))
     bias = w1.shape[1] > d
-    covered = sum(hi - lo for _, lo, hi in blocks)
-    y = x.new_empty(rows, w2.shape[-1]) if covered == rows else x.new_zeros(rows, w2.shape[-1])
+    if src is None:
+        rows = x.shape[0]
+        covered = sum(hi - lo for _, lo, hi in blocks)
+        y = x.new_empty(rows, w2.shape[-1]) if covered == rows else x.new_zeros(rows, w2.shape[-1])
+    else:
+        y = x.new_zeros(x.shape[0], w2.shape[-1])  # the blocks add into their tokens' rows
     per_block = []
     for e, lo, hi in blocks:
+        xb = take(x, src, lo, hi)
         if bias:
-            hs = [torch.addmm(w[e, d], x[lo:hi], w[e, :d]) for w in w1_parts]
+            hs = [torch.addmm(w[e, d], xb, w[e, :d]) for w in w1_parts]
         else:
-            hs = [x[lo:hi] @ w[e] for w in w1_parts]
+            hs = [xb @ w[e] for w in w1_parts]
         if activation == "swiglu":
             aux = F.silu(hs[0])
             a = aux * hs[1]
@@ -176,10 +213,12 @@ def ffn_forward(
                 else F.gelu(hs[0], approximate=_tanh(activation))
             )
             per_block.append([a, *hs])
-        torch.mm(a, w2[e], out=y[lo:hi])
+        yb = torch.mm(a, w2[e], out=y[lo:hi]) if src is None else a @ w2[e]
         if row_w is not None:
-            y[lo:hi].mul_(row_w[lo:hi].unsqueeze(-1))
-    return y, FFNActivations(x, w1, w2, per_block, blocks, activation, row_w)
+            yb.mul_(row_w[lo:hi].unsqueeze(-1))
+        if src is not None:
+            y.index_add_(0, src[lo:hi], yb)
+    return y, FFNActivations(x, w1, w2, per_block, blocks, activation, row_w, src)
 
 
 def ffn_backward(
@@ -187,26 +226,33 @@ def ffn_backward(
     grad_y: torch.Tensor,
     weight_grads: WeightGrads,
     out: torch.Tensor | None = None,
+    grad_w: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradient wrt `x` (rows in no block get 0); weight gradients go into `weight_grads`. `out`
     `[R, D]` (or `[R, D + 1 + pad]` with row weights: column D receives their gradient; padding
-    columns are left as they are) is written in place of a new buffer."""
+    columns are left as they are) is written in place of a new buffer. In token order `out` is
+    `[T, D]` and the row weights' gradient `[R]` goes into `grad_w` (required then)."""
     s = saved
     grad_y = grad_y.to(s.x.dtype).contiguous()
-    rows, d = s.x.shape
+    rows, d = s.num_rows, s.x.shape[1]
+    tokens = s.src is not None
     covered = sum(hi - lo for _, lo, hi in s.blocks)
     weighted = s.row_w is not None
+    if weighted and tokens and grad_w is None:
+        raise ValueError("ffn_backward in token order needs grad_w for the row weights' gradient")
     if out is None:
-        out = s.x.new_empty(rows, d + weighted)
-    if covered < rows:
-        out.zero_()
+        out = s.x.new_empty(s.x.shape[0], d + (weighted and not tokens))
+    if tokens or covered < rows:
+        out.zero_()  # token order: the blocks add into their tokens' rows
     grad_x = out[:, :d]
     # The weights' gradient, contiguous (one strided copy into `out` at the end).
-    grad_w = s.x.new_zeros(rows) if weighted else None
+    into_out = weighted and grad_w is None
+    if into_out:
+        grad_w = s.x.new_zeros(rows)
     w1_parts = list(s.w1.split(s.w2.shape[1], dim=-1))
     for (e, lo, hi), tensors in zip(s.blocks, s.per_block, strict=True):
         a, h0 = tensors[0], tensors[1]
-        gy = grad_y[lo:hi]
+        gy = take(grad_y, s.src, lo, hi)
         grad_a = gy @ s.w2[e].t()  # [n, F], consumed below
         a_w2 = a  # what W2's gradient multiplies: the rows' (weighted) activations
         if weighted:
@@ -228,10 +274,16 @@ def ffn_backward(
         else:
             grad_a.masked_fill_(h0 <= 0, 0)
             grad_hs = [grad_a]
+        gx = grad_x[lo:hi] if not tokens else None
         for i, (gh, w) in enumerate(zip(grad_hs, w1_parts, strict=True)):
             # SwiGLU: the up projection's contribution adds to the gate's.
-            _mm_into(grad_x[lo:hi], gh, w[e, :d].t(), overwrite=i == 0)
-        weight_grads.accumulate(e, s.x[lo:hi], grad_hs, a_w2, gy)
-    if weighted:
+            if gx is None:
+                gx = gh @ w[e, :d].t()
+            else:
+                _mm_into(gx, gh, w[e, :d].t(), overwrite=i == 0 and not tokens)
+        if tokens:
+            grad_x.index_add_(0, s.src[lo:hi], gx)
+        weight_grads.accumulate(e, take(s.x, s.src, lo, hi), grad_hs, a_w2, gy)
+    if into_out:
         out[:, d].copy_(grad_w)
     return out

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moeflow.moe.grouped_ffn import Block, FFNActivations, WeightGrads
+from moeflow.moe.grouped_ffn import Block, FFNActivations, WeightGrads, take
 
 KERNELS = ("auto", "loop", "grouped_mm", "grouped_loop")
 
@@ -90,9 +90,10 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def _rows(a: torch.Tensor, w: torch.Tensor, ends: list[int], kernel: str, out=None):
+def _rows(a: torch.Tensor, w: torch.Tensor, ends: list[int], kernel: str, out=None, src=None):
     """`out[rows of e] = a[rows of e] @ w[e]` for every local expert e; rows past `ends[-1]` are
-    left as they are. `w` may be a transposed view (`mm` reads it in place)."""
+    left as they are. `w` may be a transposed view (`mm` reads it in place). With `src` (token
+    order, `grouped_loop` only) row r of `a` is `a[src[r]]`, gathered per expert."""
     if kernel == "grouped_mm":
         offs = torch.tensor(ends, dtype=torch.int32, device=a.device)
         y = F.grouped_mm(_aligned(a), w, offs=offs)
@@ -100,13 +101,26 @@ def _rows(a: torch.Tensor, w: torch.Tensor, ends: list[int], kernel: str, out=No
             return y
         return out[: y.shape[0]].copy_(y)
     if out is None:
-        out = a.new_empty(a.shape[0], w.shape[-1])
+        out = a.new_empty(a.shape[0] if src is None else src.shape[0], w.shape[-1])
     lo = 0
     for e, hi in enumerate(ends):
         if hi > lo:
-            torch.mm(a[lo:hi], w[e], out=out[lo:hi])
+            torch.mm(take(a, src, lo, hi), w[e], out=out[lo:hi])
         lo = hi
     return out
+
+
+def _add_rows(a, w, ends: list[int], src, out, scale=None) -> None:
+    """Token order: `out[src[r]] += scale[r] * (a[r] @ w[e])` for the rows r of every local
+    expert e, one GEMM and one `index_add_` per expert (its rows' tokens are distinct)."""
+    lo = 0
+    for e, hi in enumerate(ends):
+        if hi > lo:
+            y = a[lo:hi] @ w[e]
+            if scale is not None:
+                y.mul_(scale[lo:hi].unsqueeze(-1))
+            out.index_add_(0, src[lo:hi], y)
+        lo = hi
 
 
 def _weight_grads(weight_grads, x, gh, a_w2, grad_y, ends, kernel, swiglu: bool) -> None:
@@ -145,20 +159,41 @@ def forward(
     row_w: torch.Tensor | None,
     ends: list[int],
     kernel: str = "grouped_mm",
+    src: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, FFNActivations]:
     """The whole buffer at once (see the module doc); rows past `ends[-1]` give 0. `x` may be a
-    column view of a wider row buffer (the row weights' carrier)."""
-    h = _rows(x, w1, ends, kernel)
+    column view of a wider row buffer (the row weights' carrier). With `src` (token order,
+    `moeflow.moe.grouped_ffn`; `grouped_loop` only) `x` and the output are `[T, D]`."""
+    h = _rows(x, w1, ends, kernel, src=src)
     a, saved = _activate(h, activation)
     # Row weights scale the narrower side: `(w a) W2 = w (a W2)`; `a` itself is kept unweighted.
     scale_a = row_w is not None and a.shape[1] < w2.shape[-1]
-    y = _rows(a * row_w.unsqueeze(-1) if scale_a else a, w2, ends, kernel)
+    a_in = a * row_w.unsqueeze(-1) if scale_a else a
+    per_block = [[a, *saved]]  # one "block": the whole buffer
+    saved_state = FFNActivations(x, w1, w2, per_block, blocks, activation, row_w, src)
+    if src is not None:
+        y = x.new_zeros(x.shape[0], w2.shape[-1])
+        _add_rows(a_in, w2, ends, src, y, None if scale_a else row_w)
+        return y, saved_state
+    y = _rows(a_in, w2, ends, kernel)
     if ends[-1] < x.shape[0]:
         y[ends[-1] :] = 0
     if row_w is not None and not scale_a:
         y.mul_(row_w.unsqueeze(-1))
-    per_block = [[a, *saved]]  # one "block": the whole buffer
-    return y, FFNActivations(x, w1, w2, per_block, blocks, activation, row_w)
+    return y, saved_state
+
+
+def _activation_backward(ga: torch.Tensor, saved: list[torch.Tensor], activation: str):
+    """The pre-activation gradient from the activation's, `[R, gF]`."""
+    if activation == "swiglu":
+        gate, up, aux = saved
+        grad_up = ga * aux
+        grad_gate = torch.ops.aten.silu_backward(ga * up, gate)
+        return torch.cat([grad_gate, grad_up], dim=-1)
+    if activation == "relu":
+        return ga.masked_fill(saved[0] <= 0, 0)
+    approximate = "tanh" if activation == "gelu_tanh" else "none"
+    return torch.ops.aten.gelu_backward(ga, saved[0], approximate=approximate)
 
 
 def backward(
@@ -168,35 +203,48 @@ def backward(
     ends: list[int],
     kernel: str = "grouped_mm",
     out: torch.Tensor | None = None,
+    grad_w: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradient wrt x, written into `out` (default a new `[R, D]`, or `[R, D + 1]` with row
     weights): with row weights column D is theirs; padding columns past it are left as they
-    are. The weight gradients are added into `weight_grads`."""
+    are. The weight gradients are added into `weight_grads`. In token order (`s.src`) `out` is
+    `[T, D]` and the row weights' gradient `[R]` goes into `grad_w` (required then)."""
     grad_y = grad_y.to(s.x.dtype).contiguous()
     a, *saved = s.per_block[0]
-    ga = _rows(grad_y, s.w2.transpose(1, 2), ends, kernel)
-    rows, d = s.x.shape
-    weighted = s.row_w is not None
-    if out is None:
-        out = s.x.new_empty(rows, d + weighted)
-    a_w2 = a
-    if weighted:
-        torch.linalg.vecdot(a, ga, out=out[:, d])
-        ga.mul_(s.row_w.unsqueeze(-1))
-        a_w2 = a * s.row_w.unsqueeze(-1)
-    if s.activation == "swiglu":
-        gate, up, aux = saved
-        grad_up = ga * aux
-        grad_gate = torch.ops.aten.silu_backward(ga * up, gate)
-        gh = torch.cat([grad_gate, grad_up], dim=-1)
-    elif s.activation == "relu":
-        gh = ga.masked_fill(saved[0] <= 0, 0)
-    else:
-        approximate = "tanh" if s.activation == "gelu_tanh" else "none"
-        gh = torch.ops.aten.gelu_backward(ga, saved[0], approximate=approximate)
-    _rows(gh, s.w1.transpose(1, 2), ends, kernel, out=out[:, :d])
-    if ends[-1] < rows:
-        out[ends[-1] :] = 0
+    rows, d = s.num_rows, s.x.shape[1]
+    weighted, src = s.row_w is not None, s.src
+    if weighted and src is not None and grad_w is None:
+        raise ValueError("backward in token order needs grad_w for the row weights' gradient")
+    a_w2 = a * s.row_w.unsqueeze(-1) if weighted else a
     swiglu = s.activation == "swiglu"
-    _weight_grads(weight_grads, s.x, gh, a_w2, grad_y, ends, kernel, swiglu)
+    if src is None:
+        ga = _rows(grad_y, s.w2.transpose(1, 2), ends, kernel)
+    else:  # gather each expert's output gradient once: for its `ga` and its W2 gradient
+        ga, lo = a.new_empty(rows, a.shape[1]), 0
+        for e, hi in enumerate(ends):
+            if hi > lo:
+                gy = grad_y.index_select(0, src[lo:hi])
+                torch.mm(gy, s.w2[e].t(), out=ga[lo:hi])
+                weight_grads.accumulate_w2(e, a_w2[lo:hi], gy)
+            lo = hi
+    if out is None:
+        out = s.x.new_empty(s.x.shape[0], d + (weighted and src is None))
+    if weighted:
+        torch.linalg.vecdot(a, ga, out=out[:, d] if grad_w is None else grad_w)
+        ga.mul_(s.row_w.unsqueeze(-1))
+    gh = _activation_backward(ga, saved, s.activation)
+    if src is None:
+        _rows(gh, s.w1.transpose(1, 2), ends, kernel, out=out[:, :d])
+        if ends[-1] < rows:
+            out[ends[-1] :] = 0
+        _weight_grads(weight_grads, s.x, gh, a_w2, grad_y, ends, kernel, swiglu)
+        return out
+    out.zero_()  # token order: each expert adds into its rows' tokens
+    lo = 0
+    for e, hi in enumerate(ends):
+        if hi > lo:
+            parts = list(gh[lo:hi].chunk(2, dim=-1)) if swiglu else [gh[lo:hi]]
+            weight_grads.accumulate_w1(e, s.x.index_select(0, src[lo:hi]), parts)
+            out.index_add_(0, src[lo:hi], gh[lo:hi] @ s.w1[e].t())
+        lo = hi
     return out
