@@ -13,7 +13,9 @@ plain per-expert matrix products (forward and backward, input gradients included
 layer's own weights and per-expert counts. Everything the layer adds (router, top-k, sort, gather,
 capacity, weighted combine, losses) is overhead on it. DeepSpeed: `deepspeed.moe.layer.MoE` with the
 layer's router and expert weights, ep_size=1, on gloo (`bench/peers.py`). Floor, moeflow and
-DeepSpeed alternate in a fresh random order every repeat; medians. Every step ends with its
+DeepSpeed alternate in a fresh random order every repeat; times are medians, and each ratio
+(`x floor`, `gmm x fl`, `ds/ours`) is the median over repeats of that repeat's ratio (the two
+ran back to back, so a slow spell of this shared machine cancels out). Every step ends with its
 gradients set to None, as `zero_grad()` between training steps: none adds into the last step's.
 
 Allocators, each in its own process (this script runs both): `moeflow` is what a user gets by
@@ -206,8 +208,17 @@ def measure(args, shape: str, activation: str, capacity: float | None) -> dict:
     return {
         "shape": shape, "activation": activation, "capacity": capacity,
         "ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
+        "ratio": {k: paired_ratio(times[k], times[base])
+                  for k, base in (("moeflow", "floor"), ("grouped_mm", "floor"),
+                                  ("deepspeed", "moeflow")) if k in times},
         "bytes_per_token": memory, "dropped": stats.dropped_fraction.item(),
     }  # fmt: skip
+
+
+def paired_ratio(times: list[float], base: list[float]) -> float:
+    """The median over repeats of one repeat's time over the other's: both ran back to back in
+    that repeat, so a slow spell of the machine slows both and cancels out of the ratio."""
+    return statistics.median(t / b for t, b in zip(times, base, strict=True))
 
 
 def worker(args) -> None:
@@ -267,10 +278,11 @@ def print_table(results: list[dict], deepspeed: bool) -> None:
         ms, mem = r["ms"], r["bytes_per_token"]
         setting = "dropless" if r["capacity"] is None else f"cap {r['capacity']}"
         line = f"{r['alloc']:<9}{r['shape']:<7}{r['activation']:<7}{setting:<10}"
-        line += f"{ms['floor']:>9.1f}{ms['moeflow']:>9.1f}{ms['moeflow'] / ms['floor']:>8.3f}"
-        line += f"{ms['grouped_mm'] / ms['floor']:>9.3f}"
+        ratio = r["ratio"]
+        line += f"{ms['floor']:>9.1f}{ms['moeflow']:>9.1f}{ratio['moeflow']:>8.3f}"
+        line += f"{ratio['grouped_mm']:>9.3f}"
         if deepspeed and "deepspeed" in ms:
-            line += f"{ms['deepspeed']:>10.1f}{ms['deepspeed'] / ms['moeflow']:>8.2f}"
+            line += f"{ms['deepspeed']:>10.1f}{ratio['deepspeed']:>8.2f}"
         line += f"{mem['moeflow']:>13.0f}{mem['floor']:>7.0f}"
         line += f"{mem['deepspeed']:>7.0f}" if deepspeed and "deepspeed" in mem else ""
         print(line + (f"  (dropped {r['dropped']:.1%})" if r["dropped"] else ""))
