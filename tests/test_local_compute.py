@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import moeflow.comm.dispatcher as dispatcher
 from moeflow import MoEConfig, MoELayer, RouterConfig
+from moeflow.moe.expert_compute import GroupedExpertCompute
 
 D = 16
 REAL = dispatcher._stays_local
@@ -121,3 +123,24 @@ def test_where_the_token_order_runs(cfg, call, local, monkeypatch):
     assert seen == ({"local": 1, "permute": 0} if local else {"local": 0, "permute": chunks})
     assert y.shape == (12, D)
     assert layer.last_stats.traffic.sent_bytes == 0
+
+
+def test_token_order_runs_grouped_mm_as_grouped_loop():
+    """A compute asked for `grouped_mm` (one row buffer) that is handed token order anyway (its
+    gathered weights may choose differently from its slices) runs one mm per expert instead."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(10, D, generator=gen)
+    w1, w2 = torch.randn(3, D, 16, generator=gen), torch.randn(3, 8, D, generator=gen)
+    src = torch.tensor([0, 3, 4, 9, 1, 3, 5, 2, 7, 8])
+    row_w = torch.rand(10, generator=gen)
+    blocks = [(0, 0, 4), (1, 4, 7), (2, 7, 10)]
+    outs = {}
+    for kernel in ("loop", "grouped_mm"):
+        compute = GroupedExpertCompute("swiglu", weighted=True, kernel=kernel)
+        outs[kernel] = compute.forward_tokens((w1, w2), x, src, row_w, blocks)[0]
+    torch.testing.assert_close(outs["grouped_mm"], outs["loop"], rtol=1e-5, atol=1e-5)
+    want = torch.zeros(10, D)
+    for e, lo, hi in blocks:
+        gate, up = (x[src[lo:hi]] @ w1[e]).chunk(2, dim=-1)
+        want.index_add_(0, src[lo:hi], row_w[lo:hi, None] * ((F.silu(gate) * up) @ w2[e]))
+    torch.testing.assert_close(outs["loop"], want, rtol=1e-5, atol=1e-5)

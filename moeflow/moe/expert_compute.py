@@ -70,10 +70,13 @@ class GroupedExpertCompute:
         self.weighted = weighted
         self.kernel = kernel  # `moeflow.moe.grouped_mm_ffn.KERNELS`
 
-    def _kernel(self, x, w1, w2, merged) -> tuple[str, list[int] | None]:
+    def _kernel(self, x, w1, w2, merged, tokens: bool = False) -> tuple[str, list[int] | None]:
         """`(kernel, ends)`: the whole-buffer kernel and the local experts' end rows, or
-        `("loop", None)` (`moeflow.moe.grouped_mm_ffn.choose`)."""
+        `("loop", None)` (`moeflow.moe.grouped_mm_ffn.choose`). In token order (`tokens`) the
+        rows are gathered per expert, so `grouped_mm` (one buffer) runs as `grouped_loop`."""
         kernel = grouped_mm_ffn.choose(self.kernel, x, w1, w2)
+        if tokens and kernel == "grouped_mm":
+            kernel = "grouped_loop"
         ends = None if kernel == "loop" else grouped_mm_ffn.grouped_ends(merged, w1.shape[0])
         return ("loop", None) if ends is None else (kernel, ends)
 
@@ -119,7 +122,7 @@ class GroupedExpertCompute:
         `x_TD`, weighted by `row_w_R[r]`; returns `([T, D] outputs, each token's rows summed;
         saved)`. No `[R, D]` buffer exists."""
         w1, w2 = (p.to(x_TD.dtype) for p in params)
-        kernel, ends = self._kernel(x_TD, w1, w2, blocks)
+        kernel, ends = self._kernel(x_TD, w1, w2, blocks, tokens=True)
         row_w = row_w_R.to(x_TD.dtype)
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             if ends is None:
@@ -139,7 +142,7 @@ class GroupedExpertCompute:
             acc["grads"] = WeightGrads(w1, w2)
         activations = FFNActivations.from_tensors([x, w1, w2, *saved[1:]], blocks, self.activation)
         grad_w = x.new_zeros(activations.num_rows)
-        kernel, ends = self._kernel(x, w1, w2, blocks)  # the forward's choice (same inputs)
+        kernel, ends = self._kernel(x, w1, w2, blocks, tokens=True)  # the forward's choice
         if ends is None:
             grad_x = ffn_backward(activations, grad_TD, acc["grads"], grad_w=grad_w)
         else:

@@ -95,6 +95,8 @@ def _rows(a: torch.Tensor, w: torch.Tensor, ends: list[int], kernel: str, out=No
     left as they are. `w` may be a transposed view (`mm` reads it in place). With `src` (token
     order, `grouped_loop` only) row r of `a` is `a[src[r]]`, gathered per expert."""
     if kernel == "grouped_mm":
+        if src is not None:
+            raise ValueError("grouped_mm reads one row buffer; token order runs grouped_loop")
         offs = torch.tensor(ends, dtype=torch.int32, device=a.device)
         y = F.grouped_mm(_aligned(a), w, offs=offs)
         if out is None:
