@@ -25,8 +25,8 @@ Schedule of one call:
 
 Where no row travels (W = 1, one chunk, no capacity padding) and the compute can read token order
 (`reads_tokens`), steps 3-5 are one `moeflow.comm.local_compute` op instead: the compute gathers
-each expert's rows itself and adds its weighted outputs into token order, so no `[R, D]` buffer
-is written in either direction; the side computation runs first.
+each expert's rows of the tokens (and, in backward, of the output gradient) itself, so neither is
+written as an `[R, D]` buffer; the side computation runs first.
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ class TokenDispatcher:
             # 3-5 where no row travels: the compute reads token order (`local_compute`).
             side_out = None if side is None else side.fn(*side.inputs)
             out = local_compute(
-                compute, params, x_TD, weights_TK, plans[0].row_to_pair, chunk_plan.chunk_meta[0]
+                compute, params, x_TD, weights_TK, plans[0], chunk_plan.chunk_meta[0]
             )
             return DispatchResult(out, plans, chunk_plan, 0, 0, side_out)
         # 3. permute every chunk (with a weighted compute, each row carries its pair's weight)

@@ -119,8 +119,9 @@ class GroupedExpertCompute:
 
     def forward_tokens(self, params, x_TD, src_R, row_w_R, blocks: list[Block]):
         """Token order (`moeflow.comm.local_compute`): buffer row r is token `src_R[r]` of
-        `x_TD`, weighted by `row_w_R[r]`; returns `([T, D] outputs, each token's rows summed;
-        saved)`. No `[R, D]` buffer exists."""
+        `x_TD`, weighted by `row_w_R[r]`; returns `([R, D] weighted output rows, saved)`. Each
+        expert gathers its rows where its GEMM reads them: no `[R, D]` input buffer is written
+        or kept."""
         w1, w2 = (p.to(x_TD.dtype) for p in params)
         kernel, ends = self._kernel(x_TD, w1, w2, blocks, tokens=True)
         row_w = row_w_R.to(x_TD.dtype)
@@ -134,8 +135,9 @@ class GroupedExpertCompute:
         return y, [x_TD, *saved.tensors()[3:]]
 
     def backward_tokens(self, params, saved, grad_TD, blocks: list[Block], acc: dict):
-        """`forward_tokens`'s backward: `(grad wrt x_TD, grad wrt row_w_R)`; the weight
-        gradients go into `acc`."""
+        """`forward_tokens`'s backward from the output gradient in token order `[T, D]`:
+        `([R, D] gradient of each row's input, grad wrt row_w_R)`; the weight gradients go into
+        `acc`."""
         x = saved[0]
         w1, w2 = (p.to(x.dtype) for p in params)
         if acc["grads"] is None:

@@ -21,11 +21,10 @@ instead of `[R, F]`, which on CPU would be page-faulted in again every step. The
 `torch.autocast` the GEMMs run in the autocast dtype, as `nn.Linear` would.
 
 Token order (`src`): where no row travels (`moeflow.comm.local_compute`), `x` is the tokens
-`[T, D]` themselves and buffer row r is token `src[r]`. Each block gathers its rows where its GEMM
-reads them (still in cache), adds its outputs into their tokens' rows of a `[T, D]` output (one
-`index_add_` per block; a token has at most one row per expert, so no two writes of one call meet
-and every sum runs in block order: deterministic), and the backward gathers the output gradient
-the same way. No `[R, D]` buffer exists in either direction.
+`[T, D]` themselves and buffer row r is token `src[r]`: each block gathers its rows where its GEMM
+reads them (still in cache), and the backward gathers its rows of the output gradient (`[T, D]`
+too) the same way, so no `[R, D]` input buffer is written or kept. The outputs are rows as
+always (the caller sums each token's rows).
 
 `ffn_forward` / `ffn_backward` are plain functions (no autograd) so that the expert-parallel
 dispatcher can interleave them with communication in its own forward and backward; the autograd
@@ -182,19 +181,15 @@ def ffn_forward(
     `row_w` `[R]`: each output row is scaled by its weight (the router's, applied here while the
     block is in cache, so the combine only sums; `ffn_backward` then returns the weights'
     gradient, `<a W2, grad_y> = <a, grad_y W2^T>` over F instead of D, and nothing of `y` is
-    kept). With `src` (token order, see the module doc) `x` is `[T, D]` and so is the output:
-    each token's rows summed."""
+    kept). With `src` (token order, see the module doc) `x` is `[T, D]`, read per block."""
     d, ffn = x.shape[1], w2.shape[1]
+    rows = x.shape[0] if src is None else src.shape[0]
     # SwiGLU's gate and up projections (column blocks of w1) are separate GEMMs into contiguous
     # tensors: elementwise kernels on strided halves of one buffer run ~2x slower on CPU.
     w1_parts = list(w1.split(ffn, dim=-1))
     bias = w1.shape[1] > d
-    if src is None:
-        rows = x.shape[0]
-        covered = sum(hi - lo for _, lo, hi in blocks)
-        y = x.new_empty(rows, w2.shape[-1]) if covered == rows else x.new_zeros(rows, w2.shape[-1])
-    else:
-        y = x.new_zeros(x.shape[0], w2.shape[-1])  # the blocks add into their tokens' rows
+    covered = sum(hi - lo for _, lo, hi in blocks)
+    y = x.new_empty(rows, w2.shape[-1]) if covered == rows else x.new_zeros(rows, w2.shape[-1])
     per_block = []
     for e, lo, hi in blocks:
         xb = take(x, src, lo, hi)
@@ -213,11 +208,9 @@ def ffn_forward(
                 else F.gelu(hs[0], approximate=_tanh(activation))
             )
             per_block.append([a, *hs])
-        yb = torch.mm(a, w2[e], out=y[lo:hi]) if src is None else a @ w2[e]
+        torch.mm(a, w2[e], out=y[lo:hi])
         if row_w is not None:
-            yb.mul_(row_w[lo:hi].unsqueeze(-1))
-        if src is not None:
-            y.index_add_(0, src[lo:hi], yb)
+            y[lo:hi].mul_(row_w[lo:hi].unsqueeze(-1))
     return y, FFNActivations(x, w1, w2, per_block, blocks, activation, row_w, src)
 
 
@@ -228,25 +221,22 @@ def ffn_backward(
     out: torch.Tensor | None = None,
     grad_w: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Gradient wrt `x` (rows in no block get 0); weight gradients go into `weight_grads`. `out`
-    `[R, D]` (or `[R, D + 1 + pad]` with row weights: column D receives their gradient; padding
-    columns are left as they are) is written in place of a new buffer. In token order `out` is
-    `[T, D]` and the row weights' gradient `[R]` goes into `grad_w` (required then)."""
+    """Gradient wrt the rows (rows in no block get 0); weight gradients go into `weight_grads`.
+    `out` `[R, D]` (or `[R, D + 1 + pad]` with row weights: column D receives their gradient,
+    unless `grad_w` `[R]` is given; padding columns are left as they are) is written in place of
+    a new buffer. In token order (`saved.src`) `grad_y` is `[T, D]`, read per block like `x`."""
     s = saved
     grad_y = grad_y.to(s.x.dtype).contiguous()
     rows, d = s.num_rows, s.x.shape[1]
-    tokens = s.src is not None
     covered = sum(hi - lo for _, lo, hi in s.blocks)
     weighted = s.row_w is not None
-    if weighted and tokens and grad_w is None:
-        raise ValueError("ffn_backward in token order needs grad_w for the row weights' gradient")
+    into_out = weighted and grad_w is None
     if out is None:
-        out = s.x.new_empty(s.x.shape[0], d + (weighted and not tokens))
-    if tokens or covered < rows:
-        out.zero_()  # token order: the blocks add into their tokens' rows
+        out = s.x.new_empty(rows, d + into_out)
+    if covered < rows:
+        out.zero_()
     grad_x = out[:, :d]
     # The weights' gradient, contiguous (one strided copy into `out` at the end).
-    into_out = weighted and grad_w is None
     if into_out:
         grad_w = s.x.new_zeros(rows)
     w1_parts = list(s.w1.split(s.w2.shape[1], dim=-1))
@@ -274,15 +264,9 @@ def ffn_backward(
         else:
             grad_a.masked_fill_(h0 <= 0, 0)
             grad_hs = [grad_a]
-        gx = grad_x[lo:hi] if not tokens else None
         for i, (gh, w) in enumerate(zip(grad_hs, w1_parts, strict=True)):
             # SwiGLU: the up projection's contribution adds to the gate's.
-            if gx is None:
-                gx = gh @ w[e, :d].t()
-            else:
-                _mm_into(gx, gh, w[e, :d].t(), overwrite=i == 0 and not tokens)
-        if tokens:
-            grad_x.index_add_(0, s.src[lo:hi], gx)
+            _mm_into(grad_x[lo:hi], gh, w[e, :d].t(), overwrite=i == 0)
         weight_grads.accumulate(e, take(s.x, s.src, lo, hi), grad_hs, a_w2, gy)
     if into_out:
         out[:, d].copy_(grad_w)

@@ -112,19 +112,6 @@ def _rows(a: torch.Tensor, w: torch.Tensor, ends: list[int], kernel: str, out=No
     return out
 
 
-def _add_rows(a, w, ends: list[int], src, out, scale=None) -> None:
-    """Token order: `out[src[r]] += scale[r] * (a[r] @ w[e])` for the rows r of every local
-    expert e, one GEMM and one `index_add_` per expert (its rows' tokens are distinct)."""
-    lo = 0
-    for e, hi in enumerate(ends):
-        if hi > lo:
-            y = a[lo:hi] @ w[e]
-            if scale is not None:
-                y.mul_(scale[lo:hi].unsqueeze(-1))
-            out.index_add_(0, src[lo:hi], y)
-        lo = hi
-
-
 def _weight_grads(weight_grads, x, gh, a_w2, grad_y, ends, kernel, swiglu: bool) -> None:
     """`x^T gh` and `a_w2^T grad_y` per local expert, into `weight_grads`."""
     if kernel == "grouped_mm":
@@ -165,24 +152,18 @@ def forward(
 ) -> tuple[torch.Tensor, FFNActivations]:
     """The whole buffer at once (see the module doc); rows past `ends[-1]` give 0. `x` may be a
     column view of a wider row buffer (the row weights' carrier). With `src` (token order,
-    `moeflow.moe.grouped_ffn`; `grouped_loop` only) `x` and the output are `[T, D]`."""
+    `moeflow.moe.grouped_ffn`; `grouped_loop` only) `x` is `[T, D]`, read per expert."""
     h = _rows(x, w1, ends, kernel, src=src)
     a, saved = _activate(h, activation)
     # Row weights scale the narrower side: `(w a) W2 = w (a W2)`; `a` itself is kept unweighted.
     scale_a = row_w is not None and a.shape[1] < w2.shape[-1]
-    a_in = a * row_w.unsqueeze(-1) if scale_a else a
-    per_block = [[a, *saved]]  # one "block": the whole buffer
-    saved_state = FFNActivations(x, w1, w2, per_block, blocks, activation, row_w, src)
-    if src is not None:
-        y = x.new_zeros(x.shape[0], w2.shape[-1])
-        _add_rows(a_in, w2, ends, src, y, None if scale_a else row_w)
-        return y, saved_state
-    y = _rows(a_in, w2, ends, kernel)
-    if ends[-1] < x.shape[0]:
+    y = _rows(a * row_w.unsqueeze(-1) if scale_a else a, w2, ends, kernel)
+    if ends[-1] < y.shape[0]:
         y[ends[-1] :] = 0
     if row_w is not None and not scale_a:
         y.mul_(row_w.unsqueeze(-1))
-    return y, saved_state
+    per_block = [[a, *saved]]  # one "block": the whole buffer
+    return y, FFNActivations(x, w1, w2, per_block, blocks, activation, row_w, src)
 
 
 def _activation_backward(ga: torch.Tensor, saved: list[torch.Tensor], activation: str):
@@ -207,16 +188,14 @@ def backward(
     out: torch.Tensor | None = None,
     grad_w: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Gradient wrt x, written into `out` (default a new `[R, D]`, or `[R, D + 1]` with row
-    weights): with row weights column D is theirs; padding columns past it are left as they
-    are. The weight gradients are added into `weight_grads`. In token order (`s.src`) `out` is
-    `[T, D]` and the row weights' gradient `[R]` goes into `grad_w` (required then)."""
+    """Gradient wrt the rows, written into `out` (default a new `[R, D]`, or `[R, D + 1]` with
+    row weights): with row weights column D is theirs (or `grad_w` `[R]`, if given); padding
+    columns past it are left as they are. The weight gradients are added into `weight_grads`.
+    In token order (`s.src`) `grad_y` is `[T, D]`, read per expert like `x`."""
     grad_y = grad_y.to(s.x.dtype).contiguous()
     a, *saved = s.per_block[0]
     rows, d = s.num_rows, s.x.shape[1]
     weighted, src = s.row_w is not None, s.src
-    if weighted and src is not None and grad_w is None:
-        raise ValueError("backward in token order needs grad_w for the row weights' gradient")
     a_w2 = a * s.row_w.unsqueeze(-1) if weighted else a
     swiglu = s.activation == "swiglu"
     if src is None:
@@ -230,23 +209,21 @@ def backward(
                 weight_grads.accumulate_w2(e, a_w2[lo:hi], gy)
             lo = hi
     if out is None:
-        out = s.x.new_empty(s.x.shape[0], d + (weighted and src is None))
+        out = s.x.new_empty(rows, d + (weighted and grad_w is None))
     if weighted:
         torch.linalg.vecdot(a, ga, out=out[:, d] if grad_w is None else grad_w)
         ga.mul_(s.row_w.unsqueeze(-1))
     gh = _activation_backward(ga, saved, s.activation)
+    _rows(gh, s.w1.transpose(1, 2), ends, kernel, out=out[:, :d])
+    if ends[-1] < rows:
+        out[ends[-1] :] = 0
     if src is None:
-        _rows(gh, s.w1.transpose(1, 2), ends, kernel, out=out[:, :d])
-        if ends[-1] < rows:
-            out[ends[-1] :] = 0
         _weight_grads(weight_grads, s.x, gh, a_w2, grad_y, ends, kernel, swiglu)
         return out
-    out.zero_()  # token order: each expert adds into its rows' tokens
     lo = 0
-    for e, hi in enumerate(ends):
+    for e, hi in enumerate(ends):  # W1's gradients, the rows of x gathered again
         if hi > lo:
             parts = list(gh[lo:hi].chunk(2, dim=-1)) if swiglu else [gh[lo:hi]]
             weight_grads.accumulate_w1(e, s.x.index_select(0, src[lo:hi]), parts)
-            out.index_add_(0, src[lo:hi], gh[lo:hi] @ s.w1[e].t())
         lo = hi
     return out
