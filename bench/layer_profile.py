@@ -2,7 +2,7 @@
 
 Every aten op of one step is intercepted (`TorchDispatchMode`) and charged to the phase running it
 (router, counts and plan, permute, expert compute, un-permute, the losses and statistics, each
-forward and backward; where no row travels, the experts' own gathers and token-order adds), with
+forward and backward; where no row travels, the experts' own gathers of token rows), with
 its wall time and the bytes it reads (its tensor inputs) and writes (its outputs). Matrix products
 of the expert compute are the floor's work and are listed apart; everything else is the layer's
 own overhead, and every byte of it appears in one row. Timing each op adds Python overhead (a few
@@ -71,10 +71,11 @@ def instrument() -> None:
     _wrap(expert_compute.GroupedExpertCompute, "forward", "experts (fwd)", False)
     _wrap(expert_compute.GroupedExpertCompute, "backward", "experts (bwd)", False)
     _wrap(expert_compute.GroupedExpertCompute, "finish", "experts (bwd)", False)
-    # Where no row travels: the experts gather their rows and add their outputs into token order
-    # themselves (their `index_select` / `index_add_` rows), the op around them the weights.
-    _wrap(local_compute._LocalCompute, "forward", "row weights (fwd)", True)
-    _wrap(local_compute._LocalCompute, "backward", "row weights (bwd)", True)
+    # Where no row travels: the experts gather their rows themselves (their `index_select` rows);
+    # the op around them sums the output rows per token (`combine_rows`) and gathers the router
+    # weights per row, charged to the un-permute.
+    _wrap(local_compute._LocalCompute, "forward", "un-permute (fwd)", True)
+    _wrap(local_compute._LocalCompute, "backward", "un-permute (bwd)", True)
     _wrap(expert_compute.GroupedExpertCompute, "forward_tokens", "experts (fwd)", False)
     _wrap(expert_compute.GroupedExpertCompute, "backward_tokens", "experts (bwd)", False)
     _wrap(layer_mod, "layer_losses", "balancing losses (fwd)", False)
