@@ -46,14 +46,14 @@ class _LocalCompute(torch.autograd.Function):
         )
         ctx.compute, ctx.plan, ctx.blocks, ctx.num_params = compute, plan, blocks, num_params
         ctx.weights_shape, ctx.weights_dtype = weights_TK.shape, weights_TK.dtype
-        ctx.save_for_backward(pairs_R, *params, *saved)
+        ctx.save_for_backward(*params, *saved)
         return combine_rows(y_RD, plan)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_TD):
-        pairs_R, *rest = ctx.saved_tensors
-        params, saved = rest[: ctx.num_params], rest[ctx.num_params :]
+        tensors = ctx.saved_tensors
+        params, saved = tensors[: ctx.num_params], tensors[ctx.num_params :]
         compute = ctx.compute
         run = compute.materialize(params)
         acc = compute.new_grads(run)
@@ -62,6 +62,7 @@ class _LocalCompute(torch.autograd.Function):
         )
         grad_x = combine_rows(grad_x_RD, ctx.plan)
         shape = ctx.weights_shape
+        pairs_R = ctx.plan.row_to_pair
         grad_w = grad_row_w.new_zeros(shape.numel()).index_copy_(0, pairs_R, grad_row_w)
         grad_w = grad_w.view(shape).to(ctx.weights_dtype)  # dropped pairs get 0
         return (None, None, None, None, None, *compute.finish(acc), grad_x, grad_w)

@@ -216,9 +216,9 @@ class MoEConfig:
     rows and keeps them for the weights' gradient (D-wide passes, D values per row more kept),
     and no weight travels. Both give the same function and gradients. With F <= D, where no row
     travels (one rank in the expert group, or the `dp` mode; overlap degree 1, no
-    `pad_to_capacity`) and the kernel is not `grouped_mm`, the experts read their rows from
-    token order and add their weighted outputs back into it: no `[T*K, D]` row buffer is written
-    or kept (`moeflow.comm.local_compute`).
+    `pad_to_capacity`) and the kernel is not `grouped_mm`, the experts gather their rows of the
+    tokens (and of the output gradient) themselves: no `[T*K, D]` input row buffer is written or
+    kept, and the results are bitwise those of the buffered path (`moeflow.comm.local_compute`).
 
     Shared experts (DeepSeek-V2/V3, Qwen2-MoE; Megatron's `moe_shared_expert_intermediate_size`):
     `shared_expert_ffn_hidden_size` F_s > 0 adds an always-on FFN of width F_s (n shared experts

@@ -110,10 +110,10 @@ class GroupedExpertCompute:
         experts weight their rows (`weighted`: the layer's choice where F <= D), on any kernel
         but `grouped_mm`, which wants its rows in one buffer. Measured against the buffered path
         (interleaved in one process, 2 threads, T=4096, D=256): fine experts (F=64, E=64, k=8)
-        6% faster, F = D (E=8, k=2) and F = D/2 (E=16, k=4) 2-3% faster. Where F > D the
+        2-7% faster; an earlier version (outputs added per expert with `index_add_`, the same
+        speed there) was 2-3% faster at F = D (E=8, k=2) and F = D/2 (E=16, k=4). Where F > D the
         buffered path wins (weights on the D-wide outputs in the combine, their gradient over D):
-        at F=512, E=8, k=2 the token order was 1-3.5% slower, even with its outputs weighted and
-        kept at D as well."""
+        at F=512, E=8, k=2 the token order was 1-3.5% slower."""
         kernel = grouped_mm_ffn.choose(self.kernel, x_TD, *params)
         return self.weighted and kernel != "grouped_mm"
 
