@@ -125,11 +125,19 @@ def profile_step(layer, x: torch.Tensor, g: torch.Tensor, steps: int = 3) -> lis
     """`[(phase, op, ms, MB read, MB written, calls)]` per step, averaged over `steps`."""
     instrument()
     _wrap(layer.router, "forward", "router (fwd)", False)
-    layer(x).backward(g)  # warm
+
+    def step() -> None:
+        layer(x).backward(g)
+        # As the timed steps do (`bench/layer.py`'s `clear_grads`): without it every step after
+        # the first would add into the last step's gradients, work the timed steps never do.
+        for p in (*layer.parameters(), x):
+            p.grad = None
+
+    step()  # warm
     rec = _Recorder()
     with rec:
         for _ in range(steps):
-            layer(x).backward(g)
+            step()
     return [
         (ph, op, s * 1e3 / steps, r / 1e6 / steps, w / 1e6 / steps, n // steps)
         for (ph, op), (s, r, w, n) in rec.rows.items()
