@@ -94,11 +94,28 @@ def test_router_modes(router_kw):
     check_against_reference(layer, cfg, x, seq_len=6)
 
 
-def test_pad_to_capacity_changes_nothing_but_shape():
+@pytest.mark.parametrize("ffn", [12, 6], ids=["combine-weights", "experts-weight"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_pad_to_capacity_changes_nothing_but_shape(ffn, bias):
+    # Padding rows are zero inputs; with biases their outputs are not zero, so a gradient reaching
+    # them (the combine once handed them another row's) would change the expert weights' gradient.
     x = torch.randn(40, 8, dtype=torch.float64)
-    layer, _ = make_layer(top_k=2, capacity_factor=1.0)
-    padded, _ = make_layer(top_k=2, capacity_factor=1.0, pad_to_capacity=True)
-    torch.testing.assert_close(layer(x), padded(x), rtol=1e-12, atol=1e-14)
+    g = torch.randn_like(x)
+    results = []
+    for pad in (False, True):
+        cfg = MoEConfig(hidden_size=8, num_experts=8, ffn_hidden_size=ffn, activation="gelu",
+                        ffn_bias=bias, router=RouterConfig(top_k=2, capacity_factor=1.0,
+                                                           pad_to_capacity=pad))  # fmt: skip
+        torch.manual_seed(0)
+        layer = MoELayer(cfg).double()
+        with torch.no_grad():
+            layer.router.weight.normal_(0.0, 1.0)
+        out = layer(x)
+        (out * g).sum().backward()
+        results.append([out, *(p.grad for p in layer.parameters())])
+    assert results[1][0].shape == x.shape
+    for plain, padded in zip(*results, strict=True):
+        torch.testing.assert_close(padded, plain, rtol=1e-12, atol=1e-13)
 
 
 def test_eval_mode_attaches_no_loss_gradient():

@@ -220,7 +220,10 @@ class _Unpermute(torch.autograd.Function):
         plan: RoutingPlan = ctx.plan
         y_RD, weights_TK = ctx.saved_tensors
         pair = plan.row_to_pair.clamp(min=0)
-        g_RD = _gather_rows(grad_TD.to(y_RD.dtype), pair // plan.top_k, plan.has_padding)
+        # Padding rows (pair -1) get a zero gradient: with biases their outputs are not zero, so
+        # any other row's gradient there would reach the expert weights.
+        src = torch.where(plan.row_to_pair >= 0, pair // plan.top_k, -1)
+        g_RD = _gather_rows(grad_TD.to(y_RD.dtype), src, plan.has_padding)
         grad_w = grad_y = None
         if ctx.needs_input_grad[1]:
             dots_R = torch.linalg.vecdot(y_RD, g_RD).to(weights_TK.dtype)
