@@ -13,7 +13,8 @@ Two ways to apply the router weights: `permute` + `unpermute(y, weights)` weight
 combining (and saves `y` for the weights' gradient); `permute(x, plan, weights)` + `combine(y)`
 carries each pair's weight as column D to the experts (`carrier_width`), which weight their own
 outputs and return the weights' gradient in that column (`moeflow.moe.grouped_ffn`), so the
-combine only sums and saves nothing. The MoE layer uses the second.
+combine only sums and saves nothing. The MoE layer uses the second where F <= D and the first
+where F > D (the weights then scale the narrower, D-wide rows; `MoEConfig`).
 """
 
 from __future__ import annotations
