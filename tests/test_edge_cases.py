@@ -107,6 +107,63 @@ def test_all_tokens_to_one_expert(capacity_factor):
         assert torch.all(y[3:] == 0)  # dropped tokens: the residual carries them
 
 
+@pytest.mark.parametrize("ffn", [16, 6], ids=["combine-weights", "experts-weight"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_a_chunk_whose_pairs_are_all_dropped(ffn, bias):
+    # Every token picks expert 0; capacity keeps the first 2 (position policy), so the second
+    # of two chunks keeps no pair at all: its expert buffer has no row.
+    rc = RouterConfig(top_k=1, capacity_factor=0.5, drop_policy="position")
+    c = MoEConfig(hidden_size=8, num_experts=4, ffn_hidden_size=ffn, ffn_bias=bias, router=rc)
+    layer = MoELayer(c).double()
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[0] = 5.0
+    x = torch.rand(16, 8, dtype=torch.float64) + 0.1
+    g = torch.randn_like(x)
+    grads = []
+    for overlap in (1, 2):
+        x1 = x.clone().requires_grad_(True)
+        y = layer(x1, overlap_degree=overlap)
+        (y * g).sum().backward()
+        grads.append([y, x1.grad, *(p.grad.clone() for p in layer.parameters())])
+        layer.zero_grad()
+        assert layer.last_stats.tokens_per_expert.tolist() == [2, 0, 0, 0]
+    w1 = layer.experts.w1
+    ref = [layer.router.weight, w1[:, :8], layer.experts.w2]
+    b = {"b1": w1[:, 8], "b2": layer.ffn_out_bias} if bias else {}
+    ref_out, *_ = reference_moe(x, *ref, c, **b)
+    torch.testing.assert_close(grads[1][0], ref_out)
+    assert torch.all(grads[1][0][2:] == 0)
+    for one_chunk, two_chunks in zip(*grads, strict=True):
+        torch.testing.assert_close(two_chunks, one_chunk)
+
+
+@pytest.mark.parametrize(
+    "router_kw",
+    [
+        {"type": "null", "num_null_experts": 4},
+        {"type": "moepp", "zero_experts": 2, "copy_experts": 1, "constant_experts": 1},
+    ],
+)
+@pytest.mark.parametrize("ffn", [16, 6], ids=["combine-weights", "experts-weight"])
+@pytest.mark.parametrize("overlap", [1, 2])
+def test_a_batch_without_any_ffn_pair(router_kw, ffn, overlap):
+    # AdaMoE's null experts or MoE++'s zero-computation experts take every pick: no FFN row.
+    c = MoEConfig(hidden_size=8, num_experts=4, ffn_hidden_size=ffn,
+                  router=RouterConfig(top_k=2, **router_kw))  # fmt: skip
+    layer = MoELayer(c).double()
+    with torch.no_grad():
+        layer.router.weight.fill_(-50.0)  # the FFN experts' logits: never picked
+    x = (torch.rand(12, 8, dtype=torch.float64) + 0.1).requires_grad_(True)
+    y = layer(x, overlap_degree=overlap)
+    y.sum().backward()
+    assert layer.last_stats.tokens_per_expert.tolist() == [0, 0, 0, 0]
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert not layer.experts.w1.grad.any() and not layer.experts.w2.grad.any()
+    if router_kw["type"] == "null":
+        assert not y.any()  # a token whose picks are all null gets 0
+
+
 def test_autocast_bf16_runs_and_keeps_router_in_fp32():
     torch.manual_seed(0)
     layer = MoELayer(cfg(top_k=2))

@@ -1,4 +1,5 @@
-"""EP edge cases: idle experts and ranks, remote-only tokens, bad input, dead peers."""
+"""EP edge cases: idle experts and ranks, remote-only tokens, a rank without any FFN pair, bad
+input, dead peers."""
 
 from __future__ import annotations
 
@@ -62,15 +63,52 @@ def _edges(rank, world):
         torch.testing.assert_close(got, want)
     torch.testing.assert_close(par.router.weight.grad, ref.router.weight.grad)
     expert3_grad = ref.experts.w1.grad[3].abs().sum().item()
-    return sent, expert3_grad, out.shape[0]
+    return sent, expert3_grad, out.shape[0], _no_ffn_pair_on_one_rank(rank, world, ctx)
+
+
+def _no_ffn_pair_on_one_rank(rank, world, ctx) -> int:
+    """AdaMoE: rank 1's tokens pick only null experts, so rank 1 permutes no row at all (it still
+    receives rank 0's). Feature 0 is a constant 1, feature 1 marks rank 0's tokens: the FFN
+    experts' logits are +50 on rank 0 and -50 on rank 1, the null experts' 0."""
+    cfg = MoEConfig(hidden_size=D, num_experts=E, ffn_hidden_size=12,
+                    router=RouterConfig(type="null", num_null_experts=4, top_k=2))  # fmt: skip
+
+    def build() -> MoELayer:
+        torch.manual_seed(0)
+        layer = MoELayer(cfg).double()
+        with torch.no_grad():
+            layer.router.weight.normal_(0.0, 0.5)
+            layer.router.weight[:, 0] = -50.0
+            layer.router.weight[:, 1] = 100.0
+            layer.router.null_weight.zero_()
+        return layer
+
+    gen = torch.Generator().manual_seed(2)
+    xs = [torch.randn(n, D, dtype=torch.float64, generator=gen) for n in (7, 5)]
+    for r, x in enumerate(xs):
+        x[:, 0], x[:, 1] = 1.0, 1.0 if r == 0 else 0.0
+    ref, par = build(), build()
+    parallelize(par, ctx)
+    out = par(xs[rank])
+    out.square().sum().backward()
+    GradSync(par, ctx).sync()
+    ref.aux_loss_scale = 1.0 / world
+    ref_outs = [ref(t) for t in xs]
+    sum(o.square().sum() for o in ref_outs).div(world).backward()
+    torch.testing.assert_close(out, ref_outs[rank])
+    for w in ("w1", "w2"):
+        want = getattr(ref.experts, w).grad[par.local_experts]
+        torch.testing.assert_close(getattr(par.experts, w).grad, want)
+    return int(par.last_stats.tokens_per_expert.sum())  # this rank's FFN pairs
 
 
 def test_idle_expert_idle_rank_and_all_remote_tokens():
-    (sent0, idle_grad, n0), (sent1, _, n1) = run_on_ranks(_edges, 2)
+    (sent0, idle_grad, n0, ffn0), (sent1, _, n1, ffn1) = run_on_ranks(_edges, 2)
     assert (n0, n1) == (10, 0)
     assert sent0 == 10 * 2  # every (token, slot) pair of rank 0 went to rank 1
     assert sent1 == 0
     assert idle_grad == 0.0  # expert 3: no token anywhere, zero gradient (not garbage)
+    assert (ffn0, ffn1) == (7 * 2, 0)  # rank 1: tokens, but not one FFN pair
 
 
 def _bad_inputs(rank, world):

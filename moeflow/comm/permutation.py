@@ -127,6 +127,8 @@ def _gather_rows(src: torch.Tensor, index: torch.Tensor, masked: bool) -> torch.
     """`src[index]` where index -1 gives a zero row (only checked when `masked`)."""
     if not masked:
         return src.index_select(0, index)
+    if src.shape[0] == 0:  # every index is -1 (a chunk whose pairs were all dropped)
+        return src.new_zeros(index.shape[0], *src.shape[1:])
     valid = index >= 0
     out = src.index_select(0, index.clamp(min=0))
     return out.masked_fill_(~valid.unsqueeze(-1), 0)
@@ -249,7 +251,7 @@ def combine_rows(y_RD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
     bitwise equal)."""
     y_RD = y_RD.contiguous() if y_RD.stride(-1) != 1 else y_RD
     fits = y_RD.device.type == "cpu" and y_RD.dtype in (torch.float32, torch.float64)  # MKL
-    if fits and (plan.top_k >= 4 or plan.has_dropped):
+    if fits and y_RD.shape[0] > 0 and (plan.top_k >= 4 or plan.has_dropped):
         return _sum_matrix(plan, y_RD.dtype) @ y_RD
     rows = _slot_rows(plan)
     out = _gather_rows(y_RD, rows[0], plan.has_dropped)
