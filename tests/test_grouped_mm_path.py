@@ -105,6 +105,9 @@ def test_where_grouped_mm_cannot_run_the_loop_does(monkeypatch):
     unaligned = MoEConfig(hidden_size=6, num_experts=2, ffn_hidden_size=10,
                           expert_kernel="grouped_mm")  # fmt: skip
     MoELayer(unaligned)(torch.randn(5, 6))  # 24-byte rows: the loop
+    # SwiGLU with F = 6: h is 12 wide (48 bytes) but the activation 6 (24 bytes).
+    loop, grouped = pair({"activation": "swiglu", "ffn_hidden_size": 6}, dtype=torch.float32)
+    torch.testing.assert_close(grouped(x), loop(x), rtol=0, atol=0)
     assert not seen
     with pytest.raises(ValueError, match=r"moe\.expert_kernel"):
         MoEConfig(hidden_size=8, num_experts=2, ffn_hidden_size=8, expert_kernel="cublas")
@@ -121,6 +124,8 @@ def test_choose_says_which_kernel_runs():
     assert choose("auto", x32, many, many2) == "grouped_loop"  # many small experts on CPU
     assert choose("grouped_mm", x32, w1, w2) == "grouped_mm"
     assert choose("grouped_mm", x64, w1, w2) == "loop"  # no float64 grouped_mm
+    half = torch.zeros(8, 16, 12), torch.zeros(8, 6, 16)  # SwiGLU, F = 6: 24-byte activations
+    assert choose("grouped_mm", x32, *half) == "loop"
     assert choose("grouped_loop", x64, w1, w2) == "grouped_loop"
     assert choose("grouped_loop", x32, biased, w2) == "loop"
     assert choose("loop", x32, many, many2) == "loop"

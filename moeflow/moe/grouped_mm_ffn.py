@@ -77,8 +77,11 @@ def choose(kernel: str, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> 
         return kernel
     if not hasattr(F, "grouped_mm") or x.dtype == torch.float64:
         return "loop"
-    if any(t.shape[-1] * t.element_size() % 16 for t in (x, w1, w2)):
-        return "loop"  # the kernels want 16-byte aligned rows
+    # The kernels want 16-byte rows: of x, of h (w1's columns), of y, and of the activation `a`
+    # (F, w2's rows), which for SwiGLU is half as wide as h.
+    widths = (x.shape[-1], w1.shape[-1], w2.shape[-2], w2.shape[-1])
+    if any(n * x.element_size() % 16 for n in widths):
+        return "loop"
     return "grouped_mm"
 
 
