@@ -67,10 +67,13 @@ def check_case(ctx, case: dict, shards: list[int]) -> None:
         ffn_hidden_size=case.get("ffn", 12),
         shared_expert_ffn_hidden_size=case.get("shared", 0),
         shared_expert_gate=case.get("shared_gate", False),
+        ffn_bias=case.get("bias", False),
+        activation=case.get("act", "swiglu"),
         router=RouterConfig(
             top_k=case["top_k"],
             capacity_factor=case.get("capacity_factor"),
             drop_policy=case.get("drop_policy", "probs"),
+            pad_to_capacity=case.get("pad", False),
             z_loss_coeff=1e-3,
         ),
     )
@@ -141,6 +144,10 @@ CASES = [
     {"top_k": 2, "ffn": 8, "overlap": 2},
     {"top_k": 2, "ffn": 6, "capacity_factor": 0.75, "drop_policy": "position", "replicas": 1},
     {"top_k": 1, "ffn": 4, "two_level": True, "ranks_per_node": 2, "capacity_factor": 1.0},
+    # Buffers padded to capacity, with expert biases and GELU, in both weightings (the padded
+    # layer against the reference itself: tests/test_layer_reference.py).
+    {"top_k": 2, "capacity_factor": 1.0, "pad": True, "bias": True, "act": "gelu"},
+    {"top_k": 2, "ffn": 6, "capacity_factor": 1.0, "pad": True, "bias": True, "act": "gelu"},
 ]
 
 
