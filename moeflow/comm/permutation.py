@@ -134,6 +134,12 @@ def _gather_rows(src: torch.Tensor, index: torch.Tensor, masked: bool) -> torch.
     return out.masked_fill_(~valid.unsqueeze(-1), 0)
 
 
+def _row_tokens(plan: RoutingPlan) -> torch.Tensor:
+    """`[R]`: each buffer row's token, -1 for a padding row (only computed where there are any)."""
+    tokens = plan.row_to_pair // plan.top_k
+    return torch.where(plan.row_to_pair >= 0, tokens, -1) if plan.has_padding else tokens
+
+
 def _slot_rows(plan: RoutingPlan) -> list[torch.Tensor]:
     """`pair_to_row` split per slot k: K contiguous `[T]` index vectors."""
     return list(plan.pair_to_row.view(plan.num_tokens, plan.top_k).t().contiguous())
@@ -166,7 +172,7 @@ class _Permute(torch.autograd.Function):
     ) -> torch.Tensor:
         d = x_TD.shape[1]
         ctx.plan, ctx.weighted, ctx.d = plan, weights_TK is not None, d
-        src_rows = torch.where(plan.row_to_pair >= 0, plan.row_to_pair // plan.top_k, -1)
+        src_rows = _row_tokens(plan)
         if weights_TK is None:
             return _gather_rows(x_TD, src_rows, plan.has_padding)
         # [R, width]: each row's token, then its pair's router weight (0 on padding rows), then
@@ -223,10 +229,9 @@ class _Unpermute(torch.autograd.Function):
         plan: RoutingPlan = ctx.plan
         y_RD, weights_TK = ctx.saved_tensors
         pair = plan.row_to_pair.clamp(min=0)
-        # Padding rows (pair -1) get a zero gradient: with biases their outputs are not zero, so
-        # any other row's gradient there would reach the expert weights.
-        src = torch.where(plan.row_to_pair >= 0, pair // plan.top_k, -1)
-        g_RD = _gather_rows(grad_TD.to(y_RD.dtype), src, plan.has_padding)
+        # Padding rows get a zero gradient: with biases their outputs are not zero, so any other
+        # row's gradient there would reach the expert weights.
+        g_RD = _gather_rows(grad_TD.to(y_RD.dtype), _row_tokens(plan), plan.has_padding)
         grad_w = grad_y = None
         if ctx.needs_input_grad[1]:
             dots_R = torch.linalg.vecdot(y_RD, g_RD).to(weights_TK.dtype)
@@ -294,7 +299,7 @@ class _Combine(torch.autograd.Function):
     def backward(ctx, grad_TD: torch.Tensor):
         # Row r of pair (t, k) gets grad_out[t]: one gather (padding rows 0); nothing saved.
         plan: RoutingPlan = ctx.plan
-        src = torch.where(plan.row_to_pair >= 0, plan.row_to_pair // plan.top_k, -1)
+        src = _row_tokens(plan)
         return _gather_rows(grad_TD.contiguous(), src, plan.has_padding), None
 
 
