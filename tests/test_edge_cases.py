@@ -211,3 +211,48 @@ def test_router_dtype_fp64_and_fp64_inputs_route_in_fp64():
     layer32.router.register_forward_hook(lambda m, i, o: seen.append(o.logits_TE.dtype))
     layer32(torch.randn(5, 8, dtype=torch.float64))
     assert seen == [torch.float64, torch.float64]
+
+
+@pytest.mark.parametrize("router_kw", [{}, {"type": "null", "num_null_experts": 2}])
+def test_capacity_that_drops_nothing_is_dropless(router_kw, monkeypatch):
+    # Where every expert's routed pairs fit, the capacity mask keeps them all: the layer skips it
+    # (on the CPU, where the counts are free to read) and must equal the dropless layer bitwise.
+    import moeflow.moe.layer as layer_module
+
+    calls = []
+    real_mask = layer_module.capacity_keep_mask
+    monkeypatch.setattr(
+        layer_module, "capacity_keep_mask", lambda *a: calls.append(1) or real_mask(*a)
+    )
+    torch.manual_seed(0)
+    dropless = MoELayer(cfg(top_k=2, **router_kw)).double()
+    results = []
+    for factor in (None, 4.0, 0.5):
+        layer = MoELayer(cfg(top_k=2, capacity_factor=factor, **router_kw)).double()
+        layer.load_state_dict(dropless.state_dict())
+        x = torch.randn(24, 8, dtype=torch.float64, requires_grad=True)
+        with torch.no_grad():
+            x.copy_(torch.linspace(-2, 2, 24 * 8, dtype=torch.float64).view(24, 8).sin())
+        y = layer(x)
+        y.square().sum().backward()
+        results.append([y, x.grad, *(p.grad for p in layer.parameters())])
+        ran = len(calls)
+        if factor == 4.0:  # C = 4 * 24 * 2 / 4 = 48 >= every expert's load
+            assert ran == 0 and layer.last_stats.dropped_fraction.item() == 0
+            for a, b in zip(results[0], results[1], strict=True):
+                assert torch.equal(a, b)
+        if factor == 0.5:  # C = 6: some expert overflows, the mask runs and drops
+            assert ran == 1 and layer.last_stats.dropped_fraction.item() > 0
+            ref, *_ = reference_moe(
+                x.detach(), layer.router.weight, layer.experts.w1, layer.experts.w2, layer.config
+            )
+            torch.testing.assert_close(y, ref)
+
+
+def test_nothing_dropped_reads_only_cpu_counts():
+    from moeflow.comm.capacity import nothing_dropped
+
+    assert nothing_dropped(torch.tensor([2, 3]), 3) and not nothing_dropped(torch.tensor([4]), 3)
+    assert nothing_dropped(torch.tensor([], dtype=torch.int64), 0)
+    # Elsewhere reading them would be a host sync: the mask always runs there.
+    assert not nothing_dropped(torch.tensor([0, 0], device="meta"), 3)

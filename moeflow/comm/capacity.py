@@ -21,6 +21,26 @@ def expert_capacity(
     return max(capacity, min_capacity)
 
 
+def nothing_dropped(counts_E: torch.Tensor, capacity: int) -> bool:
+    """True where the pairs routed to each expert (`counts_E`) are known to fit `capacity`, so
+    `capacity_keep_mask` would keep every pair and need not run (its sort costs ~0.8 ms at 8192
+    pairs on a CPU core pair, 1% of a coarse layer step).
+
+    Only read where the counts live on the CPU, where reading them is free. On an accelerator
+    the answer is False (run the mask): reading them would be a host sync of its own, before the
+    dispatcher's one count exchange.
+
+    Example:
+        >>> nothing_dropped(torch.tensor([3, 5, 4]), capacity=5)
+        True
+        >>> nothing_dropped(torch.tensor([6, 1]), capacity=5)
+        False
+    """
+    if counts_E.device.type != "cpu":
+        return False
+    return counts_E.numel() == 0 or int(counts_E.max()) <= capacity
+
+
 def rank_within_expert(
     expert_ids: torch.Tensor, priority: torch.Tensor, num_experts: int
 ) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moeflow.comm.all_to_all import Exchange
-from moeflow.comm.capacity import capacity_keep_mask, expert_capacity
+from moeflow.comm.capacity import capacity_keep_mask, expert_capacity, nothing_dropped
 from moeflow.comm.dispatcher import DispatchConfig
 from moeflow.comm.permutation import pair_counts
 from moeflow.moe.aux_loss import attach_loss
@@ -300,13 +300,14 @@ class MoELayer(nn.Module):
         pad_to = None
         if rc.capacity_factor is not None:
             capacity = expert_capacity(num_tokens, n, rc.top_k, rc.capacity_factor, rc.min_capacity)
-            # Non-FFN pairs go to a bucket of their own (id n), so they take no FFN capacity.
-            cap_ids = ids_TK if keep_TK is None else torch.where(keep_TK, ids_TK, n)
-            in_capacity = capacity_keep_mask(
-                cap_ids, route.weights_TK, n + (keep_TK is not None), capacity, rc.drop_policy
-            )
-            keep_TK = in_capacity if keep_TK is None else in_capacity & keep_TK
             pad_to = capacity if rc.pad_to_capacity else None
+            if not nothing_dropped(routed_E[:n], capacity):
+                # Non-FFN pairs go to a bucket of their own (id n): they take no FFN capacity.
+                cap_ids = ids_TK if keep_TK is None else torch.where(keep_TK, ids_TK, n)
+                in_capacity = capacity_keep_mask(
+                    cap_ids, route.weights_TK, n + (keep_TK is not None), capacity, rc.drop_policy
+                )
+                keep_TK = in_capacity if keep_TK is None else in_capacity & keep_TK
         # Capacity is decided on this rank's own tokens, before anything moves, so every rank
         # knows its shapes from the count exchange alone.
         if keep_TK is None:  # every pair is an FFN pair and kept: the routed counts are final
