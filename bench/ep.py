@@ -2,7 +2,7 @@
 DeepSpeed's MoE with the same ep_size, in one run.
 
     .venv/bin/python bench/ep.py                       # 2 and 4 ranks, OMP_NUM_THREADS=1 each
-    .venv/bin/python bench/ep.py --ranks 2 --tokens 2048 --repeats 5
+    .venv/bin/python bench/ep.py --ranks 2 --tokens 2048 --repeats 5 --activation gelu
 
 Per configuration (forward + backward of one layer; every rank times every step, the step time is
 the slowest rank's, the figure the median over repeats):
@@ -59,6 +59,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ffn", type=int, default=512)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--activation", choices=["swiglu", "gelu"], default="swiglu")
     p.add_argument("--overlap", type=int, nargs="+", default=[2, 4])
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
@@ -105,6 +106,7 @@ def measure(ctx, args, tokens: int, rank: int, world: int):
         hidden_size=args.hidden,
         num_experts=args.experts,
         ffn_hidden_size=args.ffn,
+        activation=args.activation,
         router=RouterConfig(top_k=args.top_k),
     )
     torch.manual_seed(0)
@@ -202,7 +204,8 @@ def gloo_rank(rank: int, world: int, port: int) -> Iterator:
 def machine_line(args, extra: str) -> str:
     return (
         f"machine: {platform.machine()} {os.cpu_count()} cores | torch {torch.__version__} | "
-        f"gloo, OMP_NUM_THREADS=1 per rank | fp32 | D={args.hidden} F={args.ffn} swiglu "
+        f"gloo, OMP_NUM_THREADS=1 per rank | fp32 | D={args.hidden} F={args.ffn} "
+        f"{getattr(args, 'activation', 'swiglu')} "
         f"dropless | median of {args.repeats}{extra}"
     )
 
@@ -226,7 +229,8 @@ def main() -> None:
     print(
         f"machine: {platform.machine()} {os.cpu_count()} cores | torch {torch.__version__} | "
         f"OMP_NUM_THREADS=1 per rank | fp32 | D={args.hidden} F={args.ffn} E={args.experts} "
-        f"k={args.top_k} swiglu dropless | median of {args.repeats} | allocator keeps freed memory"
+        f"k={args.top_k} {args.activation} dropless | median of {args.repeats} | "
+        "allocator keeps freed memory"
     )
     for world in args.ranks:
         rows = spawn_ranks(bench_rank, world, args)
