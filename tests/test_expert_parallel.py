@@ -11,6 +11,7 @@ from torch import nn
 from moeflow import MoEConfig, MoELayer, RouterConfig
 from moeflow.comm.dispatcher import DispatchConfig
 from moeflow.parallel import ParallelDims, parallelize
+from tests.covering import covering_cases
 from tests.distributed import run_on_ranks
 from tests.ep_reference import parallel_and_reference_step
 
@@ -69,6 +70,7 @@ def check_case(ctx, case: dict, shards: list[int]) -> None:
         shared_expert_gate=case.get("shared_gate", False),
         ffn_bias=case.get("bias", False),
         activation=case.get("act", "swiglu"),
+        a2a_dim=case.get("a2a_dim"),
         router=RouterConfig(
             top_k=case["top_k"],
             capacity_factor=case.get("capacity_factor"),
@@ -151,6 +153,39 @@ CASES = [
 ]
 
 
+# Beyond the cases above, chosen one by one: every two option values together at 4 ranks, every
+# three at 2 (a fixed-seed covering array, `tests/covering.py`), so a bug that needs a combination
+# nobody thought of (padding with biases and F > D was one) meets the single-process model.
+COMBINED_AXES = {
+    "top_k": [1, 2, 3],
+    "ffn": [12, 6],  # router weights applied in the combine / carried with the rows
+    "capacity_factor": [None, 0.75, 1.25],
+    "drop_policy": ["probs", "position"],
+    "pad": [False, True],
+    "overlap": [1, 2],
+    "two_level": [False, True],
+    "replicas": [0, 1],
+    "shared": [0, 6],
+    "bias": [False, True],
+    "act": ["swiglu", "gelu"],
+    "a2a_dim": [None, 4],
+}
+
+
+def _valid_combined(case: dict) -> bool:
+    if case["capacity_factor"] is None:  # padding needs a capacity; the policy only ranks drops
+        return not case["pad"] and case["drop_policy"] == "probs"
+    return not (case["pad"] and case["overlap"] > 1)  # padding needs one chunk
+
+
+def combined_cases(strength: int) -> list[dict]:
+    cases = covering_cases(COMBINED_AXES, _valid_combined, strength)
+    return [{**c, "ranks_per_node": 2 if c["two_level"] else None} for c in cases]
+
+
+COMBINED = {1: combined_cases(3), 2: combined_cases(3), 4: combined_cases(2)}
+
+
 def _equivalence(rank, world, layouts, cases, shards):
     """Every case at every `(dp, ep)` of this world size, in one spawn of ranks."""
     done = {}
@@ -170,8 +205,9 @@ LAYOUTS = {1: [(1, 1)], 2: [(1, 2), (2, 1)], 4: [(1, 4), (2, 2)]}
 def test_matches_single_process(world):
     shards = [12 + 3 * r for r in range(world)]  # uneven token counts per rank
     layouts = LAYOUTS[world]
-    results = run_on_ranks(_equivalence, world, args=(layouts, CASES, shards))
-    assert results == [dict.fromkeys(layouts, len(CASES))] * world
+    cases = CASES + COMBINED[world]
+    results = run_on_ranks(_equivalence, world, args=(layouts, cases, shards))
+    assert results == [dict.fromkeys(layouts, len(cases))] * world
 
 
 def _flat_vs_two_level(rank, world):
