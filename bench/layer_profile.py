@@ -4,8 +4,10 @@ Every aten op of one step is intercepted (`TorchDispatchMode`) and charged to th
 (router, counts and plan, permute, expert compute, un-permute, the losses and statistics, each
 forward and backward; where no row travels, the experts' own gathers of token rows), with
 its wall time and the bytes it reads (its tensor inputs) and writes (its outputs). Matrix products
-of the expert compute are the floor's work and are listed apart; everything else is the layer's
-own overhead, and every byte of it appears in one row. Timing each op adds Python overhead (a few
+of the expert compute and its activation (`gelu`, `silu` and SwiGLU's products, forward and
+backward: the floor runs them too) are the floor's work and are listed apart; everything else is
+the layer's own overhead (the router weights' products on the rows included), and every byte of
+it appears in one row. Timing each op adds Python overhead (a few
 microseconds per op), so read the shares, not the sum.
 """
 
@@ -30,6 +32,18 @@ GEMMS = {"aten.mm.default", "aten.mm.out", "aten.addmm.default", "aten.addmm.out
 
 
 GATHERS = {"index_select", "index", "gather", "embedding"}
+ACTIVATIONS = {"gelu", "gelu_backward", "silu", "silu_backward", "relu", "threshold_backward"}
+ACTIVATION_PHASE = "expert activation (floor)"
+
+
+def _is_activation(func, args) -> bool:
+    """An activation op of the expert compute: the activations themselves, and SwiGLU's products
+    (`mul` of two `[n, F]` tensors; a product with an `[n, 1]` column applies router weights)."""
+    name = str(func).split(".")[1]
+    if name in ACTIVATIONS:
+        return True
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    return name in ("mul", "mul_") and all(t.dim() == 2 and t.shape[-1] > 1 for t in tensors)
 
 
 class _Phases:
@@ -107,6 +121,8 @@ class _Recorder(TorchDispatchMode):
         out = func(*args, **kwargs)
         elapsed = time.perf_counter() - t0
         where = _Phases.stack[-1] if _Phases.stack else "router, losses (bwd), rest"
+        if where.startswith("experts") and _is_activation(func, args):
+            where = ACTIVATION_PHASE
         row = self.rows[(where, str(func))]
         row[0] += elapsed
         if _is_view(func):  # views move no bytes
@@ -145,22 +161,25 @@ def profile_step(layer, x: torch.Tensor, g: torch.Tensor, steps: int = 3) -> lis
 
 
 def print_profile(rows: list[tuple], top: int = 3) -> None:
-    """Per phase: time, bytes read and written, and its heaviest ops; expert GEMMs apart."""
+    """Per phase: time, bytes read and written, and its heaviest ops; the floor's work (expert
+    GEMMs, expert activation) apart."""
     gemm = [r for r in rows if r[0].startswith("experts") and r[1] in GEMMS]
-    rest = [r for r in rows if r not in gemm]
+    act = [r for r in rows if r[0] == ACTIVATION_PHASE]
+    rest = [r for r in rows if r not in gemm and r not in act]
     by_phase = defaultdict(list)
     for r in rest:
         by_phase[r[0]].append(r)
     total = sum(r[2] for r in rows)
-    print(f"  {'phase':<24}{'ms':>8}{'share':>7}{'MB read':>9}{'MB written':>11}  heaviest ops")
-    g_ms = sum(r[2] for r in gemm)
-    print(f"  {'expert GEMMs (floor)':<24}{g_ms:>8.2f}{g_ms / total:>7.1%}"
-          f"{sum(r[3] for r in gemm):>9.1f}{sum(r[4] for r in gemm):>11.1f}")  # fmt: skip
+    print(f"  {'phase':<26}{'ms':>8}{'share':>7}{'MB read':>9}{'MB written':>11}  heaviest ops")
+    for name, items in (("expert GEMMs (floor)", gemm), (ACTIVATION_PHASE, act)):
+        ms = sum(r[2] for r in items)
+        print(f"  {name:<26}{ms:>8.2f}{ms / total:>7.1%}"
+              f"{sum(r[3] for r in items):>9.1f}{sum(r[4] for r in items):>11.1f}")  # fmt: skip
     for name, items in sorted(by_phase.items(), key=lambda kv: -sum(r[2] for r in kv[1])):
         ms = sum(r[2] for r in items)
         heavy = sorted(items, key=lambda r: -r[2])[:top]
         ops = ", ".join(f"{r[1].split('.')[1]} {r[2]:.2f}" for r in heavy)
-        print(f"  {name:<24}{ms:>8.2f}{ms / total:>7.1%}{sum(r[3] for r in items):>9.1f}"
+        print(f"  {name:<26}{ms:>8.2f}{ms / total:>7.1%}{sum(r[3] for r in items):>9.1f}"
               f"{sum(r[4] for r in items):>11.1f}  {ops}")  # fmt: skip
-    over = total - g_ms
-    print(f"  overhead outside the expert GEMMs: {over:.2f} ms of {total:.2f} ({over / total:.1%})")
+    over = total - sum(r[2] for r in gemm + act)
+    print(f"  overhead outside the floor's work: {over:.2f} ms of {total:.2f} ({over / total:.1%})")
