@@ -10,6 +10,7 @@ from moeflow import MoEConfig, MoELayer, RouterConfig
 from moeflow.comm.capacity import capacity_keep_mask, expert_capacity
 from moeflow.moe.layer import finish_optimizer_step
 from moeflow.parallel import ParallelDims, parallelize
+from tests.covering import covering_cases
 from tests.distributed import run_on_ranks
 from tests.ep_reference import build_router_net as build
 from tests.ep_reference import parallel_and_reference_step
@@ -43,12 +44,13 @@ def remote_ffn_pairs(layer: MoELayer, x_TD: torch.Tensor, ep_index: int, ep: int
     return int((keep & (owner != ep_index)).sum())
 
 
-def _check(rank, world, names, shards):
+def _check(rank, world, cases, shards):
+    """`cases`: `(name, MoEConfig, overlap degree)`; each model against the single process."""
     ctx = ParallelDims(ep=world).build()
     checked = {}
-    for name in names:
-        cfg = MoEConfig(hidden_size=D, num_experts=E, ffn_hidden_size=12, router=ROUTERS[name])
+    for name, cfg, overlap in cases:
         ref, par = build(cfg), build(cfg)
+        par.overlap = overlap
         parallelize(par, ctx)
         gen = torch.Generator().manual_seed(5)
         xs = [torch.randn(n, D, dtype=torch.float64, generator=gen) for n in shards]
@@ -75,11 +77,13 @@ def _check(rank, world, names, shards):
             torch.testing.assert_close(
                 p.grad, want, **tol, msg=lambda m, n=pname, name=name: f"{name} {n}"
             )
-        # The byte counter: only kept FFN pairs bound for another rank cross the wire.
+        # The byte counter: only kept FFN pairs bound for another rank cross the wire, each as
+        # its expert-dim row (D, or a2a_dim) plus the router weight where the experts apply it.
         layer = par.moe1
         pairs = remote_ffn_pairs(layer, seen["x"], ctx.ep_index, world)
+        width = cfg.expert_dim + (cfg.ffn_hidden_size <= cfg.expert_dim)
         sent = layer.last_stats.traffic.sent_bytes
-        assert sent == pairs * D * 8, (name, sent, pairs)  # the token (F > D: no weight)
+        assert sent == pairs * width * 8, (name, sent, pairs, width)
         routed = layer.last_stats.routed_per_choice
         checked[name] = (pairs, int(routed[E:].sum()), int(routed.sum()))
         finish_optimizer_step(par)
@@ -89,8 +93,9 @@ def _check(rank, world, names, shards):
 @pytest.mark.parametrize("ep", [2, 4])
 def test_routers_match_single_process_under_ep(ep):
     shards = [10 + 3 * r for r in range(ep)]
-    names = list(ROUTERS)
-    results = run_on_ranks(_check, ep, args=(names, shards), timeout=300)
+    cases = [(name, MoEConfig(hidden_size=D, num_experts=E, ffn_hidden_size=12, router=rc), 1)
+             for name, rc in ROUTERS.items()]  # fmt: skip
+    results = run_on_ranks(_check, ep, args=(cases, shards), timeout=300)
     for name in ("null", "moepp"):
         assert all(r[name][1] > 0 for r in results), "no pair went to a null/zc expert"
 
@@ -148,3 +153,50 @@ def test_global_batch_balancing_matches_the_concatenated_batch():
     p_last = ref.router(torch.cat(micro[1])).scores_TE.mean(0).detach()
     assert mean_last == pytest.approx(E * (global_f.double() * p_last).sum().item(), rel=1e-12)
     assert [r[1] for r in results] == [0.0, 0.0]  # reset at the optimizer step
+
+
+# Every router with the layer's other options against the single process, byte counter included:
+# every three values together at ep = 2, every two at ep = 4 (fixed-seed covering arrays,
+# `tests/covering.py`).
+ROUTER_KINDS = {
+    "topk": {},
+    "null": {"type": "null", "num_null_experts": 4},
+    "moepp": {"type": "moepp", "zero_experts": 1, "copy_experts": 1, "constant_experts": 1},
+    "rmoe": {"type": "rmoe", "rnn_dim": 6},
+    "seq-aux-z": {"aux_loss_type": "seq_aux_loss", "z_loss_coeff": 1e-2},
+    "sigmoid": {"score_function": "sigmoid"},
+}
+OPTION_AXES = {
+    "router": list(ROUTER_KINDS),
+    "top_k": [1, 2, 3],
+    "ffn": [12, 6],  # router weights applied in the combine / carried with the rows
+    "capacity": [None, 1.0],
+    "overlap": [1, 2],
+    "shared": [0, 6],
+    "a2a_dim": [None, 4],
+    "act": ["swiglu", "gelu"],
+    "bias": [False, True],
+}
+
+
+def option_cases(strength: int) -> list[tuple[str, MoEConfig, int]]:
+    cases = []
+    for c in covering_cases(OPTION_AXES, strength=strength):
+        rc = RouterConfig(top_k=c["top_k"], capacity_factor=c["capacity"],
+                          **ROUTER_KINDS[c["router"]])  # fmt: skip
+        cfg = MoEConfig(hidden_size=D, num_experts=E, ffn_hidden_size=c["ffn"],
+                        shared_expert_ffn_hidden_size=c["shared"], a2a_dim=c["a2a_dim"],
+                        activation=c["act"], ffn_bias=c["bias"], router=rc)  # fmt: skip
+        cases.append(("-".join(f"{k}={v}" for k, v in c.items()), cfg, c["overlap"]))
+    return cases
+
+
+@pytest.mark.parametrize(("ep", "strength"), [(2, 3), (4, 2)])
+def test_router_options_match_single_process_under_ep(ep, strength):
+    cases = option_cases(strength)
+    shards = [10 + 3 * r for r in range(ep)]
+    results = run_on_ranks(_check, ep, args=(cases, shards), timeout=600)
+    assert all(len(r) == len(cases) for r in results)
+    # The array is not vacuous: pairs crossed ranks, and some went to null/zero-computation experts.
+    assert sum(r[name][0] for r in results for name, _, _ in cases) > 0
+    assert any(r[name][1] > 0 for r in results for name, _, _ in cases)
