@@ -4,8 +4,9 @@ single process in float64: outputs, input gradients and every parameter gradient
 Covers E >= G (whole experts per rank) and E < G (F-slices of one expert per rank), uneven token
 counts, k 1 and 2, dropless and capacity, the topk, null, moepp and rmoe routers, a re-placed and a
 replicated layout, overlap degree 1 and 2, the flat and the two-level all-to-all, shared experts,
-expert biases and the low-dimension all-to-all (whose bytes fall by D/r). One spawn per world size
-serves every case."""
+expert biases and the low-dimension all-to-all (whose bytes fall by D/r); then a covering array in
+which every two of those options' values (F <= D among them) meet. One spawn per world size serves
+every case."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from moeflow import MoEConfig, MoELayer, RouterConfig, set_aux_loss_scale
 from moeflow.comm.dispatcher import DispatchConfig
 from moeflow.moe.experts import slice_experts
 from moeflow.parallel import GradSync, ParallelDims, parallelize
+from tests.covering import covering_cases
 from tests.distributed import DistributedTestError, run_on_ranks
 from tests.ep_reference import RouterNet as Net
 from tests.ep_reference import build_router_net as build
@@ -74,7 +76,8 @@ def check_case(ctx, case: dict, shards: list[int]) -> int:
     if case.get("capacity") is not None:
         extra = {"capacity_factor": case["capacity"], "drop_policy": case.get("drop", "probs")}
     cfg = MoEConfig(
-        hidden_size=D, num_experts=experts, ffn_hidden_size=F, activation=case.get("act", "swiglu"),
+        hidden_size=D, num_experts=experts, ffn_hidden_size=case.get("ffn", F),
+        activation=case.get("act", "swiglu"),
         router=router(case["router"], k, **extra),
         shared_expert_ffn_hidden_size=case.get("shared", 0),
         shared_expert_gate=case.get("shared_gate", False), ffn_bias=case.get("bias", False),
@@ -140,7 +143,7 @@ def check_memory(par: Net, mode: str, label: str) -> None:
         lay, bias, d = layer.layout, layer.config.ffn_bias, layer.config.expert_dim
         held = sum(p.nbytes for p in layer.experts.parameters())
         assert held == 8 * lay.rank_elements(d, c, bias), label
-        per_expert = F * (c * (d + bias) + d)
+        per_expert = layer.config.ffn_hidden_size * (c * (d + bias) + d)
         assert held * lay.group_size == 8 * per_expert * len(lay.slots), label  # 1/G each
         peak = layer.expert_dispatch.last_gather_peak_bytes
         assert peak == 8 * lay.gather_peak_elements(mode, d, c, bias), (label, peak)
@@ -185,6 +188,32 @@ CASES = [
 ]
 
 
+# Beyond the cases above: every two option values together in every mode (a fixed-seed covering
+# array, `tests/covering.py`), F <= D (the router weights travel with the rows) among them.
+COMBINED_AXES = {
+    "experts": [whole, sliced],
+    "router": ["topk", "null", "moepp", "rmoe"],
+    "k": [1, 2],
+    "ffn": [F, 6],
+    "capacity": [None, 1.0],
+    "drop": ["probs", "position"],
+    "overlap": [1, 2],
+    "two_level": [False, True],
+    "shared": [0, 8],
+    "bias": [False, True],
+    "act": ["swiglu", "gelu"],
+    "a2a": [None, 4],
+    "permuted": [False, True],
+}
+
+
+def _valid_combined(case: dict) -> bool:
+    return case["capacity"] is not None or case["drop"] == "probs"
+
+
+COMBINED = covering_cases(COMBINED_AXES, _valid_combined, strength=2)
+
+
 def check_a2a_bytes(ctx) -> int:
     """The same routing with a2a_dim unset, D/2 and D/4: the bytes on the wire fall by D/r (F >
     D: the combine applies the router weights, so none travels)."""
@@ -218,7 +247,7 @@ def _all_cases(rank, world, cases, shards):
 @pytest.mark.parametrize("world", [2, 4])
 def test_every_mode_matches_the_single_process(world):
     shards = [10 + 3 * r for r in range(world)]  # uneven token counts per rank
-    cases = [c for c in CASES if not (c.get("replicas") and c["experts"](world) < 2)]
+    cases = [c for c in CASES + COMBINED if not (c.get("replicas") and c["experts"](world) < 2)]
     want = len(cases) * len(MODES) + 1  # + the a2a byte count
     assert run_on_ranks(_all_cases, world, args=(cases, shards), timeout=400) == [want] * world
 
