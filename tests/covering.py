@@ -37,13 +37,16 @@ def covering_cases(
     candidates: int = 64,
 ) -> list[dict]:
     """Configurations (dicts over `axes`) covering every `strength`-way combination of values
-    that some configuration passing `valid` has."""
+    that some configuration passing `valid` has. Works on value positions, so values need not
+    be hashable or have a stable `repr` (functions may be values)."""
     names = list(axes)
-    pool = [
-        case
-        for case in itertools.product(*axes.values())
-        if valid(dict(zip(names, case, strict=True)))
-    ]
+    values = list(axes.values())
+
+    def as_dict(case: tuple[int, ...]) -> dict:
+        return {n: v[i] for n, v, i in zip(names, values, case, strict=True)}
+
+    positions = itertools.product(*(range(len(v)) for v in values))
+    pool = [case for case in positions if valid(as_dict(case))]
     if not pool:
         raise ValueError("covering_cases: no configuration passes `valid`")
     todo = {combo for case in pool for combo in _combos(case, strength)}
@@ -56,8 +59,8 @@ def covering_cases(
         )
         if not any(c in todo for c in _combos(best, strength)):
             # No sampled candidate helps: take a configuration that has an uncovered combination.
-            combo = min(todo, key=repr)
+            combo = min(todo)
             best = next(case for case in pool if all(case[i] == v for i, v in combo))
         todo.difference_update(_combos(best, strength))
-        chosen.append(dict(zip(names, best, strict=True)))
+        chosen.append(as_dict(best))
     return chosen

@@ -211,9 +211,6 @@ def _valid_combined(case: dict) -> bool:
     return case["capacity"] is not None or case["drop"] == "probs"
 
 
-COMBINED = covering_cases(COMBINED_AXES, _valid_combined, strength=2)
-
-
 def check_a2a_bytes(ctx) -> int:
     """The same routing with a2a_dim unset, D/2 and D/4: the bytes on the wire fall by D/r (F >
     D: the combine applies the router weights, so none travels)."""
@@ -247,7 +244,8 @@ def _all_cases(rank, world, cases, shards):
 @pytest.mark.parametrize("world", [2, 4])
 def test_every_mode_matches_the_single_process(world):
     shards = [10 + 3 * r for r in range(world)]  # uneven token counts per rank
-    cases = [c for c in CASES + COMBINED if not (c.get("replicas") and c["experts"](world) < 2)]
+    combined = covering_cases(COMBINED_AXES, _valid_combined, strength=2)  # here, not in the ranks
+    cases = [c for c in CASES + combined if not (c.get("replicas") and c["experts"](world) < 2)]
     want = len(cases) * len(MODES) + 1  # + the a2a byte count
     assert run_on_ranks(_all_cases, world, args=(cases, shards), timeout=400) == [want] * world
 
