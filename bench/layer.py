@@ -15,7 +15,8 @@ capacity, weighted combine, losses) is overhead on it. DeepSpeed: `deepspeed.moe
 layer's router and expert weights, ep_size=1, on gloo (`bench/peers.py`). Floor, moeflow and
 DeepSpeed alternate in a fresh random order every repeat; times are medians, and each ratio
 (`x floor`, `gmm x fl`, `ds/ours`) is the median over repeats of that repeat's ratio (the two
-ran back to back, so a slow spell of this shared machine cancels out). Every step ends with its
+ran back to back, so a slow spell of this shared machine cancels out); `IQR` gives the 25th and
+75th percentiles of the `x floor` ratios, the noise around that median. Every step ends with its
 gradients set to None, as `zero_grad()` between training steps: none adds into the last step's.
 
 Allocators, each in its own process (this script runs both): `moeflow` is what a user gets by
@@ -211,6 +212,7 @@ def measure(args, shape: str, activation: str, capacity: float | None) -> dict:
         "ratio": {k: paired_ratio(times[k], times[base])
                   for k, base in (("moeflow", "floor"), ("grouped_mm", "floor"),
                                   ("deepspeed", "moeflow")) if k in times},
+        "spread": paired_quartiles(times["moeflow"], times["floor"]),
         "bytes_per_token": memory, "dropped": stats.dropped_fraction.item(),
     }  # fmt: skip
 
@@ -219,6 +221,13 @@ def paired_ratio(times: list[float], base: list[float]) -> float:
     """The median over repeats of one repeat's time over the other's: both ran back to back in
     that repeat, so a slow spell of the machine slows both and cancels out of the ratio."""
     return statistics.median(t / b for t, b in zip(times, base, strict=True))
+
+
+def paired_quartiles(times: list[float], base: list[float]) -> tuple[float, float]:
+    """The 25th and 75th percentiles of the same per-repeat ratios: how far this machine's noise
+    moves the median."""
+    q1, _, q3 = statistics.quantiles([t / b for t, b in zip(times, base, strict=True)], n=4)
+    return q1, q3
 
 
 def worker(args) -> None:
@@ -269,17 +278,18 @@ def main() -> None:
 
 
 def print_table(results: list[dict], deepspeed: bool) -> None:
-    head = f"\n{'allocator':<9}{'shape':<7}{'act':<7}{'setting':<10}{'floor ms':>9}{'moeflow':>9}"
-    head += f"{'x floor':>8}{'gmm x fl':>9}" + (
+    head = f"\n{'allocator':<10}{'shape':<7}{'act':<7}{'setting':<10}{'floor ms':>9}{'moeflow':>9}"
+    head += f"{'x floor':>8}{'IQR':>12}{'gmm x fl':>9}" + (
         f"{'deepspeed':>10}{'ds/ours':>8}" if deepspeed else ""
     )
     print(head + f"{'B/token ours':>13}{'floor':>7}" + (f"{'ds':>7}" if deepspeed else ""))
     for r in results:
         ms, mem = r["ms"], r["bytes_per_token"]
         setting = "dropless" if r["capacity"] is None else f"cap {r['capacity']}"
-        line = f"{r['alloc']:<9}{r['shape']:<7}{r['activation']:<7}{setting:<10}"
-        ratio = r["ratio"]
+        line = f"{r['alloc']:<10}{r['shape']:<7}{r['activation']:<7}{setting:<10}"
+        ratio, (q1, q3) = r["ratio"], r["spread"]
         line += f"{ms['floor']:>9.1f}{ms['moeflow']:>9.1f}{ratio['moeflow']:>8.3f}"
+        line += f"{f'{q1:.3f}-{q3:.3f}':>12}"
         line += f"{ratio['grouped_mm']:>9.3f}"
         if deepspeed and "deepspeed" in ms:
             line += f"{ms['deepspeed']:>10.1f}{ratio['deepspeed']:>8.2f}"
