@@ -27,6 +27,7 @@ import torch
 from moeflow import MoEConfig, MoELayer, RouterConfig
 from tests.covering import covering_cases
 from tests.reference import reference_moe
+from tests.router_kinds import router_kinds
 
 D = 8
 TOPK_ROUTERS = {
@@ -131,14 +132,7 @@ def test_cases_cover_every_triple():
     assert len(REFERENCE_CASES) < len(valid) / 100
 
 
-ROUTERS = {
-    "topk": {},
-    "null": {"type": "null", "num_null_experts": 3},
-    "moepp": {"type": "moepp", "zero_experts": 1, "copy_experts": 1, "constant_experts": 1},
-    "rmoe": {"type": "rmoe", "rnn_dim": 6},
-    "seq-aux-z": {"aux_loss_type": "seq_aux_loss", "z_loss_coeff": 1e-2},
-    "bias-balance": {"bias_update_rate": 0.1},
-}
+ROUTERS = router_kinds("topk", "null", "moepp", "rmoe", "seq-aux-z", "bias-balance")
 PATH_AXES = {
     "router": list(ROUTERS),
     "ffn": [12, 6],

@@ -14,6 +14,7 @@ from tests.covering import covering_cases
 from tests.distributed import run_on_ranks
 from tests.ep_reference import build_router_net as build
 from tests.ep_reference import parallel_and_reference_step
+from tests.router_kinds import router_kinds
 
 D, E = 8, 8
 ROUTERS = {
@@ -158,14 +159,7 @@ def test_global_batch_balancing_matches_the_concatenated_batch():
 # Every router with the layer's other options against the single process, byte counter included:
 # every three values together at ep = 2, every two at ep = 4 (fixed-seed covering arrays,
 # `tests/covering.py`).
-ROUTER_KINDS = {
-    "topk": {},
-    "null": {"type": "null", "num_null_experts": 4},
-    "moepp": {"type": "moepp", "zero_experts": 1, "copy_experts": 1, "constant_experts": 1},
-    "rmoe": {"type": "rmoe", "rnn_dim": 6},
-    "seq-aux-z": {"aux_loss_type": "seq_aux_loss", "z_loss_coeff": 1e-2},
-    "sigmoid": {"score_function": "sigmoid"},
-}
+ROUTER_KINDS = router_kinds("topk", "null", "moepp", "rmoe", "seq-aux-z", "sigmoid")
 OPTION_AXES = {
     "router": list(ROUTER_KINDS),
     "top_k": [1, 2, 3],
