@@ -33,6 +33,7 @@ from moeflow.moe.routers.registry import build_router
 from moeflow.moe.routing_context import RoutingContext
 from moeflow.moe.shared_expert import SharedExpert
 from moeflow.moe.stats import MoEStats, Traffic, measure_stats
+from moeflow.moe.upcycle import check_upcycle
 from moeflow.utils.cpu_alloc import apply_once
 
 
@@ -197,26 +198,7 @@ class MoELayer(nn.Module):
     ) -> MoELayer:
         """Sparse upcycling: every expert starts as a copy of `ffn`; the router is fresh (with
         `shared`, the model's router modules shared by its MoE layers, e.g. RMoE's GRU)."""
-        if config.a2a_dim is not None:
-            raise ValueError(
-                "moe.a2a_dim projects tokens before the experts, so upcycled experts would not "
-                "compute the dense FFN; upcycle with a2a_dim unset"
-            )
-        if ffn.w1.shape[0] != config.hidden_size or ffn.w2.shape[0] != config.ffn_hidden_size:
-            raise ValueError(
-                f"dense FFN is {ffn.w1.shape[0]}->{ffn.w2.shape[0]} but moe.hidden_size="
-                f"{config.hidden_size}, moe.ffn_hidden_size={config.ffn_hidden_size}"
-            )
-        if ffn.activation != config.activation:
-            raise ValueError(
-                f"moe.activation ({config.activation!r}) differs from the dense FFN's "
-                f"({ffn.activation!r})"
-            )
-        if (ffn.b1 is not None) != config.ffn_bias:
-            raise ValueError(
-                f"moe.ffn_bias ({config.ffn_bias}) must match the dense FFN, which has "
-                f"{'biases' if ffn.b1 is not None else 'no biases'}"
-            )
+        check_upcycle(ffn, config)
         layer = cls(config, shared).to(device=ffn.w1.device, dtype=ffn.w1.dtype)
         layer.experts = GroupedExperts.from_dense(ffn, config.num_experts)
         if layer.ffn_out_bias is not None:
