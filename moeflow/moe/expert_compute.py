@@ -48,6 +48,14 @@ def expert_major(blocks: list[Block], device) -> tuple[torch.Tensor | None, list
     return torch.cat(parts), merged
 
 
+def inverse(order: torch.Tensor) -> torch.Tensor:
+    """The permutation that undoes `order` (`y.index_select(0, inverse(order))` puts rows
+    gathered by `order` back: a gather, ~4x faster on CPU than scattering with `index_copy_`)."""
+    return torch.empty_like(order).scatter_(
+        0, order, torch.arange(order.numel(), device=order.device)
+    )
+
+
 class GroupedExpertCompute:
     """`params = (w1 [L, D, gF], w2 [L, F, D])`; rows arrive already in the compute dtype.
 
@@ -100,7 +108,7 @@ class GroupedExpertCompute:
                     x, w1, w2, merged, self.activation, row_w, ends, kernel
                 )
         if order is not None:
-            y = torch.empty_like(y).index_copy_(0, order, y)  # back to source-rank order
+            y = y.index_select(0, inverse(order))  # back to source-rank order
         # The weights are saved once by the pipeline; keep only the activations, and the rows
         # whole (x is a column view of them when weighted: the gradient has their width).
         return y, [rows, saved.row_w, *saved.tensors()[4:]]
@@ -176,7 +184,7 @@ class GroupedExpertCompute:
         else:
             grad_x = grouped_mm_ffn.backward(activations, grad_y, acc["grads"], ends, kernel, out)
         if order is not None:
-            grad_x = torch.empty_like(grad_x).index_copy_(0, order, grad_x)
+            grad_x = grad_x.index_select(0, inverse(order))
         return grad_x
 
     def finish(self, acc: dict) -> tuple[torch.Tensor, torch.Tensor]:
