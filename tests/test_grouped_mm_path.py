@@ -10,6 +10,7 @@ import torch
 
 from moeflow import MoEConfig, MoELayer, RouterConfig
 from moeflow.moe import grouped_mm_ffn
+from moeflow.moe.grouped_ffn import FFNActivations, WeightGrads
 from moeflow.parallel import GradSync, ParallelDims, parallelize
 from tests.distributed import run_on_ranks
 
@@ -148,6 +149,32 @@ def test_auto_picks_the_whole_buffer_path_on_cpu_for_many_experts(monkeypatch):
                      ffn_hidden_size=F)  # fmt: skip
     MoELayer(many)(torch.randn(20, D))
     assert seen and not kernels  # 32 experts: the whole buffer, one mm per expert
+
+
+def test_weighted_activations_are_kept_for_w2s_gradient():
+    """F < D: the forward keeps `row_w a` (W2's input), and the backward from it gives the same
+    bits as one that makes it again."""
+    gen = torch.Generator().manual_seed(3)
+    x, row_w = torch.randn(10, D, generator=gen), torch.rand(10, generator=gen)
+    w1, w2 = torch.randn(2, D, 8, generator=gen), torch.randn(2, 8, D, generator=gen)
+    grad_y = torch.randn(10, D, generator=gen)
+    blocks, ends = [(0, 0, 4), (1, 4, 10)], [4, 10]
+    _, saved = grouped_mm_ffn.forward(x, w1, w2, blocks, "gelu", row_w, ends, "grouped_loop")
+    a = saved.per_block[0][0]
+    assert saved.a_w is not None and torch.equal(saved.a_w, a * row_w.unsqueeze(-1))
+    results = []
+    for a_w in (saved.a_w, None):
+        grads = WeightGrads(w1, w2)
+        state = FFNActivations.from_tensors([*saved.tensors()[:5], a_w, a, *saved.per_block[0][1:]],
+                                            blocks, "gelu")  # fmt: skip
+        out = grouped_mm_ffn.backward(state, grad_y, grads, ends, "grouped_loop")
+        results.append((out, *grads.finish()))
+    for kept, remade in zip(*results, strict=True):
+        assert torch.equal(kept, remade)
+    # D <= F: the weights scale the output rows, and nothing more is kept.
+    w1w, w2w = torch.randn(2, D, 24, generator=gen), torch.randn(2, 24, D, generator=gen)
+    _, wide = grouped_mm_ffn.forward(x, w1w, w2w, blocks, "gelu", row_w, ends, "grouped_loop")
+    assert wide.a_w is None
 
 
 def test_grouped_ends():

@@ -73,6 +73,9 @@ class FFNActivations:
     activation: str
     row_w: torch.Tensor | None = None  # per-row output weights (`ffn_forward`'s `row_w`)
     src: torch.Tensor | None = None  # token order: buffer row r is `x[src[r]]` (see the module doc)
+    # `row_w a` `[R, F]` where the forward made it (W2's input on the whole-buffer path where
+    # F < D), kept for W2's gradient rather than made again.
+    a_w: torch.Tensor | None = None
 
     @staticmethod
     def width(activation: str) -> int:
@@ -82,14 +85,14 @@ class FFNActivations:
         """For `ctx.save_for_backward` (so saved-tensor hooks, e.g. activation checkpointing or
         offloading, see them); `from_tensors` rebuilds the object."""
         blocks = [t for block in self.per_block for t in block]
-        return [self.x, self.w1, self.w2, self.row_w, self.src, *blocks]
+        return [self.x, self.w1, self.w2, self.row_w, self.src, self.a_w, *blocks]
 
     @classmethod
     def from_tensors(cls, tensors, blocks: list[Block], activation: str) -> FFNActivations:
-        x, w1, w2, row_w, src, *rest = tensors
+        x, w1, w2, row_w, src, a_w, *rest = tensors
         k = cls.width(activation)
         per_block = [list(rest[i : i + k]) for i in range(0, len(rest), k)]
-        return cls(x, w1, w2, per_block, blocks, activation, row_w, src)
+        return cls(x, w1, w2, per_block, blocks, activation, row_w, src, a_w)
 
     @property
     def num_rows(self) -> int:
