@@ -111,7 +111,7 @@ class GroupedExpertCompute:
             y = y.index_select(0, inverse(order))  # back to source-rank order
         # The weights are saved once by the pipeline; keep only the activations, and the rows
         # whole (x is a column view of them when weighted: the gradient has their width).
-        return y, [rows, saved.row_w, *saved.tensors()[4:]]
+        return y, saved.without_weights(rows)
 
     def reads_tokens(self, x_TD: torch.Tensor, params) -> bool:
         """Whether a call where no row travels runs in token order (`forward_tokens`): where the
@@ -140,7 +140,7 @@ class GroupedExpertCompute:
                 y, saved = grouped_mm_ffn.forward(
                     x_TD, w1, w2, blocks, self.activation, row_w, ends, kernel, src_R
                 )
-        return y, [x_TD, *saved.tensors()[3:]]
+        return y, saved.without_weights(x_TD)
 
     def backward_tokens(self, params, saved, grad_TD, blocks: list[Block], acc: dict):
         """`forward_tokens`'s backward from the output gradient in token order `[T, D]`:

@@ -87,6 +87,12 @@ class FFNActivations:
         blocks = [t for block in self.per_block for t in block]
         return [self.x, self.w1, self.w2, self.row_w, self.src, self.a_w, *blocks]
 
+    def without_weights(self, x: torch.Tensor) -> list[torch.Tensor | None]:
+        """`tensors()` less `w1` and `w2` (the pipeline saves the weights once), with `x` first
+        (e.g. the whole received rows of which `self.x` is a column view); `from_tensors` takes
+        `[x, w1, w2, *rest]` where this gives `[x, *rest]`."""
+        return [x, *self.tensors()[3:]]
+
     @classmethod
     def from_tensors(cls, tensors, blocks: list[Block], activation: str) -> FFNActivations:
         x, w1, w2, row_w, src, a_w, *rest = tensors
