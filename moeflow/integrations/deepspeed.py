@@ -231,8 +231,7 @@ class MoE(DeepSpeedMoELayer):
     def forward(self, hidden_states: torch.Tensor, used_token: torch.Tensor | None = None):
         if used_token is not None:
             raise ValueError("MoE(used_token=...) is not supported: moeflow routes every token")
-        out = MoELayer.forward(self, hidden_states)
-        aux = self.last_losses[0] if self.last_losses is not None else out.sum() * 0.0
+        out, (aux, _) = MoELayer.forward_with_losses(self, hidden_states)
         counts = self.last_stats.tokens_per_expert.detach().to("cpu")
         return out, aux, counts
 

@@ -310,6 +310,12 @@ class _ContextFlow:
     def _new_forward(self, module, args) -> None:
         self.context, self.before = RoutingContext(), {}
 
+    def __getstate__(self) -> dict:
+        """A copy of the model (`copy.deepcopy`, pickling) starts with no forward in flight: the
+        context and snapshots hold the last forward's graph, which only that forward's backward
+        reads, and which a copy cannot take along."""
+        return {**self.__dict__, "context": RoutingContext(), "before": {}}
+
     def _give(self, layer: MoELayer, args, kwargs):
         if kwargs.get("routing_context") is not None or (len(args) > 2 and args[2] is not None):
             return None  # the caller passes its own

@@ -89,6 +89,8 @@ class MoELayer(nn.Module):
                 config.shared_expert_gate,
             )  # fmt: skip
         self.aux_loss_scale = 1.0
+        # What the last forward measured, detached: a graph kept here would pin the step's
+        # activations until the next forward and break `copy.deepcopy(model)`.
         self.last_stats: MoEStats | None = None
         self.last_losses: tuple[torch.Tensor, torch.Tensor] | None = None
         # Where the experts live and how pairs reach them in each parallel mode: one layout
@@ -220,6 +222,20 @@ class MoELayer(nn.Module):
         the same parameters. `routing_context`, passed by the model
         from one MoE layer to the next, carries router state and receives this layer's router
         logits."""
+        out, _ = self.forward_with_losses(x, overlap_degree, routing_context, mode, two_level)
+        return out
+
+    def forward_with_losses(
+        self,
+        x: torch.Tensor,
+        overlap_degree: int | None = None,
+        routing_context: RoutingContext | None = None,
+        mode: str | None = None,
+        two_level: bool | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """`forward`, and the balancing losses `(aux, z)` before their coefficients, still
+        attached to the graph (for callers that return them, as DeepSpeed's `l_aux`); the layer
+        itself keeps only their detached values (`last_losses`)."""
         cfg = self.config
         if x.device.type == "cpu":
             apply_once()  # glibc keeps freed blocks for reuse (moeflow.utils.cpu_alloc)
@@ -255,13 +271,13 @@ class MoELayer(nn.Module):
         if training:
             out_TD = attach_loss(out_TD, total, self.aux_loss_scale)
         if not recomputing:
-            self.last_losses = losses  # (aux, z) before their coefficients, differentiable
+            self.last_losses = (losses[0].detach(), losses[1].detach())
             if training:
                 self.balance.add_step_counts(routed_E)
             self.last_stats = measure_stats(
                 routed_E, kept_E, keep_TK, losses, route, cfg.num_experts, cfg.router.top_k, traffic
             )
-        return out_TD.view(*x.shape[:-1], out_TD.shape[-1])
+        return out_TD.view(*x.shape[:-1], out_TD.shape[-1]), losses
 
     def _dispatch_and_compute(
         self,
