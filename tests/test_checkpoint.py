@@ -102,7 +102,8 @@ def test_bad_checkpoints_raise_clear_errors(tmp_path):
     def load(path):
         runtime = init_distributed(60)
         try:
-            Trainer(cfg, runtime, resume=str(path), overwrite=False)._load()
+            with Trainer(cfg, runtime, resume=str(path), overwrite=False) as trainer:
+                trainer._load()
         finally:
             shutdown(runtime)
 

@@ -55,11 +55,11 @@ def one_line_error(capsys) -> str:
 def all_finite(cfg: RunConfig, path: Path) -> bool:
     runtime = init_distributed(60)
     try:
-        trainer = Trainer(cfg, runtime, resume=str(path), overwrite=False)
-        trainer._load()
-        tensors = [*trainer.model.parameters()]
-        tensors += [v for s in trainer.optimizer.state.values() for v in s.values()]
-        return all(bool(torch.isfinite(t).all()) for t in tensors)
+        with Trainer(cfg, runtime, resume=str(path), overwrite=False) as trainer:
+            trainer._load()
+            tensors = [*trainer.model.parameters()]
+            tensors += [v for s in trainer.optimizer.state.values() for v in s.values()]
+            return all(bool(torch.isfinite(t).all()) for t in tensors)
     finally:
         shutdown(runtime)
 
@@ -172,9 +172,9 @@ def test_damaged_checkpoints_are_named_and_resume_falls_back(tmp_path, caplog):
     def resume(which):
         runtime = init_distributed(60)
         try:
-            trainer = Trainer(cfg, runtime, resume=which, overwrite=False)
-            trainer._load()
-            return trainer.resume_path
+            with Trainer(cfg, runtime, resume=which, overwrite=False) as trainer:
+                trainer._load()
+                return trainer.resume_path
         finally:
             shutdown(runtime)
 
@@ -210,8 +210,11 @@ def test_metadata_paths_are_confined_to_the_checkpoint(tmp_path, escape):
     (path / "moeflow.json").write_text(json.dumps(meta))
     runtime = init_distributed(60)
     try:
-        with pytest.raises(ValueError, match=rf"names the file '{escape}', which is not a plain"):
-            Trainer(tiny(out), runtime, resume=str(path), overwrite=False)._load()
+        with (
+            pytest.raises(ValueError, match=rf"names the file '{escape}', which is not a plain"),
+            Trainer(tiny(out), runtime, resume=str(path), overwrite=False) as trainer,
+        ):
+            trainer._load()
     finally:
         shutdown(runtime)
 

@@ -11,7 +11,9 @@
 config or the command line exit with status 2 and one line that says what to fix; a run stopped
 on a NaN or infinite loss (`train.on_nonfinite`) or by a collective that timed out
 (`parallel.timeout_s`) exits with status 1 and one line naming the step or the ranks that did not
-answer; a run stopped by SIGTERM writes a checkpoint and exits 0.
+answer; a run stopped by SIGTERM finishes its step, writes a checkpoint and exits 0; Ctrl-C
+(SIGINT) does the same and exits 130, and a second Ctrl-C stops at once (exit 130, no checkpoint
+since the last one).
 
 Example:
     >>> main(["slurm", "--nodes", "1", "--gpus-per-node", "1", "--job-name", "a;b", "c.toml"])
@@ -27,7 +29,7 @@ import os
 import sys
 from pathlib import Path
 
-from moeflow.launch.local import record_error, run_local
+from moeflow.launch.local import LAUNCHER_PID_ENV, die_with_launcher, record_error, run_local
 from moeflow.launch.slurm import SlurmJob, render_sbatch
 from moeflow.train.config import RunConfig
 from moeflow.train.nonfinite import NonFiniteError
@@ -36,6 +38,9 @@ from moeflow.train.watchdog import HangError
 
 class UsageError(ValueError):
     pass
+
+
+EXIT_INTERRUPTED = 130  # the shell's status for a process ended by Ctrl-C (128 + SIGINT)
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -71,6 +76,10 @@ def cmd_train(argv: list[str]) -> int:
     from moeflow.train.trainer import train
 
     result = train(cfg, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+    if result.stop_signal == "SIGINT":
+        # Under `moeflow launch` the launcher reports the interruption: a rank's non-zero status
+        # would make torchrun tear down the ranks still writing their part of the checkpoint.
+        return 0 if os.environ.get(LAUNCHER_PID_ENV) else EXIT_INTERRUPTED
     return 0 if result.last_step >= result.first_step else 1
 
 
@@ -162,8 +171,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nmoeflow: error: unknown command {argv[0]!r}", file=sys.stderr)
             raise SystemExit(2)
         return 0
+    die_with_launcher()
     try:
         return COMMANDS[argv[0]](argv[1:])
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one checkpoints and stops)
+        _say_error("interrupted (Ctrl-C): stopped at once, nothing saved since the last checkpoint")
+        raise SystemExit(EXIT_INTERRUPTED) from None
     except ValueError as exc:  # config and usage errors: one line, no traceback
         _say_error(exc)
         raise SystemExit(2) from None
@@ -175,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
-def _say_error(exc: BaseException) -> None:
+def _say_error(exc: BaseException | str) -> None:
     rank = os.environ.get("RANK")
     prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
     print(f"{prefix}moeflow: error: {exc}", file=sys.stderr)

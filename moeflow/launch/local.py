@@ -4,9 +4,14 @@ account of a failure and SIGTERM handled as a single `moeflow train` handles it.
 - Each rank's error (the one line `moeflow` prints) is also written to torchrun's per-rank error
   file (`record_error`), so when ranks fail the launcher prints which rank failed first, its exit
   code and that line (torchrun's own summary is an exception's text, which `launch` catches).
-- SIGTERM to the launcher is forwarded to the ranks (its child processes) instead of torchrun
-  tearing them down: they finish their step, write a checkpoint and exit 0, and so does the
-  launcher. This needs `/proc` to find the children (Linux); elsewhere torchrun handles SIGTERM.
+- SIGTERM and SIGINT (Ctrl-C) to the launcher are forwarded to the ranks (its child processes)
+  instead of torchrun tearing them down: they finish their step, write a checkpoint and exit (0
+  after SIGTERM, 130 after Ctrl-C), and so does the launcher, with one line; a second Ctrl-C is
+  forwarded too and stops the ranks at once. This needs `/proc` to find the children (Linux);
+  elsewhere torchrun handles both.
+- The ranks die with the launcher: each asks the kernel for SIGKILL when the launcher process
+  ends (`die_with_launcher`, Linux), so a launcher killed with SIGKILL leaves no rank training on
+  (and holding its output directory) behind it.
 - Once a rank has exited, a rank that stays stopped (SIGSTOP, Ctrl-Z: it cannot act on torchrun's
   SIGTERM, which would wait 30 s for it) for `STOPPED_GRACE_S` is killed (`_reap_stopped`), so a
   job with a stopped rank ends within `parallel.timeout_s` and a few seconds. Linux only too.
@@ -118,10 +123,37 @@ def _children(parent: int | None = None) -> dict[int, str]:
     return found
 
 
-def _forward_sigterm(signum, frame) -> None:
-    for pid in _children():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+class _Forwarder:
+    """The launcher's SIGTERM / SIGINT handler: passes the signal on to the ranks and remembers
+    the first one (how the launcher then exits)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+
+    def __call__(self, signum, frame) -> None:
+        self.received = self.received or signum
+        for pid in _children():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+
+LAUNCHER_PID_ENV = "MOEFLOW_LAUNCHER_PID"
+
+
+def die_with_launcher() -> None:
+    """In a rank started by `moeflow launch` (Linux): have the kernel SIGKILL this process when the
+    launcher ends (`PR_SET_PDEATHSIG`), and exit now if it has already ended. Nothing elsewhere."""
+    launcher = os.environ.get(LAUNCHER_PID_ENV)
+    if not launcher or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+        return  # not allowed here (a sandbox): torchrun's own teardown still applies
+    if os.getppid() != int(launcher):  # it ended before the request took effect
+        os._exit(1)
 
 
 def _rank_of(pid: int) -> int | None:
@@ -167,18 +199,39 @@ def run_local(nproc: int, argv: list[str]) -> int:
     # says what failed instead.
     logging.getLogger(ERROR_HANDLER).setLevel(logging.CRITICAL)
     flags = ["--standalone", f"--nproc-per-node={nproc}"]
-    previous, done = None, threading.Event()
+    previous, done, forward = {}, threading.Event(), _Forwarder()
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())  # the ranks inherit it: die_with_launcher
     if Path("/proc/self/stat").is_file():
-        flags.append("--signals-to-handle=SIGINT,SIGHUP,SIGQUIT")
-        previous = signal.signal(signal.SIGTERM, _forward_sigterm)
+        flags.append("--signals-to-handle=SIGHUP,SIGQUIT")
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
         threading.Thread(target=_reap_stopped, args=(nproc, done), daemon=True).start()
     try:
         torchrun([*flags, "-m", "moeflow", *argv])
     except ChildFailedError as exc:
+        codes = {f.exitcode for f in exc.failures.values()}
+        if forward.received == signal.SIGINT and codes <= {130, -signal.SIGINT}:
+            print("moeflow launch: stopped by Ctrl-C (SIGINT)", file=sys.stderr)
+            return 130
         print(summarize(exc), file=sys.stderr)
-        return 1
+        return launcher_status(codes)
     finally:
         done.set()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        os.environ.pop(LAUNCHER_PID_ENV, None)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if forward.received == signal.SIGINT:
+        print("moeflow launch: stopped by Ctrl-C (SIGINT) after a checkpoint", file=sys.stderr)
+        return 130
     return 0
+
+
+def launcher_status(codes: set[int]) -> int:
+    """The launcher's exit status from its failed ranks' exit codes: 2 where every rank that
+    exited reported bad input (status 2; the others were stopped by a signal), else 1.
+
+    Example:
+        >>> launcher_status({2, -15}), launcher_status({2, 1}), launcher_status({-9})
+        (2, 1, 1)
+    """
+    exited = {c for c in codes if c >= 0}
+    return 2 if exited == {2} else 1

@@ -32,6 +32,7 @@ from moeflow.train import checkpoint as ckpt
 from moeflow.train.ckpt_integrity import verify_checkpoint
 from moeflow.train.config import RunConfig
 from moeflow.train.data import Corpus, check_tokens, check_validation_split
+from moeflow.train.run_lock import RunDirectoryBusyError, RunLock
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +46,36 @@ def agree(ctx: ParallelContext, check) -> None:
         raise ValueError(message[0])
 
 
+def lock_output(cfg: RunConfig, ctx: ParallelContext) -> RunLock | None:
+    """Create `train.out_dir` and take its run lock on rank 0 (`moeflow.train.run_lock`) before
+    anything in it is read or cleared; every rank raises the same error if it is not writable or
+    another run holds it. Returns rank 0's lock (None on the other ranks): release it when the run
+    ends."""
+    out = Path(cfg.train.out_dir)
+    agree(ctx, lambda: writable_dir(out))
+    held: list[RunLock] = []
+
+    def take() -> str | None:
+        try:
+            held.append(RunLock.acquire(out))
+        except RunDirectoryBusyError as exc:
+            return str(exc)
+        return None
+
+    try:
+        agree(ctx, take)
+    except ValueError as exc:
+        raise RunDirectoryBusyError(str(exc)) from None
+    return held[0] if held else None
+
+
 def resolve_output(
     cfg: RunConfig, ctx: ParallelContext, resume: str | None, overwrite: bool
 ) -> Path | None:
     """Check `train.out_dir` on rank 0 before any work (every rank raises the same error): a
     fresh run needs an empty one (or `overwrite`, which clears the old run's checkpoints and
     metrics), a resumed one a complete checkpoint of the same model. Returns the checkpoint to
-    resume from, or None."""
+    resume from, or None. Take the directory's lock first (`lock_output`)."""
     out = Path(cfg.train.out_dir)
     root = out / "checkpoints"
     if resume is not None and overwrite:

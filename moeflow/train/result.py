@@ -28,6 +28,8 @@ class TrainResult:
     metrics_path: Path | None = None
     plot_path: Path | None = None
     stopped_by_signal: bool = False
+    # "SIGTERM" or "SIGINT" where this rank was asked to stop (checkpointed and stopped early)
+    stop_signal: str | None = None
 
 
 def unigram_bpb(corpus: Corpus) -> float | None:

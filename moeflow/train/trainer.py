@@ -9,8 +9,9 @@ Per optimizer step, on every rank:
    expert-data-parallel group; with `parallel.overlap_grad_sync` (the default) each bucket is sent
    from the last micro-batch's backward as soon as it is ready, and the step waits for them;
 4. clip by the global gradient norm (expert parts summed over the `ep` group);
-5. one all-reduce and host sync of the step's flags: a stop flag (SIGTERM on any rank: checkpoint
-   after this step and exit 0) and the non-finite guard's (`moeflow.train.nonfinite`: a NaN or
+5. one all-reduce and host sync of the step's flags: a stop flag (SIGTERM or a first Ctrl-C,
+   SIGINT, on any rank: checkpoint after this step and exit, 0 after SIGTERM, 130 after SIGINT; a
+   second Ctrl-C stops at once) and the non-finite guard's (`moeflow.train.nonfinite`: a NaN or
    infinite loss or gradient norm stops the run or skips the update, `train.on_nonfinite`);
    then the AdamW step; every `log_every` steps one all-reduce of the metrics; expert
    re-placement (`moeflow.train.replacement`), validation and checkpoints when due.
@@ -45,7 +46,7 @@ from moeflow.parallel.dims import ParallelDims
 from moeflow.parallel.grad_sync import GradSync
 from moeflow.parallel.replace import current_expert_slots, replica_row_weights
 from moeflow.train import checkpoint as ckpt
-from moeflow.train.build import build_model, check_data, resolve_output
+from moeflow.train.build import build_model, check_data, lock_output, resolve_output
 from moeflow.train.config import RunConfig
 from moeflow.train.data import BatchStream, eval_batches, load_corpus
 from moeflow.train.distributed import Runtime, init_distributed, shutdown
@@ -54,6 +55,7 @@ from moeflow.train.nonfinite import NonFiniteError, NonFiniteGuard, check_valida
 from moeflow.train.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
 from moeflow.train.replacement import Replacer, describe_placement
 from moeflow.train.result import TrainResult, summary_lines, unigram_bpb
+from moeflow.train.run_lock import LOCK_NAME
 from moeflow.train.tuning import build_tuner, describe_decision
 from moeflow.train.watchdog import HangError, Watchdog, is_hang
 from moeflow.utils.cpu_alloc import apply_once
@@ -71,6 +73,17 @@ class Trainer:
         self.watchdog = Watchdog(self.ctx.rank, runtime.world_size, p.timeout_s).start()
         self.watchdog.setting, self.watchdog.timeout_s = "startup_timeout_s", p.startup_timeout_s
         self.out_dir = Path(cfg.train.out_dir)
+        existed = self.out_dir.exists()
+        self.lock = lock_output(cfg, self.ctx)  # one run per directory, before it is read
+        try:
+            self._setup(resume, overwrite)
+        except BaseException:
+            self._release(remove_if_unused=not existed)
+            self.watchdog.close()
+            raise
+
+    def _setup(self, resume: str | None, overwrite: bool) -> None:
+        cfg, runtime = self.cfg, self.runtime
         self.resume_path = resolve_output(cfg, self.ctx, resume, overwrite)
         self.model = build_model(cfg, self.ctx, runtime.device, self._saved_slots())
         self.optimizer = build_optimizer(self.model, cfg.optim)
@@ -91,13 +104,38 @@ class Trainer:
         shard = len(self.corpus.train) // runtime.world_size
         check_data(cfg, self.ctx, self.corpus, self.ctx.rank * shard)
         self.step = 0
-        self.stop_requested = False  # SIGTERM seen by this rank
+        self.stop_requested = False  # SIGTERM or SIGINT seen by this rank
+        self.stop_signal: str | None = None
         self.stop_agreed = False  # ... by any rank, as of the last step's flag exchange
         self.guard = NonFiniteGuard(
             t.on_nonfinite, t.max_nonfinite_skips, self.ctx.rank, runtime.world_size
         )
         if runtime.device.type == "cpu":
             apply_once()  # reuse freed activations instead of page-faulting them back
+
+    def close(self) -> None:
+        """Give the output directory up without running (`run` does it when it ends); also the
+        end of a `with Trainer(...) as trainer:` block."""
+        self._release()
+        self.watchdog.close()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _release(self, remove_if_unused: bool = False) -> None:
+        """Give up the directory's lock (rank 0). A run that stopped on bad input before writing
+        anything removes the `out_dir` it created, so nothing is left behind."""
+        if self.lock is None:
+            return
+        self.lock.release()
+        self.lock = None
+        if remove_if_unused:
+            (self.out_dir / LOCK_NAME).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # not empty: something was written, keep it
+                self.out_dir.rmdir()
 
     # -- setup -------------------------------------------------------------------------------
     def _saved_slots(self) -> dict[str, list[int]] | None:
@@ -141,8 +179,13 @@ class Trainer:
         dtype = torch.bfloat16 if mode == "bf16" else torch.float16
         return torch.autocast(device_type=device, dtype=dtype)
 
-    def _on_sigterm(self, signum, frame) -> None:
+    def _on_stop_signal(self, signum, frame) -> None:
+        """SIGTERM or a first Ctrl-C: finish the step, checkpoint, stop. A second Ctrl-C stops at
+        once (KeyboardInterrupt; the newest checkpoint is the last one written)."""
+        if signum == signal.SIGINT and self.stop_signal == "SIGINT":
+            raise KeyboardInterrupt
         self.stop_requested = True
+        self.stop_signal = self.stop_signal or signal.Signals(signum).name
 
     # -- one step ----------------------------------------------------------------------------
     def train_step(self, metrics: IntervalMetrics) -> torch.Tensor:
@@ -267,6 +310,13 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self, quiet: bool = False) -> TrainResult:
+        """Train to `train.steps` (or a stop), then give the output directory up."""
+        try:
+            return self._run(quiet)
+        finally:
+            self._release()
+
+    def _run(self, quiet: bool) -> TrainResult:
         cfg, rank0 = self.cfg, self.ctx.rank == 0
         if self.resume_path is not None:
             self._load()
@@ -286,7 +336,9 @@ class Trainer:
         say = (lambda text: None) if quiet else log.message
         say(self.describe())
         set_aux_loss_scale(self.model, 1.0 / cfg.train.grad_accum_steps)
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        previous = {
+            sig: signal.signal(sig, self._on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)
+        }
         started = time.perf_counter()
         try:
             self._timeout("timeout_s")  # start-up is over
@@ -307,7 +359,8 @@ class Trainer:
             log.close()
             raise exc from None
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             self.watchdog.close()
         result.last_step = self.step
         end = {"kind": "end", "step": self.step, "signal": result.stopped_by_signal}
@@ -348,7 +401,13 @@ class Trainer:
                 self._maybe_tune(log, say)
             if stop:
                 result.stopped_by_signal = True
-                say(f"SIGTERM: stopping after step {self.step}, writing a checkpoint")
+                result.stop_signal = self.stop_signal
+                why = {"SIGINT": "Ctrl-C (SIGINT)", None: "another rank's stop signal"}
+                say(
+                    f"{why.get(self.stop_signal, self.stop_signal)}: stopping after step "
+                    f"{self.step}, writing a checkpoint"
+                    + (" (Ctrl-C again stops at once)" if self.stop_signal == "SIGINT" else "")
+                )
                 return
             every = cfg.train.eval_every
             if every and self.step % every == 0 and self.step < cfg.train.steps:
