@@ -68,7 +68,7 @@ def test_checkpoint_from_ep2_loads_at_ep1_and_ep4(tmp_path):
         losses[world] = [r[0] for r in results]
         experts[world] = {k: v for r in results for k, v in r[1].items()}
         assert all(r[2] == {4.0} for r in results)  # AdamW step count restored everywhere
-    for world in (1, 4):
+    for world in (1, 4):  # one fp32 forward per layout: sums in other orders, no optimizer
         assert losses[world] == pytest.approx([loss2] * world, rel=1e-6)
     assert len(experts[1]) == len(experts[4]) == 2 * 8
     for key, (w, m) in experts[1].items():

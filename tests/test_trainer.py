@@ -34,7 +34,8 @@ def cfg_for(out: Path, **train_kw) -> RunConfig:
 def params_after(cfg: RunConfig) -> dict[str, torch.Tensor]:
     runtime = init_distributed(60)
     try:
-        trainer = Trainer(cfg, runtime, resume=None, overwrite=True)
+        # Float64: accumulation sums micro-batch gradients in another order than one big batch.
+        trainer = Trainer(cfg, runtime, resume=None, overwrite=True, dtype=torch.float64)
         trainer.run(quiet=True)
         return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     finally:
@@ -50,10 +51,12 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
         cfg_for(tmp_path / "b", steps=2, micro_batch_size=4, grad_accum_steps=2, router=router)
     )
     for name in big:
-        torch.testing.assert_close(small[name], big[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(small[name], big[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
 def test_activation_checkpointing_changes_nothing(tmp_path):
+    # Recomputation runs the same kernels on the same inputs, so this holds bitwise in practice;
+    # the tolerance only spares the test from a kernel that picks its blocking by thread timing.
     plain = train(cfg_for(tmp_path / "a"), quiet=True)
     ckpt = train(cfg_for(tmp_path / "b", activation_checkpointing=True), quiet=True)
     assert ckpt.losses == pytest.approx(plain.losses, rel=1e-6)

@@ -90,7 +90,9 @@ def rotary_tables(seq_len: int, head_dim: int, theta: float, device=None):
 
 
 def apply_rotary(x_BHSd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x_BHSd.float().unflatten(-1, (-1, 2)).unbind(-1)
+    # At least fp32 (bf16 activations rotate in fp32); float64 stays float64.
+    wide = x_BHSd.to(torch.promote_types(x_BHSd.dtype, torch.float32))
+    x1, x2 = wide.unflatten(-1, (-1, 2)).unbind(-1)
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
     return out.type_as(x_BHSd)
 

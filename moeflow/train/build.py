@@ -198,11 +198,13 @@ def build_model(
     ctx: ParallelContext,
     device: torch.device,
     expert_slots: dict[str, list[int]] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Build on the meta device, keep only this rank's experts (placed by `expert_slots`,
     default contiguous blocks plus `placement.replica_slots` replicas per shard group), then
     materialise and initialise: a large model is never whole on one rank. A Hugging Face model
-    (`model.hf_config`) is an `HFCausalLM` (`moeflow.integrations.hf_run`)."""
+    (`model.hf_config`) is an `HFCausalLM` (`moeflow.integrations.hf_run`). `dtype`: the
+    parameters' dtype after initialisation (default: as built, fp32)."""
     if cfg.model.hf_config is not None:
         from moeflow.integrations.hf_run import build_hf_model
 
@@ -226,5 +228,7 @@ def build_model(
         model.init_weights(seed=cfg.train.seed)
     elif device.type != "meta":
         model.to(device)
+    if dtype is not None:
+        model.to(dtype)
     model.activation_checkpointing = cfg.train.activation_checkpointing
     return model

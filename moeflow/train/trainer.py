@@ -61,11 +61,25 @@ from moeflow.train.watchdog import HangError, Watchdog, is_hang
 from moeflow.utils.cpu_alloc import apply_once
 
 
-class Trainer:
-    """Builds everything a run needs from a `RunConfig`, then `run()`s it. See the module doc."""
+def at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+    """The loss reads fp16/bf16 logits in fp32, and float64 ones as they are."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
-    def __init__(self, cfg: RunConfig, runtime: Runtime, resume: str | None, overwrite: bool):
-        self.cfg, self.runtime = cfg, runtime
+
+class Trainer:
+    """Builds everything a run needs from a `RunConfig`, then `run()`s it. See the module doc.
+    `dtype`: the parameters' and AdamW state's dtype (default fp32); float64 runs check that two
+    ways of training compute the same math, free of fp32 rounding that differs between CPUs."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        runtime: Runtime,
+        resume: str | None,
+        overwrite: bool,
+        dtype: torch.dtype | None = None,
+    ):
+        self.cfg, self.runtime, self.dtype = cfg, runtime, dtype
         p = cfg.parallel
         dims = ParallelDims(dp=p.dp_for(runtime.world_size), ep=p.ep, timeout_s=p.startup_timeout_s)
         self.ctx = dims.build(runtime.device.type)
@@ -85,7 +99,9 @@ class Trainer:
     def _setup(self, resume: str | None, overwrite: bool) -> None:
         cfg, runtime = self.cfg, self.runtime
         self.resume_path = resolve_output(cfg, self.ctx, resume, overwrite)
-        self.model = build_model(cfg, self.ctx, runtime.device, self._saved_slots())
+        self.model = build_model(
+            cfg, self.ctx, runtime.device, self._saved_slots(), dtype=self.dtype
+        )
         self.optimizer = build_optimizer(self.model, cfg.optim)
         ckpt.init_optimizer_state(self.optimizer)
         self.grad_sync = GradSync(self.model, self.ctx, overlap=cfg.parallel.overlap_grad_sync)
@@ -194,13 +210,13 @@ class Trainer:
         cfg, device = self.cfg, self.runtime.device
         accum = cfg.train.grad_accum_steps
         set_lr(self.optimizer, lr_at(self.step, cfg.optim, cfg.train.steps))
-        step_loss = torch.zeros((), device=device)
+        step_loss = torch.zeros((), device=device, dtype=torch.float64)
         for micro in range(accum):
             self.watchdog.at(self.step + 1, "forward and backward")
             x, y = (t.to(device, non_blocking=True) for t in self.stream.next_batch())
             with self._autocast():
                 logits = self.model(x)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            loss = F.cross_entropy(at_least_fp32(logits).flatten(0, 1), y.flatten())
             # Gradients are sent from the last micro-batch's backward only (when overlapped).
             last = micro == accum - 1
             with contextlib.nullcontext() if last else self.grad_sync.no_sync():
@@ -268,7 +284,9 @@ class Trainer:
             x, y, mask = (v.to(self.runtime.device) for v in (x, y, mask))
             with self._autocast():
                 logits = self.model(x)
-            nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+            nll = F.cross_entropy(
+                at_least_fp32(logits).flatten(0, 1), y.flatten(), reduction="none"
+            )
             nll = nll.view(y.shape)[mask]
             total += torch.stack(
                 [nll.double().sum(), nll.new_tensor(nll.numel(), dtype=torch.float64)]
