@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from moeflow.parallel import tuner as tuner_module
+from moeflow.train import checkpoint as ckpt
 from moeflow.train.config import RunConfig
 from moeflow.train.distributed import init_distributed, shutdown
 from moeflow.train.trainer import Trainer
@@ -169,3 +170,61 @@ def test_a_replacement_re_tunes_the_layer():
     assert results[1] == results[0]
     assert decided == [1, 0, 1, 0], keys
     assert keys[0][2] == 0.0 and keys[2][2] == 1.0  # off-group share: none, then all
+
+
+def _reproduce(rank, world, root):
+    """Three runs of the same auto config in one process group: A with noisy stand-in timings
+    and a checkpoint every 10 steps; B with other noise, replaying A's decisions; C resuming A's
+    step-10 checkpoint (decisions restored) and replaying A; D with other noise and no replay."""
+    import random
+
+    root = Path(root)
+    runtime = init_distributed(60)
+
+    def run(name, seed, replay=None, resume=None, every=10):
+        tuner = {"check_every": 5, "imbalance_step": 0.01, "replay": replay}
+        config = cfg(root / name, "auto", "auto", tuner, "auto")
+        config = RunConfig.from_dict({**config.to_dict(), "checkpoint": {"every": every, "keep": 5}})
+        noise = random.Random(seed)  # the same on every rank: one stream of "timings" per run
+        with Trainer(config, runtime, resume, resume is None) as trainer:
+            trainer.tuner._time = lambda layer, cand: noise.uniform(1e-3, 2e-3)
+            restored = None
+            if resume is not None:
+                trainer._load()
+                restored = trainer.tuner.state_dict()
+                trainer.resume_path = None  # loaded already
+            result = trainer.run(quiet=True)
+            decisions = [(r["layer"], r["step"], r["choice"]) for r in trainer.tuner.cache.values()]
+        return result, decisions, restored
+
+    try:
+        a, a_decisions, _ = run("a", seed=1)
+        b, b_decisions, _ = run("b", seed=2, replay=str(root / "a"))
+        middle = root / "a" / "checkpoints" / "step_00000010"
+        saved = ckpt.read_meta(middle)["tuner"]
+        c, c_decisions, restored = run("c", seed=3, replay=str(root / "a"), resume=str(middle))
+        d, d_decisions, _ = run("d", seed=4, every=0)
+        return {
+            "a": (a.losses, a_decisions), "b": (b.losses, b_decisions),
+            "c": (c.losses, c_decisions, restored == saved, len(saved["cache"])),
+            "d": (d.losses, d_decisions),
+        }  # fmt: skip
+    finally:
+        shutdown(runtime)
+
+
+def test_decisions_survive_a_resume_and_a_replay_gives_the_same_losses_twice(tmp_path):
+    out = run_on_ranks(_reproduce, 4, args=(str(tmp_path),), timeout=400)[0]
+    a_losses, a_decisions = out["a"]
+    assert len(a_losses) == 30 and len(a_decisions) >= 4
+    # Replayed: A's decisions, and bitwise A's losses (fp32, the same machine and seed).
+    b_losses, b_decisions = out["b"]
+    assert b_decisions == a_decisions and b_losses == a_losses
+    # Resumed at step 10: the tuner state saved with the checkpoint is restored, and with A's
+    # decisions replayed the run continues exactly as the uninterrupted one.
+    c_losses, c_decisions, restored, saved_count = out["c"]
+    assert restored and saved_count >= 1
+    assert c_losses == a_losses[10:]
+    assert c_decisions == a_decisions
+    # Without replay, other timings choose otherwise (what replay guards against).
+    assert out["d"][1] != a_decisions

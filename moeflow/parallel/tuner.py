@@ -28,7 +28,13 @@ Schedule, after an optimizer step, on every rank (collective over the world grou
 5. Rank 0 picks the fastest and broadcasts the decision with its record (one broadcast); every
    rank sets the layer's default mode and overlap degree and caches the decision under the key.
 
-Every mode computes the same math, so a decision changes speed, never the loss.
+Every mode computes the same math, so a decision changes speed; in fp32 the candidates sum in
+different orders, so two runs whose timings chose differently drift apart in the last bits (and
+further, as training amplifies them). Two ways to get the same losses twice: pin the choices
+(`parallel.mode`, `overlap_degree`, `two_level`), or replay the decisions an earlier run recorded
+(`replay`: steps 2-4 are skipped and the recorded choice is taken, so the run makes the same
+decisions at the same steps). The decisions made so far are part of a checkpoint
+(`state_dict`), so a resumed run carries on with them.
 
 Example (one process: there is nothing to choose but `ep`):
     >>> from moeflow.moe.config import MoEConfig
@@ -81,7 +87,9 @@ class TunerConfig:
     the tokens per rank stay within this factor, the max/mean load and the share of pairs
     leaving the rank's shard group within these distances of where it was measured;
     `memory_limit_mb`: transient memory a rank may spend on gathered weights (0: the device's
-    free memory on GPUs, no limit on CPUs)."""
+    free memory on GPUs, no limit on CPUs). `replay`: an earlier run's `metrics.jsonl` (or its
+    `out_dir`) whose recorded decisions this run takes instead of timing candidates, for the same
+    losses twice (read by the trainer, `moeflow.train.tuning`)."""
 
     samples: int = 3
     warmup: int = 0  # the median of 3 already discards a first call's outlier
@@ -95,8 +103,14 @@ class TunerConfig:
     imbalance_step: float = 0.5
     traffic_step: float = 0.25
     memory_limit_mb: float = 0.0
+    replay: str | None = None
 
     def __post_init__(self) -> None:
+        if self.replay is not None and (not isinstance(self.replay, str) or not self.replay):
+            raise ValueError(
+                f"tuner.replay ({self.replay!r}) must be the path of an earlier run's "
+                "metrics.jsonl or out_dir"
+            )
         check_int("tuner.samples", self.samples)
         check_int("tuner.warmup", self.warmup, minimum=0)
         check_int("tuner.max_candidates", self.max_candidates)
@@ -131,8 +145,10 @@ class RuntimeTuner:
         mode: str | None = None,
         overlap: int | None = None,
         two_level: bool | None = None,
+        replay: dict[tuple[str, int], dict] | None = None,
     ) -> None:
         self.ctx, self.hw = ctx, hardware
+        self.replay = replay  # {(layer, step): recorded decision}: taken instead of timing
         self.config = config or TunerConfig()
         self.mode, self.overlap, self.two_level = mode, overlap, two_level
         self.layers = moe_layers(model)
@@ -145,6 +161,23 @@ class RuntimeTuner:
             layer.register_forward_pre_hook(self._keep_input, with_kwargs=True)
             for _, layer in self.layers
         ]
+
+    def state_dict(self) -> dict:
+        """The decisions so far (JSON-safe), for a checkpoint: a resumed run reuses them."""
+        return {
+            "cache": [[name, list(key), record] for (name, key), record in self.cache.items()],
+            "current": {name: list(key) for name, key in self.keys.items()},
+            "rounds": self._round,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()` and set every layer to the decision it ran with."""
+        self.cache = {(name, tuple(key)): record for name, key, record in state["cache"]}
+        self.keys = {name: tuple(key) for name, key in state["current"].items()}
+        self._round = int(state["rounds"])
+        for name, layer in self.layers:
+            if name in self.keys:
+                self._apply(layer, self.cache[(name, self.keys[name])])
 
     def close(self) -> None:
         for handle in self._hooks:
@@ -325,7 +358,20 @@ class RuntimeTuner:
         dist.all_reduce(medians, op=dist.ReduceOp.MAX, group=self.ctx.world_group)
         return medians.tolist()
 
+    def _replayed(self, name: str, step: int) -> dict:
+        """The recorded decision for `name` at `step` (`replay`), the same on every rank."""
+        record = self.replay.get((name, step))
+        if record is None:
+            raise ValueError(
+                f"tuner.replay: the recorded run made no decision for {name} at step {step}, "
+                "where this run meets a new situation: the runs diverged (another config, seed, "
+                "world size or data?); replay a run of the same config, or drop tuner.replay"
+            )
+        return {**record, "reason": f"replayed ({record.get('reason', '')})"}
+
     def _tune(self, name: str, layer: MoELayer, step: int, tokens: float, rho: float) -> dict:
+        if self.replay is not None:
+            return self._replayed(name, step)
         shape = self._shape(layer, tokens, rho)
         cands, predicted = self._candidates(layer, shape)
         why_not = self._feasible(layer, cands)

@@ -177,6 +177,9 @@ class Trainer:
             self.resume_path, self.model, self.optimizer, self.ctx.world_group
         )
         self.step = int(meta["step"])
+        same_layout = meta.get("parallel") == {"dp": self.ctx.dims.dp, "ep": self.ctx.dims.ep}
+        if self.tuner is not None and isinstance(meta.get("tuner"), dict) and same_layout:
+            self.tuner.load_state_dict(meta["tuner"])  # another layout is tuned afresh
         if rank_state is not None:
             self.stream.load_state_dict(rank_state["data"])
             ckpt.set_rng_state(rank_state["rng"])
@@ -308,6 +311,8 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             "expert_slots": current_expert_slots(self.model),
         }
+        if self.tuner is not None:  # its decisions so far: a resumed run carries on with them
+            meta["tuner"] = self.tuner.state_dict()
         self.watchdog.at(self.step, "checkpoint")
         setting = self.watchdog.setting
         self._timeout("startup_timeout_s")  # writes may take long

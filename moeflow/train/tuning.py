@@ -10,9 +10,11 @@ Example:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from moeflow.parallel.calibrate import load_or_calibrate
@@ -30,13 +32,53 @@ def build_tuner(
     p, moe = cfg.parallel, cfg.model.moe
     if "auto" not in (p.mode, p.overlap_degree, p.two_level) or ctx.dims.ep == 1:
         return None
+    replay = None
+    if cfg.tuner.replay is not None:
+        found = [recorded_decisions(Path(cfg.tuner.replay)) if ctx.rank == 0 else None]
+        dist.broadcast_object_list(found, src=0, group=ctx.world_group)  # one reader
+        if isinstance(found[0], str):
+            raise ValueError(found[0])
+        replay = found[0]
     hw, _ = load_or_calibrate(ctx, out_dir, moe.hidden_size, moe.ffn_hidden_size, device=device)
     return RuntimeTuner(
         model, ctx, hw, cfg.tuner,
         mode=None if p.mode == "auto" else p.mode,
         overlap=None if p.overlap_degree == "auto" else p.overlap_degree,
         two_level=None if p.two_level == "auto" else p.two_level,
+        replay=replay,
     )  # fmt: skip
+
+
+def recorded_decisions(path: Path) -> dict[tuple[str, int], dict] | str:
+    """The tuner decisions (`kind: "runtime"` records) of a run's metrics file (`path`, or
+    `path/metrics.jsonl`) by (layer, step); or why there are none, as a message."""
+    file = path / "metrics.jsonl" if path.is_dir() else path
+    where = f"tuner.replay ({str(path)!r})"
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"{where} cannot be read: {getattr(exc, 'strerror', None) or exc}"
+    found = {}
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return f"{where}: line {number} of {file.name} is not JSON; give a run's metrics.jsonl"
+        if isinstance(record, dict) and record.get("kind") == "runtime":
+            step, choice = record.get("step"), (record.get("mode"), record.get("overlap"))
+            if (
+                not isinstance(step, int)
+                or not isinstance(choice[1], int)
+                or "two_level" not in record
+            ):
+                return f"{where}: line {number} is not a tuner decision moeflow wrote"
+            found[(str(record.get("layer")), step)] = record
+    if not found:
+        return (
+            f'{where} holds no tuner decision (no record of kind "runtime"); replay a run that '
+            'ran with parallel.mode, overlap_degree or two_level = "auto"'
+        )
+    return found
 
 
 def describe_decision(record: dict) -> str:
