@@ -184,7 +184,8 @@ def _reproduce(rank, world, root):
     def run(name, seed, replay=None, resume=None, every=10):
         tuner = {"check_every": 5, "imbalance_step": 0.01, "replay": replay}
         config = cfg(root / name, "auto", "auto", tuner, "auto")
-        config = RunConfig.from_dict({**config.to_dict(), "checkpoint": {"every": every, "keep": 5}})
+        checkpoints = {"every": every, "keep": 5}
+        config = RunConfig.from_dict({**config.to_dict(), "checkpoint": checkpoints})
         noise = random.Random(seed)  # the same on every rank: one stream of "timings" per run
         with Trainer(config, runtime, resume, resume is None) as trainer:
             trainer.tuner._time = lambda layer, cand: noise.uniform(1e-3, 2e-3)
