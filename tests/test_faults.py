@@ -282,7 +282,9 @@ def _tokens(folder: Path, train: list[int], val: list[int]) -> Path:
 @pytest.mark.parametrize(
     "case",
     ["out_dir is a file", "out_dir under a file", "read-only out_dir", "token id >= vocab",
-     "empty .bin", "config is a directory", "validation shorter than a window"],
+     "empty .bin", "config is a directory", "validation shorter than a window", "lr past fp32",
+     "max_seq_len past memory", "negative dim", "hf hidden_size a string", "hf heads not dividing",
+     "nothing to resume"],
 )  # fmt: skip
 def test_bad_input_gives_one_line_before_the_first_step(tmp_path, capsys, monkeypatch, case):
     out = tmp_path / "run"
@@ -318,6 +320,31 @@ def test_bad_input_gives_one_line_before_the_first_step(tmp_path, capsys, monkey
     elif case == "config is a directory":
         args[1] = str(tmp_path)
         want = r"config file '.*' is a directory; pass a \.toml file"
+    elif case == "lr past fp32":
+        args += ["--optim.lr", "1e40"]
+        want = r"optim\.lr \(1e\+40\) must be > 0 and at most 3\.4e\+38, the largest fp32"
+    elif case == "max_seq_len past memory":
+        args += ["--model.max_seq_len", "100000000000"]
+        want = r"the model needs [\d,.]+ GiB on this rank .* rope_cos \(100000000000, 8\), sized "
+        want += r"by model\.max_seq_len: lower it"
+    elif case == "negative dim":
+        args += ["--model.dim", "-128"]
+        want = r"^moeflow: error: model\.dim \(-128\) must be an integer >= 1$"
+    elif case.startswith("hf "):
+        shape = {"hidden_size": "big"} if "string" in case else {"num_attention_heads": 5}
+        hf = {"model_type": "llama", "vocab_size": 256, "hidden_size": 32, "num_hidden_layers": 1,
+              "intermediate_size": 48, "num_attention_heads": 4, **shape}  # fmt: skip
+        table = ", ".join(f"{k} = {json.dumps(v)}" for k, v in hf.items())
+        text = cfg.read_text().replace("[model]\n", f"[model]\nhf_config = {{ {table} }}\n")
+        for key in ("dim", "n_layers", "n_heads", "max_seq_len"):
+            text = re.sub(rf"^{key} = .*\n", "", text, flags=re.M)
+        cfg.write_text(text)
+        want = r"model\.hf_config: LlamaConfig refused it: .*" + (
+            "expected int, got str" if "string" in case else "not a multiple of the number"
+        )
+    elif case == "nothing to resume":
+        args += ["--resume"]
+        want = r"--resume: no checkpoint under '.*checkpoints'; run without --resume to start"
     else:
         data = _tokens(tmp_path / "tok", ok_train, list(range(20)))
         args += ["--data.kind", "tokens", "--data.path", str(data)]
@@ -326,7 +353,7 @@ def test_bad_input_gives_one_line_before_the_first_step(tmp_path, capsys, monkey
         main(args)
     assert stop.value.code == 2
     assert re.search(want, one_line_error(capsys))
-    assert not (out / "metrics.jsonl").exists()  # nothing ran
+    assert not out.exists()  # nothing ran, and no empty out_dir is left behind
 
 
 def _moeflow(*args: str, **kw) -> subprocess.Popen:

@@ -19,10 +19,11 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from moeflow.integrations.hf import export
-from moeflow.integrations.hf_run import build_hf_model, hf_config_object, load_trained
+from moeflow.integrations.hf_run import build_hf_model, hf_config_object
 from moeflow.moe.layer import MoELayer
 from moeflow.train.checkpoint import latest_checkpoint
 from moeflow.train.config import RunConfig
+from moeflow.train.hf_checkpoint import load_trained
 from moeflow.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -79,7 +79,7 @@ def test_bad_input_leaves_no_out_dir_behind(tmp_path, capsys):
     cfg = write_config(tmp_path / "c.toml", out, steps=2)
     with pytest.raises(SystemExit) as stop:
         main(["train", str(cfg), "--quiet", "--resume"])  # nothing to resume
-    assert stop.value.code == 2 and "no complete checkpoint" in capsys.readouterr().err
+    assert stop.value.code == 2 and "no checkpoint under" in capsys.readouterr().err
     assert not out.exists()
 
 

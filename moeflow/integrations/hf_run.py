@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import pickle
 import re
 from pathlib import Path
 
@@ -129,8 +130,18 @@ def hf_config_object(data: dict, field: str = "model.hf_config"):
             )
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{field}: {cls.__name__} refused it: {exc}") from None
+    except (TypeError, ValueError, *_strict_errors()) as exc:
+        reason = " ".join(str(exc).split())  # huggingface_hub's errors span several lines
+        raise ValueError(f"{field}: {cls.__name__} refused it: {reason}") from None
+
+
+def _strict_errors() -> tuple[type[Exception], ...]:
+    """huggingface_hub's validation errors of config fields (no ValueError subclass)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # an older huggingface_hub: configs raise TypeError / ValueError
+        return ()
+    return (StrictDataclassError,)
 
 
 def _meta_model(config) -> nn.Module:
@@ -292,7 +303,13 @@ def _load_weights(transformers, folder: str, config) -> nn.Module:
         hf, info = transformers.AutoModelForCausalLM.from_pretrained(
             folder, config=config, output_loading_info=True, dtype=torch.float32
         )
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as exc:
+        if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in str(exc):
+            raise ValueError(
+                f"upcycle.weights ({folder!r}) holds pickled objects besides tensors, which "
+                "moeflow does not unpickle (that can run any code); save the model again with "
+                "save_pretrained(..., safe_serialization=True) where you trust it"
+            ) from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(
             f"upcycle.weights ({folder!r}) could not be loaded: {first}; point it at a "
@@ -306,22 +323,3 @@ def _load_weights(transformers, folder: str, config) -> nn.Module:
             "save_pretrained folder of the same model"
         )
     return hf
-
-
-def load_trained(checkpoint: str | Path) -> nn.Module:
-    """The HF model of a `moeflow train` checkpoint (an HF run's), whole in one process (every
-    expert, whatever `parallel.ep` wrote it), for evaluation, or for `export` and `save_pretrained`
-    when its MoE layers were converted from HF blocks."""
-    from moeflow.train.checkpoint import load_checkpoint, read_meta
-    from moeflow.train.config import RunConfig
-
-    meta = read_meta(checkpoint)
-    saved = meta.get("config", {})
-    if not isinstance(saved.get("model"), dict) or saved["model"].get("hf_config") is None:
-        raise ValueError(
-            f"checkpoint {str(checkpoint)!r} holds moeflow's reference decoder, not an HF model"
-        )
-    cfg = RunConfig.from_dict({"model": saved["model"], "train": saved.get("train", {})})
-    model = build_hf_model(cfg, torch.device("cpu"))
-    load_checkpoint(checkpoint, model, None)
-    return model.hf

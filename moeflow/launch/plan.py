@@ -97,6 +97,10 @@ def cmd_plan(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.json and Path(args.json).exists() and not args.force:
         raise ValueError(f"--json {args.json}: the file exists; pass --force to replace it")
+    if args.json:  # before the solve: its minutes are not lost to a path that cannot be written
+        problem = _unwritable(Path(args.json))
+        if problem:
+            raise ValueError(f"--json {args.json}: {problem}; choose another path")
     try:
         trace = RoutingTrace.load(args.stats)
     except FileNotFoundError as exc:
@@ -129,5 +133,24 @@ def cmd_plan(argv: list[str]) -> int:
             "stats": str(args.stats),
             "results": [{**r.summary(), "placement": r.placement.layers} for r in results],
         }
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        try:
+            Path(args.json).write_text(json.dumps(out, indent=1))
+        except OSError as exc:
+            raise ValueError(
+                f"--json {args.json} cannot be written: {exc.strerror or exc}; choose another path"
+            ) from None
     return 0
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why `path` cannot be written (its folder is missing or refuses a probe file), or None."""
+    folder = path.parent
+    if not folder.is_dir():
+        return f"the folder {str(folder)!r} does not exist"
+    probe = folder / f".{path.name}.probe"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        return f"the folder {str(folder)!r} is not writable ({exc.strerror or exc})"
+    return None

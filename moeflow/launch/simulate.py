@@ -161,6 +161,9 @@ def cmd_simulate(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.gpus_per_node < 1:
         raise ValueError(f"--gpus-per-node ({args.gpus_per_node}) must be >= 1")
+    bad = [w for w in args.world_size if w < 1]
+    if bad:
+        raise ValueError(f"--world-size ({bad[0]}) must be >= 1: the number of GPUs to predict for")
     if not args.imbalance >= 1.0:
         raise ValueError(f"--imbalance ({args.imbalance}) is a max/mean load: >= 1")
     cfg = RunConfig.from_toml(args.config)

@@ -29,6 +29,9 @@ FORMAT = "moeflow.routing_stats"
 VERSION = 1
 
 
+MAX_COUNT = 1e15  # tokens per expert in one statistics file: far past any run, far below overflow
+
+
 @dataclass
 class RoutingTrace:
     loads: np.ndarray  # [L, E] float64
@@ -64,6 +67,14 @@ class RoutingTrace:
                 raise ValueError(
                     f"routing stats '{name}' has a negative count ({array[where]}) at {where}: "
                     "token counts cannot be negative; record them again"
+                )
+        # Token counts: the planner sums them over layers, experts and ranks in float64.
+        for name, array in (("loads", self.loads), ("co_routing", self.co_routing)):
+            if array.size and array.max() > MAX_COUNT:
+                where = tuple(int(i) for i in np.unravel_index(array.argmax(), array.shape))
+                raise ValueError(
+                    f"routing stats '{name}' holds {array[where]:.3g} at {where}, more than "
+                    f"{MAX_COUNT:.0e} tokens: the statistics are corrupt; record them again"
                 )
         if self.loads.sum() <= 0:
             raise ValueError("routing stats 'loads' are all zero: no tokens were recorded")
@@ -129,6 +140,12 @@ class RoutingTrace:
             raise ValueError(msg) from None
         if co.size == 0 and loads.ndim == 2:  # one layer: JSON keeps no shape for an empty list
             co = np.zeros((0, loads.shape[1], loads.shape[1]))
+        for key, axis in (("num_layers", 0), ("num_experts", 1)):
+            if key in data and (loads.ndim != 2 or data[key] != loads.shape[axis]):
+                raise ValueError(
+                    f"{source}: the header's {key} ({data[key]!r}) disagrees with 'loads' (shape "
+                    f"{loads.shape}): the file was edited or is corrupt; record it again"
+                )
         names, meta = data.get("layer_names") or [], data.get("meta") or {}
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ValueError(

@@ -15,6 +15,7 @@ Example (one process, the meta device: nothing is allocated):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -106,26 +107,57 @@ def resolve_output(
     path = newest_intact(root, ctx, skipped) if resume == "latest" else Path(resume)
 
     def check_resume() -> str | None:
-        if path is None:
-            what = "complete checkpoint"
-            if skipped:
-                what = f"intact checkpoint ({len(skipped)} damaged: {skipped[0]})"
+        if path is None and skipped:
             return (
-                f"--resume: no {what} under {str(root)!r}; run without --resume to start a new run"
+                f"--resume: no intact checkpoint under {str(root)!r} ({len(skipped)} damaged: "
+                f"{skipped[0]}); restore one from a copy, or pass --overwrite instead of --resume "
+                "to start afresh (it deletes them)"
             )
+        if path is None:
+            return f"--resume: no checkpoint under {str(root)!r}; run without --resume to start"
         try:
             meta = ckpt.read_meta(path)
         except ckpt.CheckpointError as exc:
             return f"--resume: {exc}"
         if meta.get("model_fingerprint") != cfg.fingerprint():
+            saved = meta.get("config", {}).get("model")
             return (
-                f"--resume: checkpoint {str(path)!r} was written for another model config "
-                f"({meta.get('config', {}).get('model')}); resume with the same [model] section"
+                f"--resume: checkpoint {str(path)!r} was written for another model: "
+                f"{model_changes(saved, cfg.to_dict()['model'])}; resume with the same [model]"
             )
         return None
 
     agree(ctx, check_resume)
     return path
+
+
+def model_changes(saved: object, now: dict, limit: int = 3) -> str:
+    """What differs between a checkpoint's `[model]` and this run's, field by field.
+
+    Example:
+        >>> model_changes({"dim": 32, "moe": {"num_experts": 8}}, {"dim": 32,
+        ...     "moe": {"num_experts": 16}})
+        'model.moe.num_experts is 8 there, 16 here'
+    """
+    if not isinstance(saved, dict):
+        return "the checkpoint records no [model] section"
+    old, new = _flatten(saved, "model"), _flatten(now, "model")
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k, "unset") != new.get(k, "unset"))
+    if not keys:
+        return "the same fields, another fingerprint (written by another moeflow version?)"
+    shown = [f"{k} is {old.get(k, 'unset')!r} there, {new.get(k, 'unset')!r} here" for k in keys]
+    more = f" (and {len(keys) - limit} more)" if len(keys) > limit else ""
+    return "; ".join(shown[:limit]) + more
+
+
+def _flatten(table: dict, prefix: str) -> dict:
+    out = {}
+    for key, value in table.items():
+        if isinstance(value, dict) and key != "hf_config":
+            out.update(_flatten(value, f"{prefix}.{key}"))
+        else:
+            out[f"{prefix}.{key}"] = value
+    return out
 
 
 def writable_dir(out: Path) -> str | None:
@@ -193,6 +225,40 @@ def check_data(cfg: RunConfig, ctx: ParallelContext, corpus: Corpus, train_offse
         raise ValueError(first)
 
 
+# The config field that sizes a tensor the user may not think of as a weight.
+SIZED_BY = {"rope_cos": "model.max_seq_len", "rope_sin": "model.max_seq_len"}
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory on `device` (the machine's RAM for the CPU), None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        with contextlib.suppress(ValueError, OSError):
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
+def check_fits(model: nn.Module, device: torch.device) -> None:
+    """Before anything is allocated (the model is still on the meta device): refuse a model whose
+    parameters and buffers on this rank alone exceed the device's memory, naming the largest
+    tensor and the setting that sizes it."""
+    total = device_memory(device)
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    if total is None or not tensors:
+        return
+    need = sum(t.numel() * t.element_size() for _, t in tensors)
+    if need <= total:
+        return
+    name, largest = max(tensors, key=lambda item: item[1].numel() * item[1].element_size())
+    field = SIZED_BY.get(name.rsplit(".", 1)[-1], "the model's shape ([model])")
+    raise ValueError(
+        f"the model needs {need / 2**30:,.1f} GiB on this rank before any activation, more than "
+        f"this {device.type} device's {total / 2**30:,.1f} GiB; the largest tensor is {name} "
+        f"{tuple(largest.shape)}, sized by {field}: lower it"
+    )
+
+
 def build_model(
     cfg: RunConfig,
     ctx: ParallelContext,
@@ -223,6 +289,7 @@ def build_model(
     )
     replicas = cfg.placement.replica_slots  # validated against parallel.ep by RunConfig
     parallelize(model, ctx, dispatch, expert_slots=expert_slots, replica_slots=replicas)
+    check_fits(model, device)
     if isinstance(model, MoEDecoder) and device.type != "meta":
         model.to_empty(device=device)
         model.init_weights(seed=cfg.train.seed)

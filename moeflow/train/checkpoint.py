@@ -301,9 +301,12 @@ def _describe(exc: BaseException, root: Path) -> str:
         with contextlib.suppress(OSError):
             full = shutil.disk_usage(root).free < (64 << 20)
     if full:
-        return (
-            f"no space left on device in {str(root)!r}; free space there (or lower checkpoint.keep)"
-        )
+        kept = len(list_checkpoints(root))
+        hint = (
+            f", or lower checkpoint.keep (the {kept} kept checkpoints take room)" if kept > 1 else
+            " or point train.out_dir at a larger disk (one checkpoint needs more than is free)"
+        )  # fmt: skip
+        return f"no space left on device in {str(root)!r}; free space there{hint}"
     return f"{type(exc).__name__}: {text}"
 
 

@@ -62,8 +62,8 @@ def local_digests(directory: Path, rank: int) -> dict[str, dict]:
 
 def confined(name: str, directory: Path) -> Path:
     """`directory / name` when `name` is a plain file name inside `directory` (DCP writes no
-    other kind), else `CorruptCheckpointError`: a path in the metadata must not reach other
-    runs' files or the system's."""
+    other kind) and not a link out of it, else `CorruptCheckpointError`: a path in the metadata
+    or a file swapped for a link must not reach other runs' files or the system's."""
     if (
         not isinstance(name, str)
         or not name
@@ -76,14 +76,21 @@ def confined(name: str, directory: Path) -> Path:
             f"the checkpoint metadata names the file {name!r}, which is not a plain file name "
             f"inside {str(directory)!r}; refusing to read it (the metadata is corrupt or crafted)"
         )
-    return directory / name
+    path = directory / name
+    target = path.resolve()
+    if target.parent != directory.resolve():  # a link (or a link's link) out of the folder
+        raise CorruptCheckpointError(
+            f"{name} in checkpoint {str(directory)!r} is a link to {str(target)!r}, outside the "
+            "checkpoint folder; refusing to read it (replace the link with the file itself)"
+        )
+    return path
 
 
 def verify_file(directory: Path, name: str, manifest: dict | None) -> None:
-    """Check one file against the manifest (no manifest: nothing to check)."""
+    """Check one file against the manifest (no manifest: only that it lies in `directory`)."""
+    path = confined(name, directory)
     if manifest is None:
         return
-    path = confined(name, directory)
     want = manifest.get(name)
     if not isinstance(want, dict):
         raise CorruptCheckpointError(f"{name}: not in the checkpoint's manifest (moeflow.json)")

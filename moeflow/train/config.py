@@ -78,6 +78,9 @@ class DataConfig:
         check_int("data.max_bytes", self.max_bytes, minimum=0)
 
 
+FP32_MAX = 3.4028234663852886e38
+
+
 @dataclass(kw_only=True, frozen=True)
 class OptimConfig:
     """AdamW with two parameter groups: matrices (embeddings, attention, experts, router) get
@@ -93,8 +96,12 @@ class OptimConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ValueError(f"optim.lr ({self.lr!r}) must be > 0")
+        if not 0 < self.lr <= FP32_MAX:
+            raise ValueError(
+                f"optim.lr ({self.lr!r}) must be > 0 and at most {FP32_MAX:.3g}, the largest "
+                "fp32 number (AdamW applies it in the parameters' dtype); typical values are "
+                "1e-4 to 1e-2"
+            )
         if not self.weight_decay >= 0:
             raise ValueError(f"optim.weight_decay ({self.weight_decay!r}) must be >= 0")
         betas = tuple(self.betas)
@@ -307,6 +314,9 @@ class RunConfig:
             model = data["model"] = resolve_model_section(model, upcycle or {})
         if isinstance(model, dict):
             moe = model.setdefault("moe", {})
+            if isinstance(moe, dict) and "hidden_size" not in moe:
+                # moe.hidden_size comes from model.dim: a bad dim is named as itself.
+                check_int("model.dim", model.get("dim", DecoderConfig.dim))
             if isinstance(moe, dict):
                 moe.setdefault("hidden_size", model.get("dim", DecoderConfig.dim))
                 moe.setdefault("num_experts", 8)

@@ -49,6 +49,10 @@ FIX = (
     "lower optim.lr or raise optim.warmup_steps and resume from the newest checkpoint, or set "
     'train.on_nonfinite = "skip" to skip such steps'
 )
+FIX_SKIPPING = (
+    "lower optim.lr or raise optim.warmup_steps and resume from the newest checkpoint (written "
+    "before the streak), or raise train.max_nonfinite_skips if such streaks pass"
+)
 
 
 class NonFiniteGuard:
@@ -86,7 +90,13 @@ class NonFiniteGuard:
         if bad_ranks:
             mine = f"; this rank's: {loss}" if self.rank in bad_ranks else ""
             what.append(f"the training loss is not finite on rank(s) {_ranks(bad_ranks)}{mine}")
-        what.append(f"the gradient norm is {grad_norm}")
+        if bad_ranks:
+            what.append(f"the gradient norm is {grad_norm}")
+        else:  # summed over every rank: no single rank to name
+            what.append(
+                f"the gradient norm is {grad_norm} (gradients are summed over all ranks; every "
+                "rank's loss was finite)"
+            )
         if self.policy == "stop":
             raise NonFiniteError(
                 f'step {step}: {", ".join(what)}; train.on_nonfinite = "stop" stopped the run '
@@ -98,7 +108,8 @@ class NonFiniteGuard:
         if self.in_a_row >= self.max_skips:
             raise NonFiniteError(
                 f"step {step}: {', '.join(what)}, the {self.in_a_row}th step in a row "
-                f"(train.max_nonfinite_skips = {self.max_skips}); the run has diverged; {FIX}",
+                f"(train.max_nonfinite_skips = {self.max_skips}); the run has diverged; "
+                f"{FIX_SKIPPING}",
                 step,
             )
         return False

@@ -57,7 +57,7 @@ from moeflow.train.replacement import Replacer, describe_placement
 from moeflow.train.result import TrainResult, summary_lines, unigram_bpb
 from moeflow.train.run_lock import LOCK_NAME
 from moeflow.train.tuning import build_tuner, describe_decision
-from moeflow.train.watchdog import HangError, Watchdog, is_hang
+from moeflow.train.watchdog import HangError, Watchdog, is_hang, lost_peer
 from moeflow.utils.cpu_alloc import apply_once
 
 
@@ -87,9 +87,9 @@ class Trainer:
         self.watchdog = Watchdog(self.ctx.rank, runtime.world_size, p.timeout_s).start()
         self.watchdog.setting, self.watchdog.timeout_s = "startup_timeout_s", p.startup_timeout_s
         self.out_dir = Path(cfg.train.out_dir)
-        existed = self.out_dir.exists()
-        self.lock = lock_output(cfg, self.ctx)  # one run per directory, before it is read
+        existed, self.lock = self.out_dir.exists(), None
         try:
+            self.lock = lock_output(cfg, self.ctx)  # one run per directory, before it is read
             self._setup(resume, overwrite)
         except BaseException:
             self._release(remove_if_unused=not existed)
@@ -122,6 +122,7 @@ class Trainer:
         self.step = 0
         self.stop_requested = False  # SIGTERM or SIGINT seen by this rank
         self.stop_signal: str | None = None
+        self.save_due = False  # a periodic checkpoint waits while updates are being skipped
         self.stop_agreed = False  # ... by any rank, as of the last step's flag exchange
         self.guard = NonFiniteGuard(
             t.on_nonfinite, t.max_nonfinite_skips, self.ctx.rank, runtime.world_size
@@ -144,13 +145,12 @@ class Trainer:
     def _release(self, remove_if_unused: bool = False) -> None:
         """Give up the directory's lock (rank 0). A run that stopped on bad input before writing
         anything removes the `out_dir` it created, so nothing is left behind."""
-        if self.lock is None:
-            return
-        self.lock.release()
-        self.lock = None
-        if remove_if_unused:
-            (self.out_dir / LOCK_NAME).unlink(missing_ok=True)
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        if remove_if_unused and self.ctx.rank == 0:
             with contextlib.suppress(OSError):  # not empty: something was written, keep it
+                (self.out_dir / LOCK_NAME).unlink(missing_ok=True)
                 self.out_dir.rmdir()
 
     # -- setup -------------------------------------------------------------------------------
@@ -343,6 +343,12 @@ class Trainer:
         cfg, rank0 = self.cfg, self.ctx.rank == 0
         if self.resume_path is not None:
             self._load()
+            if self.step > cfg.train.steps:  # equal: a finished run, validated again
+                raise ValueError(
+                    f"--resume: checkpoint {str(self.resume_path)!r} is at step {self.step}, past "
+                    f"train.steps ({cfg.train.steps}): nothing left to train; pass a larger "
+                    "--train.steps"
+                )
         first = self.step
         m = cfg.metrics
         wandb_cfg = None
@@ -377,7 +383,7 @@ class Trainer:
             if not isinstance(exc, NonFiniteError) and not is_hang(exc):
                 raise
             if not isinstance(exc, NonFiniteError):
-                exc = HangError(*self.watchdog.diagnose())
+                exc = HangError(*self.watchdog.diagnose(lost_peer=lost_peer(exc)))
             log.log({"kind": "error", "step": getattr(exc, "step", self.step), "error": str(exc)})
             log.close()
             raise exc from None
@@ -441,7 +447,12 @@ class Trainer:
                     + (f", {bpb:.3f} bits/byte" if bpb is not None else ""))  # fmt: skip
             every = cfg.checkpoint.every
             if every and self.step % every == 0 and self.step < cfg.train.steps:
+                self.save_due = True
+            if self.save_due and self.guard.in_a_row == 0:
                 self.save()
+                self.save_due = False
+            elif self.save_due and self.step % every == 0:  # skipping: keep the last good one
+                say(f"step {self.step}: non-finite steps in a row, checkpoint deferred")
 
     def _maybe_tune(self, log: MetricsLogger, say) -> None:
         if self.tuner is not None:

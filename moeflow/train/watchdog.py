@@ -11,7 +11,10 @@ When a collective on this rank times out (`parallel.timeout_s`) or loses its pee
 reads every rank's entry and returns one line: the ranks whose heartbeat is older than three
 intervals (stopped, hung in native code, or dead), else the ranks behind in step or phase, with
 this rank's own step and phase, the setting to change, and the blamed ranks (for the launcher's
-summary, `moeflow.launch.local`).
+summary, `moeflow.launch.local`). A lost peer (a rank that died closes its connections at once,
+long before any timeout) is told apart: `diagnose` then watches the heartbeats for the rank that
+stopped beating and names it, with the step it last reported (a rank beats on every new step, so
+that step is current).
 
 Example (a store of one process; rank 1's heartbeat is old):
     >>> import json, torch.distributed as dist
@@ -36,6 +39,7 @@ import time
 
 import torch.distributed as dist
 
+MIN_GAP_S = 0.1  # heartbeats on new steps are at most 10 a second
 TIMEOUT = re.compile(r"timed out|timeout", re.IGNORECASE)
 PEER_LOST = re.compile(r"connection closed by peer|connection reset|broken pipe", re.IGNORECASE)
 
@@ -53,6 +57,11 @@ def is_hang(exc: BaseException) -> bool:
     """A collective's timeout or a lost peer (gloo and NCCL word them like this)."""
     text = str(exc)
     return isinstance(exc, RuntimeError) and bool(TIMEOUT.search(text) or PEER_LOST.search(text))
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """The collective failed because a peer closed its connection (it died), not on a timeout."""
+    return bool(PEER_LOST.search(str(exc))) and not TIMEOUT.search(str(exc))
 
 
 def _client(timeout_s: float):
@@ -86,6 +95,7 @@ class Watchdog:
         self.setting = "timeout_s"  # the `parallel.` field `timeout_s` comes from
         self.store = store if store is not None else (_client(10.0) if world_size > 1 else None)
         self._stop = threading.Event()
+        self._moved = threading.Event()  # a new step: beat now, so a stopped rank's is current
         self._thread = None
 
     def start(self) -> Watchdog:
@@ -98,6 +108,8 @@ class Watchdog:
         self._stop.set()
 
     def at(self, step: int, phase: str) -> None:
+        if step != self.step:
+            self._moved.set()
         self.step, self.phase = step, phase
 
     def beat(self, now: float | None = None) -> None:
@@ -105,12 +117,15 @@ class Watchdog:
         self.store.set(f"moeflow/alive/{self.rank}", json.dumps(entry))
 
     def _run(self) -> None:
+        """Beat every `interval_s`, and soon after each new step (at most `MIN_GAP_S` apart)."""
         while not self._stop.is_set():
             try:
                 self.beat()
             except Exception:  # the store is gone (the job is ending): nothing left to report
                 return
-            self._stop.wait(self.interval_s)
+            self._moved.wait(self.interval_s)
+            self._moved.clear()
+            self._stop.wait(MIN_GAP_S)
 
     def _entries(self) -> dict[int, dict] | None:
         keys = [f"moeflow/alive/{r}" for r in range(self.world_size)]
@@ -123,8 +138,12 @@ class Watchdog:
         except Exception:
             return None
 
-    def diagnose(self, now: float | None = None) -> tuple[str, list[int]]:
-        """One line naming the ranks at fault (see the module doc), and those ranks."""
+    def diagnose(self, now: float | None = None, lost_peer: bool = False) -> tuple[str, list[int]]:
+        """One line naming the ranks at fault (see the module doc), and those ranks.
+        `lost_peer`: the collective failed because a peer closed its connection, not because it
+        waited too long."""
+        if lost_peer and self.store is not None:
+            return self._lost_peer()
         now = time.time() if now is None else now
         here = f"rank {self.rank} waited in step {self.step} ({self.phase})"
         name = f"parallel.{self.setting}"
@@ -157,3 +176,33 @@ class Watchdog:
             )
             return f"{names} behind the others (alive but slow or stuck); {here} past {fix}", behind
         return f"every rank is alive at step {latest}; {here} past {fix}", []
+
+    def _lost_peer(self) -> tuple[str, list[int]]:
+        """A peer closed its connection a moment ago: its heartbeat has not aged yet, so watch
+        the heartbeats for up to three intervals for the rank that stopped beating."""
+        here = f"rank {self.rank} was in step {self.step} ({self.phase})"
+        deadline = time.time() + 3 * self.interval_s + 0.5
+        while True:
+            now, entries = time.time(), self._entries() or {}
+            gone = [
+                r
+                for r in range(self.world_size)
+                if r != self.rank and now - entries.get(r, {}).get("t", 0) > 2 * self.interval_s
+            ]
+            if gone or now > deadline:
+                break
+            time.sleep(min(0.2, self.interval_s / 2))
+        if not gone:
+            return (
+                f"a collective lost its connection to a peer while every rank still answers (a "
+                f"network fault?); {here}",
+                [],
+            )
+        parts = []
+        for r in gone[:8]:
+            e = entries.get(r)
+            last = "it never reported" if e is None else (
+                f"its last heartbeat was in step {e['step']} ({e['phase']})"
+            )  # fmt: skip
+            parts.append(f"rank {r} closed its connection and stopped: {last}")
+        return f"{'; '.join(parts)}, so it died or was killed; {here}", gone
