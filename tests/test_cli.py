@@ -215,11 +215,13 @@ def test_dry_run_prints_expert_memory_per_layer_and_mode_at_more_ranks_than_expe
     assert held == 4 * 3 * 512 * 2048  # one half expert: 12 MiB
     peaks = {m: held + 4 * layout.gather_peak_elements(m, 2048, 2) for m in MODES}
     line = (
-        f"blocks.15.ffn: experts {_bytes(held)} per rank of {_bytes(128 * held)}; peak in a "
+        f"16 MoE layers (blocks.0.ffn ... blocks.15.ffn): experts {_bytes(held)} per rank of "
+        f"{_bytes(128 * held)}; peak in a "
         f"call: ep {_bytes(peaks['ep'])}, sharded {_bytes(peaks['sharded'])}, dp "
         f"{_bytes(peaks['dp'])}"
     )
     assert line in r.stdout, r.stdout
+    assert r.stdout.count(": experts ") == 1  # identical layers: one line with their count
     assert peaks["sharded"] == held < peaks["ep"] < peaks["dp"]
 
 

@@ -375,3 +375,28 @@ def test_hf_upcycle_example_runs_end_to_end(model, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "logits identical: True" in done.stdout and "after 60 steps" in done.stdout
     assert f"upcycled {model}:" in done.stdout and "dense model's: True" in done.stdout
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_upcycle_reads_the_shapes_from_the_model(kind):
+    """`upcycle(model, num_experts=, top_k=)`: the hidden size, FFN width, activation and biases
+    come from the model (GPT-2 with a default-like config included, which a MoEConfig with the
+    defaults refuses), and the result is what an explicit MoEConfig gives."""
+    explicit, read = tiny(kind), tiny(kind)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)  # the routers' initial weights
+    assert upcycle(explicit, moe_cfg(kind)) == [0, 1]
+    torch.manual_seed(1)
+    assert upcycle(read, num_experts=4, top_k=2) == [0, 1]
+    for a, b in zip(layers_of(explicit), layers_of(read), strict=True):
+        moe_a = next(m for m in a.mlp.modules() if isinstance(m, MoELayer))
+        moe_b = next(m for m in b.mlp.modules() if isinstance(m, MoELayer))
+        assert moe_a.config == moe_b.config
+    torch.testing.assert_close(read(ids).logits, explicit(ids).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"pass either a MoEConfig or num_experts"):
+        upcycle(tiny(kind), moe_cfg(kind), num_experts=4)
+    with pytest.raises(ValueError, match=r"pass num_experts \(and top_k"):
+        upcycle(tiny(kind))
+    if kind == "gpt2":  # the defaults (no biases, SwiGLU) do not fit GPT-2: named, with the fix
+        with pytest.raises(ValueError, match=r"pass num_experts= instead of a MoEConfig"):
+            upcycle(tiny(kind), MoEConfig(hidden_size=32, num_experts=4, ffn_hidden_size=48))

@@ -1,19 +1,20 @@
 """Hugging Face transformers: sparse upcycling of a dense decoder's MLPs into moeflow MoE layers,
 and converting the sparse MoE blocks of Mixtral, Qwen2-MoE/Qwen3-MoE and OLMoE into them and back.
 
-`upcycle(model, moe_config, layers=None)` replaces, in place, the MLP of the chosen decoder layers
-(default: all) of a Llama, Qwen2/Qwen3 or Mistral style model (`model.model.layers[i].mlp` with
-`gate_proj`, `up_proj`, `down_proj`, `hidden_act = "silu"`) or of GPT-2 (`transformer.h[i].mlp`
+`upcycle(model, moe_config, layers=None)` (or `upcycle(model, num_experts=8, top_k=2)`, which reads
+the shapes, activation and biases from the model) replaces, in place, the MLP of the chosen decoder
+layers (default: all) of a Llama, Qwen2/Qwen3 or Mistral style model (`model.model.layers[i].mlp`
+with `gate_proj`, `up_proj`, `down_proj`, `hidden_act = "silu"`) or of GPT-2 (`transformer.h[i].mlp`
 with `c_fc`, `c_proj` and biases, `gelu_new`) with an `MoELayer` whose experts all start as copies
 of that MLP (sparse upcycling, Komatsuzaki et al.): SwiGLU with `w1 = [gate_proj^T | up_proj^T]`,
 `w2 = down_proj^T`; GPT-2 with `gelu_tanh`, `w1 = c_fc`, `w2 = c_proj` and their biases
 (`MoEConfig.ffn_bias`). GPT-2's MLP dropout stays after the MoE layer (`nn.Sequential`). Router
-modules the layers share (RMoE's GRU cell) are registered once on the model as
-`moe_router_shared`. With the top-k weights summing to 1 (the default routing), the upcycled model
-computes the dense model's logits at step 0. The decoder layer calls `mlp(hidden_states)`, which
-`MoELayer` accepts as it is; `moeflow.parallel` (`parallelize`, `GradSync`) then works on the model
-as on moeflow's own decoder. The `MoEConfig`'s shapes, activation and `ffn_bias` must be the MLP's
-(a mismatch is refused naming the field).
+modules the layers share (RMoE's GRU cell) are registered once on the model as `moe_router_shared`.
+With the top-k weights summing to 1 (the default routing), the upcycled model computes the dense
+model's logits at step 0. The decoder layer calls `mlp(hidden_states)`, which `MoELayer` accepts as
+it is; `moeflow.parallel` (`parallelize`, `GradSync`) then works on the model as on moeflow's own
+decoder. A given `MoEConfig`'s shapes, activation and `ffn_bias` must be the MLP's (a mismatch is
+refused naming the field).
 
 Example:
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -109,9 +110,30 @@ def dense_ffn(mlp: nn.Module, config) -> FeedForward:
     return ffn
 
 
-def upcycle(model: nn.Module, moe_config: MoEConfig, layers: list[int] | None = None) -> list[int]:
+def upcycle(
+    model: nn.Module,
+    moe_config: MoEConfig | None = None,
+    layers: list[int] | None = None,
+    *,
+    num_experts: int | None = None,
+    top_k: int | None = None,
+    router: RouterConfig | None = None,
+) -> list[int]:
     """Replace the MLPs of decoder `layers` (default: all) by `MoELayer`s upcycled from them (see
-    the module doc); returns the layer indices replaced."""
+    the module doc); returns the layer indices replaced. Either a whole `moe_config` (checked
+    against each MLP), or `num_experts` (with `top_k` or a whole `router`): the hidden size, FFN
+    width, activation and biases are then read from each MLP.
+
+    Example (GPT-2 as built: gelu_new and biases come from the model):
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64))
+        >>> upcycle(gpt2, num_experts=4, top_k=2)
+        [0, 1]
+        >>> moe = gpt2.transformer.h[0].mlp[0].config
+        >>> moe.hidden_size, moe.ffn_hidden_size, moe.activation, moe.ffn_bias, moe.router.top_k
+        (32, 128, 'gelu_tanh', True, 2)
+    """
+    moe_config = _upcycle_config(moe_config, num_experts, top_k, router)
     stack = decoder_layers(model)
     chosen = list(range(len(stack))) if layers is None else list(layers)
     bad = [i for i in chosen if not (isinstance(i, int) and 0 <= i < len(stack))]
@@ -129,13 +151,17 @@ def upcycle(model: nn.Module, moe_config: MoEConfig, layers: list[int] | None = 
         d, f = ffn.w1.shape[0], ffn.w2.shape[0]
         want = {"hidden_size": d, "ffn_hidden_size": f, "activation": ffn.activation,
                 "ffn_bias": ffn.b1 is not None}  # fmt: skip
+        layer_config = moe_config
+        if isinstance(moe_config, dict):  # read from this MLP
+            layer_config = MoEConfig(**moe_config, **want)
         for key, value in want.items():
-            if getattr(moe_config, key) != value:
+            if getattr(layer_config, key) != value:
                 raise ValueError(
-                    f"moe.{key} ({getattr(moe_config, key)!r}) must match decoder layer {i}'s "
-                    f"MLP ({value!r}) to upcycle it: set {key}={value!r}"
+                    f"moe.{key} ({getattr(layer_config, key)!r}) must match decoder layer {i}'s "
+                    f"MLP ({value!r}) to upcycle it: set {key}={value!r}, or pass "
+                    "num_experts= instead of a MoEConfig to read it from the model"
                 )
-        moe = MoELayer.from_dense(ffn, moe_config, model.moe_router_shared)
+        moe = MoELayer.from_dense(ffn, layer_config, model.moe_router_shared)
         dropout = getattr(mlp, "dropout", None)  # GPT-2 drops the MLP's output in training
         has_dropout = isinstance(dropout, nn.Dropout) and dropout.p > 0
         stack[i].mlp = nn.Sequential(moe, nn.Dropout(dropout.p)) if has_dropout else moe
@@ -143,6 +169,31 @@ def upcycle(model: nn.Module, moe_config: MoEConfig, layers: list[int] | None = 
         model.moe_router_shared.to(device=ffn.w1.device, dtype=ffn.w1.dtype)
     attach_routing_context(model)
     return chosen
+
+
+def _upcycle_config(
+    moe_config: MoEConfig | None, num_experts: int | None, top_k: int | None, router
+) -> MoEConfig | dict:
+    """`upcycle`'s config: the one given, or the fields the MLPs do not fix (a dict)."""
+    if moe_config is not None:
+        if num_experts is not None or top_k is not None or router is not None:
+            raise ValueError(
+                "upcycle: pass either a MoEConfig or num_experts/top_k/router, not both (the "
+                "MoEConfig already holds them)"
+            )
+        if not isinstance(moe_config, MoEConfig):
+            raise TypeError(f"upcycle: moe_config must be a MoEConfig, not {type(moe_config)}")
+        return moe_config
+    if num_experts is None:
+        raise ValueError(
+            "upcycle: pass num_experts (and top_k, or a RouterConfig as router) to read the rest "
+            "from the model, or a whole MoEConfig"
+        )
+    if router is not None and top_k is not None and router.top_k != top_k:
+        raise ValueError(f"upcycle: top_k ({top_k}) contradicts router.top_k ({router.top_k})")
+    if router is None:
+        router = RouterConfig() if top_k is None else RouterConfig(top_k=top_k)
+    return {"num_experts": num_experts, "router": router}
 
 
 # The sparse MoE blocks `convert` knows (transformers 5.x): a `gate` router (weight [E, D], top_k,

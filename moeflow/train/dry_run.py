@@ -108,10 +108,10 @@ def format_report(report: dict) -> str:
     replicas = report.get("replica_slots")
     extra = f" + {replicas} replica slot(s)" if replicas else ""
     memory = [
-        f"  {m['layer']}: experts {_bytes(m['held_bytes'])} per rank of "
+        f"  {_layer_names(names)}: experts {_bytes(m['held_bytes'])} per rank of "
         f"{_bytes(m['total_bytes'])}; peak in a call: "
         + ", ".join(f"{k} {_bytes(v)}" for k, v in m["peak_bytes"].items())
-        for m in report.get("expert_memory", [])
+        for names, m in _grouped(report.get("expert_memory", []))
     ]
     return "\n".join(
         [
@@ -134,3 +134,25 @@ def format_report(report: dict) -> str:
             *memory,
         ]
     )
+
+
+def _grouped(entries: list[dict]) -> list[tuple[list[str], dict]]:
+    """Layers with the same figures as one entry (32 identical MoE layers print one line)."""
+    groups: dict[str, tuple[list[str], dict]] = {}
+    for entry in entries:
+        figures = {k: v for k, v in entry.items() if k != "layer"}
+        key = repr(sorted(figures.items()))
+        groups.setdefault(key, ([], entry))[0].append(entry["layer"])
+    return list(groups.values())
+
+
+def _layer_names(names: list[str]) -> str:
+    """One layer's name, or how many and the first and last.
+
+    Example:
+        >>> _layer_names(["blocks.0.ffn"]), _layer_names([f"blocks.{i}.ffn" for i in range(32)])
+        ('blocks.0.ffn', '32 MoE layers (blocks.0.ffn ... blocks.31.ffn)')
+    """
+    if len(names) == 1:
+        return names[0]
+    return f"{len(names)} MoE layers ({names[0]} ... {names[-1]})"
