@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.moeflow-installed
 
-.PHONY: setup test demo quickstart bench lint format clean
+.PHONY: setup test demo quickstart bench lint format docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ quickstart: setup
 
 bench: setup
 	$(BIN)/python bench/layer.py
+
+# The configuration reference is generated from the config classes (a test checks it is current).
+docs: setup
+	$(BIN)/python -m moeflow.train.config_reference > docs/configuration.md
 
 lint: setup
 	$(BIN)/ruff check .

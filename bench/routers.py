@@ -1,4 +1,5 @@
-"""The routers of PAPERS.md trained head to head on the demo model (examples/configs/tiny_cpu.toml).
+"""The routers of docs/methods.md trained head to head on the demo model
+(examples/configs/tiny_cpu.toml).
 
     .venv/bin/python bench/routers.py [--steps 3000] [--ranks 2] [--only topk,null]
 

@@ -1,4 +1,5 @@
-"""Slow, per-token float64 reference of one MoE layer, written from PAPERS.md, not from moeflow.
+"""Slow, per-token float64 reference of one MoE layer, written from the papers' math
+(docs/methods.md), not from moeflow.
 
 Python loops over tokens, experts and slots; every rule spelled out. Used to check the vectorised
 layer's forward, its gradients and its balancing losses.

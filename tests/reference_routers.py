@@ -1,5 +1,5 @@
-"""Slow per-token float64 references of the routers of PAPERS.md (AdaMoE, MoE++, RMoE), written
-from the paper summaries, not from moeflow: Python loops over tokens and choices."""
+"""Slow per-token float64 references of the routers of docs/methods.md (AdaMoE, MoE++, RMoE),
+written from the paper summaries, not from moeflow: Python loops over tokens and choices."""
 
 from __future__ import annotations
 

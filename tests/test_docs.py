@@ -34,9 +34,59 @@ def test_public_api_has_examples():
             assert ">>>" in (obj.__doc__ or ""), f"{name} has no docstring example"
 
 
-def test_readme_example_runs():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
-    assert blocks, "README has no python example"
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_the_python_examples_of_the_readme_and_docs_run(page):
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / page).read_text(), flags=re.S)
+    assert blocks or page != "README.md", "README has no python example"
     for code in blocks:
-        exec(compile(code, "README.md", "exec"), {})
+        exec(compile(code, page, "exec"), {})
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_the_links_of_the_readme_and_docs_resolve(page):
+    text = re.sub(r"```.*?```", "", (ROOT / page).read_text(), flags=re.S)  # not in code
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+        if "://" not in target:
+            assert (ROOT / page).parent.joinpath(target).exists(), f"{page} links to {target}"
+
+
+def test_nothing_in_the_repo_names_a_file_outside_it():
+    """A user's clone has only the repo: docs, docstrings and tests cite docs/, not notes kept
+    elsewhere."""
+    names = ("PAPERS.md", "DESIGN.md", "STYLE.md", "../shared", "shared folder")
+    files = [p for p in ROOT.rglob("*") if p.is_file() and p.suffix in (".py", ".md", ".toml")]
+    files = [p for p in files if ".venv" not in p.parts and ".git" not in p.parts]
+    found = [
+        f"{p.relative_to(ROOT)}: {name}"
+        for p in files
+        for name in names
+        if name in p.read_text(encoding="utf-8", errors="replace") and p.name != "test_docs.py"
+    ]
+    assert not found, found
+
+
+def test_the_configuration_reference_is_current():
+    from moeflow.train.config_reference import render
+
+    on_disk = (ROOT / "docs" / "configuration.md").read_text()
+    assert on_disk == render(), "docs/configuration.md is stale: run `make docs`"
+
+
+def test_the_cli_reference_names_every_option():
+    from moeflow.launch.cli import parsers
+
+    text = (ROOT / "docs" / "cli.md").read_text()
+    missing = [
+        f"{name} {flag}"
+        for name, parser in parsers().items()
+        for action in parser._actions
+        for flag in action.option_strings
+        if flag not in ("-h", "--help") and f"`{flag}" not in text and f", `{flag}" not in text
+    ]
+    assert not missing, missing
+    for name in parsers():
+        assert f"## `moeflow {name}" in text, name

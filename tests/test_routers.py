@@ -1,5 +1,5 @@
-"""Routers of PAPERS.md: hand-computed math, the layer against float64 per-token references,
-AdaMoE conversion, MoE++'s expected FFN experts per token, and expert parallelism."""
+"""The routers of docs/methods.md: hand-computed math, the layer against float64 per-token
+references, AdaMoE conversion, MoE++'s expected FFN experts per token, and expert parallelism."""
 
 from __future__ import annotations
 

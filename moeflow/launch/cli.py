@@ -83,14 +83,18 @@ def cmd_train(argv: list[str]) -> int:
     return 0 if result.last_step >= result.first_step else 1
 
 
-def cmd_launch(argv: list[str]) -> int:
+def _launch_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="moeflow launch", allow_abbrev=False,
         description="Run `moeflow ...` on N local processes (torch.distributed.run, standalone).",
     )  # fmt: skip
     p.add_argument("--nproc", type=int, required=True, help="processes on this machine")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="-- train CONFIG.toml [...]")
-    args = p.parse_args(argv)
+    return p
+
+
+def cmd_launch(argv: list[str]) -> int:
+    args = _launch_parser().parse_args(argv)
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
     if args.nproc < 1:
         raise UsageError(f"--nproc ({args.nproc}) must be >= 1")
@@ -105,7 +109,7 @@ def cmd_launch(argv: list[str]) -> int:
     return run_local(args.nproc, rest)
 
 
-def cmd_slurm(argv: list[str]) -> int:
+def _slurm_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="moeflow slurm", allow_abbrev=False,
         description="Print (or write) an sbatch file that runs `moeflow train` under torchrun.",
@@ -121,7 +125,11 @@ def cmd_slurm(argv: list[str]) -> int:
     p.add_argument("-o", "--out", default=None, help="write the script here instead of stdout")
     p.add_argument("--force", action="store_true", help="with -o: replace an existing file")
     p.add_argument("config")
-    args, train_args = p.parse_known_args(argv)
+    return p
+
+
+def cmd_slurm(argv: list[str]) -> int:
+    args, train_args = _slurm_parser().parse_known_args(argv)
     job = SlurmJob(
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, job_name=args.job_name,
         partition=args.partition, account=args.account, time=args.time,
@@ -152,6 +160,20 @@ def cmd_simulate(argv: list[str]) -> int:
     from moeflow.launch.simulate import cmd_simulate as run_simulate
 
     return run_simulate(argv)
+
+
+def parsers() -> dict[str, argparse.ArgumentParser]:
+    """Every command's parser, by name (the CLI reference, docs/cli.md, is checked against them)."""
+    from moeflow.launch.plan import _parser as plan_parser
+    from moeflow.launch.simulate import _parser as simulate_parser
+
+    return {
+        "train": _train_parser(),
+        "launch": _launch_parser(),
+        "slurm": _slurm_parser(),
+        "plan": plan_parser(),
+        "simulate": simulate_parser(),
+    }
 
 
 COMMANDS = {

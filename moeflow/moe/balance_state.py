@@ -1,11 +1,11 @@
 """Counts an MoE layer keeps across the micro-batches of one optimizer step.
 
-- Global-batch balancing (`aux_loss_type="global_aux_loss"`, PAPERS.md "Demons in the Detail"): each
-  training micro-batch all-reduces its routed counts (E numbers) over `group` (every dp and ep rank)
-  and adds them to a running sum; f in the balancing loss comes from that sum, P stays local. The
-  sum resets at the optimizer step, so the last micro-batch of a step sees the counts of the whole
-  global batch (Megatron's scheme). An activation-checkpointing recomputation reuses the f of its
-  forward instead of communicating again.
+- Global-batch balancing (`aux_loss_type="global_aux_loss"`, docs/methods.md, "Global-batch
+  balancing"): each training micro-batch all-reduces its routed counts (E numbers) over `group`
+  (every dp and ep rank) and adds them to a running sum; f in the balancing loss comes from that
+  sum, P stays local. The sum resets at the optimizer step, so the last micro-batch of a step sees
+  the counts of the whole global batch (Megatron's scheme). An activation-checkpointing
+  recomputation reuses the f of its forward instead of communicating again.
 - Aux-loss-free balancing: routed counts summed over the step, all-reduced once at the step.
 
 Example:

@@ -31,7 +31,7 @@ ROUTER_DTYPES = ("fp32", "fp64")
 class RouterConfig:
     """How tokens choose experts, and what the balancing losses are.
 
-    Semantics (PAPERS.md, "Baseline top-k routing"):
+    Semantics (docs/methods.md, "Top-k routing"):
 
     - `score_function="softmax"`, `pre_softmax=False` (Megatron's default): top-k over the logits,
       then a softmax over the k selected logits, so the k weights always sum to 1.

@@ -2,10 +2,9 @@
 
 Legend: T tokens, D model dim, E experts, K top-k, R rows of the expert buffer.
 
-Data flow (DESIGN.md): route (fp32) -> capacity (optional) -> permute into an expert-sorted buffer
--> grouped expert FFNs -> un-permute and weight by the router -> balancing losses attached to the
-output so that an unchanged training loop trains them.
-"""
+Data flow (docs/architecture.md): route (fp32) -> capacity (optional) -> permute into an
+expert-sorted buffer -> grouped expert FFNs -> un-permute and weight by the router -> balancing
+losses attached to the output so that an unchanged training loop trains them."""
 
 from __future__ import annotations
 

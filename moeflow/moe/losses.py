@@ -1,4 +1,4 @@
-"""Router balancing losses, as pure functions (PAPERS.md, "Baseline top-k routing").
+"""Router balancing losses, as pure functions (docs/methods.md, "Top-k routing").
 
 Legend: T tokens, E experts, K top-k, B sequences, S tokens per sequence. All functions take the
 router's scores in fp32 and return a 0-dim tensor; an empty batch gives 0.

@@ -1,4 +1,4 @@
-"""The low-dimension all-to-all (BigMac, PAPERS.md): project tokens down before they travel to
+"""The low-dimension all-to-all (BigMac; docs/methods.md): project tokens down before they travel to
 their experts, and the combined output back up after it returns (descend-communicate-communicate-
 ascend).
 

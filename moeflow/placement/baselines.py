@@ -1,5 +1,6 @@
 """Placements without a solver: contiguous blocks (moeflow's default), round-robin, and greedy
-balanced packing with hot-expert replication (DeepSeek EPLB's method, PAPERS.md "Expert placement").
+balanced packing with hot-expert replication (DeepSeek EPLB's method; docs/methods.md, "Expert
+placement").
 
 Greedy, per layer:
 1. Replicas: start with one copy per expert; while copies < `num_slots`, give one more copy to the

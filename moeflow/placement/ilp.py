@@ -1,4 +1,4 @@
-"""The placement ILP (MoETuner's formulation, PAPERS.md "Expert placement"), in PuLP.
+"""The placement ILP (MoETuner's formulation; docs/methods.md, "Expert placement"), in PuLP.
 
 Shape legend: L MoE layers, E experts, R ranks, N nodes; a "copy" is an expert or one replica.
 
@@ -6,8 +6,8 @@ Joint model (`decompose="none"`), for copies c of layer l with load w_c (load / 
 - `x[l,c,g] in {0,1}`: copy c on rank g. Each copy on one rank; rank g holds <= slots[g] copies;
   copies of one expert on distinct ranks.
 - `Lambda_l >= sum_c w_c x[l,c,g]` for every g, and, with `balance_slack`,
-  `Lambda_l <= (1 + slack) * greedy's max load of layer l` (PAPERS.md: a single weighted objective
-  trades balance for locality; bound the max load and minimise traffic under it).
+  `Lambda_l <= (1 + slack) * greedy's max load of layer l` (docs/methods.md: a single weighted
+  objective trades balance for locality; bound the max load and minimise traffic under it).
 - For the heaviest `max_pairs_per_expert` successors j of each expert i (by `D[i,j]`), per copy
   pair: `y[p,g] <= x[l,i,g]`, `y[p,g] <= x[l+1,j,g]` (co-located on g); the same over nodes
   (`z[p,n]`). Pairs left out count as crossing (an upper bound; `evaluate` scores the real value).

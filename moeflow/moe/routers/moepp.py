@@ -1,4 +1,5 @@
-"""MoE++: zero-computation experts beside the FFN experts, and gating residuals (PAPERS.md).
+"""MoE++: zero-computation experts beside the FFN experts, and gating residuals (docs/methods.md,
+"MoE++").
 
 Legend: T tokens, D model dim, N FFN experts, Z zero-computation experts (zero, copy, constant),
 E = N + Z, K top-k.

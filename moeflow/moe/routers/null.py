@@ -1,4 +1,4 @@
-"""AdaMoE: null experts, a token-adaptive number of FFN experts (PAPERS.md, "AdaMoE").
+"""AdaMoE: null experts, a token-adaptive number of FFN experts (docs/methods.md, "AdaMoE").
 
 Legend: T tokens, D model dim, n true (FFN) experts, m null experts, E = n + m, K top-k.
 

@@ -1,4 +1,4 @@
-"""RMoE: a layerwise recurrent router (PAPERS.md, "RMoE").
+"""RMoE: a layerwise recurrent router (docs/methods.md, "RMoE").
 
 Legend: T tokens, D model dim, E experts, r GRU width.
 

@@ -1,4 +1,5 @@
-"""Top-k routing: logits -> (weights, expert ids), softmax or sigmoid scores (PAPERS.md, baseline).
+"""Top-k routing: logits -> (weights, expert ids), softmax or sigmoid scores (docs/methods.md,
+"Top-k routing").
 
 Legend: T tokens, D model dim, E experts, K top-k. Router math runs in fp32 (fp64 for fp64 inputs or
 `router_dtype="fp64"`), outside any autocast region.
