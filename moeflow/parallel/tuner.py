@@ -71,6 +71,7 @@ from moeflow.moe.layer import MoELayer
 from moeflow.moe.routing_context import RoutingContext
 from moeflow.moe.walk import moe_layers
 from moeflow.parallel.cost_model import Candidate, Hardware, LayerShape, candidates, predict
+from moeflow.parallel.decision import decision_record
 from moeflow.parallel.dims import ParallelContext
 from moeflow.parallel.situation import group_imbalance, nearest, off_group_share
 from moeflow.utils.validate import check_int
@@ -382,44 +383,9 @@ class RuntimeTuner:
         measured = self._measure(layer, runnable) if runnable else []
         record = [None]
         if self.ctx.rank == 0:
-            record[0] = _decide(name, step, shape, runnable, measured, predicted, skipped)
+            record[0] = decision_record(name, step, shape, runnable, measured, predicted, skipped)
         dist.broadcast_object_list(record, src=0, group=self.ctx.world_group)
         return record[0]
-
-
-def _decide(name, step, shape, runnable, measured, predicted, skipped) -> dict:
-    """Rank 0's step 5: the fastest measured candidate, with what was measured and why."""
-    if not runnable:
-        choice = Candidate("ep")
-        reason = "no candidate could run on every rank; kept ep"
-    else:
-        best = min(range(len(runnable)), key=lambda i: measured[i])
-        choice = runnable[best]
-        others = sorted(m for i, m in enumerate(measured) if i != best)
-        margin = f", {others[0] / measured[best]:.2f}x the next" if others else ""
-        reason = f"fastest of {len(runnable)} measured{margin}"
-    times = {k.label(): round(m * 1e3, 3) for k, m in zip(runnable, measured, strict=True)}
-    errors = {
-        k.label(): round(predicted[k] / m - 1.0, 3)
-        for k, m in zip(runnable, measured, strict=True)
-        if m > 0
-    }
-    return {
-        "kind": "runtime",
-        "step": step,
-        "layer": name,
-        "tokens_per_rank": int(shape.tokens),
-        "imbalance": round(shape.imbalance, 3),
-        "mode": choice.mode,
-        "overlap": choice.overlap,
-        "two_level": choice.two_level,
-        "choice": choice.label(),
-        "reason": reason,
-        "measured_ms": times,
-        "predicted_ms": {k.label(): round(v * 1e3, 3) for k, v in predicted.items()},
-        "prediction_error": errors,
-        "skipped": skipped,
-    }
 
 
 def _ranks_per_node(layer: MoELayer) -> int:

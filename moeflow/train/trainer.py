@@ -31,13 +31,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
 from moeflow.moe.layer import finish_optimizer_step, set_aux_loss_scale
 from moeflow.moe.layout import ExpertLayout
@@ -48,22 +45,19 @@ from moeflow.parallel.replace import current_expert_slots, replica_row_weights
 from moeflow.train import checkpoint as ckpt
 from moeflow.train.build import build_model, check_data, lock_output, resolve_output
 from moeflow.train.config import RunConfig
-from moeflow.train.data import BatchStream, eval_batches, load_corpus
+from moeflow.train.data import BatchStream, load_corpus
 from moeflow.train.distributed import Runtime, init_distributed, shutdown
+from moeflow.train.loss import token_loss, validation_loss
 from moeflow.train.metrics import IntervalMetrics, MetricsLogger, flops_per_token, plot_run
 from moeflow.train.nonfinite import NonFiniteError, NonFiniteGuard, check_validation
 from moeflow.train.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
 from moeflow.train.replacement import Replacer, describe_placement
 from moeflow.train.result import TrainResult, summary_lines, unigram_bpb
 from moeflow.train.run_lock import LOCK_NAME
+from moeflow.train.stop_signals import StopSignals
 from moeflow.train.tuning import build_tuner, describe_decision
 from moeflow.train.watchdog import HangError, Watchdog, is_hang, lost_peer
 from moeflow.utils.cpu_alloc import apply_once
-
-
-def at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
-    """The loss reads fp16/bf16 logits in fp32, and float64 ones as they are."""
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 class Trainer:
@@ -120,8 +114,7 @@ class Trainer:
         shard = len(self.corpus.train) // runtime.world_size
         check_data(cfg, self.ctx, self.corpus, self.ctx.rank * shard)
         self.step = 0
-        self.stop_requested = False  # SIGTERM or SIGINT seen by this rank
-        self.stop_signal: str | None = None
+        self.stop = StopSignals()  # SIGTERM or Ctrl-C seen by this rank
         self.save_due = False  # a periodic checkpoint waits while updates are being skipped
         self.stop_agreed = False  # ... by any rank, as of the last step's flag exchange
         self.guard = NonFiniteGuard(
@@ -198,14 +191,6 @@ class Trainer:
         dtype = torch.bfloat16 if mode == "bf16" else torch.float16
         return torch.autocast(device_type=device, dtype=dtype)
 
-    def _on_stop_signal(self, signum, frame) -> None:
-        """SIGTERM or a first Ctrl-C: finish the step, checkpoint, stop. A second Ctrl-C stops at
-        once (KeyboardInterrupt; the newest checkpoint is the last one written)."""
-        if signum == signal.SIGINT and self.stop_signal == "SIGINT":
-            raise KeyboardInterrupt
-        self.stop_requested = True
-        self.stop_signal = self.stop_signal or signal.Signals(signum).name
-
     # -- one step ----------------------------------------------------------------------------
     def train_step(self, metrics: IntervalMetrics) -> torch.Tensor:
         """One optimizer step (steps 1-5 of the module doc); statistics are added to `metrics`.
@@ -219,7 +204,7 @@ class Trainer:
             x, y = (t.to(device, non_blocking=True) for t in self.stream.next_batch())
             with self._autocast():
                 logits = self.model(x)
-            loss = F.cross_entropy(at_least_fp32(logits).flatten(0, 1), y.flatten())
+            loss = token_loss(logits, y)
             # Gradients are sent from the last micro-batch's backward only (when overlapped).
             last = micro == accum - 1
             with contextlib.nullcontext() if last else self.grad_sync.no_sync():
@@ -234,7 +219,7 @@ class Trainer:
             replica_row_weights(self.model),
         )  # fmt: skip
         # Step 5's one all-reduce and host sync, before the update: stop flags and the guard.
-        flags = self.guard.exchange(step_loss, grad_norm, self.stop_requested, self.ctx.world_group)
+        flags = self.guard.exchange(step_loss, grad_norm, self.stop.requested, self.ctx.world_group)
         self.stop_agreed = bool(flags[0])
         if self.guard.decide(self.step + 1, flags, step_loss.item(), grad_norm.item()):
             self.optimizer.step()
@@ -273,32 +258,15 @@ class Trainer:
         return IntervalMetrics(self.moe_layers, self.runtime.device)
 
     # -- validation --------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> tuple[float, float | None]:
         """Mean validation loss (nats per token) over the fixed windows, and bits per byte."""
         t = self.cfg.train
         self.watchdog.at(self.step, "validation")
-        self.model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=self.runtime.device)
-        for x, y, mask in eval_batches(
-            self.corpus.val, t.seq_len, t.eval_windows, t.micro_batch_size,
-            self.ctx.rank, self.runtime.world_size,
-        ):  # fmt: skip
-            x, y, mask = (v.to(self.runtime.device) for v in (x, y, mask))
-            with self._autocast():
-                logits = self.model(x)
-            nll = F.cross_entropy(
-                at_least_fp32(logits).flatten(0, 1), y.flatten(), reduction="none"
-            )
-            nll = nll.view(y.shape)[mask]
-            total += torch.stack(
-                [nll.double().sum(), nll.new_tensor(nll.numel(), dtype=torch.float64)]
-            )
-        dist.all_reduce(total, group=self.ctx.world_group)
-        self.model.train()
-        loss = (total[0] / total[1]).item()
-        bpt = self.corpus.bytes_per_token
-        return loss, (loss / math.log(2) / bpt if bpt else None)
+        return validation_loss(
+            self.model, self.corpus.val, t.seq_len, t.eval_windows, t.micro_batch_size,
+            self.ctx.world_group, self.runtime.device, self._autocast,
+            self.corpus.bytes_per_token,
+        )  # fmt: skip
 
     # -- checkpoints -------------------------------------------------------------------------
     def save(self) -> Path:
@@ -365,9 +333,7 @@ class Trainer:
         say = (lambda text: None) if quiet else log.message
         say(self.describe())
         set_aux_loss_scale(self.model, 1.0 / cfg.train.grad_accum_steps)
-        previous = {
-            sig: signal.signal(sig, self._on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)
-        }
+        self.stop.install()
         started = time.perf_counter()
         try:
             self._timeout("timeout_s")  # start-up is over
@@ -388,8 +354,7 @@ class Trainer:
             log.close()
             raise exc from None
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            self.stop.restore()
             self.watchdog.close()
         result.last_step = self.step
         end = {"kind": "end", "step": self.step, "signal": result.stopped_by_signal}
@@ -430,13 +395,8 @@ class Trainer:
                 self._maybe_tune(log, say)
             if stop:
                 result.stopped_by_signal = True
-                result.stop_signal = self.stop_signal
-                why = {"SIGINT": "Ctrl-C (SIGINT)", None: "another rank's stop signal"}
-                say(
-                    f"{why.get(self.stop_signal, self.stop_signal)}: stopping after step "
-                    f"{self.step}, writing a checkpoint"
-                    + (" (Ctrl-C again stops at once)" if self.stop_signal == "SIGINT" else "")
-                )
+                result.stop_signal = self.stop.signal
+                say(self.stop.describe(self.step))
                 return
             every = cfg.train.eval_every
             if every and self.step % every == 0 and self.step < cfg.train.steps:
