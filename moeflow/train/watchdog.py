@@ -13,8 +13,8 @@ intervals (stopped, hung in native code, or dead), else the ranks behind in step
 this rank's own step and phase, the setting to change, and the blamed ranks (for the launcher's
 summary, `moeflow.launch.local`). A lost peer (a rank that died closes its connections at once,
 long before any timeout) is told apart: `diagnose` then watches the heartbeats for the rank that
-stopped beating and names it, with the step it last reported (a rank beats on every new step, so
-that step is current).
+stopped beating and names it, with the step it last reported (a rank beats within `MIN_GAP_S` of
+each new step, so that step is at most that old).
 
 Example (a store of one process; rank 1's heartbeat is old):
     >>> import json, torch.distributed as dist
