@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -206,3 +207,39 @@ def test_the_launcher_passes_its_ranks_bad_input_status_on(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "does not exist" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_rank_beats_on_each_new_step_so_its_last_step_is_current():
+    store = dist.HashStore()
+    dog = Watchdog(0, 2, timeout_s=600.0, store=store, interval_s=100.0).start()
+    try:
+        for step in (1, 2, 3):
+            dog.at(step, "forward and backward")
+            deadline = time.monotonic() + 5
+            while json.loads(store.get("moeflow/alive/0"))["step"] != step:
+                assert time.monotonic() < deadline, "no heartbeat for the new step"
+                time.sleep(0.01)
+    finally:
+        dog.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the ranks in /proc")
+def test_a_killed_rank_is_named_as_dead_by_the_launcher(tmp_path):
+    from moeflow.launch.local import rank_pids
+    from tests.test_cli import start
+    from tests.test_run_ownership import wait_for_records
+
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.toml", out, steps=5000, ep=2)
+    launcher = start("train", str(cfg), "--parallel.timeout_s", "6", nproc=2)
+    wait_for_records(launcher, out, 5)
+    os.kill(rank_pids(launcher.pid)[1], signal.SIGKILL)
+    log = launcher.communicate(timeout=120)[0]
+    assert launcher.returncode == 1
+    line = next(x for x in log.splitlines() if x.startswith("moeflow launch: rank 0 failed"))
+    assert re.search(
+        r"rank 1 closed its connection and stopped: its last heartbeat was in step \d+ \(.*\), so "
+        r"it died or was killed; rank 0 was in step \d+",
+        line,
+    ), line
+    assert "timeout" not in line and "alive" not in line
