@@ -184,7 +184,7 @@ def test_plan_json_and_simulate_world_size_are_checked_before_work(tmp_path, cap
     real = Path.write_bytes
 
     def read_only(self, data):
-        if self.name.endswith(".probe"):
+        if self.name.startswith(".moeflow_write_probe_"):
             raise OSError(errno.EROFS, "Read-only file system", str(self))
         return real(self, data)
 

@@ -303,7 +303,7 @@ def test_bad_input_gives_one_line_before_the_first_step(tmp_path, capsys, monkey
         real = Path.write_bytes
 
         def read_only(self, data):
-            if self.name.startswith(".write_probe_"):
+            if self.name.startswith(".moeflow_write_probe_"):
                 raise OSError(errno.EROFS, "Read-only file system", str(self))
             return real(self, data)
 

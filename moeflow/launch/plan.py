@@ -25,6 +25,7 @@ from moeflow.placement.planner import METHODS, PlanResult, plan
 from moeflow.placement.problem import PlacementConfig
 from moeflow.placement.solver import SolverUnavailableError
 from moeflow.placement.trace import RoutingTrace
+from moeflow.utils.paths import cannot_write
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -147,10 +148,5 @@ def _unwritable(path: Path) -> str | None:
     folder = path.parent
     if not folder.is_dir():
         return f"the folder {str(folder)!r} does not exist"
-    probe = folder / f".{path.name}.probe"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        return f"the folder {str(folder)!r} is not writable ({exc.strerror or exc})"
-    return None
+    problem = cannot_write(folder)
+    return None if problem is None else f"the folder {str(folder)!r} is not writable ({problem})"

@@ -34,6 +34,7 @@ from moeflow.train.ckpt_integrity import verify_checkpoint
 from moeflow.train.config import RunConfig
 from moeflow.train.data import Corpus, check_tokens, check_validation_split
 from moeflow.train.run_lock import RunDirectoryBusyError, RunLock
+from moeflow.utils.paths import cannot_write
 
 logger = logging.getLogger(__name__)
 
@@ -170,12 +171,9 @@ def writable_dir(out: Path) -> str | None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         return f"{where} cannot be created: {exc.strerror or exc} ({exc.filename}); choose another"
-    probe = out / f".write_probe_{os.getpid()}"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        return f"{where} is not writable: {exc.strerror or exc}; choose a writable train.out_dir"
+    problem = cannot_write(out)
+    if problem is not None:
+        return f"{where} is not writable: {problem}; choose a writable train.out_dir"
     return None
 
 
