@@ -106,3 +106,78 @@ def test_moe_width_must_match_and_sequence_bounded():
         )
     with pytest.raises(ValueError, match=r"sequence length 17 exceeds model\.max_seq_len \(16\)"):
         MoEDecoder(small())(torch.zeros(1, 17, dtype=torch.long))
+
+
+def reference_attention(attn, x_BSD, cos, sin):
+    """Per query head, float64, written from the definition: head h reads key/value head
+    h // (H / G); causal softmax(q k^T / sqrt(d)) v; heads concatenated, then the projection."""
+    from moeflow.models.decoder import apply_rotary
+
+    b, s, _ = x_BSD.shape
+    h, g, d = attn.n_heads, attn.n_kv, attn.width
+    qkv = x_BSD @ attn.qkv.weight.T
+    q = qkv[..., : h * d].view(b, s, h, d).transpose(1, 2)
+    k = qkv[..., h * d : (h + g) * d].view(b, s, g, d).transpose(1, 2)
+    v = qkv[..., (h + g) * d :].view(b, s, g, d).transpose(1, 2)
+    q, k = apply_rotary(q, cos[:s], sin[:s]), apply_rotary(k, cos[:s], sin[:s])
+    heads = []
+    for head in range(h):
+        kv = head // (h // g)
+        scores = q[:, head] @ k[:, kv].transpose(-1, -2) / d**0.5
+        scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+        heads.append(scores.softmax(-1) @ v[:, kv])
+    return (
+        torch.cat([t.unsqueeze(2) for t in heads], dim=2).reshape(b, s, h * d) @ attn.proj.weight.T
+    )
+
+
+@pytest.mark.parametrize("kv_heads, head_dim", [(None, None), (2, None), (1, 6), (4, 12)])
+def test_grouped_query_attention_and_head_dim_follow_the_definition(kv_heads, head_dim):
+    torch.manual_seed(0)
+    cfg = small(n_kv_heads=kv_heads, head_dim=head_dim)
+    model = MoEDecoder(cfg).double()
+    attn = model.blocks[0].attn
+    d = head_dim or 32 // 4
+    assert attn.qkv.weight.shape == ((4 + 2 * (kv_heads or 4)) * d, 32)
+    assert attn.proj.weight.shape == (32, 4 * d) and model.rope_cos.shape == (16, d // 2)
+    x = torch.randn(2, 11, 32, dtype=torch.float64)
+    want = reference_attention(attn, x, model.rope_cos, model.rope_sin)
+    torch.testing.assert_close(
+        attn(x, model.rope_cos, model.rope_sin), want, rtol=1e-10, atol=1e-12
+    )
+    model(torch.randint(0, 256, (2, 11))).sum().backward()  # the whole model trains
+
+
+def test_first_k_dense_blocks_come_before_the_moe_blocks():
+    model = MoEDecoder(small(n_layers=5, first_k_dense=2, moe_layer_freq=1,
+                             dense_ffn_hidden_size=40))  # fmt: skip
+    kinds = [isinstance(b.ffn, MoELayer) for b in model.blocks]
+    assert kinds == [False, False, True, True, True]
+    assert model.blocks[0].ffn.w2.shape[0] == 40  # the dense blocks' own width
+    assert [i for i in range(6) if small(n_layers=6, first_k_dense=1, moe_layer_freq=2)
+            .is_moe_layer(i)] == [2, 4]  # fmt: skip
+
+
+def test_flops_per_token_count_grouped_query_attention():
+    from moeflow.train.metrics import flops_per_token
+
+    mha, gqa = small(), small(n_kv_heads=1, head_dim=16)
+    # q and the output projection: 2 * D * H * d; k and v: 2 * D * G * d (per layer, x6 for
+    # training); scores and values: 12 * H * d * S per layer.
+    diff = flops_per_token(gqa, 16) - flops_per_token(mha, 16)
+    per_layer = 6 * 32 * ((2 * 64 + 2 * 16) - (2 * 32 + 2 * 32)) + 12 * (64 - 32) * 16
+    assert diff == 3 * per_layer
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [({"n_kv_heads": 3}, r"model\.n_kv_heads \(3\) must divide model\.n_heads \(4\)"),
+     ({"head_dim": 7}, r"model\.head_dim \(7\) must be even"),
+     ({"n_kv_heads": 0}, r"model\.n_kv_heads \(0\) must be an integer >= 1"),
+     ({"first_k_dense": 4}, r"model\.first_k_dense \(4\) must be an integer in 0\.\.n_lay"),
+     ({"dim": 36, "moe": MoEConfig(hidden_size=36, num_experts=4, ffn_hidden_size=48)},
+      r"into an even head dim .*, or set model\.head_dim")],
+)  # fmt: skip
+def test_attention_shapes_are_checked(kw, match):
+    with pytest.raises(ValueError, match=match):
+        small(**kw)

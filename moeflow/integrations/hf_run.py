@@ -64,7 +64,10 @@ SHAPE_FIELDS = {
     "max_seq_len": "max_position_embeddings",
 }
 # The reference decoder's own fields: an HF model has its own keys for them.
-DECODER_ONLY = ("rope_theta", "norm_eps", "init_std", "dense_ffn_hidden_size")
+DECODER_ONLY = (
+    "rope_theta", "norm_eps", "init_std", "dense_ffn_hidden_size", "n_kv_heads", "head_dim",
+    "first_k_dense",
+)  # fmt: skip
 
 
 def _transformers():

@@ -40,9 +40,13 @@ from moeflow.moe.routing_context import RoutingContext
 @dataclass(kw_only=True, frozen=True)
 class DecoderConfig:
     """Shape of the decoder. `moe.hidden_size` must equal `dim`; dense blocks use
-    `dense_ffn_hidden_size` (default: `moe.ffn_hidden_size`). `hf_config`: a Hugging Face model's
-    config (its keys) trained instead of this decoder, its shape fields copied here
-    (`moeflow.integrations.hf_run`)."""
+    `dense_ffn_hidden_size` (default: `moe.ffn_hidden_size`). Attention has `n_heads` query heads
+    of width `head_dim` (default `dim / n_heads`) and `n_kv_heads` key/value heads (default
+    `n_heads`; fewer is grouped-query attention, each key/value head serving `n_heads /
+    n_kv_heads` query heads). Block i has an MoE FFN when `i >= first_k_dense` and `i %
+    moe_layer_freq == 0` (DeepSeek's `first_k_dense_replace`: the first blocks stay dense).
+    `hf_config`: a Hugging Face model's config (its keys) trained instead of this decoder, its
+    shape fields copied here (`moeflow.integrations.hf_run`)."""
 
     vocab_size: int = 256
     dim: int = 256
@@ -50,6 +54,9 @@ class DecoderConfig:
     n_heads: int = 4
     max_seq_len: int = 256
     moe_layer_freq: int = 1
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    first_k_dense: int = 0
     dense_ffn_hidden_size: int | None = None
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -64,11 +71,18 @@ class DecoderConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"model.{name} ({value!r}) must be an integer >= 1")
-        if self.hf_config is None and (self.dim % self.n_heads or (self.dim // self.n_heads) % 2):
+        for name in ("n_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value < 1):  # fmt: skip
+                raise ValueError(f"model.{name} ({value!r}) must be an integer >= 1 (or unset)")
+        if not isinstance(self.first_k_dense, int) or not 0 <= self.first_k_dense <= self.n_layers:
             raise ValueError(
-                f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads}) "
-                "into an even head dim (rotary positions rotate pairs)"
+                f"model.first_k_dense ({self.first_k_dense!r}) must be an integer in 0..n_layers "
+                f"({self.n_layers}): how many blocks before the first MoE block stay dense"
             )
+        if self.hf_config is None:
+            self._check_attention()
         if self.moe.hidden_size != self.dim:
             raise ValueError(
                 f"moe.hidden_size ({self.moe.hidden_size}) must equal model.dim ({self.dim})"
@@ -76,8 +90,34 @@ class DecoderConfig:
         if not self.init_std > 0:
             raise ValueError(f"model.init_std ({self.init_std!r}) must be > 0")
 
+    def _check_attention(self) -> None:
+        if self.head_dim is None and (self.dim % self.n_heads or (self.dim // self.n_heads) % 2):
+            raise ValueError(
+                f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads}) "
+                "into an even head dim (rotary positions rotate pairs), or set model.head_dim"
+            )
+        if self.head_dim is not None and self.head_dim % 2:
+            raise ValueError(
+                f"model.head_dim ({self.head_dim}) must be even (rotary positions rotate pairs)"
+            )
+        if self.n_heads % self.kv_heads:
+            raise ValueError(
+                f"model.n_kv_heads ({self.kv_heads}) must divide model.n_heads ({self.n_heads}): "
+                "each key/value head serves the same number of query heads"
+            )
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads (`n_kv_heads`, default `n_heads`)."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_width(self) -> int:
+        """Each head's width (`head_dim`, default `dim / n_heads`)."""
+        return self.dim // self.n_heads if self.head_dim is None else self.head_dim
+
     def is_moe_layer(self, index: int) -> bool:
-        return index % self.moe_layer_freq == 0
+        return index >= self.first_k_dense and index % self.moe_layer_freq == 0
 
 
 def rotary_tables(seq_len: int, head_dim: int, theta: float, device=None):
@@ -98,19 +138,25 @@ def apply_rotary(x_BHSd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
 
 
 class Attention(nn.Module):
+    """Causal attention with rotary positions: H query heads and G key/value heads of width d
+    (`qkv` projects D -> (H + 2G) d, queries first; G < H is grouped-query attention)."""
+
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
-        self.n_heads = cfg.n_heads
-        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
-        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.n_heads, self.n_kv, self.width = cfg.n_heads, cfg.kv_heads, cfg.head_width
+        self.qkv = nn.Linear(cfg.dim, (self.n_heads + 2 * self.n_kv) * self.width, bias=False)
+        self.proj = nn.Linear(self.n_heads * self.width, cfg.dim, bias=False)
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        b, s, d = x_BSD.shape
-        q, k, v = self.qkv(x_BSD).view(b, s, 3, self.n_heads, d // self.n_heads).unbind(2)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, d]
+        b, s, _ = x_BSD.shape
+        h, g = self.n_heads, self.n_kv
+        q, k, v = self.qkv(x_BSD).view(b, s, h + 2 * g, self.width).split([h, g, g], dim=2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, S, d]
         q, k = apply_rotary(q, cos[:s], sin[:s]), apply_rotary(k, cos[:s], sin[:s])
+        if g < h:  # each key/value head serves h / g consecutive query heads
+            k, v = k.repeat_interleave(h // g, dim=1), v.repeat_interleave(h // g, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(out.transpose(1, 2).reshape(b, s, d))
+        return self.proj(out.transpose(1, 2).reshape(b, s, h * self.width))
 
 
 class Block(nn.Module):
@@ -145,7 +191,7 @@ class MoEDecoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i, self.router_shared) for i in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        cos, sin = rotary_tables(cfg.max_seq_len, cfg.dim // cfg.n_heads, cfg.rope_theta)
+        cos, sin = rotary_tables(cfg.max_seq_len, cfg.head_width, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         # Recompute each block's activations in backward instead of keeping them (the trainer
@@ -164,7 +210,7 @@ class MoEDecoder(nn.Module):
         if seed is not None:
             gen = torch.Generator(device=self.embed.weight.device).manual_seed(seed)
         cos, sin = rotary_tables(
-            cfg.max_seq_len, cfg.dim // cfg.n_heads, cfg.rope_theta, self.rope_cos.device
+            cfg.max_seq_len, cfg.head_width, cfg.rope_theta, self.rope_cos.device
         )
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)

@@ -364,4 +364,7 @@ LATER_FIELDS = (
     (("model", "moe", "router", "softmax_dtype"), None),
     (("model", "moe", "a2a_dim"), None),
     (("model", "moe", "expert_kernel"), "auto"),
+    (("model", "n_kv_heads"), None),
+    (("model", "head_dim"), None),
+    (("model", "first_k_dense"), 0),
 )

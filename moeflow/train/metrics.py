@@ -30,11 +30,12 @@ from moeflow.moe.layer import MoELayer
 
 def flops_per_token(cfg: DecoderConfig, seq_len: int) -> int:
     """Training FLOPs per token (forward + backward = 3x forward), counting only the experts a
-    token is routed to: `6 * active matmul params + 12 * n_layers * dim * seq_len` (attention
-    scores and values, PaLM's estimate)."""
+    token is routed to: `6 * active matmul params + 12 * n_layers * (n_heads * head_dim) *
+    seq_len` (attention scores and values, PaLM's estimate)."""
     moe = cfg.moe
     g = gate_multiplier(moe.activation)
-    attn = 4 * cfg.dim * cfg.dim
+    inner = cfg.n_heads * cfg.head_width  # the queries' (and attention output's) width
+    attn = cfg.dim * (2 * inner + 2 * cfg.kv_heads * cfg.head_width)
     dense_ffn = (g + 1) * cfg.dim * (cfg.dense_ffn_hidden_size or moe.ffn_hidden_size)
     moe_ffn = moe.router.top_k * (g + 1) * moe.expert_dim * moe.ffn_hidden_size
     moe_ffn += cfg.dim * moe.num_experts  # the router
@@ -44,7 +45,7 @@ def flops_per_token(cfg: DecoderConfig, seq_len: int) -> int:
     active = cfg.vocab_size * cfg.dim  # the output head
     for i in range(cfg.n_layers):
         active += attn + (moe_ffn if cfg.is_moe_layer(i) else dense_ffn)
-    return 6 * active + 12 * cfg.n_layers * cfg.dim * seq_len
+    return 6 * active + 12 * cfg.n_layers * inner * seq_len
 
 
 class IntervalMetrics:
