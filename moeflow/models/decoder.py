@@ -271,6 +271,11 @@ class MoEDecoder(nn.Module):
                 w2[slot].copy_(part2[0])
 
     def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        return self.head(self.hidden_states(tokens_BS))
+
+    def hidden_states(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        """`[B, S, D]`: the final normalised states, the output head's input (a loss that never
+        holds `[B, S, V]` logits takes these and `head.weight`: `moeflow.train.loss`)."""
         s = tokens_BS.shape[1]
         if s > self.config.max_seq_len:
             raise ValueError(
@@ -283,7 +288,7 @@ class MoEDecoder(nn.Module):
                 x, routing_context = self._checkpointed(block, x, routing_context)
             else:
                 x = block(x, self.rope_cos, self.rope_sin, routing_context)
-        return self.head(self.norm(x))
+        return self.norm(x)
 
     def _checkpointed(self, block: Block, x: torch.Tensor, routing_context: RoutingContext):
         """Run `block` under non-reentrant activation checkpointing. The recomputation in backward

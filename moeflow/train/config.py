@@ -126,7 +126,9 @@ class TrainConfig:
     ranks, so its value does not depend on the world size. `on_nonfinite`: what a NaN or
     infinite loss or gradient norm does (`moeflow.train.nonfinite`): `stop` (exit non-zero before
     the update, naming the step) or `skip` (drop the update and count it; `max_nonfinite_skips`
-    in a row stop the run)."""
+    in a row stop the run). `loss_chunk_tokens`: the loss computes the logits of this many tokens
+    at a time and never holds all of them (`moeflow.train.loss`; 0: all at once); a micro-batch of
+    no more tokens than that takes the plain loss."""
 
     steps: int = 300
     seed: int = 0
@@ -140,9 +142,11 @@ class TrainConfig:
     out_dir: str = "runs/default"
     on_nonfinite: str = "stop"
     max_nonfinite_skips: int = 10
+    loss_chunk_tokens: int = 4096
 
     def __post_init__(self) -> None:
         check_choice("train.on_nonfinite", self.on_nonfinite, POLICIES)
+        check_int("train.loss_chunk_tokens", self.loss_chunk_tokens, minimum=0)
         check_int("train.max_nonfinite_skips", self.max_nonfinite_skips)
         for name in ("steps", "seq_len", "micro_batch_size", "grad_accum_steps", "eval_windows"):
             check_int(f"train.{name}", getattr(self, name))

@@ -47,7 +47,7 @@ from moeflow.train.build import build_model, check_data, lock_output, resolve_ou
 from moeflow.train.config import RunConfig
 from moeflow.train.data import BatchStream, load_corpus
 from moeflow.train.distributed import Runtime, init_distributed, shutdown
-from moeflow.train.loss import token_loss, validation_loss
+from moeflow.train.loss import model_loss, validation_loss
 from moeflow.train.metrics import IntervalMetrics, MetricsLogger, flops_per_token, plot_run
 from moeflow.train.nonfinite import NonFiniteError, NonFiniteGuard, check_validation
 from moeflow.train.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
@@ -203,8 +203,7 @@ class Trainer:
             self.watchdog.at(self.step + 1, "forward and backward")
             x, y = (t.to(device, non_blocking=True) for t in self.stream.next_batch())
             with self._autocast():
-                logits = self.model(x)
-            loss = token_loss(logits, y)
+                loss = model_loss(self.model, x, y, cfg.train.loss_chunk_tokens)
             # Gradients are sent from the last micro-batch's backward only (when overlapped).
             last = micro == accum - 1
             with contextlib.nullcontext() if last else self.grad_sync.no_sync():
