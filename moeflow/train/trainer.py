@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from moeflow.moe.layer import finish_optimizer_step, set_aux_loss_scale
 from moeflow.moe.layout import ExpertLayout
@@ -48,6 +49,7 @@ from moeflow.train.config import RunConfig
 from moeflow.train.data import BatchStream, load_corpus
 from moeflow.train.distributed import Runtime, init_distributed, shutdown
 from moeflow.train.loss import model_loss, validation_loss
+from moeflow.train.memory import SavedBytes, state_bytes
 from moeflow.train.metrics import IntervalMetrics, MetricsLogger, flops_per_token, plot_run
 from moeflow.train.nonfinite import NonFiniteError, NonFiniteGuard, check_validation
 from moeflow.train.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
@@ -116,6 +118,7 @@ class Trainer:
         self.step = 0
         self.stop = StopSignals()  # SIGTERM or Ctrl-C seen by this rank
         self.save_due = False  # a periodic checkpoint waits while updates are being skipped
+        self.start_record: dict | None = None  # measured in this run's first step
         self.stop_agreed = False  # ... by any rank, as of the last step's flag exchange
         self.guard = NonFiniteGuard(
             t.on_nonfinite, t.max_nonfinite_skips, self.ctx.rank, runtime.world_size
@@ -199,11 +202,14 @@ class Trainer:
         accum = cfg.train.grad_accum_steps
         set_lr(self.optimizer, lr_at(self.step, cfg.optim, cfg.train.steps))
         step_loss = torch.zeros((), device=device, dtype=torch.float64)
+        measure = self.start_record is None  # the first step of the run: what a rank holds
+        saved = []
         for micro in range(accum):
             self.watchdog.at(self.step + 1, "forward and backward")
             x, y = (t.to(device, non_blocking=True) for t in self.stream.next_batch())
-            with self._autocast():
+            with self._autocast(), SavedBytes() if measure else contextlib.nullcontext() as kept:
                 loss = model_loss(self.model, x, y, cfg.train.loss_chunk_tokens)
+            saved.append(kept.bytes if measure else 0)
             # Gradients are sent from the last micro-batch's backward only (when overlapped).
             last = micro == accum - 1
             with contextlib.nullcontext() if last else self.grad_sync.no_sync():
@@ -222,11 +228,26 @@ class Trainer:
         self.stop_agreed = bool(flags[0])
         if self.guard.decide(self.step + 1, flags, step_loss.item(), grad_norm.item()):
             self.optimizer.step()
+        if measure:  # before zero_grad: the gradients are still held
+            self.start_record = self._start_record(max(saved))
         self.optimizer.zero_grad(set_to_none=True)
         finish_optimizer_step(self.model)  # global-batch counts reset, aux-free bias update
         self.replacer.end_step()
         self.step += 1
         return grad_norm
+
+    def _start_record(self, activation_bytes: int) -> dict:
+        """The `start` record: every rank's state bytes and the activations its largest
+        micro-batch kept for backward, measured in the first step (one all-gather)."""
+        mine = {**state_bytes(self.model, self.optimizer), "activations": activation_bytes}
+        every: list = [None] * self.runtime.world_size
+        dist.all_gather_object(every, mine, group=self.ctx.world_group)
+        return {
+            "kind": "start",
+            "step": self.step + 1,
+            "state_bytes": {k: [r[k] for r in every] for k in ("params", "grads", "optimizer")},
+            "activation_bytes": [r["activations"] for r in every],
+        }
 
     def _record(self, metrics: IntervalMetrics, grad_norm, seconds: float, steps: int) -> dict:
         """The `train` record of a log interval (one all-reduce, one host sync)."""
@@ -378,7 +399,10 @@ class Trainer:
         cfg = self.cfg
         metrics, since, t0 = self.new_metrics(), 0, time.perf_counter()
         while self.step < cfg.train.steps:
+            first = self.start_record is None
             grad_norm = self.train_step(metrics)
+            if first:
+                log.log(self.start_record)
             since += 1
             stop = self.stop_agreed
             last = self.step == cfg.train.steps or stop
