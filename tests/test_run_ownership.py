@@ -174,3 +174,17 @@ def test_ctrl_c_checkpoints_and_a_second_one_stops_at_once(tmp_path, capsys, mon
         assert ckpt.latest_checkpoint(out / "checkpoints").name == "step_00000003"
         assert records(out)[-1] == {"kind": "end", "step": 3, "signal": True}
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_a_file_system_without_locks_warns_and_runs(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING"):
+        lock = RunLock.acquire(tmp_path)
+    assert "cannot be locked (No locks available)" in caplog.text
+    lock.release()

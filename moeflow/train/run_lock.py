@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import time
 from pathlib import Path
 
 LOCK_NAME = ".moeflow.lock"
+logger = logging.getLogger(__name__)
 
 
 class RunDirectoryBusyError(ValueError):
@@ -52,13 +54,20 @@ class RunLock:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # held: another live run
             holder = _describe(_read(fd))
             os.close(fd)
             raise RunDirectoryBusyError(
                 f"train.out_dir ({str(out_dir)!r}) is in use by another run ({holder}): wait for "
                 "it to end or stop it, or choose another --train.out_dir"
             ) from None
+        except OSError as exc:  # a file system without locks (some network mounts): go on
+            logger.warning(
+                "train.out_dir (%r) cannot be locked (%s): nothing stops a second run from "
+                "writing into it while this one runs",
+                str(out_dir),
+                exc.strerror or exc,
+            )
         holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
