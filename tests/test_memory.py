@@ -66,5 +66,12 @@ def test_the_start_record_holds_what_each_rank_holds(tmp_path):
     assert experts[0] == experts[1] > 0
     total_experts = 2 * 4 * (32 * 2 * 64 + 64 * 32) * 4  # 2 layers x 4 experts (SwiGLU w1, w2)
     assert sum(experts) == total_experts
+    # The dry run's prediction of the same ranks' state, from the meta-device model alone.
+    from moeflow.train.dry_run import dry_run
+
+    predicted = dry_run(_cfg(tmp_path / "dry", False), world_size=2)["state_bytes_per_rank"]
+    for kind, value in predicted.items():
+        measured = starts[False]["state_bytes"][kind]
+        assert all(abs(value - m) <= 0.05 * m for m in measured), (kind, value, measured)
     plain, recomputed = starts[False]["activation_bytes"], starts[True]["activation_bytes"]
     assert all(a > 0 for a in plain) and all(b < a for a, b in zip(plain, recomputed, strict=True))

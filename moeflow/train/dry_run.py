@@ -46,7 +46,15 @@ def dry_run(cfg: RunConfig, world_size: int | None = None) -> dict:
         total = dense + per_expert * sum(x.config.num_experts for x in layers)
         active = dense + per_expert * m.moe.router.top_k * len(layers)
         rank_params = dense + local_experts
+        tensors = len(dense_named) + len(expert_named)
         return {
+            # What the trainer's `start` record measures: fp32 weights and gradients, AdamW's two
+            # moments and a 4-byte step count per parameter tensor (activations not included).
+            "state_bytes_per_rank": {
+                "params": 4 * rank_params,
+                "grads": 4 * rank_params,
+                "optimizer": 8 * rank_params + 4 * tensors,
+            },
             "expert_memory": expert_memory(model),
             "world_size": runtime.world_size,
             "dp": dims.dp,
@@ -128,6 +136,15 @@ def format_report(report: dict) -> str:
             f"{_count(report['params_per_rank'])} per rank "
             f"({report['train_state_gib_per_rank']:.3g} GiB of fp32 weights, grads and AdamW "
             "state per rank)",
+            "  state per rank: "
+            + ", ".join(
+                f"{name} {_bytes(n)}"
+                for name, n in zip(
+                    ("weights", "gradients", "AdamW"),
+                    report["state_bytes_per_rank"].values(),
+                    strict=True,
+                )
+            ),
             f"  {report['flops_per_token'] / 1e9:.4g} GFLOP per token (fwd+bwd), "
             f"{report['tokens_per_step']:,} tokens per optimizer step",
             "  expert parameters per MoE layer (fp32 weights; gathered experts are transient):",
