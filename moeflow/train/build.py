@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moeflow.models.decoder import MoEDecoder
+from moeflow.moe.layout import ExpertLayout
 from moeflow.parallel.dims import ParallelContext
 from moeflow.parallel.dispatch import DispatchConfig
 from moeflow.parallel.parallelize import parallelize
@@ -297,3 +298,24 @@ def build_model(
         model.to(dtype)
     model.activation_checkpointing = cfg.train.activation_checkpointing
     return model
+
+
+def saved_slots(
+    cfg: RunConfig, ctx: ParallelContext, resume_path: Path | None
+) -> dict[str, list[int]] | None:
+    """The expert placement a resumed checkpoint ran with (same `ep` and slot count only):
+    resuming keeps a re-placed run's placement. Values load by logical id whatever the
+    placement."""
+    if resume_path is None:
+        return None
+    meta = ckpt.read_meta(resume_path)
+    slots = meta.get("expert_slots")
+    if meta.get("parallel", {}).get("ep") != ctx.dims.ep or not isinstance(slots, dict):
+        return None
+    m = cfg.model.moe
+    layout = ExpertLayout.canonical(
+        m.num_experts, m.ffn_hidden_size, ctx.dims.ep, cfg.placement.replica_slots
+    )
+    if any(not isinstance(v, list) or len(v) != len(layout.slots) for v in slots.values()):
+        return None
+    return slots

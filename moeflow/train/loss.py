@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -31,6 +32,17 @@ import torch.utils.checkpoint
 from torch import nn
 
 from moeflow.train.data import eval_batches
+
+
+def autocast(mode: str, device: torch.device):
+    """The forward's autocast context for `train.autocast` (`auto`: bf16 on CUDA, none elsewhere;
+    `none`, `bf16`, `fp16`)."""
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" else "none"
+    if mode == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def token_loss(

@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -45,6 +46,27 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str,
         "params": _bytes(params),
         "grads": _bytes(p.grad for p in params),
         "optimizer": _bytes(optimizer_tensors),
+    }
+
+
+def start_record(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    activation_bytes: int,
+    step: int,
+    group: dist.ProcessGroup | None,
+) -> dict:
+    """The `start` record of `metrics.jsonl`: every rank's state bytes (as held now: call it
+    before `zero_grad`) and the activation bytes its largest micro-batch kept (one all-gather
+    over `group`)."""
+    mine = {**state_bytes(model, optimizer), "activations": activation_bytes}
+    every: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, mine, group=group)
+    return {
+        "kind": "start",
+        "step": step,
+        "state_bytes": {k: [r[k] for r in every] for k in ("params", "grads", "optimizer")},
+        "activation_bytes": [r["activations"] for r in every],
     }
 
 

@@ -35,21 +35,25 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from moeflow.moe.layer import finish_optimizer_step, set_aux_loss_scale
-from moeflow.moe.layout import ExpertLayout
 from moeflow.moe.walk import moe_layers, split_parameters
 from moeflow.parallel.dims import ParallelDims
 from moeflow.parallel.grad_sync import GradSync
 from moeflow.parallel.replace import current_expert_slots, replica_row_weights
 from moeflow.train import checkpoint as ckpt
-from moeflow.train.build import build_model, check_data, lock_output, resolve_output
+from moeflow.train.build import (
+    build_model,
+    check_data,
+    lock_output,
+    resolve_output,
+    saved_slots,
+)
 from moeflow.train.config import RunConfig
 from moeflow.train.data import BatchStream, load_corpus
 from moeflow.train.distributed import Runtime, init_distributed, shutdown
-from moeflow.train.loss import model_loss, validation_loss
-from moeflow.train.memory import SavedBytes, state_bytes
+from moeflow.train.loss import autocast, model_loss, validation_loss
+from moeflow.train.memory import SavedBytes, start_record
 from moeflow.train.metrics import IntervalMetrics, MetricsLogger, flops_per_token, plot_run
 from moeflow.train.nonfinite import NonFiniteError, NonFiniteGuard, check_validation
 from moeflow.train.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
@@ -96,7 +100,11 @@ class Trainer:
         cfg, runtime = self.cfg, self.runtime
         self.resume_path = resolve_output(cfg, self.ctx, resume, overwrite)
         self.model = build_model(
-            cfg, self.ctx, runtime.device, self._saved_slots(), dtype=self.dtype
+            cfg,
+            self.ctx,
+            runtime.device,
+            saved_slots(cfg, self.ctx, self.resume_path),
+            dtype=self.dtype,
         )
         self.optimizer = build_optimizer(self.model, cfg.optim)
         ckpt.init_optimizer_state(self.optimizer)
@@ -150,24 +158,6 @@ class Trainer:
                 self.out_dir.rmdir()
 
     # -- setup -------------------------------------------------------------------------------
-    def _saved_slots(self) -> dict[str, list[int]] | None:
-        """The expert placement a resumed checkpoint ran with (same `ep` and slot count only):
-        resuming keeps a re-placed run's placement. Values load by logical id whatever the
-        placement."""
-        if self.resume_path is None:
-            return None
-        meta = ckpt.read_meta(self.resume_path)
-        slots = meta.get("expert_slots")
-        if meta.get("parallel", {}).get("ep") != self.ctx.dims.ep or not isinstance(slots, dict):
-            return None
-        m = self.cfg.model.moe
-        layout = ExpertLayout.canonical(
-            m.num_experts, m.ffn_hidden_size, self.ctx.dims.ep, self.cfg.placement.replica_slots
-        )
-        if any(not isinstance(v, list) or len(v) != len(layout.slots) for v in slots.values()):
-            return None
-        return slots
-
     def _load(self) -> None:
         meta, rank_state = ckpt.load_checkpoint(
             self.resume_path, self.model, self.optimizer, self.ctx.world_group
@@ -185,14 +175,7 @@ class Trainer:
         return meta
 
     def _autocast(self):
-        mode = self.cfg.train.autocast
-        device = self.runtime.device.type
-        if mode == "auto":
-            mode = "bf16" if device == "cuda" else "none"
-        if mode == "none":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if mode == "bf16" else torch.float16
-        return torch.autocast(device_type=device, dtype=dtype)
+        return autocast(self.cfg.train.autocast, self.runtime.device)
 
     # -- one step ----------------------------------------------------------------------------
     def train_step(self, metrics: IntervalMetrics) -> torch.Tensor:
@@ -229,25 +212,14 @@ class Trainer:
         if self.guard.decide(self.step + 1, flags, step_loss.item(), grad_norm.item()):
             self.optimizer.step()
         if measure:  # before zero_grad: the gradients are still held
-            self.start_record = self._start_record(max(saved))
+            self.start_record = start_record(
+                self.model, self.optimizer, max(saved), self.step + 1, self.ctx.world_group
+            )
         self.optimizer.zero_grad(set_to_none=True)
         finish_optimizer_step(self.model)  # global-batch counts reset, aux-free bias update
         self.replacer.end_step()
         self.step += 1
         return grad_norm
-
-    def _start_record(self, activation_bytes: int) -> dict:
-        """The `start` record: every rank's state bytes and the activations its largest
-        micro-batch kept for backward, measured in the first step (one all-gather)."""
-        mine = {**state_bytes(self.model, self.optimizer), "activations": activation_bytes}
-        every: list = [None] * self.runtime.world_size
-        dist.all_gather_object(every, mine, group=self.ctx.world_group)
-        return {
-            "kind": "start",
-            "step": self.step + 1,
-            "state_bytes": {k: [r[k] for r in every] for k in ("params", "grads", "optimizer")},
-            "activation_bytes": [r["activations"] for r in every],
-        }
 
     def _record(self, metrics: IntervalMetrics, grad_norm, seconds: float, steps: int) -> dict:
         """The `train` record of a log interval (one all-reduce, one host sync)."""
