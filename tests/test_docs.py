@@ -57,14 +57,17 @@ def test_the_links_of_the_readme_and_docs_resolve(page):
 def test_nothing_in_the_repo_names_a_file_outside_it():
     """A user's clone has only the repo: docs, docstrings and tests cite docs/, not notes kept
     elsewhere."""
-    names = ("PAPERS.md", "DESIGN.md", "STYLE.md", "../shared", "shared folder")
+    # Spelled in pieces, so that this file does not cite them itself.
+    parts = (("PAPERS", ".md"), ("DESIGN", ".md"), ("STYLE", ".md"), ("..", "/shared"),
+             ("shared", " folder"))  # fmt: skip
+    names = tuple(a + b for a, b in parts)
     files = [p for p in ROOT.rglob("*") if p.is_file() and p.suffix in (".py", ".md", ".toml")]
     files = [p for p in files if ".venv" not in p.parts and ".git" not in p.parts]
     found = [
         f"{p.relative_to(ROOT)}: {name}"
         for p in files
         for name in names
-        if name in p.read_text(encoding="utf-8", errors="replace") and p.name != "test_docs.py"
+        if name in p.read_text(encoding="utf-8", errors="replace")
     ]
     assert not found, found
 
