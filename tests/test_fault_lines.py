@@ -30,7 +30,7 @@ from moeflow.train.nonfinite import NonFiniteError, NonFiniteGuard
 from moeflow.train.trainer import Trainer
 from moeflow.train.watchdog import Watchdog, lost_peer
 from tests.test_cli import ROOT, write_config
-from tests.test_faults import _stats, one_line_error, tiny
+from tests.test_faults import _stats, one_line_error, read_only_folders, tiny
 
 
 def _fails(capsys, args: list[str], code: int = 2) -> str:
@@ -181,14 +181,7 @@ def test_plan_refuses_corrupt_counts_and_headers(tmp_path, capsys, text, want):
 def test_plan_json_and_simulate_world_size_are_checked_before_work(tmp_path, capsys, monkeypatch):
     stats = _stats(tmp_path, '{"format": "moeflow.routing_stats", "version": 1, '
                              '"loads": [[1.0, 2.0]], "co_routing": []}')  # fmt: skip
-    real = Path.write_bytes
-
-    def read_only(self, data):
-        if self.name.startswith(".moeflow_write_probe_"):
-            raise OSError(errno.EROFS, "Read-only file system", str(self))
-        return real(self, data)
-
-    monkeypatch.setattr(Path, "write_bytes", read_only)
+    read_only_folders(monkeypatch)
     line = _fails(capsys, ["plan", stats, "--ranks", "2", "--json", str(tmp_path / "p.json")])
     assert "is not writable (Read-only file system); choose another path" in line
     config = write_config(tmp_path / "c.toml", tmp_path / "run")

@@ -46,6 +46,19 @@ def tiny(out: Path, steps: int = 4, ep: int = 1, **train_kw) -> RunConfig:
     )  # fmt: skip
 
 
+def read_only_folders(monkeypatch) -> None:
+    """Every folder refuses moeflow's write probe as a read-only mount does (root passes
+    `os.access` and chmod alike, so the probe itself is made to fail)."""
+    real = Path.write_bytes
+
+    def read_only(self, data):
+        if self.name.startswith(".moeflow_write_probe_"):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", read_only)
+
+
 def one_line_error(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
@@ -300,14 +313,7 @@ def test_bad_input_gives_one_line_before_the_first_step(tmp_path, capsys, monkey
         args += ["--train.out_dir", str(tmp_path / "afile" / "run")]
         want = r"train\.out_dir \('.*afile/run'\) cannot be created: Not a directory"
     elif case == "read-only out_dir":
-        real = Path.write_bytes
-
-        def read_only(self, data):
-            if self.name.startswith(".moeflow_write_probe_"):
-                raise OSError(errno.EROFS, "Read-only file system", str(self))
-            return real(self, data)
-
-        monkeypatch.setattr(Path, "write_bytes", read_only)
+        read_only_folders(monkeypatch)
         want = r"train\.out_dir \('.*run'\) is not writable: Read-only file system"
     elif case == "token id >= vocab":
         data = _tokens(tmp_path / "tok", [*ok_train[:5000], 300, *ok_train], ok_train[:600])

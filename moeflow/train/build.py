@@ -30,11 +30,12 @@ from moeflow.moe.layout import ExpertLayout
 from moeflow.parallel.dims import ParallelContext
 from moeflow.parallel.dispatch import DispatchConfig
 from moeflow.parallel.parallelize import parallelize
+from moeflow.parallel.replace import current_expert_slots
 from moeflow.train import checkpoint as ckpt
 from moeflow.train.ckpt_integrity import verify_checkpoint
 from moeflow.train.config import RunConfig
 from moeflow.train.data import Corpus, check_tokens, check_validation_split
-from moeflow.train.run_lock import RunDirectoryBusyError, RunLock
+from moeflow.train.run_lock import LOCK_NAME, RunDirectoryBusyError, RunLock
 from moeflow.utils.paths import cannot_write
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,47 @@ def lock_output(cfg: RunConfig, ctx: ParallelContext) -> RunLock | None:
     except ValueError as exc:
         raise RunDirectoryBusyError(str(exc)) from None
     return held[0] if held else None
+
+
+def checkpoint_meta(
+    cfg: RunConfig, dims, world_size: int, step: int, optimizer, model, tuner
+) -> dict:
+    """What a checkpoint's `moeflow.json` records beside the tensors: the config and its model
+    fingerprint, the layout, the schedule position, the expert placement, and the tuner's
+    decisions so far (a resumed run carries on with them)."""
+    meta = {
+        "config": cfg.to_dict(),
+        "model_fingerprint": cfg.fingerprint(),
+        "world_size": world_size,
+        "parallel": {"dp": dims.dp, "ep": dims.ep},
+        "optimizer_steps": step,
+        "lr": optimizer.param_groups[0]["lr"],
+        "expert_slots": current_expert_slots(model),
+    }
+    if tuner is not None:
+        meta["tuner"] = tuner.state_dict()
+    return meta
+
+
+def check_steps_left(checkpoint: Path, step: int, steps: int) -> None:
+    """A resumed checkpoint past `train.steps` has nothing left to train (at it: a finished run,
+    validated again)."""
+    if step > steps:
+        raise ValueError(
+            f"--resume: checkpoint {str(checkpoint)!r} is at step {step}, past train.steps "
+            f"({steps}): nothing left to train; pass a larger --train.steps"
+        )
+
+
+def release_output(lock: RunLock | None, out_dir: Path, remove_if_unused: bool) -> None:
+    """Give up `out_dir`'s lock; with `remove_if_unused` (rank 0 of a run that stopped on bad
+    input before writing anything) also remove the `out_dir` it created, if it is still empty."""
+    if lock is not None:
+        lock.release()
+    if remove_if_unused:
+        with contextlib.suppress(OSError):  # not empty: something was written, keep it
+            (out_dir / LOCK_NAME).unlink(missing_ok=True)
+            out_dir.rmdir()
 
 
 def resolve_output(

@@ -48,6 +48,40 @@ def flops_per_token(cfg: DecoderConfig, seq_len: int) -> int:
     return 6 * active + 12 * cfg.n_layers * inner * seq_len
 
 
+def train_record(
+    reduced: dict,
+    *,
+    step: int,
+    optimizer: torch.optim.Optimizer,
+    grad_norm: float,
+    skipped: int,
+    tokens: int,
+    seconds: float,
+    world_size: int,
+    flops_per_token: float,
+    peak_flops: float,
+) -> dict:
+    """A log interval's `train` record from its reduced metrics (`IntervalMetrics.reduce`):
+    `tokens` trained by all ranks in `seconds`, and MFU against `peak_flops` (per rank) if set."""
+    tok_s = tokens / max(seconds, 1e-9)
+    record = {
+        "kind": "train",
+        "step": step,
+        "loss": reduced.pop("loss"),
+        **{k: reduced.pop(k) for k in IntervalMetrics.LAYER_SCALARS},
+        "lr": optimizer.param_groups[0]["lr"],
+        "grad_norm": grad_norm,
+        "skipped_steps": skipped,
+        "tokens_per_s": tok_s,
+    }
+    if peak_flops:
+        record["mfu"] = flops_per_token * tok_s / world_size / peak_flops
+    # Per MoE layer: kept tokens per FFN expert, routed pairs per choice (null and
+    # zero-computation experts too), and how many tokens got 0..K FFN experts.
+    record.update(reduced)
+    return record
+
+
 class IntervalMetrics:
     """What the trainer logs, summed on the device per micro-batch between two log steps (no host
     sync until `reduce`): the loss and the MoE layers' statistics (`MoELayer.last_stats`).
@@ -140,6 +174,19 @@ def truncate_jsonl(path: Path, after_step: int) -> None:
 
 class MetricsLogger:
     """Rank 0's sink for metrics; on other ranks every method does nothing."""
+
+    @classmethod
+    def for_run(cls, cfg, out_dir: Path, rank0: bool, first_step: int, quiet: bool):
+        """The logger of a `RunConfig`'s run (`[metrics]`: progress bar, Weights & Biases)."""
+        m = cfg.metrics
+        wandb_cfg = None
+        if m.wandb:
+            wandb_cfg = {
+                "project": m.wandb_project, "mode": m.wandb_mode, "dir": str(out_dir),
+                "config": cfg.to_dict(), "resume": "allow",
+            }  # fmt: skip
+        progress = m.progress and not quiet
+        return cls(out_dir, rank0, cfg.train.steps, first_step, progress, wandb_cfg)
 
     def __init__(
         self,

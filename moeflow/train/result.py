@@ -58,3 +58,21 @@ def summary_lines(result: TrainResult) -> str:
     if result.plot_path is not None:
         lines.append(f"plot:       {result.plot_path}")
     return "\n".join(lines)
+
+
+def describe_run(model, dims, runtime, corpus: Corpus, step: int, steps: int) -> str:
+    """The first line a run prints: ranks and layout, parameters on this rank, data, steps."""
+    n_params = sum(p.numel() for p in model.parameters())
+    return (
+        f"moeflow train: {runtime.world_size} rank(s) (dp={dims.dp}, ep={dims.ep}) on "
+        f"{runtime.device.type}; {n_params / 1e6:.2f}M parameters on this rank; data: "
+        f"{corpus.description}, {len(corpus.train) / 1e6:.2f}M train / "
+        f"{len(corpus.val) / 1e6:.2f}M validation tokens; steps {step} -> {steps}"
+    )
+
+
+def baseline_loss(unigram: float | None, bytes_per_token: float | None) -> float | None:
+    """The unigram baseline in nats per token (what the loss plot draws), from bits per byte."""
+    if unigram is None or not bytes_per_token:
+        return None
+    return unigram * math.log(2) * bytes_per_token

@@ -30,7 +30,6 @@ Example (one process, a few steps on the embedded corpus):
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from pathlib import Path
 
@@ -40,12 +39,15 @@ from moeflow.moe.layer import finish_optimizer_step, set_aux_loss_scale
 from moeflow.moe.walk import moe_layers, split_parameters
 from moeflow.parallel.dims import ParallelDims
 from moeflow.parallel.grad_sync import GradSync
-from moeflow.parallel.replace import current_expert_slots, replica_row_weights
+from moeflow.parallel.replace import replica_row_weights
 from moeflow.train import checkpoint as ckpt
 from moeflow.train.build import (
     build_model,
     check_data,
+    check_steps_left,
+    checkpoint_meta,
     lock_output,
+    release_output,
     resolve_output,
     saved_slots,
 )
@@ -54,14 +56,25 @@ from moeflow.train.data import BatchStream, load_corpus
 from moeflow.train.distributed import Runtime, init_distributed, shutdown
 from moeflow.train.loss import autocast, model_loss, validation_loss
 from moeflow.train.memory import SavedBytes, start_record
-from moeflow.train.metrics import IntervalMetrics, MetricsLogger, flops_per_token, plot_run
+from moeflow.train.metrics import (
+    IntervalMetrics,
+    MetricsLogger,
+    flops_per_token,
+    plot_run,
+    train_record,
+)
 from moeflow.train.nonfinite import NonFiniteError, NonFiniteGuard, check_validation
 from moeflow.train.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
 from moeflow.train.replacement import Replacer, describe_placement
-from moeflow.train.result import TrainResult, summary_lines, unigram_bpb
-from moeflow.train.run_lock import LOCK_NAME
+from moeflow.train.result import (
+    TrainResult,
+    baseline_loss,
+    describe_run,
+    summary_lines,
+    unigram_bpb,
+)
 from moeflow.train.stop_signals import StopSignals
-from moeflow.train.tuning import build_tuner, describe_decision
+from moeflow.train.tuning import build_tuner, describe_decision, tuning_summary
 from moeflow.train.watchdog import HangError, Watchdog, is_hang, lost_peer
 from moeflow.utils.cpu_alloc import apply_once
 
@@ -99,13 +112,8 @@ class Trainer:
     def _setup(self, resume: str | None, overwrite: bool) -> None:
         cfg, runtime = self.cfg, self.runtime
         self.resume_path = resolve_output(cfg, self.ctx, resume, overwrite)
-        self.model = build_model(
-            cfg,
-            self.ctx,
-            runtime.device,
-            saved_slots(cfg, self.ctx, self.resume_path),
-            dtype=self.dtype,
-        )
+        slots = saved_slots(cfg, self.ctx, self.resume_path)  # a re-placed run keeps its own
+        self.model = build_model(cfg, self.ctx, runtime.device, slots, dtype=self.dtype)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         ckpt.init_optimizer_state(self.optimizer)
         self.grad_sync = GradSync(self.model, self.ctx, overlap=cfg.parallel.overlap_grad_sync)
@@ -147,15 +155,9 @@ class Trainer:
         self.close()
 
     def _release(self, remove_if_unused: bool = False) -> None:
-        """Give up the directory's lock (rank 0). A run that stopped on bad input before writing
-        anything removes the `out_dir` it created, so nothing is left behind."""
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
-        if remove_if_unused and self.ctx.rank == 0:
-            with contextlib.suppress(OSError):  # not empty: something was written, keep it
-                (self.out_dir / LOCK_NAME).unlink(missing_ok=True)
-                self.out_dir.rmdir()
+        """Give up the directory (see `release_output`)."""
+        release_output(self.lock, self.out_dir, remove_if_unused and self.ctx.rank == 0)
+        self.lock = None
 
     # -- setup -------------------------------------------------------------------------------
     def _load(self) -> None:
@@ -223,28 +225,19 @@ class Trainer:
 
     def _record(self, metrics: IntervalMetrics, grad_norm, seconds: float, steps: int) -> dict:
         """The `train` record of a log interval (one all-reduce, one host sync)."""
-        reduced = metrics.reduce(self.ctx.world_group, self.runtime.world_size)
-        t = self.cfg.train
-        tokens = steps * t.grad_accum_steps * t.micro_batch_size * t.seq_len
-        tok_s = tokens * self.runtime.world_size / max(seconds, 1e-9)
-        record = {
-            "kind": "train",
-            "step": self.step,
-            "loss": reduced.pop("loss"),
-            **{k: reduced.pop(k) for k in IntervalMetrics.LAYER_SCALARS},
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "grad_norm": float(grad_norm),
-            "skipped_steps": self.guard.skipped,
-            "tokens_per_s": tok_s,
-        }
-        if self.cfg.metrics.peak_flops:
-            per_rank = tok_s / self.runtime.world_size
-            flops = flops_per_token(self.cfg.model, t.seq_len) * per_rank
-            record["mfu"] = flops / self.cfg.metrics.peak_flops
-        # Per MoE layer: kept tokens per FFN expert, routed pairs per choice (null and
-        # zero-computation experts too), and how many tokens got 0..K FFN experts.
-        record.update(reduced)
-        return record
+        t, world = self.cfg.train, self.runtime.world_size
+        return train_record(
+            metrics.reduce(self.ctx.world_group, world),
+            step=self.step,
+            optimizer=self.optimizer,
+            grad_norm=float(grad_norm),
+            skipped=self.guard.skipped,
+            tokens=steps * t.grad_accum_steps * t.micro_batch_size * t.seq_len * world,
+            seconds=seconds,
+            world_size=world,
+            flops_per_token=flops_per_token(self.cfg.model, t.seq_len),
+            peak_flops=self.cfg.metrics.peak_flops,
+        )
 
     def new_metrics(self) -> IntervalMetrics:
         return IntervalMetrics(self.moe_layers, self.runtime.device)
@@ -262,17 +255,8 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def save(self) -> Path:
-        meta = {
-            "config": self.cfg.to_dict(),
-            "model_fingerprint": self.cfg.fingerprint(),
-            "world_size": self.runtime.world_size,
-            "parallel": {"dp": self.ctx.dims.dp, "ep": self.ctx.dims.ep},
-            "optimizer_steps": self.step,
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "expert_slots": current_expert_slots(self.model),
-        }
-        if self.tuner is not None:  # its decisions so far: a resumed run carries on with them
-            meta["tuner"] = self.tuner.state_dict()
+        meta = checkpoint_meta(self.cfg, self.ctx.dims, self.runtime.world_size, self.step,
+                               self.optimizer, self.model, self.tuner)  # fmt: skip
         self.watchdog.at(self.step, "checkpoint")
         setting = self.watchdog.setting
         self._timeout("startup_timeout_s")  # writes may take long
@@ -303,27 +287,14 @@ class Trainer:
         cfg, rank0 = self.cfg, self.ctx.rank == 0
         if self.resume_path is not None:
             self._load()
-            if self.step > cfg.train.steps:  # equal: a finished run, validated again
-                raise ValueError(
-                    f"--resume: checkpoint {str(self.resume_path)!r} is at step {self.step}, past "
-                    f"train.steps ({cfg.train.steps}): nothing left to train; pass a larger "
-                    "--train.steps"
-                )
+            check_steps_left(self.resume_path, self.step, cfg.train.steps)
         first = self.step
-        m = cfg.metrics
-        wandb_cfg = None
-        if m.wandb:
-            wandb_cfg = {
-                "project": m.wandb_project, "mode": m.wandb_mode, "dir": str(self.out_dir),
-                "config": cfg.to_dict(), "resume": "allow",
-            }  # fmt: skip
-        log = MetricsLogger(
-            self.out_dir, rank0, cfg.train.steps, first, m.progress and not quiet, wandb_cfg
-        )
+        log = MetricsLogger.for_run(cfg, self.out_dir, rank0, first, quiet)
         result = TrainResult(self.out_dir, first, first, metrics_path=log.path)
         result.unigram_bpb = unigram_bpb(self.corpus)
         say = (lambda text: None) if quiet else log.message
-        say(self.describe())
+        say(describe_run(self.model, self.ctx.dims, self.runtime, self.corpus, first,
+                         cfg.train.steps))  # fmt: skip
         set_aux_loss_scale(self.model, 1.0 / cfg.train.grad_accum_steps)
         self.stop.install()
         started = time.perf_counter()
@@ -351,18 +322,13 @@ class Trainer:
         result.last_step = self.step
         end = {"kind": "end", "step": self.step, "signal": result.stopped_by_signal}
         if self.tuner is not None:
-            end["tuning_s"] = round(self.tuner.tuning_seconds, 3)
-            end["tuning_share"] = round(self.tuner.tuning_seconds / max(loop_s, 1e-9), 4)
-            say(
-                f"tuner: {len(self.tuner.cache)} decisions, {self.tuner.tuning_seconds:.2f} s of "
-                f"tuning ({end['tuning_share']:.1%} of the training loop)"
-            )
+            fields, line = tuning_summary(self.tuner, loop_s)
+            end.update(fields)
+            say(line)
         log.log(end)
         log.close()
-        if rank0 and m.plot:
-            baseline = None
-            if result.unigram_bpb is not None:
-                baseline = result.unigram_bpb * math.log(2) * self.corpus.bytes_per_token
+        if rank0 and cfg.metrics.plot:
+            baseline = baseline_loss(result.unigram_bpb, self.corpus.bytes_per_token)
             result.plot_path = plot_run(log.records, self.out_dir / "training.png", baseline)
         say(summary_lines(result))
         return result
@@ -386,8 +352,7 @@ class Trainer:
                 result.loss_steps.append(self.step)
                 metrics, since, t0 = self.new_metrics(), 0, time.perf_counter()
             if not stop and self.step < cfg.train.steps:
-                self._maybe_replace(log, say)
-                self._maybe_tune(log, say)
+                self._replace_and_tune(log, say)
             if stop:
                 result.stopped_by_signal = True
                 result.stop_signal = self.stop.signal
@@ -409,29 +374,16 @@ class Trainer:
             elif self.save_due and self.step % every == 0:  # skipping: keep the last good one
                 say(f"step {self.step}: non-finite steps in a row, checkpoint deferred")
 
-    def _maybe_tune(self, log: MetricsLogger, say) -> None:
-        if self.tuner is not None:
-            for record in self.tuner.after_step(self.step):
-                log.log(record)
-                say(f"step {self.step}: {describe_decision(record)}")
-
-    def _maybe_replace(self, log: MetricsLogger, say) -> None:
-        record = self.replacer.maybe_replace(self.step, self.optimizer)
-        if record is None:
-            return
-        log.log(record)
-        say(f"step {self.step}: {describe_placement(record)}")
-
-    def describe(self) -> str:
-        n_params = sum(p.numel() for p in self.model.parameters())
-        d = self.ctx.dims
-        return (
-            f"moeflow train: {self.runtime.world_size} rank(s) (dp={d.dp}, ep={d.ep}) on "
-            f"{self.runtime.device.type}; {n_params / 1e6:.2f}M parameters on this rank; data: "
-            f"{self.corpus.description}, {len(self.corpus.train) / 1e6:.2f}M train / "
-            f"{len(self.corpus.val) / 1e6:.2f}M validation tokens; steps {self.step} -> "
-            f"{self.cfg.train.steps}"
-        )
+    def _replace_and_tune(self, log: MetricsLogger, say) -> None:
+        """When due: re-place the experts, then check (and tune) the layers' parallel modes;
+        every decision is logged, with a line."""
+        placed = self.replacer.maybe_replace(self.step, self.optimizer)
+        if placed is not None:
+            log.log(placed)
+            say(f"step {self.step}: {describe_placement(placed)}")
+        for record in [] if self.tuner is None else self.tuner.after_step(self.step):
+            log.log(record)
+            say(f"step {self.step}: {describe_decision(record)}")
 
 
 def train(

@@ -91,3 +91,14 @@ def describe_decision(record: dict) -> str:
         f"{others or 'no other'} ms) at {record['tokens_per_rank']} tokens/rank, load "
         f"{record['imbalance']:.2f}: {record['reason']}{skipped}"
     )
+
+
+def tuning_summary(tuner: RuntimeTuner, loop_seconds: float) -> tuple[dict, str]:
+    """The `end` record's tuning fields and the closing line about the tuner."""
+    share = tuner.tuning_seconds / max(loop_seconds, 1e-9)
+    fields = {"tuning_s": round(tuner.tuning_seconds, 3), "tuning_share": round(share, 4)}
+    line = (
+        f"tuner: {len(tuner.cache)} decisions, {tuner.tuning_seconds:.2f} s of tuning "
+        f"({fields['tuning_share']:.1%} of the training loop)"
+    )
+    return fields, line
