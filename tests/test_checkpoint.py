@@ -59,7 +59,7 @@ def _eval_checkpoint(rank, world_size, out_dir, path):
 def test_checkpoint_from_ep2_loads_at_ep1_and_ep4(tmp_path):
     (loss2, path), _ = run_on_ranks(_train_ranks, 2, args=(str(tmp_path / "ep2"),))
     meta = ckpt.read_meta(path)
-    assert meta["step"] == 4 and meta["parallel"] == {"dp": 1, "ep": 2}
+    assert meta["step"] == 4 and meta["parallel"] == {"dp": 1, "ep": 2, "dp_shard": 1}
     losses, experts = {}, {}
     for world in (1, 4):
         results = run_on_ranks(

@@ -102,4 +102,4 @@ def test_a_run_at_fewer_experts_than_ranks_resumes_at_other_ep_and_back(tmp_path
     assert ep1_losses == pytest.approx(losses, rel=1e-5)  # ep = 1 and ep = 4: the same run
     assert back[4] == pytest.approx(ep1_losses[3:], rel=1e-5)  # ep = 1 -> ep = 4 (F-slices)
     meta = ckpt.read_meta(tmp_path / "a" / "first4" / "checkpoints" / "step_00000003")
-    assert meta["parallel"] == {"dp": 1, "ep": 4}
+    assert meta["parallel"] == {"dp": 1, "ep": 4, "dp_shard": 1}

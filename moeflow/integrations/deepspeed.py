@@ -48,6 +48,7 @@ from moeflow.moe.ffn import FeedForward
 from moeflow.moe.layer import MoELayer
 from moeflow.moe.walk import expert_parameters, moe_layers
 from moeflow.parallel.dims import ParallelContext
+from moeflow.parallel.fsdp import is_sharded
 from moeflow.parallel.parallelize import parallelize
 
 logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
@@ -81,7 +82,16 @@ class DeepSpeedMoELayer(MoELayer, _DeepSpeedMoE):
 
 def prepare(model: nn.Module, ctx: ParallelContext) -> list[str]:
     """Mark every expert parameter of `model` for DeepSpeed and make its MoE layers
-    `DeepSpeedMoELayer`s (in place; see the module doc). Returns the expert parameter names."""
+    `DeepSpeedMoELayer`s (in place; see the module doc). Returns the expert parameter names. A
+    model sharded by `moeflow.parallel.fsdp.shard_model` is refused: DeepSpeed's engine shards
+    (ZeRO) and reduces the gradients itself, and one owner of the sharding is all that works."""
+    if is_sharded(model):
+        raise ValueError(
+            "integrations.deepspeed.prepare: the model is sharded by moeflow (FSDP2: "
+            'parallel.dp_shard > 1 or train.param_dtype = "bf16"), and DeepSpeed\'s engine '
+            "shards it itself (ZeRO); build it without shard_model (dp_shard = 1, fp32 params) "
+            "and let DeepSpeed own the sharding"
+        )
     ep = ctx.dims.ep
     for name, layer in moe_layers(model):
         if layer.layout.group_size != ep:

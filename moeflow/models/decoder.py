@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from moeflow.models.lm_loss import chunked_token_loss, token_loss
 from moeflow.moe.config import MoEConfig
 from moeflow.moe.experts import slice_experts
 from moeflow.moe.ffn import FeedForward, init_ffn_weights_
@@ -270,8 +271,24 @@ class MoEDecoder(nn.Module):
                 w1[slot].copy_(part1[0])
                 w2[slot].copy_(part2[0])
 
-    def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
-        return self.head(self.hidden_states(tokens_BS))
+    # `model_loss` hands this model its targets: the loss is computed inside `forward`, where a
+    # sharded model's head weight is gathered.
+    computes_loss = True
+
+    def forward(
+        self,
+        tokens_BS: torch.Tensor,
+        targets_BS: torch.Tensor | None = None,
+        loss_chunk_tokens: int = 0,
+    ) -> torch.Tensor:
+        """Logits `[B, S, V]`; with `targets_BS`, the mean next-token loss instead, computed
+        `loss_chunk_tokens` tokens' logits at a time (0: all at once; `moeflow.models.lm_loss`)."""
+        hidden = self.hidden_states(tokens_BS)
+        if targets_BS is None:
+            return self.head(hidden)
+        if loss_chunk_tokens:
+            return chunked_token_loss(hidden, self.head.weight, targets_BS, loss_chunk_tokens)
+        return token_loss(self.head(hidden), targets_BS)
 
     def hidden_states(self, tokens_BS: torch.Tensor) -> torch.Tensor:
         """`[B, S, D]`: the final normalised states, the output head's input (a loss that never

@@ -23,7 +23,12 @@ Dividing expert gradients by the world size (not the group size) is what makes t
 single-process gradient of the mean loss: each expert's gradient already sums the contributions of
 all `ep` ranks whose tokens it computed.
 
-DDP/FSDP interplay: do not let DDP reduce expert parameters over the whole world (that averages
+A model sharded by `shard_model` (FSDP2) reduces its own gradients in backward (reduce-scatter,
+averaged over each unit's mesh); `GradSync` then only divides the expert gradients by `ep` (they
+are averaged over `dp`, the replicated run's are over the world) and sums the replicas, on the
+local shards; `no_sync()` turns FSDP's reduction off.
+
+DDP interplay: do not let DDP reduce expert parameters over the whole world (that averages
 different experts together). Either use this helper alone, or wrap the model in DDP with the expert
 parameters excluded (`DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model,
 names)`, names from `expert_parameter_names`) and call `GradSync(..., dense=False)` for the experts.
@@ -42,6 +47,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from moeflow.moe.walk import expert_parameters, moe_layers, split_parameters
 from moeflow.parallel.dims import ParallelContext
+from moeflow.parallel.fsdp import gradient_sync, is_sharded, local_tensor
 
 
 def expert_parameter_names(model: nn.Module) -> set[str]:
@@ -89,8 +95,15 @@ class GradSync:
         experts: bool = True,
         overlap: bool = False,
     ) -> None:
+        self.sharded = is_sharded(model)
+        self.model = model
+        if self.sharded:  # FSDP reduces in backward: nothing here to bucket
+            dense = experts_bucketed = False
+        else:
+            experts_bucketed = experts
         dense_named, expert_named = split_parameters(model)
-        expert_set = {id(p) for _, p in expert_named} if experts else set()
+        self.expert_params = [p for _, p in expert_named] if experts else []
+        expert_set = {id(p) for _, p in expert_named} if experts_bucketed else set()
         dense_set = {id(p) for _, p in dense_named} if dense else set()
         self.ctx = ctx
         self.bucket_bytes = int(bucket_mb * 2**20)
@@ -138,7 +151,8 @@ class GradSync:
         micro-batch of an optimizer step)."""
         self._enabled = False
         try:
-            yield
+            with gradient_sync(self.model, enabled=False):
+                yield
         finally:
             self._enabled = True
 
@@ -190,6 +204,10 @@ class GradSync:
             bucket.sent = None
             bucket.ready.clear()
         self._next = 0
+        if self.sharded and self.ctx.dims.ep > 1:
+            for p in self.expert_params:
+                if p.grad is not None:
+                    local_tensor(p.grad).div_(self.ctx.dims.ep)
         self._sum_replicas()
 
     def _sum_replicas(self) -> None:
@@ -210,7 +228,10 @@ class GradSync:
             row = {e: i * layout.shards + shard for i, e in enumerate(replicated)}
             slots = [s for s, e in enumerate(local_ids) if e in row]
             params = [p for p in layer.experts.parameters() if p.requires_grad]
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            grads = [
+                local_tensor(p.grad) if p.grad is not None else torch.zeros_like(local_tensor(p))
+                for p in params
+            ]
             device = grads[0].device
             index = torch.tensor([row[local_ids[s]] for s in slots], device=device)
             local = torch.tensor(slots, dtype=torch.long, device=device)
@@ -227,5 +248,5 @@ class GradSync:
                 n = g[0].numel()
                 g[local] = summed[:, start : start + n].reshape(len(slots), *g.shape[1:])
                 start += n
-                if p.grad is None:
+                if p.grad is None:  # a replicated run's parameter (FSDP's always have one)
                     p.grad = g

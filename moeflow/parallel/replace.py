@@ -6,7 +6,9 @@ replica does the same within its own `ep` group):
    tensor (AdamW's `exp_avg`, `exp_avg_sq`) from the old slots to the new ones (one
    `all_to_all_single` per tensor). A new replica is a copy of an old one, moments included.
 2. The moved rows are copied **in place** into the same `Parameter`s and state tensors, so the
-   optimizer's parameter groups, `GradSync`'s buckets and any other reference stay valid.
+   optimizer's parameter groups, `GradSync`'s buckets and any other reference stay valid. A
+   sharded model (`shard_model`) moves its local shards: the ranks of an `ep` group hold the
+   same shard index, so rows move between ranks holding the same part of them.
 3. `MoELayer.set_layout` records the new layout in the layer, whose dispatch uses it from the
    next forward on. Router, bias and balancing counts use logical ids and are untouched;
    checkpoints store logical ids, so they do not change.
@@ -25,6 +27,7 @@ from torch import nn
 from moeflow.moe.layer import MoELayer
 from moeflow.moe.layout import ExpertLayout
 from moeflow.moe.walk import moe_layers
+from moeflow.parallel.fsdp import local_tensor
 from moeflow.parallel.migrate import migrate_rows
 from moeflow.placement.problem import Placement
 
@@ -111,9 +114,12 @@ def apply_placement(
             moved += old.shards * len(set(new.group_experts(v)) - set(old.group_experts(v)))
         for param in layer.experts.parameters():
             keys = _per_row_state(optimizer, param)
-            tensors = [param.data, *(optimizer.state[param][k] for k in keys)]
+            # A sharded model's (FSDP) local shards: every rank of an ep group holds the same
+            # shard index, so its rows move as they would whole.
+            tensors = [local_tensor(param).detach()]
+            tensors += [local_tensor(optimizer.state[param][k]) for k in keys]
             if param.grad is not None:
-                tensors.append(param.grad)
+                tensors.append(local_tensor(param.grad))
             rows = migrate_rows(tensors, old, new, ep_group)
             with torch.no_grad():
                 for target, value in zip(tensors, rows, strict=True):

@@ -73,6 +73,7 @@ from moeflow.moe.walk import moe_layers
 from moeflow.parallel.cost_model import Candidate, Hardware, LayerShape, candidates, predict
 from moeflow.parallel.decision import decision_record
 from moeflow.parallel.dims import ParallelContext
+from moeflow.parallel.fsdp import unit_of, unsharded, unsharded_bytes
 from moeflow.parallel.situation import group_imbalance, nearest, off_group_share
 from moeflow.utils.validate import check_int
 
@@ -153,6 +154,8 @@ class RuntimeTuner:
         self.config = config or TunerConfig()
         self.mode, self.overlap, self.two_level = mode, overlap, two_level
         self.layers = moe_layers(model)
+        # A sharded model's layer is gathered for a replay, as its block's forward gathers it.
+        self.units = {id(layer): unit_of(model, layer) for _, layer in self.layers}
         self.cache: dict[tuple, dict] = {}
         self.inputs: dict[int, torch.Tensor] = {}
         self.keys: dict[str, tuple] = {}
@@ -294,6 +297,7 @@ class RuntimeTuner:
             )
             for k in cands
         ]
+        need = [n + unsharded_bytes(self.units[id(layer)]) for n in need]
         budget = self.free_bytes(layer.experts.w1.device)
         ok = torch.tensor([1.0 if n <= budget else 0.0 for n in need], dtype=torch.float64)
         dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.ctx.world_group)
@@ -313,17 +317,18 @@ class RuntimeTuner:
     def _time(self, layer: MoELayer, cand: Candidate) -> float:
         """One replay of the layer's last training input in `cand`, forward + backward: seconds."""
         x = self.inputs[id(layer)]
-        params = [p for p in layer.parameters() if p.requires_grad]
-        _synchronize(x.device)
-        t0 = time.perf_counter()
-        xr = x.detach().requires_grad_(True)
-        out = layer(
-            xr, mode=cand.mode, overlap_degree=cand.overlap, two_level=cand.two_level,
-            routing_context=RoutingContext(recomputing=True),
-        )  # fmt: skip
-        torch.autograd.grad(out, [xr, *params], torch.ones_like(out), allow_unused=True)
-        _synchronize(x.device)
-        return time.perf_counter() - t0
+        with unsharded(self.units[id(layer)]):
+            params = [p for p in layer.parameters() if p.requires_grad]
+            _synchronize(x.device)
+            t0 = time.perf_counter()
+            xr = x.detach().requires_grad_(True)
+            out = layer(
+                xr, mode=cand.mode, overlap_degree=cand.overlap, two_level=cand.two_level,
+                routing_context=RoutingContext(recomputing=True),
+            )  # fmt: skip
+            torch.autograd.grad(out, [xr, *params], torch.ones_like(out), allow_unused=True)
+            _synchronize(x.device)
+            return time.perf_counter() - t0
 
     def _rounds(self, layer: MoELayer, cands: list[Candidate], rounds: int, samples: dict) -> None:
         """`rounds` rounds of one replay per candidate, appended to `samples`, each round in a

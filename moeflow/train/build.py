@@ -29,6 +29,7 @@ from moeflow.models.decoder import MoEDecoder
 from moeflow.moe.layout import ExpertLayout
 from moeflow.parallel.dims import ParallelContext
 from moeflow.parallel.dispatch import DispatchConfig
+from moeflow.parallel.fsdp import shard_model
 from moeflow.parallel.parallelize import parallelize
 from moeflow.parallel.replace import current_expert_slots
 from moeflow.train import checkpoint as ckpt
@@ -83,7 +84,7 @@ def checkpoint_meta(
         "config": cfg.to_dict(),
         "model_fingerprint": cfg.fingerprint(),
         "world_size": world_size,
-        "parallel": {"dp": dims.dp, "ep": dims.ep},
+        "parallel": layout_record(dims),
         "optimizer_steps": step,
         "lr": optimizer.param_groups[0]["lr"],
         "expert_slots": current_expert_slots(model),
@@ -91,6 +92,12 @@ def checkpoint_meta(
     if tuner is not None:
         meta["tuner"] = tuner.state_dict()
     return meta
+
+
+def layout_record(dims) -> dict:
+    """The parallel layout a checkpoint records (a resumed run on the same one keeps the tuner's
+    decisions)."""
+    return {"dp": dims.dp, "ep": dims.ep, "dp_shard": dims.dp_shard}
 
 
 def check_steps_left(checkpoint: Path, step: int, steps: int) -> None:
@@ -309,7 +316,9 @@ def build_model(
 ) -> nn.Module:
     """Build on the meta device, keep only this rank's experts (placed by `expert_slots`,
     default contiguous blocks plus `placement.replica_slots` replicas per shard group), then
-    materialise and initialise: a large model is never whole on one rank. A Hugging Face model
+    materialise and initialise: a large model is never whole on one rank. With `dp_shard` > 1
+    or bf16 `param_dtype`, shard it (FSDP2, `moeflow.parallel.fsdp`): initialised whole on this
+    rank first (its experts only), so the values do not depend on the sharding. A Hugging Face model
     (`model.hf_config`) is an `HFCausalLM` (`moeflow.integrations.hf_run`). `dtype`: the
     parameters' dtype after initialisation (default: as built, fp32)."""
     if cfg.model.hf_config is not None:
@@ -339,6 +348,9 @@ def build_model(
     if dtype is not None:
         model.to(dtype)
     model.activation_checkpointing = cfg.train.activation_checkpointing
+    param_dtype = cfg.train.param_dtype_for(device)
+    if ctx.dims.dp_shard > 1 or param_dtype != "fp32":  # bf16 compute copies are FSDP's
+        shard_model(model, ctx, param_dtype)
     return model
 
 

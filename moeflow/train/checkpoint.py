@@ -1,14 +1,10 @@
 """Sharded, atomic, resharding checkpoints with `torch.distributed.checkpoint` (DCP).
 
 Layout of `<out_dir>/checkpoints/step_00000100/`:
-- DCP files (`.metadata`, `__<rank>_0.distcp`): model and AdamW moments. Expert weights are stored
-  one key per **logical** expert (`blocks.0.ffn.experts.17.w1`, `optim.blocks.0.ffn.experts.17.w1.
-  exp_avg`), so each rank saves and loads only the experts it holds, and a checkpoint written at
-  ep=2 loads at ep=1 or ep=4 (or after re-placement). `w1` is stored as `[D, c, F]` (c = 2 column
-  blocks for SwiGLU: gate, up), `w2` as `[F, D]`: a rank holding an F-slice of an expert (ep >
-  num_experts, see `ExpertLayout`) saves and loads its slice as a `DTensor` sharded over F across
-  its shard group, so a run at E < ep resumes at E >= ep and back. Dense weights are saved once
-  (DCP dedups).
+- DCP files (`.metadata`, `__<rank>_0.distcp`): model and AdamW moments, by name, expert weights
+  one key per **logical** expert (`moeflow.train.expert_keys`), so each rank saves and loads only
+  what it holds and a checkpoint reshards: written at any `ep`, `dp_shard` or placement, loaded at
+  any other. Dense weights are saved once (DCP dedups replicas; a sharded run's are DTensors).
 - `moeflow.json`: step, config, world layout, learning rate; written last, by rank 0.
 - `rank_<r>.json`: that rank's data position and RNG states (base64).
 
@@ -50,17 +46,14 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard
 
-from moeflow.moe.layer import MoELayer
-from moeflow.moe.walk import expert_parameters
 from moeflow.train.ckpt_integrity import (
     CorruptCheckpointError,
     digest,
     local_digests,
     verify_file,
 )
+from moeflow.train.expert_keys import model_state_dict, optimizer_state_dict
 from moeflow.train.nonfinite import NonFiniteError, first_nonfinite
 from moeflow.train.safe_reader import SafeFileSystemReader, UnsafeCheckpointError
 
@@ -70,87 +63,6 @@ FORMAT_VERSION = 2  # 2: expert w1 stored as [D, c, F] (1: [D, c*F], before F-sh
 
 class CheckpointError(ValueError):
     pass
-
-
-def _expert_value(
-    row: torch.Tensor, pname: str, layer: MoELayer, meshes: dict
-) -> torch.Tensor | DTensor:
-    """One expert row as saved: `w1` viewed `[D, c, f]`; an F-slice (f < F) as a DTensor over the
-    layer's shard group (a view of the row either way, so loading writes into it)."""
-    layout = layer.layout
-    if pname == "w1":
-        row = row.unflatten(-1, (-1, layout.ffn_per_rank))
-    if layout.shards == 1:
-        return row
-    group = layer.expert_dispatch.shard_group
-    if group not in meshes:
-        meshes[group] = DeviceMesh.from_group(group, row.device.type)
-    dim = 2 if pname == "w1" else 0
-    shape = list(row.shape)
-    shape[dim] = layout.ffn_hidden_size
-    stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(
-        row, meshes[group], [Shard(dim)], run_check=False, shape=torch.Size(shape), stride=stride
-    )
-
-
-def _split_by_logical_id(
-    name: str,
-    tensor: torch.Tensor,
-    experts: dict,
-    out: dict,
-    meshes: dict,
-    prefix: str = "",
-    suffix: str = "",
-) -> None:
-    if name in experts:
-        base, pname, layer = experts[name]
-        for slot, logical in enumerate(layer.local_expert_ids):
-            value = _expert_value(tensor[slot], pname, layer, meshes)
-            out[f"{prefix}{base}.{logical}.{pname}{suffix}"] = value
-    else:
-        out[f"{prefix}{name}{suffix}"] = tensor
-
-
-def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and persistent buffer, experts split by logical id. Values are views of the
-    model's tensors, so DCP loads straight into the model."""
-    experts = expert_parameters(model)
-    out: dict[str, torch.Tensor] = {}
-    meshes: dict = {}
-    for name, tensor in model.state_dict().items():
-        _split_by_logical_id(name, tensor, experts, out, meshes)
-    return out
-
-
-def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Create AdamW's moments now (zeros, as its first step would), so a checkpoint can be loaded
-    into them before any step."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            state = optimizer.state[p]
-            if not state:
-                state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-
-def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """AdamW moments by parameter name (experts by logical id). The step count is the same for
-    every parameter and lives in `moeflow.json`."""
-    init_optimizer_state(optimizer)
-    experts = expert_parameters(model)
-    out: dict[str, torch.Tensor] = {}
-    meshes: dict = {}
-    for name, p in model.named_parameters():
-        state = optimizer.state.get(p)
-        if not state:
-            continue
-        for key in ("exp_avg", "exp_avg_sq"):
-            _split_by_logical_id(
-                name, state[key], experts, out, meshes, prefix="optim.", suffix=f".{key}"
-            )
-    return out
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -30,6 +30,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from moeflow.models.decoder import DecoderConfig
 from moeflow.moe.layout import ExpertLayout
 from moeflow.parallel.dispatch import MODES
@@ -116,6 +118,7 @@ class OptimConfig:
 
 
 AUTOCAST = ("auto", "none", "bf16", "fp16")
+PARAM_DTYPES = ("auto", "fp32", "bf16")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -128,7 +131,10 @@ class TrainConfig:
     the update, naming the step) or `skip` (drop the update and count it; `max_nonfinite_skips`
     in a row stop the run). `loss_chunk_tokens`: the loss computes the logits of this many tokens
     at a time and never holds all of them (`moeflow.train.loss`; 0: all at once); a micro-batch of
-    no more tokens than that takes the plain loss."""
+    no more tokens than that takes the plain loss. `param_dtype`: the dtype the forward and
+    backward compute in from the fp32 master weights (`bf16`: FSDP's mixed precision, fp32
+    master weights, optimizer state and gradient reduction; the model is sharded, see
+    `parallel.dp_shard`); `auto` is bf16 on GPUs that have it and fp32 elsewhere."""
 
     steps: int = 300
     seed: int = 0
@@ -143,8 +149,10 @@ class TrainConfig:
     on_nonfinite: str = "stop"
     max_nonfinite_skips: int = 10
     loss_chunk_tokens: int = 4096
+    param_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        check_choice("train.param_dtype", self.param_dtype, PARAM_DTYPES)
         check_choice("train.on_nonfinite", self.on_nonfinite, POLICIES)
         check_int("train.loss_chunk_tokens", self.loss_chunk_tokens, minimum=0)
         check_int("train.max_nonfinite_skips", self.max_nonfinite_skips)
@@ -155,6 +163,22 @@ class TrainConfig:
         check_choice("train.autocast", self.autocast, AUTOCAST)
         if not self.out_dir:
             raise ValueError("train.out_dir must be a non-empty path")
+
+    def param_dtype_for(self, device: torch.device) -> str:
+        """`param_dtype` with `auto` resolved for `device`; bf16 where the device has none is
+        refused, naming the fix."""
+        if self.param_dtype == "auto":
+            return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        if (
+            self.param_dtype == "bf16"
+            and device.type == "cuda"
+            and not torch.cuda.is_bf16_supported()
+        ):
+            raise ValueError(
+                f'train.param_dtype = "bf16": this GPU ({torch.cuda.get_device_name(device)}) '
+                'has no bf16; set train.param_dtype = "fp32" (and train.autocast = "fp16")'
+            )
+        return self.param_dtype
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -172,7 +196,14 @@ class ParallelConfig:
     buckets are all-reduced from backward hooks as soon as they are ready, overlapping the rest
     of the backward (`GradSync(overlap=True)`); false: after the backward. `timeout_s`: how long
     a collective of a training step or validation waits for the other ranks before the run stops
-    with an error naming the ranks that did not answer (`moeflow.train.watchdog`);
+    with an error naming the ranks that did not answer (`moeflow.train.watchdog`); `dp_shard`:
+    how many of the `dp` data-parallel ranks shard the parameters, gradients and AdamW state
+    between them (FSDP2, `moeflow.parallel.fsdp`; dense weights over `dp_shard x ep` ranks,
+    experts over the `dp_shard` ranks holding them, replicated over `dp / dp_shard`: HSDP); 1
+    replicates them on every rank; `auto` shards over every data-parallel rank on GPUs (what
+    torchtitan and Megatron's distributed optimizer do: the memory a rank needs falls as ranks are
+    added) and replicates on CPUs (one machine's ranks share its memory, and the gathers cost
+    more than they save there);
     `startup_timeout_s`: the same for start-up (process groups, building, loading a checkpoint)
     and checkpoint saves, which may legitimately take longer."""
 
@@ -185,9 +216,12 @@ class ParallelConfig:
     overlap_grad_sync: bool = True
     two_level: bool | str = False
     ranks_per_node: int | None = None
+    dp_shard: int | str = "auto"
 
     def __post_init__(self) -> None:
         check_int("parallel.ep", self.ep)
+        if self.dp_shard != "auto":
+            check_int("parallel.dp_shard", self.dp_shard)
         if self.overlap_degree != "auto":
             check_int("parallel.overlap_degree", self.overlap_degree)
         check_choice("parallel.mode", self.mode, (*MODES, "auto"))
@@ -216,6 +250,19 @@ class ParallelConfig:
                 f"({world_size}); remove parallel.dp or set it to {dp}"
             )
         return dp
+
+    def dp_shard_for(self, dp: int, device: torch.device) -> int:
+        """`dp_shard` with `auto` resolved (see the class doc); one that does not divide `dp` is
+        refused, naming the divisors."""
+        if self.dp_shard == "auto":
+            return dp if device.type == "cuda" else 1
+        if dp % self.dp_shard:
+            divisors = [d for d in range(1, dp + 1) if dp % d == 0]
+            raise ValueError(
+                f"parallel.dp_shard ({self.dp_shard}) must divide the data-parallel degree "
+                f"({dp} = world size / parallel.ep); choose one of {divisors}"
+            )
+        return self.dp_shard
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moeflow.parallel.fsdp import local_tensor
 from moeflow.train.config import OptimConfig
 
 
@@ -54,33 +55,43 @@ def clip_grad_norm_(
     max_norm: float,
     ep_group: dist.ProcessGroup,
     row_weights: dict | None = None,
+    shard_group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """Clip by the norm of the whole model's gradient, as one process holding every expert would.
 
-    After `GradSync`, dense gradients are the same on every rank and each rank holds its own
-    experts' gradients, so `norm^2 = dense^2 + sum over the ep group of expert^2` (one all-reduce
-    of a scalar). `row_weights[param]` (`replica_row_weights`): per-slot weights of replicated
-    experts' rows, so each logical expert counts once. `max_norm` 0 only measures. Returns the
-    norm before clipping.
+    Replicated (after `GradSync`): dense gradients are the same on every rank and each rank holds
+    its own experts' gradients, so `norm^2 = dense^2 + sum over the ep group of expert^2` (one
+    all-reduce of a scalar). Sharded (`shard_group`: the `dp_shard x ep` ranks of a replica,
+    FSDP's DTensor gradients): every rank's local shards are disjoint parts of the whole, so both
+    sums run over `shard_group` (one all-reduce of two scalars). `row_weights[param]`
+    (`replica_row_weights`): per-slot weights of replicated experts' rows, so each logical expert
+    counts once. The norms are taken per tensor in the gradients' dtype (no float64 copy), then
+    squared and summed in float64. `max_norm` 0 only measures. Returns the norm before clipping.
     """
     row_weights = row_weights or {}
-    grads_d = [p.grad for p in dense if p.grad is not None]
-    grads_e = [(p.grad, row_weights.get(p)) for p in expert if p.grad is not None]
-    device = (grads_d or [g for g, _ in grads_e])[0].device
+    grads_d = [local_tensor(p.grad) for p in dense if p.grad is not None]
+    whole = [local_tensor(p.grad) for p in expert if p.grad is not None and p not in row_weights]
+    rows = [(local_tensor(p.grad), row_weights[p]) for p in expert
+            if p.grad is not None and p in row_weights]  # fmt: skip
+    device = (grads_d or whole or [g for g, _ in rows])[0].device
 
-    def sq(g: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-        if w is None:
-            return g.double().pow(2).sum()
-        return (g.double().pow(2).reshape(g.shape[0], -1).sum(dim=1) * w).sum()
+    def squares(grads: list[torch.Tensor]) -> torch.Tensor:
+        if not grads:
+            return torch.zeros((), device=device, dtype=torch.float64)
+        return torch.stack(torch._foreach_norm(grads)).double().square().sum()
 
-    sq_d = sum((g.double().pow(2).sum() for g in grads_d), torch.zeros((), device=device))
-    sq_e = sum((sq(g, w) for g, w in grads_e), torch.zeros((), device=device))
-    grads_e = [g for g, _ in grads_e]
-    sq_e = sq_e.to(torch.float64)
-    dist.all_reduce(sq_e, group=ep_group)
-    norm = (sq_d + sq_e).sqrt()
+    sq_e = squares(whole)
+    for g, w in rows:
+        per_row = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1).double()
+        sq_e = sq_e + (per_row.square() * w).sum()
+    sq = torch.stack([squares(grads_d), sq_e])
+    if shard_group is not None:
+        dist.all_reduce(sq, group=shard_group)
+    else:
+        dist.all_reduce(sq[1:], group=ep_group)
+    norm = sq.sum().sqrt()
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        grads = grads_d + grads_e
+        grads = grads_d + whole + [g for g, _ in rows]
         torch._foreach_mul_(grads, scale.to(grads[0].dtype))
     return norm

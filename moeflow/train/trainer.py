@@ -38,6 +38,7 @@ import torch
 from moeflow.moe.layer import finish_optimizer_step, set_aux_loss_scale
 from moeflow.moe.walk import moe_layers, split_parameters
 from moeflow.parallel.dims import ParallelDims
+from moeflow.parallel.fsdp import is_sharded
 from moeflow.parallel.grad_sync import GradSync
 from moeflow.parallel.replace import replica_row_weights
 from moeflow.train import checkpoint as ckpt
@@ -46,6 +47,7 @@ from moeflow.train.build import (
     check_data,
     check_steps_left,
     checkpoint_meta,
+    layout_record,
     lock_output,
     release_output,
     resolve_output,
@@ -54,6 +56,7 @@ from moeflow.train.build import (
 from moeflow.train.config import RunConfig
 from moeflow.train.data import BatchStream, load_corpus
 from moeflow.train.distributed import Runtime, init_distributed, shutdown
+from moeflow.train.expert_keys import init_optimizer_state
 from moeflow.train.loss import autocast, model_loss, validation_loss
 from moeflow.train.memory import SavedBytes, start_record
 from moeflow.train.metrics import (
@@ -94,7 +97,9 @@ class Trainer:
     ):
         self.cfg, self.runtime, self.dtype = cfg, runtime, dtype
         p = cfg.parallel
-        dims = ParallelDims(dp=p.dp_for(runtime.world_size), ep=p.ep, timeout_s=p.startup_timeout_s)
+        dp = p.dp_for(runtime.world_size)
+        dims = ParallelDims(dp=dp, ep=p.ep, dp_shard=p.dp_shard_for(dp, runtime.device),
+                            timeout_s=p.startup_timeout_s)  # fmt: skip
         self.ctx = dims.build(runtime.device.type)
         # Heartbeats often enough to tell a stopped rank within a step's timeout.
         self.watchdog = Watchdog(self.ctx.rank, runtime.world_size, p.timeout_s).start()
@@ -115,12 +120,15 @@ class Trainer:
         slots = saved_slots(cfg, self.ctx, self.resume_path)  # a re-placed run keeps its own
         self.model = build_model(cfg, self.ctx, runtime.device, slots, dtype=self.dtype)
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        ckpt.init_optimizer_state(self.optimizer)
+        init_optimizer_state(self.optimizer)
         self.grad_sync = GradSync(self.model, self.ctx, overlap=cfg.parallel.overlap_grad_sync)
         dense, experts = split_parameters(self.model)
         self.dense_params = [q for _, q in dense]
         self.expert_params = [q for _, q in experts]
         self.moe_layers = [m for _, m in moe_layers(self.model)]
+        # Sharded (FSDP): the gradient norm sums the local shards over a replica's ranks.
+        sharded = is_sharded(self.model)
+        self.norm_group = self.ctx.data_groups()["dense_shard"] if sharded else None
         self.replacer = Replacer(cfg, self.ctx, self.model, runtime.device)
         self.tuner = build_tuner(cfg, self.ctx, self.model, self.out_dir, runtime.device)
         self.corpus = load_corpus(cfg.data)
@@ -165,7 +173,7 @@ class Trainer:
             self.resume_path, self.model, self.optimizer, self.ctx.world_group
         )
         self.step = int(meta["step"])
-        same_layout = meta.get("parallel") == {"dp": self.ctx.dims.dp, "ep": self.ctx.dims.ep}
+        same_layout = meta.get("parallel") == layout_record(self.ctx.dims)
         if self.tuner is not None and isinstance(meta.get("tuner"), dict) and same_layout:
             self.tuner.load_state_dict(meta["tuner"])  # another layout is tuned afresh
         if rank_state is not None:
@@ -206,7 +214,7 @@ class Trainer:
         self.grad_sync.sync()
         grad_norm = clip_grad_norm_(
             self.dense_params, self.expert_params, cfg.optim.grad_clip, self.ctx.ep_group,
-            replica_row_weights(self.model),
+            replica_row_weights(self.model), self.norm_group,
         )  # fmt: skip
         # Step 5's one all-reduce and host sync, before the update: stop flags and the guard.
         flags = self.guard.exchange(step_loss, grad_norm, self.stop.requested, self.ctx.world_group)

@@ -1,0 +1,263 @@
+"""Sharded data parallelism (FSDP2: `parallel.dp_shard`, `moeflow.parallel.fsdp`) against the
+replicated run, on 4 gloo ranks (one spawn serves every check of a kind):
+
+- float64, the library API: the gradients of a sharded model (dp_shard 2 x ep 2, dp_shard 4,
+  dp_replicate 2 x dp_shard 2) are the replicated model's to 1e-10, and so in every mode per call;
+- fp32, the trainer: every step's loss equals the replicated run's (rel 1e-5: the same math, the
+  reductions summed in another order) with re-placement and a replica slot, with `mode = "auto"`,
+  with HSDP, with 2 accumulation steps and activation checkpointing; each rank holds at most 1.1 x
+  a quarter of the replicated state;
+- checkpoints reshard: written at dp_shard 2 x ep 2, resumed there (bit-identical losses) and at
+  4 x 1, 1 x 4, replicated, and at world size 1 (the same validation loss), and back; a replicated
+  (today's format) checkpoint resumes sharded;
+- bf16 parameters: fp32 master weights and AdamW state, bf16 compute, a loss near the fp32 one;
+- DeepSpeed's `prepare` refuses a sharded model, in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.tensor import DTensor
+
+from moeflow.train.config import RunConfig
+from moeflow.train.distributed import init_distributed, shutdown
+from moeflow.train.trainer import Trainer
+from tests.distributed import run_on_ranks
+
+MODEL = {"dim": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 32,
+         "moe": {"num_experts": 4, "ffn_hidden_size": 64}}  # fmt: skip
+
+
+def run_cfg(out: Path, ep: int, dp_shard: int, steps: int = 4, **sections) -> RunConfig:
+    d = {
+        "model": MODEL,
+        "data": {"max_bytes": 100_000},
+        "train": {"steps": steps, "seq_len": 32, "micro_batch_size": 2, "out_dir": str(out),
+                  "eval_every": 0, "eval_windows": 8},
+        "parallel": {"ep": ep, "dp_shard": dp_shard},
+        "checkpoint": {"every": 2},
+        "metrics": {"progress": False, "plot": False, "log_every": 1},
+    }  # fmt: skip
+    for name, values in sections.items():
+        d[name] = {**d.get(name, {}), **values}
+    return RunConfig.from_dict(d)
+
+
+# -- float64: the library API ---------------------------------------------------------------------
+def _build(ctx, shard: bool):
+    from moeflow.models.decoder import MoEDecoder
+    from moeflow.parallel import parallelize
+    from moeflow.parallel.fsdp import shard_model
+
+    with torch.device("meta"):
+        model = MoEDecoder(run_cfg(Path("unused"), 1, 1).model)
+    parallelize(model, ctx)
+    model.to_empty(device="cpu")
+    model.init_weights(seed=3)
+    model.double()
+    return shard_model(model, ctx) if shard else model
+
+
+def _gradients(model, ctx, rank: int, mode: str) -> tuple[float, dict]:
+    from moeflow.parallel import set_parallel_mode
+    from moeflow.parallel.grad_sync import GradSync
+
+    set_parallel_mode(model, mode)
+    sync = GradSync(model, ctx)
+    x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(rank))
+    loss = model(x, x)
+    loss.backward()
+    sync.sync()
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+        grads[name] = g.clone()
+    model.zero_grad(set_to_none=True)
+    return loss.item(), grads
+
+
+def _library_checks(rank, world):
+    from moeflow.parallel import ParallelDims
+
+    worst = {}
+    for ep, shard, modes in ((2, 2, ("ep", "sharded", "dp")), (1, 4, ("ep",)), (1, 2, ("ep",))):
+        reference = _build(ParallelDims(dp=world // ep, ep=ep).build(), shard=False)
+        ctx = ParallelDims(dp=world // ep, ep=ep, dp_shard=shard).build()
+        sharded = _build(ctx, shard=True)
+        assert isinstance(sharded.blocks[0].ffn.experts.w1, DTensor)
+        loss0, g0 = _gradients(reference, ctx, rank, "ep")
+        for mode in modes:
+            loss1, g1 = _gradients(sharded, ctx, rank, mode)
+            scale = max(g.abs().max().item() for g in g0.values())
+            err = max((g0[n] - g1[n]).abs().max().item() for n in g0) / scale
+            worst[(ep, shard, mode)] = (abs(loss1 - loss0) / loss0, err)
+    return worst
+
+
+def _bf16_and_refusals(rank, world, root):
+    from moeflow.integrations.deepspeed import prepare
+
+    runtime = init_distributed(60)
+    try:
+        losses = {}
+        for dtype in ("fp32", "bf16"):
+            cfg = run_cfg(Path(root) / dtype, 2, 2, steps=3, train={"param_dtype": dtype})
+            with Trainer(cfg, runtime, None, True) as trainer:
+                seen = []
+                block = trainer.model.blocks[0]
+                hook = block.attn.register_forward_pre_hook(
+                    lambda m, args, seen=seen: seen.append(m.qkv.weight.dtype)
+                )
+                losses[dtype] = trainer.run(quiet=True).losses
+                hook.remove()
+                w1 = trainer.model.blocks[0].ffn.experts.w1
+                state = trainer.optimizer.state[w1]
+                dtypes = (w1.dtype, state["exp_avg"].dtype, seen[0])
+                if dtype == "bf16":
+                    bf16 = dtypes
+                    with pytest.raises(ValueError) as refused:
+                        prepare(trainer.model, trainer.ctx)
+    finally:
+        shutdown(runtime)
+    return losses, bf16, str(refused.value)
+
+
+def test_sharded_gradients_are_the_replicated_ones_in_float64_and_bf16_keeps_fp32_state(tmp_path):
+    worst = run_on_ranks(_library_checks, 4, timeout=300)
+    for rank_worst in worst:
+        for case, (loss_err, grad_err) in rank_worst.items():
+            assert loss_err < 1e-12 and grad_err < 1e-10, (case, loss_err, grad_err)
+    assert {mode for _, _, mode in worst[0]} == {"ep", "sharded", "dp"}
+    ranks = run_on_ranks(_bf16_and_refusals, 4, args=(str(tmp_path),), timeout=300)
+    losses, dtypes, refused = ranks[0]
+    # Master weights and AdamW moments in fp32, the block computing from bf16 copies.
+    assert dtypes == (torch.float32, torch.float32, torch.bfloat16)
+    # bf16 compute (8 significant bits) on the same data: within 1% of the fp32 losses.
+    for fp32, bf16 in zip(losses["fp32"], losses["bf16"], strict=True):
+        assert abs(bf16 - fp32) / fp32 < 1e-2
+    assert "\n" not in refused and "dp_shard" in refused and "DeepSpeed" in refused
+
+
+# -- fp32: the trainer ----------------------------------------------------------------------------
+def _records(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _run(runtime, cfg, resume=None) -> list[float]:
+    with Trainer(cfg, runtime, resume, resume is None) as trainer:
+        return trainer.run(quiet=True).losses
+
+
+def _evaluate(runtime, cfg, path) -> float:
+    with Trainer(cfg, runtime, path, False) as trainer:
+        trainer._load()
+        return trainer.evaluate()[0]
+
+
+# (name, ep, dp_shard, sections): each compared with the replicated run of its baseline.
+PLACE = {"every": 2, "min_steps": 2, "replica_slots": 1, "min_gain": 0.0, "method": "greedy"}
+CASES = [
+    ("replicated", 2, 1, {}),
+    ("2x2 re-placed", 2, 2, {"placement": PLACE}),
+    ("2x2 auto", 2, 2, {"parallel": {"mode": "auto"},
+                        "tuner": {"first_check": 1, "check_every": 1}}),
+    ("hsdp 2x2", 1, 2, {}),
+    ("4", 1, 4, {}),
+    ("replicated accum", 1, 1, {"train": {"grad_accum_steps": 2,
+                                          "activation_checkpointing": True}}),
+    ("2x2 accum", 2, 2, {"train": {"grad_accum_steps": 2, "activation_checkpointing": True}}),
+    ("replicated ep1", 1, 1, {}),
+]  # fmt: skip
+
+
+def _trainer_checks(rank, world, root):
+    root = Path(root)
+    runtime = init_distributed(60)
+    out = {}
+    try:
+        for name, ep, shard, sections in CASES:
+            out[name] = _run(runtime, run_cfg(root / name, ep, shard, **sections))
+        # Resumed from the 2 x 2 run's step-2 checkpoint: at its layout, and at others.
+        written = root / "2x2 auto" / "checkpoints" / "step_00000002"
+        for ep, shard in ((2, 2), (1, 4), (4, 1), (2, 1), (1, 1)):
+            cfg = run_cfg(
+                root / f"resume {ep}x{shard}",
+                ep,
+                shard,
+                parallel={"mode": "auto"},
+                tuner={"first_check": 1, "check_every": 1},
+            )
+            _copy(rank, written, root / f"resume {ep}x{shard}" / "checkpoints" / written.name)
+            out[f"resume {ep}x{shard}"] = _run(runtime, cfg, resume="latest")
+            out[f"eval {ep}x{shard}"] = _evaluate(runtime, cfg, str(written))
+        # Today's (replicated) checkpoint resumed sharded.
+        back = root / "back"
+        _copy(rank, root / "replicated" / "checkpoints" / written.name,
+              back / "checkpoints" / written.name)  # fmt: skip
+        out["replicated -> 2x2"] = _run(runtime, run_cfg(back, 2, 2), resume="latest")
+    finally:
+        shutdown(runtime)
+    return out
+
+
+def _copy(rank: int, source: Path, target: Path) -> None:
+    if rank == 0:
+        shutil.copytree(source, target)
+    torch.distributed.barrier()
+
+
+def _relative(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b)
+    return max(abs(x - y) / abs(x) for x, y in zip(a, b, strict=True))
+
+
+def test_sharded_training_is_the_replicated_training_and_its_checkpoints_reshard(tmp_path):
+    ranks = run_on_ranks(_trainer_checks, 4, args=(str(tmp_path),), timeout=600)
+    out = ranks[0]
+    base, accum = out["replicated"], out["replicated accum"]
+    for name in ("2x2 re-placed", "2x2 auto", "hsdp 2x2", "4", "replicated ep1"):
+        assert _relative(base, out[name]) < 1e-5, name
+    assert _relative(accum, out["2x2 accum"]) < 1e-5
+    records = {name: _records(tmp_path / name) for name, *_ in CASES}
+    assert any(r["kind"] == "placement" for r in records["2x2 re-placed"])
+    assert any(r["kind"] == "runtime" for r in records["2x2 auto"])
+    # Memory: a rank holds about a quarter of the fully replicated state at dp_shard 4.
+    full = next(r for r in records["replicated ep1"] if r["kind"] == "start")["state_bytes"]
+    quarter = next(r for r in records["4"] if r["kind"] == "start")["state_bytes"]
+    for part in ("params", "grads", "optimizer"):
+        assert max(quarter[part]) <= 1.1 * full[part][0] / 4, part
+    # Resumed at step 2: the same layout gives the same losses bit for bit, the others the same
+    # within fp32 reduction order; the validation loss of the checkpoint is the same everywhere.
+    auto = out["2x2 auto"]
+    assert out["resume 2x2"] == auto[2:]
+    for ep, shard in ((1, 4), (4, 1), (2, 1), (1, 1)):
+        assert _relative(auto[2:], out[f"resume {ep}x{shard}"]) < 1e-5, (ep, shard)
+        assert abs(out[f"eval {ep}x{shard}"] - out["eval 2x2"]) < 1e-5 * out["eval 2x2"]
+    assert _relative(base[2:], out["replicated -> 2x2"]) < 1e-5
+    # World size 1 reads the 2 x 2 checkpoint, and 2 x 2 reads what world size 1 wrote.
+    written = tmp_path / "2x2 auto" / "checkpoints" / "step_00000002"
+    runtime = init_distributed(60)
+    try:
+        one = run_cfg(tmp_path / "one", 1, 1, steps=3)
+        assert abs(_evaluate(runtime, one, str(written)) - out["eval 2x2"]) < 1e-5
+        shutil.copytree(written, tmp_path / "one" / "checkpoints" / written.name)
+        _run(runtime, one, resume="latest")
+        alone = _evaluate(runtime, one, str(tmp_path / "one" / "checkpoints" / "step_00000003"))
+    finally:
+        shutdown(runtime)
+    step3 = str(tmp_path / "one" / "checkpoints" / "step_00000003")
+    again = run_on_ranks(_evaluate_on_ranks, 4, args=(str(tmp_path / "again"), step3))
+    assert abs(again[0] - alone) < 1e-5 * alone
+
+
+def _evaluate_on_ranks(rank, world, out, path):
+    runtime = init_distributed(60)
+    try:
+        return _evaluate(runtime, run_cfg(Path(out), 2, 2, steps=3), path)
+    finally:
+        shutdown(runtime)
