@@ -10,6 +10,8 @@ replicated run, on 4 gloo ranks (one spawn serves every check of a kind):
 - checkpoints reshard: written at dp_shard 2 x ep 2, resumed there (bit-identical losses) and at
   4 x 1, 1 x 4, replicated, and at world size 1 (the same validation loss), and back; a replicated
   (today's format) checkpoint resumes sharded;
+- MoE++ with a shared expert, RMoE's shared GRU, the non-finite guard skipping updates, a Hugging
+  Face model (`[model] hf_config`), and a SIGTERM checkpoint, sharded as replicated;
 - bf16 parameters: fp32 master weights and AdamW state, bf16 compute, a loss near the fp32 one;
 - DeepSpeed's `prepare` refuses a sharded model, in one line.
 """
@@ -17,7 +19,9 @@ replicated run, on 4 gloo ranks (one spawn serves every check of a kind):
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -28,6 +32,7 @@ from moeflow.train.config import RunConfig
 from moeflow.train.distributed import init_distributed, shutdown
 from moeflow.train.trainer import Trainer
 from tests.distributed import run_on_ranks
+from tests.test_hf_train import QWEN2_MOE
 
 MODEL = {"dim": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 32,
          "moe": {"num_experts": 4, "ffn_hidden_size": 64}}  # fmt: skip
@@ -43,8 +48,8 @@ def run_cfg(out: Path, ep: int, dp_shard: int, steps: int = 4, **sections) -> Ru
         "checkpoint": {"every": 2},
         "metrics": {"progress": False, "plot": False, "log_every": 1},
     }  # fmt: skip
-    for name, values in sections.items():
-        d[name] = {**d.get(name, {}), **values}
+    for name, values in sections.items():  # a model section replaces the tiny one
+        d[name] = values if name == "model" else {**d.get(name, {}), **values}
     return RunConfig.from_dict(d)
 
 
@@ -173,6 +178,22 @@ CASES = [
     ("2x2 accum", 2, 2, {"train": {"grad_accum_steps": 2, "activation_checkpointing": True}}),
     ("replicated ep1", 1, 1, {}),
 ]  # fmt: skip
+# Features that change what is sharded or how a step ends: each sharded (2 x 2) and replicated.
+MOEPP = {
+    "num_experts": 4,
+    "ffn_hidden_size": 64,
+    "shared_expert_ffn_hidden_size": 32,
+    "router": {"type": "moepp", "zero_experts": 1, "copy_experts": 1},
+}
+RMOE = {"num_experts": 4, "ffn_hidden_size": 64, "router": {"type": "rmoe", "rnn_dim": 8}}
+FEATURES = {
+    "moe++ shared": {"model": {**MODEL, "moe": MOEPP}},
+    "rmoe": {"model": {**MODEL, "moe": RMOE}},
+    "skip": {"train": {"on_nonfinite": "skip"}, "optim": {"lr": 1e30}},
+    "hf qwen2-moe": {"model": {"hf_config": QWEN2_MOE, "moe": {}}},
+}  # fmt: skip
+for _name, _sections in FEATURES.items():
+    CASES += [(f"{_name} replicated", 2, 1, _sections), (f"{_name} 2x2", 2, 2, _sections)]
 
 
 def _trainer_checks(rank, world, root):
@@ -195,6 +216,21 @@ def _trainer_checks(rank, world, root):
             _copy(rank, written, root / f"resume {ep}x{shard}" / "checkpoints" / written.name)
             out[f"resume {ep}x{shard}"] = _run(runtime, cfg, resume="latest")
             out[f"eval {ep}x{shard}"] = _evaluate(runtime, cfg, str(written))
+        # SIGTERM on one rank during step 3: every rank checkpoints after it, and resuming from
+        # that checkpoint gives the uninterrupted losses.
+        cfg = run_cfg(root / "sigterm", 2, 2)
+        with Trainer(cfg, runtime, None, True) as trainer:
+            calls = []
+
+            def stop(module, args):
+                calls.append(1)
+                if rank == 1 and len(calls) == 3:
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+            trainer.model.register_forward_pre_hook(stop)
+            result = trainer.run(quiet=True)
+        out["sigterm"] = (result.losses, result.stopped_by_signal, result.checkpoint.name)
+        out["after sigterm"] = _run(runtime, cfg, resume="latest")
         # Today's (replicated) checkpoint resumed sharded.
         back = root / "back"
         _copy(rank, root / "replicated" / "checkpoints" / written.name,
@@ -222,6 +258,10 @@ def test_sharded_training_is_the_replicated_training_and_its_checkpoints_reshard
     base, accum = out["replicated"], out["replicated accum"]
     for name in ("2x2 re-placed", "2x2 auto", "hsdp 2x2", "4", "replicated ep1"):
         assert _relative(base, out[name]) < 1e-5, name
+    for name in FEATURES:
+        assert _relative(out[f"{name} replicated"], out[f"{name} 2x2"]) < 1e-5, name
+    skipped = [r["skipped_steps"] for r in _records(tmp_path / "skip 2x2") if r["kind"] == "train"]
+    assert skipped[-1] >= 3  # lr 1e30: the guard skips the updates, sharded as replicated
     assert _relative(accum, out["2x2 accum"]) < 1e-5
     records = {name: _records(tmp_path / name) for name, *_ in CASES}
     assert any(r["kind"] == "placement" for r in records["2x2 re-placed"])
@@ -231,6 +271,21 @@ def test_sharded_training_is_the_replicated_training_and_its_checkpoints_reshard
     quarter = next(r for r in records["4"] if r["kind"] == "start")["state_bytes"]
     for part in ("params", "grads", "optimizer"):
         assert max(quarter[part]) <= 1.1 * full[part][0] / 4, part
+    # The dry run predicts what the ranks measured: state within 5%, activations within 25%.
+    from moeflow.train.dry_run import dry_run
+
+    for name, ep, shard, sections in CASES:
+        if name not in ("4", "2x2 re-placed", "2x2 accum", "replicated ep1"):
+            continue
+        cfg = run_cfg(tmp_path / "dry", ep, shard, **sections)
+        predicted = dry_run(cfg, world_size=4, device="cpu")
+        start = next(r for r in records[name] if r["kind"] == "start")
+        for kind, value in predicted["state_bytes_per_rank"].items():
+            measured = start["state_bytes"][kind]
+            assert all(abs(value - m) <= 0.05 * m for m in measured), (name, kind, value, measured)
+        acts = predicted["memory"]["activations"]
+        for m in start["activation_bytes"]:
+            assert abs(acts - m) <= 0.25 * m, (name, acts, start["activation_bytes"])
     # Resumed at step 2: the same layout gives the same losses bit for bit, the others the same
     # within fp32 reduction order; the validation loss of the checkpoint is the same everywhere.
     auto = out["2x2 auto"]
@@ -239,6 +294,9 @@ def test_sharded_training_is_the_replicated_training_and_its_checkpoints_reshard
         assert _relative(auto[2:], out[f"resume {ep}x{shard}"]) < 1e-5, (ep, shard)
         assert abs(out[f"eval {ep}x{shard}"] - out["eval 2x2"]) < 1e-5 * out["eval 2x2"]
     assert _relative(base[2:], out["replicated -> 2x2"]) < 1e-5
+    losses, stopped, where = out["sigterm"]
+    assert stopped and where == "step_00000003" and len(losses) == 3
+    assert _relative(base, losses + out["after sigterm"]) < 1e-5
     # World size 1 reads the 2 x 2 checkpoint, and 2 x 2 reads what world size 1 wrote.
     written = tmp_path / "2x2 auto" / "checkpoints" / "step_00000002"
     runtime = init_distributed(60)

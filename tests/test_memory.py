@@ -69,7 +69,9 @@ def test_the_start_record_holds_what_each_rank_holds(tmp_path):
     # The dry run's prediction of the same ranks' state, from the meta-device model alone.
     from moeflow.train.dry_run import dry_run
 
-    predicted = dry_run(_cfg(tmp_path / "dry", False), world_size=2)["state_bytes_per_rank"]
+    predicted = dry_run(_cfg(tmp_path / "dry", False), world_size=2, device="cpu")[
+        "state_bytes_per_rank"
+    ]
     for kind, value in predicted.items():
         measured = starts[False]["state_bytes"][kind]
         assert all(abs(value - m) <= 0.05 * m for m in measured), (kind, value, measured)

@@ -1,7 +1,7 @@
 """The `moeflow` command line.
 
     moeflow train CONFIG.toml [--resume [CKPT]] [--overwrite] [--section.key VALUE ...]
-    moeflow train CONFIG.toml --dry-run [--world-size N]      # validate, build mesh + model
+    moeflow train CONFIG.toml --dry-run [--world-size N] [--gpu-memory 80GB]  # what fits
     moeflow launch --nproc N -- train CONFIG.toml ...          # N local ranks (torchrun)
     moeflow slurm --nodes N --gpus-per-node G [--partition P --time T ...] CONFIG.toml [...]
     moeflow plan STATS.json --ranks R [--ranks-per-node G]   # expert placement from routing
@@ -59,6 +59,14 @@ def _train_parser() -> argparse.ArgumentParser:
         "--world-size", type=int, default=None,
         help="with --dry-run: check the layout for this many ranks on a fake process group",
     )  # fmt: skip
+    p.add_argument(
+        "--gpu-memory", default=None, metavar="SIZE",
+        help="with --dry-run: memory per device (80GB, 80GiB): says whether a rank's peak fits",
+    )  # fmt: skip
+    p.add_argument(
+        "--device", choices=("cuda", "cpu"), default="cuda",
+        help="with --dry-run: the devices the run is planned for (auto settings resolve for them)",
+    )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return p
 
@@ -66,12 +74,15 @@ def _train_parser() -> argparse.ArgumentParser:
 def cmd_train(argv: list[str]) -> int:
     args, overrides = _train_parser().parse_known_args(argv)
     cfg = RunConfig.from_toml(args.config, overrides)
-    if args.world_size is not None and not args.dry_run:
-        raise UsageError("--world-size only applies to --dry-run; launch ranks with torchrun")
+    for given, flag in ((args.world_size, "--world-size"), (args.gpu_memory, "--gpu-memory")):
+        if given is not None and not args.dry_run:
+            raise UsageError(f"{flag} only applies to --dry-run")
     if args.dry_run:
-        from moeflow.train.dry_run import dry_run, format_report
+        from moeflow.train.dry_run import dry_run, format_report, parse_memory
 
-        print(format_report(dry_run(cfg, args.world_size)))
+        memory = None if args.gpu_memory is None else parse_memory(args.gpu_memory)
+        report = dry_run(cfg, args.world_size, device=args.device, gpu_memory=memory)
+        print(format_report(report))
         return 0
     from moeflow.train.trainer import train
 
@@ -105,7 +116,9 @@ def cmd_launch(argv: list[str]) -> int:
     targs, overrides = _train_parser().parse_known_args(rest[1:])
     cfg = RunConfig.from_toml(targs.config, overrides)  # fail here, not in N ranks
     if not targs.dry_run:
-        cfg.parallel.dp_for(args.nproc)
+        dp = cfg.parallel.dp_for(args.nproc)
+        if cfg.parallel.dp_shard != "auto":
+            cfg.parallel.dp_shard_for(dp, None)
     return run_local(args.nproc, rest)
 
 

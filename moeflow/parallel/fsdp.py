@@ -146,12 +146,16 @@ def shard_model(
     # argument (the routing context) to cast it, and the model's later layers read it.
     inner = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce, cast_forward_inputs=False)
     root = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce)
+    # Parameters with no elements (e.g. MoE++ with no constant experts) hold nothing to shard.
+    empty = {p for p in model.parameters() if p.numel() == 0}
     for block in transformer_blocks(model) if blocks is None else blocks:
         fully_shard(
             block, mesh=mesh, reshard_after_forward=reshard_after_forward,
-            shard_placement_fn=placement, mp_policy=inner,
+            shard_placement_fn=placement, mp_policy=inner, ignored_params=empty,
         )  # fmt: skip
-    fully_shard(model, mesh=mesh, shard_placement_fn=placement, mp_policy=root)
+    fully_shard(
+        model, mesh=mesh, shard_placement_fn=placement, mp_policy=root, ignored_params=empty
+    )
     for module in model.modules():
         if isinstance(module, FSDPModule):
             # Sum, then divide: every backend has a sum (gloo has no average).

@@ -313,14 +313,16 @@ def build_model(
     device: torch.device,
     expert_slots: dict[str, list[int]] | None = None,
     dtype: torch.dtype | None = None,
+    param_dtype: str | None = None,
 ) -> nn.Module:
     """Build on the meta device, keep only this rank's experts (placed by `expert_slots`,
     default contiguous blocks plus `placement.replica_slots` replicas per shard group), then
     materialise and initialise: a large model is never whole on one rank. With `dp_shard` > 1
     or bf16 `param_dtype`, shard it (FSDP2, `moeflow.parallel.fsdp`): initialised whole on this
-    rank first (its experts only), so the values do not depend on the sharding. A Hugging Face model
-    (`model.hf_config`) is an `HFCausalLM` (`moeflow.integrations.hf_run`). `dtype`: the
-    parameters' dtype after initialisation (default: as built, fp32)."""
+    rank first (its experts only), so the values do not depend on the sharding. `param_dtype`:
+    `train.param_dtype` resolved (default: for `device`; the dry run plans for another). A
+    Hugging Face model (`model.hf_config`) is an `HFCausalLM` (`moeflow.integrations.hf_run`).
+    `dtype`: the parameters' dtype after initialisation (default: as built, fp32)."""
     if cfg.model.hf_config is not None:
         from moeflow.integrations.hf_run import build_hf_model
 
@@ -348,7 +350,7 @@ def build_model(
     if dtype is not None:
         model.to(dtype)
     model.activation_checkpointing = cfg.train.activation_checkpointing
-    param_dtype = cfg.train.param_dtype_for(device)
+    param_dtype = param_dtype or cfg.train.param_dtype_for(device)
     if ctx.dims.dp_shard > 1 or param_dtype != "fp32":  # bf16 compute copies are FSDP's
         shard_model(model, ctx, param_dtype)
     return model

@@ -1,9 +1,12 @@
 """`moeflow train --dry-run`: validate a config and build its mesh and model without training.
 
-The model is built on the meta device and parallelized exactly as in training, so a layout error
-(experts not divisible by ep, a world size that does not split into dp x ep) shows up here. With
-`world_size`, torch's fake process group stands in for a real job, so an 8-node recipe can be
-checked on a laptop.
+The model is built on the meta device, parallelized and sharded exactly as in training, so a
+layout error (experts not divisible by ep, a world size that does not split into dp x ep, a
+dp_shard that does not divide dp) shows up here. With `world_size`, torch's fake process group
+stands in for a real job, so an 8-node recipe can be checked on a laptop. The run is planned for
+`device` (default GPUs: `auto` settings resolve as on a GPU), and the memory planner
+(`moeflow.train.memory_plan`) adds up what a rank needs at its peak; with `gpu_memory` it says
+whether that fits.
 
 Example:
     >>> cfg = RunConfig.from_dict({"model": {"dim": 64, "n_layers": 2, "n_heads": 4,
@@ -24,20 +27,45 @@ from moeflow.parallel.dispatch import MODES
 from moeflow.train.build import build_model
 from moeflow.train.config import RunConfig
 from moeflow.train.distributed import init_distributed, shutdown
+from moeflow.train.memory_plan import (
+    activation_bytes,
+    human_bytes,
+    local_numel,
+    loss_buffer_bytes,
+    root_bytes,
+    state_bytes,
+    transient_bytes,
+    verdict,
+)
 from moeflow.train.metrics import flops_per_token
 
 
-def dry_run(cfg: RunConfig, world_size: int | None = None) -> dict:
-    """Build the mesh and the meta-device model of `cfg`; return what a rank would hold."""
+def dry_run(
+    cfg: RunConfig,
+    world_size: int | None = None,
+    device: str = "cuda",
+    gpu_memory: float | None = None,
+) -> dict:
+    """Build the mesh and the meta-device model of `cfg` as a run on `device` ranks would;
+    return what a rank would hold and need (`memory`, `peak_bytes`, and with `gpu_memory` bytes
+    per device, `verdict`)."""
     runtime = init_distributed(cfg.parallel.timeout_s, fake_world_size=world_size)
     try:
-        p = cfg.parallel
-        dims = ParallelDims(dp=p.dp_for(runtime.world_size), ep=p.ep, timeout_s=p.timeout_s)
+        p, t = cfg.parallel, cfg.train
+        target = torch.device(device)
+        dp = p.dp_for(runtime.world_size)
+        dims = ParallelDims(
+            dp=dp, ep=p.ep, dp_shard=p.dp_shard_for(dp, target), timeout_s=p.timeout_s
+        )
         ctx = dims.build("cpu")
-        model = build_model(cfg, ctx, torch.device("meta"))
+        param_dtype = t.param_dtype
+        if param_dtype == "auto":  # a planned GPU is taken to have bf16
+            param_dtype = "bf16" if device == "cuda" else "fp32"
+        model = build_model(cfg, ctx, torch.device("meta"), param_dtype=param_dtype)
         dense_named, expert_named = split_parameters(model)
         dense = sum(t.numel() for _, t in dense_named)
-        local_experts = sum(t.numel() for _, t in expert_named)
+        # What this rank holds: its shards of them under dp_shard.
+        rank_params = sum(local_numel(t) for _, t in dense_named + expert_named)
         layers = [m for _, m in moe_layers(model)]
         m = cfg.model
         c = gate_multiplier(m.moe.activation)
@@ -45,16 +73,20 @@ def dry_run(cfg: RunConfig, world_size: int | None = None) -> dict:
         layout = layers[0].layout if layers else None
         total = dense + per_expert * sum(x.config.num_experts for x in layers)
         active = dense + per_expert * m.moe.router.top_k * len(layers)
-        rank_params = dense + local_experts
-        tensors = len(dense_named) + len(expert_named)
-        return {
+        autocast = t.autocast if t.autocast != "auto" else ("bf16" if device == "cuda" else "none")
+        compute = "bf16" if param_dtype == "bf16" or autocast in ("bf16", "fp16") else "fp32"
+        memory = plan(cfg, model, dims, compute)
+        report = {
             # What the trainer's `start` record measures: fp32 weights and gradients, AdamW's two
             # moments and a 4-byte step count per parameter tensor (activations not included).
-            "state_bytes_per_rank": {
-                "params": 4 * rank_params,
-                "grads": 4 * rank_params,
-                "optimizer": 8 * rank_params + 4 * tensors,
-            },
+            "state_bytes_per_rank": state_bytes(model),
+            "memory": memory,
+            "peak_bytes": sum(memory.values()),
+            "device": device,
+            "param_dtype": param_dtype,
+            "compute_dtype": compute,
+            "dp_shard": dims.dp_shard,
+            "activation_checkpointing": t.activation_checkpointing,
             "expert_memory": expert_memory(model),
             "world_size": runtime.world_size,
             "dp": dims.dp,
@@ -77,8 +109,54 @@ def dry_run(cfg: RunConfig, world_size: int | None = None) -> dict:
             * cfg.train.seq_len
             * runtime.world_size,
         }
+        if gpu_memory is not None:
+            report["verdict"] = verdict(memory, gpu_memory, fixes(cfg, dims))
+        return report
     finally:
         shutdown(runtime)
+
+
+def plan(cfg: RunConfig, model, dims, compute: str) -> dict[str, float]:
+    """The memory planner's items for one rank (see `moeflow.train.memory_plan`)."""
+    checkpointing = bool(cfg.train.activation_checkpointing)
+    acts = activation_bytes(cfg, compute, checkpointing)
+    transient, _ = transient_bytes(model, compute, cfg.parallel.mode)
+    state = state_bytes(model)
+    items = {
+        "weights": state["params"],
+        "gradients": state["grads"],
+        "optimizer": state["optimizer"],
+        "root unsharded": root_bytes(model, compute),
+        "largest transient": transient + acts["recompute"],
+        "activations": acts["saved"],
+        "loss buffers": loss_buffer_bytes(cfg),
+    }
+    return {k: float(v) for k, v in items.items()}
+
+
+def fixes(cfg: RunConfig, dims) -> dict[str, str]:
+    """The setting that shrinks each item of the plan."""
+    t, p = cfg.train, cfg.parallel
+    state = (
+        f"shard the state over more ranks: raise parallel.dp_shard (now {dims.dp_shard}, at most "
+        f'{dims.dp}) or parallel.ep (now {dims.ep}), or set train.param_dtype = "bf16"'
+    )
+    activations = (
+        "set train.activation_checkpointing = true"
+        if not t.activation_checkpointing
+        else f"lower train.micro_batch_size (now {t.micro_batch_size}) or train.seq_len "
+        f"(now {t.seq_len})"
+    )
+    transient = (
+        f'parallel.mode = "ep" (mode {p.mode!r} gathers experts), or raise parallel.ep (now '
+        f"{dims.ep}): a block is gathered whole"
+    )
+    return {
+        "weights": state, "gradients": state, "optimizer": state, "activations": activations,
+        "largest transient": transient,
+        "loss buffers": f"lower train.loss_chunk_tokens (now {t.loss_chunk_tokens})",
+        "root unsharded": "the embedding and head are gathered whole: lower model.vocab_size",
+    }  # fmt: skip
 
 
 def expert_memory(model) -> list[dict]:
@@ -86,7 +164,7 @@ def expert_memory(model) -> list[dict]:
     parallel mode, the peak during a layer call (held + what the mode gathers, from the layout)."""
     out = []
     for name, layer in moe_layers(model):
-        held = sum(p.numel() * p.element_size() for p in layer.experts.parameters())
+        held = sum(local_numel(p) * p.element_size() for p in layer.experts.parameters())
         size = layer.experts.w1.element_size()
         c = gate_multiplier(layer.config.activation)
         d = layer.config.expert_dim
@@ -98,11 +176,27 @@ def expert_memory(model) -> list[dict]:
     return out
 
 
-def _bytes(n: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n:.0f} B"
+def parse_memory(text: str) -> float:
+    """Bytes from `80GB` (10^9), `80GiB` (2^30), `512MB`, `512MiB`, or a plain number of bytes.
+
+    Example:
+        >>> parse_memory("80GB"), parse_memory("80GiB") / 2**30
+        (80000000000.0, 80.0)
+    """
+    units = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10,
+             "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+    raw = text.strip().upper()
+    number = raw.rstrip("KMGTIB")
+    unit = raw[len(number) :]
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        value = -1.0
+    if not value > 0:
+        raise ValueError(
+            f"--gpu-memory ({text!r}) must be a size such as 80GB (10^9 bytes) or 80GiB (2^30)"
+        )
+    return value
 
 
 def _count(n: float) -> str:
@@ -116,15 +210,32 @@ def format_report(report: dict) -> str:
     replicas = report.get("replica_slots")
     extra = f" + {replicas} replica slot(s)" if replicas else ""
     memory = [
-        f"  {_layer_names(names)}: experts {_bytes(m['held_bytes'])} per rank of "
-        f"{_bytes(m['total_bytes'])}; peak in a call: "
-        + ", ".join(f"{k} {_bytes(v)}" for k, v in m["peak_bytes"].items())
+        f"  {_layer_names(names)}: experts {human_bytes(m['held_bytes'])} per rank of "
+        f"{human_bytes(m['total_bytes'])}; peak in a call: "
+        + ", ".join(f"{k} {human_bytes(v)}" for k, v in m["peak_bytes"].items())
         for names, m in _grouped(report.get("expert_memory", []))
     ]
+    shard = report.get("dp_shard", 1)
+    sharding = (
+        f" (dp_shard {shard} x dp_replicate {report['dp'] // shard}: sharded with FSDP2)"
+        if shard > 1 or report.get("param_dtype") == "bf16"
+        else " (replicated)"
+    )
+    plan = report.get("memory", {})
+    planned = [
+        f"  memory per rank on {report.get('device', 'cuda')} ({report.get('param_dtype')} "
+        f"params, {report.get('compute_dtype')} compute, activation checkpointing "
+        f"{'on' if report.get('activation_checkpointing') else 'off'}): "
+        + ", ".join(f"{k} {human_bytes(v)}" for k, v in plan.items() if v)
+        + f"; peak {human_bytes(report.get('peak_bytes', 0))}",
+    ]
+    if "verdict" in report:
+        planned.append(f"  {report['verdict']}")
     return "\n".join(
         [
             f"dry run: config valid; world {report['world_size']} = dp {report['dp']} x ep "
-            f"{report['ep']}; {report['moe_layers']} MoE layers, {report['experts_per_rank']} "
+            f"{report['ep']}{sharding}; {report['moe_layers']} MoE layers, "
+            f"{report['experts_per_rank']} "
             + (
                 "experts per rank"
                 if report.get("expert_shards", 1) == 1
@@ -138,7 +249,7 @@ def format_report(report: dict) -> str:
             "state per rank)",
             "  state per rank: "
             + ", ".join(
-                f"{name} {_bytes(n)}"
+                f"{name} {human_bytes(n)}"
                 for name, n in zip(
                     ("weights", "gradients", "AdamW"),
                     report["state_bytes_per_rank"].values(),
@@ -147,6 +258,7 @@ def format_report(report: dict) -> str:
             ),
             f"  {report['flops_per_token'] / 1e9:.4g} GFLOP per token (fwd+bwd), "
             f"{report['tokens_per_step']:,} tokens per optimizer step",
+            *planned,
             "  expert parameters per MoE layer (fp32 weights; gathered experts are transient):",
             *memory,
         ]
