@@ -5,7 +5,9 @@
 Runs the real trainer step (`Trainer.train_step`: forward, backward, GradSync, clipping, AdamW) on
 the embedded corpus in these layouts on this machine: 1 rank with 1 thread, 1 rank with 2 threads,
 and 2 ranks with 1 thread each as ep=2 and as dp=2 (ep=1), each with the gradient sync overlapped
-with the backward (`parallel.overlap_grad_sync`, the default) and after it, launched by torchrun.
+with the backward (`parallel.overlap_grad_sync`, the default) and after it; then replicated
+against sharded (FSDP2, `parallel.dp_shard`) at 2 ranks (dp 2) and 4 ranks (dp 2 x ep 2, dp 4),
+launched by torchrun.
 Prints tokens/s (all ranks together, median over interleaved repeats), the scaling against 1 rank
 x 1 thread, the step time, and the share of the step spent inside the MoE layers (forward and
 backward, timed by module hooks on the slowest rank).
@@ -51,7 +53,9 @@ class MoETimer:
             self.total += time.perf_counter() - start
 
 
-def worker(steps: int, warmup: int, out_file: str, ep: int | None, overlap: bool) -> None:
+def worker(
+    steps: int, warmup: int, out_file: str, ep: int | None, overlap: bool, dp_shard: int
+) -> None:
     import torch
     import torch.distributed as dist
 
@@ -75,6 +79,8 @@ def worker(steps: int, warmup: int, out_file: str, ep: int | None, overlap: bool
                 "100000",
                 "--parallel.overlap_grad_sync",
                 "true" if overlap else "false",
+                "--parallel.dp_shard",
+                str(dp_shard),
             ],
         )
         trainer = Trainer(cfg, runtime, resume=None, overwrite=True)
@@ -107,13 +113,16 @@ def worker(steps: int, warmup: int, out_file: str, ep: int | None, overlap: bool
     shutdown(runtime)
 
 
-def run_layout(ranks: int, threads: int, ep: int, overlap: bool, steps: int, warmup: int) -> dict:
+def run_layout(
+    ranks: int, threads: int, ep: int, overlap: bool, dp_shard: int, steps: int, warmup: int
+) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--standalone",
             f"--nproc-per-node={ranks}", __file__, "--worker", "--steps", str(steps),
-            "--warmup", str(warmup), "--out", out.name, "--ep", str(ep),
+            "--warmup", str(warmup), "--out", out.name, "--ep", str(ep), "--dp-shard",
+            str(dp_shard),
             *([] if overlap else ["--no-overlap"]),
         ]  # fmt: skip
         subprocess.run(cmd, env=env, check=True, cwd=ROOT, capture_output=True)
@@ -129,13 +138,17 @@ def main() -> None:
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--ep", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-overlap", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--dp-shard", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        worker(args.steps, args.warmup, args.out, args.ep, not args.no_overlap)
+        worker(args.steps, args.warmup, args.out, args.ep, not args.no_overlap, args.dp_shard)
         return
-    # (ranks, threads, ep, overlapped gradient sync)
-    layouts = [(1, 1, 1, True), (1, 2, 1, True)]
-    layouts += [(2, 1, ep, overlap) for ep in (2, 1) for overlap in (True, False)]
+    # (ranks, threads, ep, overlapped gradient sync, dp_shard)
+    layouts = [(1, 1, 1, True, 1), (1, 2, 1, True, 1)]
+    layouts += [(2, 1, ep, overlap, 1) for ep in (2, 1) for overlap in (True, False)]
+    # Replicated (the CPU default) against sharded, at 2 and 4 ranks.
+    layouts += [(2, 1, 1, True, 2), (4, 1, 2, True, 1), (4, 1, 2, True, 2)]
+    layouts += [(4, 1, 1, True, 1), (4, 1, 1, True, 4)]
     results: dict[tuple, list[dict]] = {layout: [] for layout in layouts}
     for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits every layout
         for layout in layouts:
@@ -146,18 +159,26 @@ def main() -> None:
         f"warm-up, median of {args.repeats}; {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, fp32, gloo"
     )
-    print("| ranks x threads | layout | grad sync | tokens/s | vs 1x1 | step ms | MoE share |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| ranks x threads | layout | state | grad sync | tokens/s | vs 1x1 | vs replicated | "
+        "step ms | MoE share |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     base = statistics.median(r["tokens_per_s"] for r in results[layouts[0]])
-    for (ranks, threads, ep, overlap), runs in results.items():
+    for (ranks, threads, ep, overlap, shard), runs in results.items():
         tok = statistics.median(r["tokens_per_s"] for r in runs)
         ms = statistics.median(r["step_ms"] for r in runs)
         share = statistics.median(r["moe_share"] for r in runs)
         layout = f"dp{ranks // ep} x ep{ep}"
+        state = f"sharded (dp_shard {shard})" if shard > 1 else "replicated"
         sync = "-" if ranks == 1 else ("overlapped" if overlap else "after backward")
+        if shard > 1:
+            sync = "FSDP reduce-scatter"
+        replicated = results.get((ranks, threads, ep, overlap, 1))
+        ratio = tok / statistics.median(r["tokens_per_s"] for r in replicated) if shard > 1 else 1
         print(
-            f"| {ranks} x {threads} | {layout} | {sync} | {tok:,.0f} | {tok / base:.2f} | "
-            f"{ms:.1f} | {share:.0%} |"
+            f"| {ranks} x {threads} | {layout} | {state} | {sync} | {tok:,.0f} | "
+            f"{tok / base:.2f} | {ratio:.2f} | {ms:.1f} | {share:.0%} |"
         )
 
 

@@ -16,7 +16,7 @@ import pytest
 from moeflow.launch.slurm import SlurmJob, render_sbatch
 from moeflow.moe.layout import ExpertLayout
 from moeflow.parallel import MODES
-from moeflow.train.dry_run import _bytes
+from moeflow.train.memory_plan import human_bytes as _bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = """
@@ -206,7 +206,7 @@ def test_dry_run_prints_expert_memory_per_layer_and_mode_at_more_ranks_than_expe
     # 64 experts over ep = 128: every rank holds half of one expert's FFN columns.
     r = moeflow(
         "train", "examples/configs/olmoe_1b7b_64gpu.toml", "--dry-run", "--world-size", "128",
-        "--parallel.ep", "128",
+        "--parallel.ep", "128", "--parallel.dp_shard", "1",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "1 expert per rank as 1/2 F-slice" in r.stdout

@@ -319,3 +319,39 @@ def _evaluate_on_ranks(rank, world, out, path):
         return _evaluate(runtime, run_cfg(Path(out), 2, 2, steps=3), path)
     finally:
         shutdown(runtime)
+
+
+# -- bad input: one line each, before any work ----------------------------------------------------
+def test_bad_sharding_input_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    from moeflow.train.config import TrainConfig
+    from tests.test_cli import in_process
+
+    recipe = "examples/configs/olmoe_1b7b_64gpu.toml"
+    code, err = in_process(capsys, "train", recipe, "--dry-run", "--world-size", "64",
+                           "--parallel.dp_shard", "3")  # fmt: skip
+    assert code == 2 and err.count("\n") == 1
+    assert "parallel.dp_shard (3) must divide the data-parallel degree (8" in err
+    assert "choose one of [1, 2, 4, 8]" in err
+    out = tmp_path / "never"
+    code, err = in_process(capsys, "launch", "--nproc", "2", "--", "train", recipe,
+                           "--parallel.ep", "1", "--parallel.dp_shard", "4",
+                           "--train.out_dir", str(out))  # fmt: skip
+    assert code == 2 and "parallel.dp_shard (4) must divide" in err and not out.exists()
+    with pytest.raises(ValueError, match=r"train.param_dtype \('fp8'\) must be one of"):
+        RunConfig.from_dict({"train": {"param_dtype": "fp8"}})
+    # bf16 on a GPU without it (what torch reports for a V100), checked at start-up.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100-SXM2-32GB")
+    with pytest.raises(ValueError, match=r"this GPU \(Tesla V100-SXM2-32GB\) has no bf16; set"):
+        TrainConfig(param_dtype="bf16").param_dtype_for(torch.device("cuda"))
+    assert TrainConfig().param_dtype_for(torch.device("cuda")) == "fp32"  # auto falls back
+    # A checkpoint of another expert count: refused before anything is built, naming the field.
+    runtime = init_distributed(60)
+    try:
+        _run(runtime, run_cfg(tmp_path / "four", 1, 1, steps=1))
+        eight = {**MODEL, "moe": {**MODEL["moe"], "num_experts": 8}}
+        with pytest.raises(ValueError) as refused:
+            _run(runtime, run_cfg(tmp_path / "four", 1, 1, steps=2, model=eight), "latest")
+    finally:
+        shutdown(runtime)
+    assert "model.moe.num_experts is 4 there, 8 here" in str(refused.value)

@@ -94,3 +94,22 @@ def test_skip_lands_where_drawing_would():
     skipped.skip(170)
     assert skipped.state_dict() == drawn.state_dict()
     assert (skipped.next_batch()[0] == drawn.next_batch()[0]).all()
+
+
+def test_uint32_token_files_hold_vocabularies_past_65536(tmp_path):
+    ids = np.arange(70_000, 75_000, dtype=np.uint32)
+    ids.tofile(tmp_path / "train.bin")
+    ids[:500].tofile(tmp_path / "val.bin")
+    corpus = load_corpus(DataConfig(kind="tokens", path=str(tmp_path), token_dtype="uint32"))
+    assert corpus.train.dtype == np.uint32 and corpus.train[0] == 70_000
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "train.bin").write_bytes(b"\x00" * 6)
+    (tmp_path / "odd" / "val.bin").write_bytes(b"\x00" * 8)
+    with pytest.raises(ValueError, match=r"6 bytes, not a multiple of 4: it is not a uint32"):
+        load_corpus(DataConfig(kind="tokens", path=str(tmp_path / "odd"), token_dtype="uint32"))
+    from moeflow.train.config import RunConfig
+
+    # A vocabulary uint16 cannot hold is refused before any file is read, naming the fix.
+    with pytest.raises(ValueError, match=r'set data.token_dtype = "uint32"'):
+        RunConfig.from_dict({"model": {"vocab_size": 151_936},
+                             "data": {"kind": "tokens", "path": str(tmp_path)}})  # fmt: skip

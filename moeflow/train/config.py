@@ -60,8 +60,9 @@ class DataConfig:
       on file names.
     - `text`: `path` is a text file or a folder (files matching `glob`, recursively), byte tokens,
       the same split by file; a single file is split by bytes (its last `val_percent`%).
-    - `tokens`: `path` is a folder with nanoGPT-style `train.bin` and `val.bin` (`uint16`,
-      memory-mapped); `vocab_size` must cover the ids.
+    - `tokens`: `path` is a folder with nanoGPT-style `train.bin` and `val.bin` (`token_dtype`:
+      `uint16`, or `uint32` for vocabularies past 65,536 ids; memory-mapped); `vocab_size` must
+      cover the ids.
     `max_bytes` caps the training tokens read (0: no cap); validation is capped at a tenth of it.
     """
 
@@ -70,9 +71,11 @@ class DataConfig:
     glob: str = "*"
     val_percent: int = 10
     max_bytes: int = 8_000_000
+    token_dtype: str = "uint16"
 
     def __post_init__(self) -> None:
         check_choice("data.kind", self.kind, DATA_KINDS)
+        check_choice("data.token_dtype", self.token_dtype, ("uint16", "uint32"))
         if self.kind != "stdlib" and not self.path:
             raise ValueError(f"data.path must be set for data.kind = {self.kind!r}")
         if not isinstance(self.val_percent, int) or not 0 < self.val_percent < 100:
@@ -343,6 +346,12 @@ class RunConfig:
         # The expert layout over parallel.ep (sizes and replicas), checked before any work.
         moe = self.model.moe
         ExpertLayout.canonical(moe.num_experts, moe.ffn_hidden_size, ep, replicas)
+        d = self.data
+        if d.kind == "tokens" and d.token_dtype == "uint16" and self.model.vocab_size > 65536:
+            raise ValueError(
+                f"model.vocab_size ({self.model.vocab_size}) does not fit uint16 token files "
+                '(ids < 65,536); write them as uint32 and set data.token_dtype = "uint32"'
+            )
         if self.data.kind != "tokens" and self.model.vocab_size < 256:
             raise ValueError(
                 f"model.vocab_size ({self.model.vocab_size}) must be >= 256 for byte tokens "

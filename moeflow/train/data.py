@@ -107,17 +107,22 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     arrays = []
     for split in ("train", "val"):
         file = path / f"{split}.bin"
+        kind = cfg.token_dtype
+        width = np.dtype(kind).itemsize
         if not file.is_file():
             raise ValueError(
-                f"data.path ({cfg.path!r}) must hold train.bin and val.bin (uint16 token ids, "
+                f"data.path ({cfg.path!r}) must hold train.bin and val.bin ({kind} token ids, "
                 f"nanoGPT layout) for data.kind = 'tokens'; {file} is missing"
             )
         if file.stat().st_size == 0:
-            raise ValueError(f"data.path: {file} is empty (0 bytes); it must hold uint16 tokens")
-        if file.stat().st_size % 2:
-            raise ValueError(f"{file} has an odd number of bytes; it is not a uint16 token file")
-        arrays.append(np.memmap(file, dtype=np.uint16, mode="r"))
-    return Corpus(arrays[0], arrays[1], f"{path} (uint16 tokens, memory-mapped)", None)
+            raise ValueError(f"data.path: {file} is empty (0 bytes); it must hold {kind} tokens")
+        if file.stat().st_size % width:
+            raise ValueError(
+                f"{file} has {file.stat().st_size} bytes, not a multiple of {width}: it is not a "
+                f"{kind} token file (data.token_dtype)"
+            )
+        arrays.append(np.memmap(file, dtype=kind, mode="r"))
+    return Corpus(arrays[0], arrays[1], f"{path} ({kind} tokens, memory-mapped)", None)
 
 
 def check_tokens(
