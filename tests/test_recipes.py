@@ -1,6 +1,6 @@
 """The GPU recipes of `examples/configs/` (64 GPUs: ep 8 x dp_shard 8, bf16 parameters, 1 x 4,096
-tokens per micro-batch, activation checkpointing): each fits an 80 GB GPU by the dry run's memory
-planner, and the figures quoted in its header are the ones the dry run prints today."""
+tokens per micro-batch, selective activation checkpointing): each fits an 80 GB GPU by the dry
+run's memory planner, and the figures quoted in its header are the ones the dry run prints today."""
 
 from __future__ import annotations
 

@@ -19,6 +19,8 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
+from moeflow.comm.replay import replayed
+
 
 class Handle(Protocol):
     def wait(self) -> object: ...
@@ -63,7 +65,8 @@ class LocalExchange:
 
 
 class GroupExchange:
-    """All-to-all over a `torch.distributed` process group."""
+    """All-to-all over a `torch.distributed` process group. Every exchange may be replayed in a
+    recomputation (`moeflow.comm.replay`)."""
 
     needs_matrix = False
 
@@ -72,6 +75,7 @@ class GroupExchange:
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
 
+    @replayed
     def exchange_counts(self, send: torch.Tensor) -> torch.Tensor:
         if send.numel() % self.size:
             raise ValueError(
@@ -81,9 +85,11 @@ class GroupExchange:
         dist.all_to_all_single(recv, send.contiguous(), group=self.group)
         return recv
 
+    @replayed
     def gather_counts(self, send: torch.Tensor) -> torch.Tensor:
         return gather_counts(send, self.group)
 
+    @replayed
     def all_to_all(self, x, output_splits, input_splits, matrix=None):
         if len(output_splits) != self.size or len(input_splits) != self.size:
             raise ValueError(f"splits must have {self.size} entries, got {input_splits}")

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from moeflow.comm.all_to_all import gather_counts
+from moeflow.comm.replay import replayed
 
 
 def _block_index(starts: list[int], sizes: list[int], order: list[int], device) -> torch.Tensor:
@@ -95,9 +96,11 @@ class HierarchicalExchange:
         span = send.numel() // self.size
         return self.gather_counts(send)[:, self.rank * span : (self.rank + 1) * span].reshape(-1)
 
+    @replayed  # exchange_counts reads through it
     def gather_counts(self, send: torch.Tensor) -> torch.Tensor:
         return gather_counts(send, self.group)
 
+    @replayed
     def all_to_all(self, x, output_splits, input_splits, matrix=None):
         if matrix is None:
             raise ValueError("a two-level all-to-all needs the split matrix of the transfer")

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from moeflow.comm.replay import CollectiveReplay
 from moeflow.models.lm_loss import chunked_token_loss, token_loss
 from moeflow.moe.config import MoEConfig
 from moeflow.moe.experts import slice_experts
@@ -195,8 +197,9 @@ class MoEDecoder(nn.Module):
         cos, sin = rotary_tables(cfg.max_seq_len, cfg.head_width, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        # Recompute each block's activations in backward instead of keeping them (the trainer
-        # sets it from train.activation_checkpointing).
+        # Recompute each block's activations in backward instead of keeping them: True, or
+        # "selective" (the all-to-alls' results are kept); the trainer sets it from
+        # train.activation_checkpointing.
         self.activation_checkpointing = False
         if self.embed.weight.device.type != "meta":
             self.init_weights()
@@ -310,14 +313,23 @@ class MoEDecoder(nn.Module):
     def _checkpointed(self, block: Block, x: torch.Tensor, routing_context: RoutingContext):
         """Run `block` under non-reentrant activation checkpointing. The recomputation in backward
         starts from a copy of the routing context as it was before the block, so a router that
-        reads the context recomputes exactly what it computed; the forward's context goes on."""
+        reads the context recomputes exactly what it computed; the forward's context goes on.
+        `activation_checkpointing = "selective"`: the block's token exchanges are kept from the
+        forward and replayed by the recomputation, which then repeats no all-to-all
+        (`moeflow.comm.replay`)."""
         before = routing_context.copy()
         forward_context: list[RoutingContext] = []
+        replay = CollectiveReplay() if self.activation_checkpointing == "selective" else None
 
         def run(x_: torch.Tensor) -> torch.Tensor:
             ctx = before.copy()
             ctx.recomputing = bool(forward_context)
-            out = block(x_, self.rope_cos, self.rope_sin, ctx)
+            if replay is None:
+                kept = contextlib.nullcontext()
+            else:
+                kept = replay.replaying() if ctx.recomputing else replay.recording()
+            with kept:
+                out = block(x_, self.rope_cos, self.rope_sin, ctx)
             if not forward_context:  # the first call is the forward; later ones recompute
                 forward_context.append(ctx)
             return out

@@ -127,7 +127,11 @@ PARAM_DTYPES = ("auto", "fp32", "bf16")
 @dataclass(kw_only=True, frozen=True)
 class TrainConfig:
     """The loop. Each optimizer step sees `micro_batch_size * grad_accum_steps` sequences of
-    `seq_len` tokens per rank. `autocast`: `auto` is bf16 on GPU and off on CPU. Validation runs
+    `seq_len` tokens per rank. `autocast`: `auto` is bf16 on GPU and off on CPU.
+    `activation_checkpointing`: recompute each block in backward instead of keeping its
+    activations (`true`), or `"selective"`: recompute it but keep what its MoE layer received
+    and sent back, so the recomputation repeats no all-to-all (a Hugging Face model checkpoints
+    fully either way). Validation runs
     every `eval_every` steps (0: only at the end) on `eval_windows` fixed windows, split over the
     ranks, so its value does not depend on the world size. `on_nonfinite`: what a NaN or
     infinite loss or gradient norm does (`moeflow.train.nonfinite`): `stop` (exit non-zero before
@@ -145,7 +149,7 @@ class TrainConfig:
     micro_batch_size: int = 8
     grad_accum_steps: int = 1
     autocast: str = "auto"
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | str = False
     eval_every: int = 100
     eval_windows: int = 64
     out_dir: str = "runs/default"
@@ -156,6 +160,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_choice("train.param_dtype", self.param_dtype, PARAM_DTYPES)
+        if self.activation_checkpointing not in (False, True, "selective"):
+            raise ValueError(
+                f"train.activation_checkpointing ({self.activation_checkpointing!r}) must be "
+                'false, true (every block recomputed in backward) or "selective" (recomputed, '
+                "keeping the MoE layers' all-to-all results)"
+            )
         check_choice("train.on_nonfinite", self.on_nonfinite, POLICIES)
         check_int("train.loss_chunk_tokens", self.loss_chunk_tokens, minimum=0)
         check_int("train.max_nonfinite_skips", self.max_nonfinite_skips)

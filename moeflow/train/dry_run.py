@@ -118,7 +118,7 @@ def dry_run(
 
 def plan(cfg: RunConfig, model, dims, compute: str) -> dict[str, float]:
     """The memory planner's items for one rank (see `moeflow.train.memory_plan`)."""
-    checkpointing = bool(cfg.train.activation_checkpointing)
+    checkpointing = cfg.train.activation_checkpointing
     acts = activation_bytes(cfg, compute, checkpointing)
     transient, _ = transient_bytes(model, compute, cfg.parallel.mode)
     state = state_bytes(model)
@@ -142,7 +142,7 @@ def fixes(cfg: RunConfig, dims) -> dict[str, str]:
         f'{dims.dp}) or parallel.ep (now {dims.ep}), or set train.param_dtype = "bf16"'
     )
     activations = (
-        "set train.activation_checkpointing = true"
+        'set train.activation_checkpointing = "selective" (or true)'
         if not t.activation_checkpointing
         else f"lower train.micro_batch_size (now {t.micro_batch_size}) or train.seq_len "
         f"(now {t.seq_len})"
@@ -225,7 +225,7 @@ def format_report(report: dict) -> str:
     planned = [
         f"  memory per rank on {report.get('device', 'cuda')} ({report.get('param_dtype')} "
         f"params, {report.get('compute_dtype')} compute, activation checkpointing "
-        f"{'on' if report.get('activation_checkpointing') else 'off'}): "
+        f"{_checkpointing(report.get('activation_checkpointing'))}): "
         + ", ".join(f"{k} {human_bytes(v)}" for k, v in plan.items() if v)
         + f"; peak {human_bytes(report.get('peak_bytes', 0))}",
     ]
@@ -263,6 +263,10 @@ def format_report(report: dict) -> str:
             *memory,
         ]
     )
+
+
+def _checkpointing(value) -> str:
+    return {False: "off", True: "on"}.get(value, str(value))
 
 
 def _grouped(entries: list[dict]) -> list[tuple[list[str], dict]]:

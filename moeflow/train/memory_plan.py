@@ -17,6 +17,7 @@ Items, per rank:
   embedding and final norm (coefficients measured with saved-tensor hooks on moeflow's decoder),
   and an unchunked loss's logits and log-softmax `(b + 4) T V`.
   With activation checkpointing: each block's input only, plus one block recomputed in backward;
+  selective checkpointing also keeps each MoE layer's exchanged rows, `2 b T k D`;
 - `loss buffers`: the fp32 logits of one loss chunk (`train.loss_chunk_tokens`), three times
   (logits, their softmax, its gradient), or of the whole micro-batch without chunking.
 
@@ -77,9 +78,10 @@ def _block_activations(cfg: RunConfig, block_is_moe: bool, tokens: int, b: int) 
     return total
 
 
-def activation_bytes(cfg: RunConfig, compute: str, checkpointing: bool) -> dict[str, float]:
+def activation_bytes(cfg: RunConfig, compute: str, checkpointing: bool | str) -> dict[str, float]:
     """`saved`: what one micro-batch keeps for backward; `recompute`: what checkpointing adds
-    while one block is recomputed in backward (0 without)."""
+    while one block is recomputed in backward (0 without). `checkpointing`: False, True, or
+    "selective" (each MoE block also keeps its received and returned rows, `2 b T k D`)."""
     t, m = cfg.train, cfg.model
     tokens = t.micro_batch_size * t.seq_len
     b = COMPUTE_BYTES[compute]
@@ -90,7 +92,11 @@ def activation_bytes(cfg: RunConfig, compute: str, checkpointing: bool) -> dict[
         outer += (b + 4) * tokens * m.vocab_size
     if not checkpointing:
         return {"saved": outer + sum(blocks), "recompute": 0.0}
-    return {"saved": outer + m.n_layers * b * tokens * m.dim, "recompute": max(blocks)}
+    saved = outer + m.n_layers * b * tokens * m.dim
+    if checkpointing == "selective":
+        moe_blocks = sum(m.is_moe_layer(i) for i in range(m.n_layers))
+        saved += moe_blocks * 2 * b * tokens * m.moe.router.top_k * m.moe.expert_dim
+    return {"saved": saved, "recompute": max(blocks)}
 
 
 def loss_buffer_bytes(cfg: RunConfig) -> float:
