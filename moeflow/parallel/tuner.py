@@ -289,15 +289,12 @@ class RuntimeTuner:
     def _feasible(self, layer: MoELayer, cands: list[Candidate]) -> list[str | None]:
         """Step 3: per candidate None (every rank can run it) or why not (one all-reduce)."""
         lay, cfg = layer.layout, layer.config
-        size = layer.experts.w1.element_size()
+        size, g = layer.experts.w1.element_size(), gate_multiplier(cfg.activation)
+        gathered = unsharded_bytes(self.units[id(layer)])  # its block, under FSDP
         need = [
-            size
-            * lay.gather_peak_elements(
-                k.mode, cfg.expert_dim, gate_multiplier(cfg.activation), cfg.ffn_bias
-            )
+            gathered + size * lay.gather_peak_elements(k.mode, cfg.expert_dim, g, cfg.ffn_bias)
             for k in cands
         ]
-        need = [n + unsharded_bytes(self.units[id(layer)]) for n in need]
         budget = self.free_bytes(layer.experts.w1.device)
         ok = torch.tensor([1.0 if n <= budget else 0.0 for n in need], dtype=torch.float64)
         dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.ctx.world_group)

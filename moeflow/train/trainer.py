@@ -123,12 +123,10 @@ class Trainer:
         init_optimizer_state(self.optimizer)
         self.grad_sync = GradSync(self.model, self.ctx, overlap=cfg.parallel.overlap_grad_sync)
         dense, experts = split_parameters(self.model)
-        self.dense_params = [q for _, q in dense]
-        self.expert_params = [q for _, q in experts]
+        self.dense_params, self.expert_params = [q for _, q in dense], [q for _, q in experts]
         self.moe_layers = [m for _, m in moe_layers(self.model)]
         # Sharded (FSDP): the gradient norm sums the local shards over a replica's ranks.
-        sharded = is_sharded(self.model)
-        self.norm_group = self.ctx.data_groups()["dense_shard"] if sharded else None
+        self.norm_group = self.ctx.data_groups()["dense_shard"] if is_sharded(self.model) else None
         self.replacer = Replacer(cfg, self.ctx, self.model, runtime.device)
         self.tuner = build_tuner(cfg, self.ctx, self.model, self.out_dir, runtime.device)
         self.corpus = load_corpus(cfg.data)
