@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from moeflow.train.config import RunConfig
@@ -86,6 +87,30 @@ def _gradients(model, ctx, rank: int, mode: str) -> tuple[float, dict]:
     return loss.item(), grads
 
 
+def _accumulation_reduces_once(ctx, model, rank: int) -> tuple[int, int, int]:
+    """Reduce-scatters issued by two micro-batches' backward, the first under `no_sync`."""
+    import torch.distributed as dist
+
+    from moeflow.parallel.grad_sync import GradSync
+
+    sync, calls, real = GradSync(model, ctx), [], dist.reduce_scatter_single
+    dist.reduce_scatter_single = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(rank))
+        with sync.no_sync():
+            model(x, x).backward()
+        first = len(calls)
+        model(x, x).backward()
+    finally:
+        dist.reduce_scatter_single = real
+    model.zero_grad(set_to_none=True)
+    # One reduce-scatter per parameter group of each unit (a block's dense and expert weights
+    # are two groups, on their own meshes).
+    groups = sum(len(m._get_fsdp_state()._fsdp_param_groups) for m in model.modules()
+                 if isinstance(m, FSDPModule))  # fmt: skip
+    return first, len(calls), groups
+
+
 def _library_checks(rank, world):
     from moeflow.parallel import ParallelDims
 
@@ -101,6 +126,8 @@ def _library_checks(rank, world):
             scale = max(g.abs().max().item() for g in g0.values())
             err = max((g0[n] - g1[n]).abs().max().item() for n in g0) / scale
             worst[(ep, shard, mode)] = (abs(loss1 - loss0) / loss0, err)
+    # Gradient accumulation: nothing reduced until the last micro-batch, then every unit once.
+    worst["reduce-scatters"] = _accumulation_reduces_once(ctx, sharded, rank)
     return worst
 
 
@@ -135,6 +162,8 @@ def _bf16_and_refusals(rank, world, root):
 def test_sharded_gradients_are_the_replicated_ones_in_float64_and_bf16_keeps_fp32_state(tmp_path):
     worst = run_on_ranks(_library_checks, 4, timeout=300)
     for rank_worst in worst:
+        first, last, groups = rank_worst.pop("reduce-scatters")
+        assert first == 0 and last == groups >= 3
         for case, (loss_err, grad_err) in rank_worst.items():
             assert loss_err < 1e-12 and grad_err < 1e-10, (case, loss_err, grad_err)
     assert {mode for _, _, mode in worst[0]} == {"ep", "sharded", "dp"}
@@ -264,6 +293,10 @@ def test_sharded_training_is_the_replicated_training_and_its_checkpoints_reshard
     assert skipped[-1] >= 3  # lr 1e30: the guard skips the updates, sharded as replicated
     assert _relative(accum, out["2x2 accum"]) < 1e-5
     records = {name: _records(tmp_path / name) for name, *_ in CASES}
+    # The clipped gradient norm (every expert counted once, replicas too) is the replicated one.
+    norms = {n: [r["grad_norm"] for r in records[n] if r["kind"] == "train"] for n in records}
+    for name in ("2x2 re-placed", "hsdp 2x2", "4"):
+        assert _relative(norms["replicated"], norms[name]) < 1e-5, name
     assert any(r["kind"] == "placement" for r in records["2x2 re-placed"])
     assert any(r["kind"] == "runtime" for r in records["2x2 auto"])
     # Memory: a rank holds about a quarter of the fully replicated state at dp_shard 4.

@@ -39,6 +39,20 @@ import torch
 _ACTIVE: contextvars.ContextVar[tuple[CollectiveReplay, str] | None] = contextvars.ContextVar(
     "moeflow_collective_replay", default=None
 )
+# Told of every tensor a recording keeps (what a step holds for backward beside autograd's own).
+_OBSERVER: contextvars.ContextVar[Callable[[torch.Tensor], None] | None] = contextvars.ContextVar(
+    "moeflow_kept_observer", default=None
+)
+
+
+@contextlib.contextmanager
+def observing_kept(observer: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    """Inside, `observer(tensor)` sees every tensor a `CollectiveReplay` records."""
+    token = _OBSERVER.set(observer)
+    try:
+        yield
+    finally:
+        _OBSERVER.reset(token)
 
 
 class CollectiveReplay:
@@ -100,6 +114,10 @@ def replayed(fn: Callable) -> Callable:
         if mode == "record":
             result = fn(*args, **kwargs)
             replay.results.append(result)
+            observer = _OBSERVER.get()
+            for t in result if isinstance(result, tuple) else (result,):
+                if observer is not None and isinstance(t, torch.Tensor):
+                    observer(t)
             return result
         result = replay._take()
         return (result[0], None) if isinstance(result, tuple) else result

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moeflow.comm.replay import observing_kept
+
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t  # a DTensor's shard on this rank
@@ -71,13 +73,15 @@ def start_record(
 
 
 class SavedBytes:
-    """Counts the bytes autograd keeps for backward while the block runs (`bytes`): every saved
-    tensor's storage once, parameters excluded (they are held anyway)."""
+    """Counts the bytes kept for backward while the block runs (`bytes`): every tensor autograd
+    saves and every exchange selective checkpointing keeps (`moeflow.comm.replay`), each storage
+    once, parameters excluded (they are held anyway)."""
 
     def __init__(self) -> None:
         self.bytes = 0
         self._seen: set[int] = set()
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._kept = observing_kept(self._pack)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         local = _local(t)
@@ -91,7 +95,9 @@ class SavedBytes:
 
     def __enter__(self) -> SavedBytes:
         self._hooks.__enter__()
+        self._kept.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
+        self._kept.__exit__(*exc)
         self._hooks.__exit__(*exc)
