@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,8 +54,14 @@ def worker(steps: int, out_file: str) -> None:
     from moeflow.train.trainer import Trainer
 
     runtime = init_distributed(300)
-    world, found = runtime.world_size, {}
-    with tempfile.TemporaryDirectory() as tmp:
+    world, found, rank0 = runtime.world_size, {}, runtime.rank == 0
+    tmp = f"{out_file}.runs"  # the same directory on every rank
+
+    def start_record(out: str) -> dict:  # written by rank 0
+        lines = Path(out, "metrics.jsonl").read_text().splitlines() if rank0 else []
+        return next((json.loads(x) for x in lines if '"start"' in x), {})
+
+    try:
         for ep, shard in LAYOUTS[world]:
             for variant in VARIANTS:
                 if variant.startswith("re-placed") and ep == 1:
@@ -64,19 +71,21 @@ def worker(steps: int, out_file: str) -> None:
                     cfg = RunConfig.from_toml(CONFIG, overrides(out, steps, ep, s, variant))
                     with Trainer(cfg, runtime, None, True) as trainer:
                         losses = trainer.run(quiet=True).losses
-                    records = [json.loads(x) for x in Path(out, "metrics.jsonl").read_text()
-                               .splitlines()]  # fmt: skip
-                    start = next(r for r in records if r["kind"] == "start")
-                    found[f"{ep} {shard} {s} {variant}"] = {"losses": losses, "start": start}
+                    found[f"{ep} {shard} {s} {variant}"] = {
+                        "losses": losses,
+                        "start": start_record(out),
+                    }
         if world == 4:  # the fully replicated run: every rank holds the whole state
             cfg = RunConfig.from_toml(CONFIG, overrides(f"{tmp}/full", 1, 1, 1, "plain"))
             with Trainer(cfg, runtime, None, True) as trainer:
                 trainer.run(quiet=True)
-            records = Path(tmp, "full", "metrics.jsonl").read_text().splitlines()
-            found["full"] = {"start": next(json.loads(x) for x in records if '"start"' in x)}
-    if runtime.rank == 0:
-        Path(out_file).write_text(json.dumps(found))
-    shutdown(runtime)
+            found["full"] = {"start": start_record(f"{tmp}/full")}
+        if rank0:
+            Path(out_file).write_text(json.dumps(found))
+    finally:
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        shutdown(runtime)
 
 
 def run(world: int, steps: int) -> dict:
