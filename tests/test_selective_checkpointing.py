@@ -1,10 +1,12 @@
 """Selective activation checkpointing (`train.activation_checkpointing = "selective"`): the
 recomputation in backward replays the MoE layers' exchanges instead of repeating them (no
 all-to-all, no count exchange), and the gradients are those of no checkpointing and of full
-checkpointing (float64, 1e-12), on 2 gloo ranks at ep 2, with two pipelined chunks."""
+checkpointing (float64, 1e-12), on 2 gloo ranks at ep 2, with two pipelined chunks; nothing kept
+outlives the step."""
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import torch
@@ -15,6 +17,7 @@ from tests.test_fsdp import run_cfg
 
 
 def _collectives(rank, world):
+    from moeflow.comm.replay import CollectiveReplay
     from moeflow.models.decoder import MoEDecoder
     from moeflow.parallel import ParallelDims, parallelize
     from moeflow.parallel.dispatch import DispatchConfig
@@ -46,9 +49,12 @@ def _collectives(rank, world):
             forward = calls["a2a"]
             loss.backward()
             backward = calls["a2a"] - forward
+            del loss
+            gc.collect()  # what selective checkpointing kept goes with the step
+            kept = sum(isinstance(o, CollectiveReplay) for o in gc.get_objects())
             sync.sync()
             grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-            out[mode] = (forward, backward, grads)
+            out[mode] = (forward, backward, grads, kept)
     finally:
         dist.all_to_all_single = real
     return out
@@ -56,7 +62,12 @@ def _collectives(rank, world):
 
 def test_selective_recomputation_repeats_no_exchange_and_keeps_the_gradients():
     for ranks in run_on_ranks(_collectives, 2, timeout=240):
-        (f0, b0, g0), (f1, b1, g1), (f2, b2, g2) = ranks[False], ranks[True], ranks["selective"]
+        (f0, b0, g0, _), (f1, b1, g1, _), (f2, b2, g2, k2) = (
+            ranks[False],
+            ranks[True],
+            ranks["selective"],
+        )
+        assert k2 == 0
         assert f0 == f1 == f2 > 0  # the forward exchanges alike
         # 2 MoE layers x (1 count exchange + 2 chunks x (dispatch + combine)) repeated by full
         # checkpointing's recomputation; none by the selective one.

@@ -72,12 +72,15 @@ class CollectiveReplay:
 
     @contextlib.contextmanager
     def replaying(self) -> Iterator[None]:
+        """Replay once: what was kept is let go after (the recomputed graph holds what backward
+        still needs)."""
         self._next = 0
         token = _ACTIVE.set((self, "replay"))
         try:
             yield
         finally:
             _ACTIVE.reset(token)
+            self.results = []
 
     @property
     def kept_bytes(self) -> int:
@@ -113,13 +116,15 @@ def replayed(fn: Callable) -> Callable:
         replay, mode = active
         if mode == "record":
             result = fn(*args, **kwargs)
-            replay.results.append(result)
+            # An all-to-all's handle holds its input, whose graph leads back to the checkpoint
+            # that holds this replay: keeping it would make a cycle the garbage collector cannot
+            # see (autograd's nodes). The output alone is kept.
+            replay.results.append((result[0], None) if isinstance(result, tuple) else result)
             observer = _OBSERVER.get()
             for t in result if isinstance(result, tuple) else (result,):
                 if observer is not None and isinstance(t, torch.Tensor):
                     observer(t)
             return result
-        result = replay._take()
-        return (result[0], None) if isinstance(result, tuple) else result
+        return replay._take()
 
     return wrapper

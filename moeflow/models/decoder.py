@@ -318,21 +318,26 @@ class MoEDecoder(nn.Module):
         forward and replayed by the recomputation, which then repeats no all-to-all
         (`moeflow.comm.replay`)."""
         before = routing_context.copy()
-        forward_context: list[RoutingContext] = []
+        # The forward's context leaves through `handed`, emptied before returning: `run` (kept by
+        # the checkpoint until backward) must not hold it, or the router logits' graph it holds
+        # would keep `run` alive in a cycle autograd's nodes hide from the garbage collector.
+        handed: list[RoutingContext] = []
+        calls = [0]
         replay = CollectiveReplay() if self.activation_checkpointing == "selective" else None
 
         def run(x_: torch.Tensor) -> torch.Tensor:
             ctx = before.copy()
-            ctx.recomputing = bool(forward_context)
+            ctx.recomputing = calls[0] > 0  # the first call is the forward; later ones recompute
+            calls[0] += 1
             if replay is None:
                 kept = contextlib.nullcontext()
             else:
                 kept = replay.replaying() if ctx.recomputing else replay.recording()
             with kept:
                 out = block(x_, self.rope_cos, self.rope_sin, ctx)
-            if not forward_context:  # the first call is the forward; later ones recompute
-                forward_context.append(ctx)
+            if not ctx.recomputing:
+                handed.append(ctx)
             return out
 
         out = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
-        return out, forward_context[0]
+        return out, handed.pop()
