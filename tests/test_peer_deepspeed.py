@@ -66,3 +66,41 @@ def test_drops_differ_only_by_renormalisation_and_min_capacity(top_k):
     torch.testing.assert_close(ds_w, renormalised, rtol=1e-5, atol=1e-6)
     if top_k > 1:
         assert not torch.allclose(ds_w, ours)
+
+
+def test_expert_parameters_are_deepspeeds_moe_params_at_ep_size_1():
+    """Mirrors DeepSpeed's tests/unit/moe/test_moe.py (TestMoE builds its optimizer from
+    `split_params_into_different_moe_groups_for_optimizer`): at `ep_size=1` too, `is_moe_param`
+    holds for exactly the expert weights, and the split gives DeepSpeed's groups (the rest under
+    the group's own name, the experts under "ep_size_1", flagged `moe`)."""
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE
+    from deepspeed.moe.utils import (
+        is_moe_param,
+        split_params_into_different_moe_groups_for_optimizer,
+    )
+
+    from moeflow.integrations.deepspeed import MoE
+
+    def expert():
+        return torch.nn.Sequential(
+            torch.nn.Linear(8, 16, bias=False), torch.nn.ReLU(), torch.nn.Linear(16, 8, bias=False)
+        )
+
+    groups = {}
+    for name, layer in (
+        ("deepspeed", DeepSpeedMoE(8, expert(), num_experts=4, ep_size=1, k=1)),
+        ("moeflow", MoE(8, expert(), num_experts=4, ep_size=1, k=1, use_rts=False)),
+    ):
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), layer)
+        experts = [p for n, p in model.named_parameters() if "expert" in n and "gate" not in n]
+        assert {id(p) for p in model.parameters() if is_moe_param(p)} == {id(p) for p in experts}
+        split = split_params_into_different_moe_groups_for_optimizer(
+            {"params": list(model.parameters()), "name": "all", "lr": 1e-3}
+        )
+        assert {id(p) for p in split[1]["params"]} == {id(p) for p in experts}
+        groups[name] = [(g["name"], g.get("moe", False), g["lr"]) for g in split]
+    assert (
+        groups["moeflow"]
+        == groups["deepspeed"]
+        == [("all", False, 1e-3), ("ep_size_1", True, 1e-3)]
+    )

@@ -112,6 +112,14 @@ def prepare(model: nn.Module, ctx: ParallelContext) -> list[str]:
         layer.num_local_experts = len(layer.local_expert_ids)
         layer.enable_expert_tensor_parallelism = False
         layer.use_residual = False
+    return mark_expert_parameters(model, ep)
+
+
+def mark_expert_parameters(model: nn.Module, ep: int) -> list[str]:
+    """Mark every expert weight of `model` as DeepSpeed marks its experts' (`allreduce = False`,
+    `group_name = "ep_size_<ep>"`), at any `ep`, 1 included: `deepspeed.moe.utils.is_moe_param`
+    finds them and `split_params_into_different_moe_groups_for_optimizer` puts them in the
+    expert group. Returns their names."""
     named = dict(model.named_parameters())
     for pname in expert_parameters(model):
         named[pname].allreduce = False
@@ -237,6 +245,7 @@ class MoE(DeepSpeedMoELayer):
             self.ep_size, self.expert_group_name = 1, "ep_size_1"
             self.num_experts, self.num_local_experts = num_experts, num_experts
             self.enable_expert_tensor_parallelism, self.use_residual = False, False
+            mark_expert_parameters(self, 1)  # as DeepSpeed's experts are, at every ep_size
 
     def forward(self, hidden_states: torch.Tensor, used_token: torch.Tensor | None = None):
         if used_token is not None:
