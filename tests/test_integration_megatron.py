@@ -135,3 +135,36 @@ def test_megatron_mlp_interface():
     torch.testing.assert_close(out, block.moe(x))
     with pytest.raises(ValueError, match="padding_mask"):
         block(x, padding_mask=torch.zeros(3, 5, dtype=torch.bool))
+
+
+def test_seq_aux_loss_groups_megatrons_sequences():
+    """Mirrors Megatron's tests/unit_tests/transformer/moe/test_aux_loss.py (the sequence-level
+    loss, `Router._apply_seq_aux_loss`): hidden states are `[s, b, h]`, and the loss is the
+    per-sequence balancing loss of each of the b sequences, averaged: Megatron's own reshape
+    (`[s, b * E]`, `topk * bsz`) on the same scores, in float64 (the same math)."""
+    from megatron.core.transformer.moe import moe_utils as mu
+
+    S, B, K = 6, 3, 2
+    tc = tc_of(**SWIGLU, moe_router_topk=K, moe_router_load_balancing_type="seq_aux_loss",
+               moe_aux_loss_coeff=1e-2)  # fmt: skip
+    block = MegatronMoE(tc).double()
+    x = torch.randn(S, B, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    block(x)
+    ours = block.moe.last_losses[0]
+    logits = block.moe.router(x.reshape(-1, 32), None).logits_TE  # tokens in [s, b] order
+    # Megatron's scores for the loss (`compute_routing_scores_for_aux_loss`, whose softmax runs
+    # in fp32 whatever the input): here in float64.
+    scores = torch.softmax(logits, dim=-1)
+    routing_map = torch.zeros_like(scores).scatter(1, scores.topk(K, dim=1).indices, 1.0).bool()
+    E = tc.num_moe_experts
+    ref = (
+        mu.switch_load_balancing_loss_func(
+            scores.reshape(S, -1), routing_map.reshape(S, -1).sum(0), S, K, E, 1.0
+        )
+        / B
+    )
+    torch.testing.assert_close(ours, ref.to(ours.dtype), rtol=1e-12, atol=1e-14)
+    # Read batch first (what the layer assumes without `sequence_first`), it is another value.
+    block.moe.sequence_first = False
+    block(x)
+    assert not torch.allclose(block.moe.last_losses[0], ref, rtol=1e-6)

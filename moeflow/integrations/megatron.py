@@ -240,6 +240,7 @@ class MegatronMoE(nn.Module):
         self.config = config
         self.layer_number = layer_number
         self.moe = MoELayer(moe_config(config))
+        self.moe.sequence_first = True  # Megatron's hidden states are [sequence, batch, hidden]
 
     def set_layer_number(self, layer_number: int) -> None:
         self.layer_number = layer_number

@@ -43,9 +43,10 @@ class MoELayer(nn.Module):
     In training mode (with grad enabled) `aux_loss_coeff * aux + z_loss_coeff * z` reaches the
     router's gradient through the output's backward, scaled by `aux_loss_scale` (set it to `1 /
     grad_accum_steps` if the main loss is averaged over micro-batches). For `seq_aux_loss` the input
-    is read as `[B, S, D]` (batch first; any further leading dims count as batch) and a 2-D input as
-    one sequence. `router.type` picks the router (`moeflow.moe.routers`); `shared` holds modules the
-    model shares between its MoE layers (RMoE's GRU cell).
+    is read as `[B, S, D]` (batch first; any further leading dims count as batch; `[S, B, D]` with
+    `sequence_first`) and a 2-D input as one sequence. `router.type` picks the router
+    (`moeflow.moe.routers`); `shared` holds modules the model shares between its MoE layers (RMoE's
+    GRU cell).
 
     Pairs routed to a null or zero-computation expert are computed on this rank (0, `x`, or the
     constant expert) and never enter the dispatcher: `last_stats.traffic.sent_bytes` counts what
@@ -88,6 +89,7 @@ class MoELayer(nn.Module):
                 config.shared_expert_gate,
             )  # fmt: skip
         self.aux_loss_scale = 1.0
+        self.sequence_first = False  # seq_aux_loss reads [S, B, D] (Megatron's layout) if set
         # What the last forward measured, detached: a graph kept here would pin the step's
         # activations until the next forward and break `copy.deepcopy(model)`.
         self.last_stats: MoEStats | None = None
@@ -264,7 +266,7 @@ class MoELayer(nn.Module):
         training = self.training and torch.is_grad_enabled()
         losses = layer_losses(
             cfg.router, self.router, self.balance, x, route, routed_E, training and not recomputing,
-            recomputing,
+            recomputing, self.sequence_first,
         )  # fmt: skip
         total = cfg.router.aux_loss_coeff * losses[0] + cfg.router.z_loss_coeff * losses[1]
         if training:

@@ -87,10 +87,12 @@ def layer_losses(
     routed_E: torch.Tensor,
     count_globally: bool,
     recomputing: bool,
+    sequence_first: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One MoE layer call's (balancing loss, z-loss), before their coefficients, as the router
     config `rc`'s `aux_loss_type` asks: per micro-batch, global-batch (counts summed over the
-    `BalanceState` `balance`'s group, counted once under recomputation) or per sequence."""
+    `BalanceState` `balance`'s group, counted once under recomputation) or per sequence (`x` read
+    as `[B, S, D]`, or `[S, B, D]` with `sequence_first`)."""
     scores_TE = route.scores_TE
     weights_E = router.balance_weights()
     zero = route.logits_TE.sum() * 0.0
@@ -102,14 +104,15 @@ def layer_losses(
         aux = balance_loss(scores_TE, router.balance_counts(counts_E), weights_E)
     elif rc.aux_loss_type == "seq_aux_loss":
         num_choices = scores_TE.shape[1]
-        seq_len = x.shape[-2] if x.dim() >= 3 else scores_TE.shape[0]
-        num_seqs = scores_TE.shape[0] // max(seq_len, 1)
         one_hot = torch.zeros_like(scores_TE).scatter_(1, route.expert_ids_TK, 1.0)
-        counts_BE = one_hot.view(num_seqs, seq_len, num_choices).sum(dim=1)
-        aux = seq_balance_loss(
-            scores_TE.view(num_seqs, seq_len, num_choices),
-            router.balance_counts(counts_BE),
-            weights_E,
-        )
+        if x.dim() >= 3 and sequence_first:  # tokens in [S, B] order: regroup per sequence
+            seq_len = x.shape[0]
+            scores_BSE = scores_TE.view(seq_len, -1, num_choices).transpose(0, 1)
+            one_hot_BSE = one_hot.view(seq_len, -1, num_choices).transpose(0, 1)
+        else:
+            seq_len = x.shape[-2] if x.dim() >= 3 else scores_TE.shape[0]
+            scores_BSE = scores_TE.view(-1, max(seq_len, 1), num_choices)
+            one_hot_BSE = one_hot.view(-1, max(seq_len, 1), num_choices)
+        aux = seq_balance_loss(scores_BSE, router.balance_counts(one_hot_BSE.sum(dim=1)), weights_E)
     zl = z_loss(route.logits_TE) if rc.z_loss_coeff > 0 else zero
     return aux, zl
