@@ -319,10 +319,8 @@ class RuntimeTuner:
             _synchronize(x.device)
             t0 = time.perf_counter()
             xr = x.detach().requires_grad_(True)
-            out = layer(
-                xr, mode=cand.mode, overlap_degree=cand.overlap, two_level=cand.two_level,
-                routing_context=RoutingContext(recomputing=True),
-            )  # fmt: skip
+            out = layer(xr, mode=cand.mode, overlap_degree=cand.overlap, two_level=cand.two_level,
+                        routing_context=RoutingContext(recomputing=True))  # fmt: skip
             torch.autograd.grad(out, [xr, *params], torch.ones_like(out), allow_unused=True)
             _synchronize(x.device)
             return time.perf_counter() - t0

@@ -7,8 +7,10 @@ Per optimizer step, on every rank:
    ride on the MoE outputs, scaled the same way by `set_aux_loss_scale`);
 3. `GradSync`: dense gradients averaged over the world, expert gradients over the
    expert-data-parallel group; with `parallel.overlap_grad_sync` (the default) each bucket is sent
-   from the last micro-batch's backward as soon as it is ready, and the step waits for them;
-4. clip by the global gradient norm (expert parts summed over the `ep` group);
+   from the last micro-batch's backward as soon as it is ready, and the step waits for them (a
+   sharded model, `parallel.dp_shard`: FSDP reduce-scatters them in that backward instead);
+4. clip by the global gradient norm (expert parts summed over the `ep` group; shards over a
+   replica's ranks);
 5. one all-reduce and host sync of the step's flags: a stop flag (SIGTERM or a first Ctrl-C,
    SIGINT, on any rank: checkpoint after this step and exit, 0 after SIGTERM, 130 after SIGINT; a
    second Ctrl-C stops at once) and the non-finite guard's (`moeflow.train.nonfinite`: a NaN or
@@ -30,6 +32,7 @@ Example (one process, a few steps on the embedded corpus):
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from pathlib import Path
 
@@ -96,8 +99,8 @@ class Trainer:
         dtype: torch.dtype | None = None,
     ):
         self.cfg, self.runtime, self.dtype = cfg, runtime, dtype
-        p = cfg.parallel
-        dp = p.dp_for(runtime.world_size)
+        self._autocast = functools.partial(autocast, cfg.train.autocast, runtime.device)
+        p, dp = cfg.parallel, cfg.parallel.dp_for(runtime.world_size)
         dims = ParallelDims(dp=dp, ep=p.ep, dp_shard=p.dp_shard_for(dp, runtime.device),
                             timeout_s=p.startup_timeout_s)  # fmt: skip
         self.ctx = dims.build(runtime.device.type)
@@ -131,10 +134,8 @@ class Trainer:
         self.tuner = build_tuner(cfg, self.ctx, self.model, self.out_dir, runtime.device)
         self.corpus = load_corpus(cfg.data)
         t = cfg.train
-        self.stream = BatchStream(
-            self.corpus.train, t.seq_len, t.micro_batch_size, self.ctx.rank,
-            runtime.world_size, t.seed,
-        )  # fmt: skip
+        self.stream = BatchStream(self.corpus.train, t.seq_len, t.micro_batch_size, self.ctx.rank,
+                                  runtime.world_size, t.seed)  # fmt: skip
         shard = len(self.corpus.train) // runtime.world_size
         check_data(cfg, self.ctx, self.corpus, self.ctx.rank * shard)
         self.step = 0
@@ -142,9 +143,8 @@ class Trainer:
         self.save_due = False  # a periodic checkpoint waits while updates are being skipped
         self.start_record: dict | None = None  # measured in this run's first step
         self.stop_agreed = False  # ... by any rank, as of the last step's flag exchange
-        self.guard = NonFiniteGuard(
-            t.on_nonfinite, t.max_nonfinite_skips, self.ctx.rank, runtime.world_size
-        )
+        self.guard = NonFiniteGuard(t.on_nonfinite, t.max_nonfinite_skips, self.ctx.rank,
+                                    runtime.world_size)  # fmt: skip
         if runtime.device.type == "cpu":
             apply_once()  # reuse freed activations instead of page-faulting them back
 
@@ -166,10 +166,9 @@ class Trainer:
         self.lock = None
 
     # -- setup -------------------------------------------------------------------------------
-    def _load(self) -> None:
-        meta, rank_state = ckpt.load_checkpoint(
-            self.resume_path, self.model, self.optimizer, self.ctx.world_group
-        )
+    def _load(self) -> dict:
+        meta, rank_state = ckpt.load_checkpoint(self.resume_path, self.model, self.optimizer,
+                                                self.ctx.world_group)  # fmt: skip
         self.step = int(meta["step"])
         same_layout = meta.get("parallel") == layout_record(self.ctx.dims)
         if self.tuner is not None and isinstance(meta.get("tuner"), dict) and same_layout:
@@ -181,9 +180,6 @@ class Trainer:
             self.stream.skip(self.step * self.cfg.train.grad_accum_steps)
             torch.manual_seed(self.cfg.train.seed + self.ctx.rank + self.step)
         return meta
-
-    def _autocast(self):
-        return autocast(self.cfg.train.autocast, self.runtime.device)
 
     # -- one step ----------------------------------------------------------------------------
     def train_step(self, metrics: IntervalMetrics) -> torch.Tensor:
