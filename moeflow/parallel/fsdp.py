@@ -204,13 +204,15 @@ def unsharded(unit: FSDPModule | None) -> Iterator[None]:
         unit.reshard()
 
 
-def unsharded_bytes(unit: FSDPModule | None) -> int:
+def unsharded_bytes(unit: nn.Module | None, element_bytes: int | None = None) -> int:
     """What gathering `unit` adds to this rank's memory: its parameters' full size less the local
-    shards, at the master weights' dtype (under bf16 mixed precision, twice what it adds)."""
+    shards, at `element_bytes` per element (default the master weights': under bf16 mixed
+    precision, pass 2)."""
     if unit is None:
         return 0
     total = 0
     for p in unit.parameters():
         if isinstance(p, DTensor):
-            total += (p.numel() - p._local_tensor.numel()) * p.element_size()
+            size = p.element_size() if element_bytes is None else element_bytes
+            total += (p.numel() - p._local_tensor.numel()) * size
     return total

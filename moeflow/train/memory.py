@@ -24,14 +24,12 @@ import torch.distributed as dist
 from torch import nn
 
 from moeflow.comm.replay import observing_kept
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t  # a DTensor's shard on this rank
+from moeflow.parallel.fsdp import local_tensor
 
 
 def _bytes(tensors) -> int:
-    return sum(_local(t).numel() * _local(t).element_size() for t in tensors if t is not None)
+    local = [local_tensor(t) for t in tensors if t is not None]  # a DTensor's shard on this rank
+    return sum(t.numel() * t.element_size() for t in local)
 
 
 def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
@@ -84,7 +82,7 @@ class SavedBytes:
         self._kept = observing_kept(self._pack)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        local = _local(t)
+        local = local_tensor(t)
         if not isinstance(t, nn.Parameter) and local.device.type != "meta":
             storage = local.untyped_storage()
             key = storage.data_ptr()

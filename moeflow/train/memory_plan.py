@@ -41,7 +41,7 @@ from moeflow.moe.ffn import gate_multiplier
 from moeflow.moe.layer import MoELayer
 from moeflow.moe.walk import moe_layers
 from moeflow.parallel.dispatch import MODES
-from moeflow.parallel.fsdp import is_sharded, transformer_blocks
+from moeflow.parallel.fsdp import is_sharded, transformer_blocks, unsharded_bytes
 from moeflow.train.config import RunConfig
 
 COMPUTE_BYTES = {"fp32": 4, "bf16": 2}
@@ -107,15 +107,6 @@ def loss_buffer_bytes(cfg: RunConfig) -> float:
     return 3 * 4 * chunk * cfg.model.vocab_size
 
 
-def _gathered_bytes(module: nn.Module, compute_bytes: int) -> int:
-    """What gathering an FSDP unit's parameters adds: full size less the local shards."""
-    total = 0
-    for p in module.parameters():
-        if isinstance(p, DTensor):
-            total += (p.numel() - p._local_tensor.numel()) * compute_bytes
-    return total
-
-
 def transient_bytes(model: nn.Module, compute: str, mode: str) -> tuple[int, str]:
     """The largest transient of any block and what it is: FSDP's gathered block, twice (the
     running block and the prefetched next one), its unsharded fp32 gradients, and the experts
@@ -125,8 +116,8 @@ def transient_bytes(model: nn.Module, compute: str, mode: str) -> tuple[int, str
     sharded = is_sharded(model)
     modes = MODES if mode == "auto" else (mode,)
     for block in transformer_blocks(model):
-        gathered = _gathered_bytes(block, b) if sharded else 0
-        grads = _gathered_bytes(block, 4) if sharded else 0
+        gathered = unsharded_bytes(block, b) if sharded else 0
+        grads = unsharded_bytes(block, 4) if sharded else 0
         extra = 0
         for _, layer in moe_layers(block) if not isinstance(block, MoELayer) else [("", block)]:
             cfg = layer.config
