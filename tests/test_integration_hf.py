@@ -256,10 +256,10 @@ def test_convert_export_and_save_pretrained_round_trip(kind, tmp_path):
 def test_convert_refuses_what_it_cannot_match():
     from moeflow.integrations.hf import convert
 
-    model_cls, config = sparse_models()["mixtral"]
-    config.router_jitter_noise = 0.1
-    with pytest.raises(ValueError, match=r"router_jitter_noise = 0\.1"):
-        convert(model_cls._from_config(config, experts_implementation="eager"))
+    model = sparse("mixtral")
+    convert(model, aux_loss_coeff=0.01)  # moeflow's balancing loss, and HF's asked for too:
+    with pytest.raises(ValueError, match=r"balanced twice.*aux_loss_coeff=0"):
+        model(torch.zeros(1, 4, dtype=torch.long), output_router_logits=True)
     with pytest.raises(ValueError, match=r"router\.softmax_dtype \('bf16'\) must be one of"):
         RouterConfig(softmax_dtype="bf16")
 

@@ -31,6 +31,42 @@ D = 8
 
 
 # -- hand-computed values -----------------------------------------------------------------------
+@pytest.mark.parametrize("router", ["topk", "null", "moepp"])
+@pytest.mark.parametrize("aux_loss_type", ["aux_loss", "global_aux_loss", "seq_aux_loss"])
+def test_a_token_mask_leaves_padding_out_of_every_balancing_term(router, aux_loss_type):
+    """Padding under a token mask (RoutingContext.token_mask) changes no balancing loss, z-loss
+    or balancing count: a [B, S] batch with masked padding gives what its real tokens give."""
+    extra = {"null": {"num_null_experts": 2}, "moepp": {"zero_experts": 1, "copy_experts": 1}}
+    cfg = MoEConfig(hidden_size=D, num_experts=4, ffn_hidden_size=8, router=RouterConfig(
+        type=router, top_k=2, aux_loss_type=aux_loss_type, z_loss_coeff=0.1,
+        **extra.get(router, {})))  # fmt: skip
+    layer = MoELayer(cfg).double().train()
+    x = torch.randn(3, 5, D, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
+    padded = x.masked_fill(mask[..., None] == 0, 3.0)  # padding routes somewhere
+    layer(padded, routing_context=RoutingContext(token_mask=mask))
+    masked = (layer.last_losses, layer.balance.step_counts.clone())
+    layer.balance.reset(torch.device("cpu"))
+    real = []
+    for row, keep in zip(x, mask.bool(), strict=True):  # each sequence's real tokens alone
+        real.append(row[keep])
+    if aux_loss_type == "seq_aux_loss":  # per sequence: one layer call per sequence, averaged
+        per_seq = []
+        for r in real:
+            layer(r[None])
+            per_seq.append(layer.last_losses[0])
+        want_aux = torch.stack(per_seq).mean()
+        torch.testing.assert_close(masked[0][0], want_aux, rtol=1e-12, atol=1e-14)
+    else:
+        layer(torch.cat(real))
+        torch.testing.assert_close(masked[0][0], layer.last_losses[0], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(masked[0][1], layer.last_losses[1], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(masked[1], layer.balance.step_counts, rtol=0, atol=0)
+    assert masked[1].sum().item() == 2 * int(mask.sum())
+    with pytest.raises(ValueError, match=r"token_mask has 14 entries .* 15 tokens"):
+        layer(x, routing_context=RoutingContext(token_mask=mask.reshape(-1)[:14]))
+
+
 def test_null_routing_by_hand():
     logits = torch.tensor([[2.0, 1.0, 0.0, 1.5]], dtype=torch.float64)  # n=2 true, m=2 null
     w, ids, p = null_routing(logits, n=2, k=3)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moeflow.integrations.hf_blocks import HFSparseMoELayer
 from moeflow.integrations.hf_context import attach_routing_context
 from moeflow.moe.config import MoEConfig, RouterConfig
 from moeflow.moe.ffn import FeedForward
@@ -209,23 +210,17 @@ SPARSE_BLOCKS = (
 def block_config(block: nn.Module, config, aux_loss_coeff: float | None = None) -> MoEConfig:
     """The `MoEConfig` computing what the HF sparse MoE `block` computes: softmax over all
     experts in float32 (as HF does, `softmax_dtype="fp32"`), top-k, renormalised when the block
-    does, dropless. `aux_loss_coeff` default: the model's `router_aux_loss_coef` when
-    `output_router_logits` is set, else 0 (moeflow adds its per-layer balancing loss itself,
-    Megatron's normalisation; HF's pools the layers)."""
+    does, dropless. `aux_loss_coeff` (moeflow's own per-layer balancing loss) defaults to 0: a
+    converted model balances as HF does, through `output_router_logits=True` (HF's loss, pooled
+    over the layers, from the logits the layers record; `moeflow.integrations.hf_blocks`)."""
     name = type(block).__name__
     if getattr(config, "hidden_act", "silu") != "silu":
         raise ValueError(
             f"{name}: hidden_act = {config.hidden_act!r}; moeflow's experts are SwiGLU"
         )
-    if getattr(config, "router_jitter_noise", 0.0):
-        raise ValueError(
-            f"{name}: router_jitter_noise = {config.router_jitter_noise} jitters the experts' "
-            "input too, which moeflow does not; set it to 0"
-        )
     gate, experts = block.gate, block.experts
     renormalise = True if name.startswith("Mixtral") else bool(gate.norm_topk_prob)
-    if aux_loss_coeff is None:
-        aux_loss_coeff = config.router_aux_loss_coef if config.output_router_logits else 0.0
+    aux_loss_coeff = 0.0 if aux_loss_coeff is None else aux_loss_coeff
     shared = getattr(block, "shared_expert", None)
     return MoEConfig(
         hidden_size=gate.weight.shape[1],
@@ -241,12 +236,17 @@ def block_config(block: nn.Module, config, aux_loss_coeff: float | None = None) 
 
 
 def convert(
-    model: nn.Module, aux_loss_coeff: float | None = None, moe_config: MoEConfig | None = None
+    model: nn.Module,
+    aux_loss_coeff: float | None = None,
+    moe_config: MoEConfig | None = None,
+    hf_state_dict: bool = True,
 ) -> list[str]:
-    """Replace, in place, every HF sparse MoE block of `model` (`SPARSE_BLOCKS`) by an `MoELayer`
-    computing the same outputs (`block_config`), with its weights; returns the module names.
-    `moe_config` (e.g. another router type or a capacity) replaces `block_config`'s; its shapes,
-    top-k, routing semantics and shared expert must be the blocks' own."""
+    """Replace, in place, every HF sparse MoE block of `model` (`SPARSE_BLOCKS`) by an
+    `HFSparseMoELayer` computing the same outputs (`block_config`; the block's router jitter and
+    router-logit outputs included), with its weights; returns the module names. `moe_config`
+    (e.g. another router type or a capacity) replaces `block_config`'s; its shapes, top-k,
+    routing semantics and shared expert must be the blocks' own. `hf_state_dict`: the layers'
+    state-dict keys are the HF blocks' (loading takes both); False keeps moeflow's."""
     config = model.config
     names = []
     for name, block in list(model.named_modules()):
@@ -257,7 +257,9 @@ def convert(
             _check_same_blocks(name, cfg, moe_config)
             cfg = moe_config
         w = block.gate.weight
-        layer = MoELayer(cfg).to(device=w.device, dtype=w.dtype)
+        jitter = getattr(block, "jitter_noise", 0.0)
+        layer = HFSparseMoELayer(cfg, type(block), jitter).to(device=w.device, dtype=w.dtype)
+        layer.hf_state_dict = hf_state_dict
         with torch.no_grad():
             layer.router.weight.copy_(w)
             layer.experts.w1.copy_(block.experts.gate_up_proj.transpose(1, 2))
@@ -266,7 +268,6 @@ def convert(
                 _copy_ffn(block.shared_expert, layer.shared_expert.ffn)
                 if layer.shared_expert.gate is not None:
                     layer.shared_expert.gate.copy_(block.shared_expert_gate.weight.t())
-        layer.__dict__["hf_block_class"] = type(block)  # for export (not a submodule)
         _replace(model, name, layer)
         names.append(name)
     attach_routing_context(model)
@@ -299,9 +300,9 @@ def export(model: nn.Module) -> list[str]:
     The layers must hold every expert (export from one process); returns the module names."""
     names = []
     for name, layer in list(model.named_modules()):
-        cls = layer.__dict__.get("hf_block_class") if isinstance(layer, MoELayer) else None
-        if cls is None:
+        if not isinstance(layer, HFSparseMoELayer):
             continue
+        cls = layer.hf_block_class
         if layer.layout.group_size != 1:
             raise ValueError(
                 f"MoE layer '{name}' is spread over {layer.layout.group_size} ranks: export needs "

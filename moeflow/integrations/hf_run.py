@@ -256,6 +256,7 @@ class HFCausalLM(nn.Module):
     def __init__(self, hf: nn.Module) -> None:
         super().__init__()
         self.hf = hf
+        self.records_router_logits = hasattr(getattr(hf, "config", None), "output_router_logits")
 
     @property
     def activation_checkpointing(self) -> bool:
@@ -271,7 +272,9 @@ class HFCausalLM(nn.Module):
             self.hf.gradient_checkpointing_disable()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.hf(input_ids=ids, use_cache=False).logits
+        # The run's balancing loss is moeflow's per-layer one (`[model.moe]`), not HF's as well.
+        no_hf_aux = {"output_router_logits": False} if self.records_router_logits else {}
+        return self.hf(input_ids=ids, use_cache=False, **no_hf_aux).logits
 
 
 def build_hf_model(cfg, device: torch.device) -> HFCausalLM:
@@ -294,7 +297,7 @@ def build_hf_model(cfg, device: torch.device) -> HFCausalLM:
             hf = transformers.AutoModelForCausalLM.from_config(config)
         hf.to(torch.float32)
         if _sparse_blocks(hf):
-            convert(hf, moe_config=cfg.model.moe)
+            convert(hf, moe_config=cfg.model.moe, hf_state_dict=False)  # logical expert keys
         else:
             n = config.num_hidden_layers
             upcycle(hf, cfg.model.moe, [i for i in range(n) if cfg.model.is_moe_layer(i)])

@@ -24,12 +24,12 @@ from moeflow.moe.experts import GroupedExperts, gated_bias
 from moeflow.moe.ffn import FeedForward
 from moeflow.moe.grouped_ffn import compute_dtype
 from moeflow.moe.layout import ExpertLayout
-from moeflow.moe.losses import layer_losses
+from moeflow.moe.losses import layer_losses, masked_counts
 from moeflow.moe.low_dim import LowDimProjection
 from moeflow.moe.routers.base import RouterOutput
 from moeflow.moe.routers.moepp import ZeroComputationExperts
 from moeflow.moe.routers.registry import build_router
-from moeflow.moe.routing_context import RoutingContext
+from moeflow.moe.routing_context import RoutingContext, token_mask
 from moeflow.moe.shared_expert import SharedExpert
 from moeflow.moe.stats import MoEStats, Traffic, measure_stats
 from moeflow.moe.upcycle import check_upcycle
@@ -220,9 +220,8 @@ class MoELayer(nn.Module):
         """`x: [..., D]` -> `[..., D]`. `overlap_degree`, `mode` (`ep`, `sharded`, `dp`; see
         `moeflow.moe.expert_dispatch`) and `two_level` (all-to-all within nodes, then across)
         override the dispatch config's for this call: every choice computes the same math from
-        the same parameters. `routing_context`, passed by the model
-        from one MoE layer to the next, carries router state and receives this layer's router
-        logits."""
+        the same parameters. `routing_context`, passed by the model from one MoE layer to the
+        next, carries router state and a token mask, and receives this layer's router logits."""
         out, _ = self.forward_with_losses(x, overlap_degree, routing_context, mode, two_level)
         return out
 
@@ -264,9 +263,11 @@ class MoELayer(nn.Module):
             zc_TD = self.zc_experts(x_TD.to(out_TD.dtype), rel_TK, route.weights_TK)
             out_TD = out_TD + zc_TD
         training = self.training and torch.is_grad_enabled()
+        mask_T = token_mask(routing_context, x_TD.shape[0])  # padding counts in no balancing
+        counted_E = masked_counts(route.expert_ids_TK, routed_E, mask_T)
         losses = layer_losses(
-            cfg.router, self.router, self.balance, x, route, routed_E, training and not recomputing,
-            recomputing, self.sequence_first,
+            cfg.router, self.router, self.balance, x, route, counted_E,
+            training and not recomputing, recomputing, self.sequence_first, mask_T,
         )  # fmt: skip
         total = cfg.router.aux_loss_coeff * losses[0] + cfg.router.z_loss_coeff * losses[1]
         if training:
@@ -274,7 +275,7 @@ class MoELayer(nn.Module):
         if not recomputing:
             self.last_losses = (losses[0].detach(), losses[1].detach())
             if training:
-                self.balance.add_step_counts(routed_E)
+                self.balance.add_step_counts(counted_E)
             self.last_stats = measure_stats(
                 routed_E, kept_E, keep_TK, losses, route, cfg.num_experts, cfg.router.top_k, traffic
             )
@@ -351,10 +352,9 @@ class MoELayer(nn.Module):
         rate = self.config.router.bias_update_rate
         if rate > 0:
             load_E = self.balance.step_loads(group if group is not None else self.balance_group)
+            bias = self.router.expert_bias
             with torch.no_grad():
-                self.router.expert_bias += rate * torch.sign(load_E.mean() - load_E).to(
-                    self.router.expert_bias.dtype
-                )
+                bias += rate * torch.sign(load_E.mean() - load_E).to(bias.dtype)
         self.balance.reset(self.balance.step_counts.device)
 
     @property

@@ -28,14 +28,33 @@ class RoutingContext:
     state: dict[str, torch.Tensor] = field(default_factory=dict)
     # True while activation checkpointing recomputes a block: layers skip side effects.
     recomputing: bool = False
+    # 1 for a real token, 0 for padding, in the order of the layers' flattened input `[T]` (e.g.
+    # an attention mask `[B, S]`): padding counts in no balancing loss or count. None: all count.
+    token_mask: torch.Tensor | None = None
 
     def copy(self) -> RoutingContext:
         """A shallow copy (same tensors, own `state` dict): a snapshot that later layers' records
         do not change."""
         return RoutingContext(
-            self.previous_logits, self.layers_seen, dict(self.state), self.recomputing
-        )
+            self.previous_logits, self.layers_seen, dict(self.state), self.recomputing,
+            self.token_mask,
+        )  # fmt: skip
 
     def record(self, logits_TE: torch.Tensor) -> None:
         self.previous_logits = logits_TE
         self.layers_seen += 1
+
+
+def token_mask(context: RoutingContext | None, num_tokens: int) -> torch.Tensor | None:
+    """`context.token_mask` flattened to `[num_tokens]` (None without one); a mask of another
+    size is refused, naming both sizes."""
+    mask = None if context is None else context.token_mask
+    if mask is None:
+        return None
+    if mask.numel() != num_tokens:
+        raise ValueError(
+            f"RoutingContext.token_mask has {mask.numel()} entries (shape {tuple(mask.shape)}) "
+            f"but the MoE layer's input has {num_tokens} tokens: give one entry per token, in "
+            "the order of the input's leading dims"
+        )
+    return mask.reshape(-1)
