@@ -107,10 +107,8 @@ class MoELayer(nn.Module):
         """Install another router (e.g. AdaMoE's conversion, `convert_topk_to_null`) with the
         layer config it belongs to (same experts); the balancing counts start afresh, over the
         same group."""
-        if (config.num_experts, config.ffn_hidden_size) != (
-            self.config.num_experts,
-            self.config.ffn_hidden_size,
-        ):
+        old = self.config
+        if (config.num_experts, config.ffn_hidden_size) != (old.num_experts, old.ffn_hidden_size):
             raise ValueError("a new router must keep the layer's experts (num_experts, ffn size)")
         group = self.balance.group
         self.router, self.config = router, config
@@ -295,8 +293,9 @@ class MoELayer(nn.Module):
         n = self.config.num_experts
         ids_TK = route.expert_ids_TK
         num_tokens = x_TD.shape[0]
-        # Pairs of null/zero-computation experts stay here: masked out like dropped pairs.
-        keep_TK = (ids_TK < n) if self.router.num_choices > n else None
+        keep_TK = route.keep_TK  # pairs a router drops itself (DeepSpeed's gating) stay out
+        if self.router.num_choices > n:  # null/zero-computation pairs stay here, out as well
+            keep_TK = (ids_TK < n) if keep_TK is None else keep_TK & (ids_TK < n)
         pad_to = None
         if rc.capacity_factor is not None:
             capacity = expert_capacity(num_tokens, n, rc.top_k, rc.capacity_factor, rc.min_capacity)

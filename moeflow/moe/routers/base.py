@@ -49,13 +49,16 @@ class RouterOutput:
 
     `weights_TK` / `expert_ids_TK`: the k choices per token, best first (ids over all E choices).
     `scores_TE`: the full-distribution probabilities the balancing loss uses. `logits_TE`: raw
-    logits, for the z-loss and for the next layer's gating residual.
+    logits, for the z-loss and for the next layer's gating residual. `keep_TK`: for a router that
+    drops pairs itself (DeepSpeed's gating), False where a pair is dropped; None keeps every pair
+    (the layer's own capacity, if configured, still applies).
     """
 
     weights_TK: torch.Tensor
     expert_ids_TK: torch.Tensor
     scores_TE: torch.Tensor
     logits_TE: torch.Tensor
+    keep_TK: torch.Tensor | None = None
 
 
 class Router(nn.Module):
