@@ -1,6 +1,8 @@
 """Megatron-Core integration: `MoEConfig` <-> `TransformerConfig` round trips exactly on every
 mapped field; every unsupported field or value raises naming it; the mapped router routes as
-Megatron's own `topk_routing_with_score_function`; `MegatronMoE` has Megatron's MLP interface."""
+Megatron's own `topk_routing_with_score_function`; `MegatronMoE` has Megatron's MLP interface,
+keeps the pairs Megatron keeps under a capacity (`apply_router_token_dropping`, both drop
+policies, padded or not, every scoring) and leaves Megatron's padding out of its losses."""
 
 from __future__ import annotations
 
@@ -133,8 +135,8 @@ def test_megatron_mlp_interface():
     out, bias = block(x, padding_mask=None)
     assert bias is None and out.shape == x.shape
     torch.testing.assert_close(out, block.moe(x))
-    with pytest.raises(ValueError, match="padding_mask"):
-        block(x, padding_mask=torch.zeros(3, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"padding_mask has shape \(5, 3\).*\[3, 5\]"):
+        block(x, padding_mask=torch.zeros(5, 3, dtype=torch.bool))
 
 
 def test_seq_aux_loss_groups_megatrons_sequences():
@@ -168,3 +170,121 @@ def test_seq_aux_loss_groups_megatrons_sequences():
     block.moe.sequence_first = False
     block(x)
     assert not torch.allclose(block.moe.last_losses[0], ref, rtol=1e-6)
+
+
+SCORING = {
+    "softmax": {},
+    "pre_softmax": {"moe_router_pre_softmax": True},
+    "sigmoid": {"moe_router_score_function": "sigmoid"},
+}
+
+
+@pytest.mark.parametrize("policy", ["position", "probs"])
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+@pytest.mark.parametrize("capacity_factor", [0.5, 1.0, 1.5])
+@pytest.mark.parametrize("scoring", list(SCORING))
+def test_megatron_moe_keeps_the_pairs_megatron_keeps(policy, top_k, capacity_factor, scoring):
+    """Megatron's `apply_router_token_dropping` on Megatron's own routing of the same logits:
+    the kept pairs are the same (its `torch.topk` over the routing map or the probabilities
+    picks among tied tokens in that op's order, which the layer follows), padded to capacity or
+    not, and the layer's output is the experts' outputs weighted by Megatron's final probs
+    (float64: the same math, computed from the kept pairs' weights)."""
+    if top_k == 1 and scoring == "softmax":
+        scoring = "pre_softmax"  # Megatron refuses a post-softmax top-1 (a zero gradient)
+    for pad in (False, True):
+        tc = tc_of(**SWIGLU, **SCORING[scoring], moe_router_topk=top_k,
+                   moe_expert_capacity_factor=capacity_factor, moe_token_drop_policy=policy,
+                   moe_pad_expert_input_to_capacity=pad)  # fmt: skip
+        torch.manual_seed(top_k)
+        block = MegatronMoE(tc).double()
+        with torch.no_grad():
+            block.moe.router.weight.normal_(0.0, 1.0)
+        x = torch.randn(12, 4, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+        x_TD = x.reshape(-1, 32)
+        route = block.moe.router(x_TD)
+        ours = torch.zeros(48, 8, dtype=torch.float64).scatter_(
+            1, route.expert_ids_TK, route.weights_TK * route.keep_TK
+        )
+        probs, routing_map = mu.topk_routing_with_score_function(
+            route.logits_TE, top_k, use_pre_softmax=tc.moe_router_pre_softmax,
+            score_function=tc.moe_router_score_function,
+        )  # fmt: skip
+        final_probs, final_map = mu.apply_router_token_dropping(
+            probs, routing_map, top_k, capacity_factor, policy, pad_to_capacity=pad
+        )
+        assert torch.equal(ours > 0, (final_map & routing_map) & (final_probs > 0)), pad
+        # Megatron's softmax runs in float32 whatever the logits' dtype: its weights are fp32's
+        torch.testing.assert_close(ours, final_probs, rtol=1e-6, atol=1e-7)
+        if capacity_factor < 1.5:
+            assert (final_map & routing_map).sum() < routing_map.sum()  # something dropped
+        w1, w2 = block.moe.experts.w1, block.moe.experts.w2
+        f = w2.shape[1]
+        want = torch.zeros_like(x_TD)
+        for e in range(8):
+            h = x_TD @ w1[e]
+            want += ours[:, e : e + 1] * ((F.silu(h[:, :f]) * h[:, f:]) @ w2[e])
+        with torch.no_grad():
+            got, _ = block(x)
+        torch.testing.assert_close(got.reshape(-1, 32), want, rtol=1e-10, atol=1e-12)
+
+
+def test_padding_mask_leaves_megatrons_padding_out_of_the_losses():
+    """`padding_mask` [b, s], True at padding, as Megatron's router reads it: the balancing loss
+    and z-loss equal Megatron's `switch_load_balancing_loss_func` (over the valid tokens, their
+    count as the token count) and `z_loss_func` with that mask, and the aux-loss-free counts
+    leave padding out (float64)."""
+    S, B, K = 7, 3, 2
+    tc = tc_of(**SWIGLU, moe_router_topk=K, moe_aux_loss_coeff=1e-2, moe_z_loss_coeff=1e-3,
+               moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid")  # fmt: skip
+    block = MegatronMoE(tc).double().train()
+    x = torch.randn(S, B, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    padding = torch.zeros(B, S, dtype=torch.bool)
+    padding[0, :3] = padding[2, :1] = True
+    block(x, padding_mask=padding)
+    aux, z = block.moe.last_losses
+    logits = block.moe.router(x.reshape(-1, 32)).logits_TE  # tokens in [s, b] order
+    pad_T = padding.transpose(0, 1).reshape(-1)
+    rmap, scores = mu.compute_routing_scores_for_aux_loss(logits, K, "sigmoid", padding_mask=pad_T)
+    valid = int((~pad_T).sum())
+    want_aux = mu.switch_load_balancing_loss_func(scores, rmap.sum(0), valid, K, 8, 1.0)
+    torch.testing.assert_close(aux, want_aux.to(aux.dtype), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(z, mu.z_loss_func(logits, 1.0, padding_mask=pad_T), rtol=1e-12,
+                               atol=1e-14)  # fmt: skip
+    assert block.moe.balance.step_counts.sum().item() == valid * K
+
+
+def test_expert_bias_update_is_megatrons(monkeypatch):
+    """The aux-loss-free bias after a step: Megatron's `get_updated_expert_bias` on the step's
+    counts (its all-reduce over data-parallel ranks is one process here)."""
+    tc = tc_of(**SWIGLU, moe_router_topk=2, moe_router_enable_expert_bias=True,
+               moe_router_bias_update_rate=1e-2, moe_router_score_function="sigmoid")  # fmt: skip
+    block = MegatronMoE(tc).train()
+    with torch.no_grad():
+        block.moe.router.expert_bias.copy_(torch.linspace(-0.05, 0.05, 8))
+    before = block.moe.router.expert_bias.clone()
+    block(torch.randn(9, 2, 32, generator=torch.Generator().manual_seed(7)))
+    counts = block.moe.balance.step_counts.clone()
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda *a, **k: None)
+    monkeypatch.setattr(mu.parallel_state, "get_tensor_and_data_parallel_group", lambda **k: None)
+    want = mu.get_updated_expert_bias(counts.float(), before.float(), 1e-2)
+    block.moe.finish_optimizer_step()
+    torch.testing.assert_close(block.moe.router.expert_bias, want, rtol=0, atol=1e-9)
+    assert not torch.equal(block.moe.router.expert_bias, before)
+
+
+@pytest.mark.parametrize("router_dtype", ["fp32", "fp64"])
+def test_router_forward_dtype_and_aux_loss_gradient(router_dtype):
+    """Mirrors Megatron's tests/unit_tests/transformer/moe/test_routers.py (`test_router_forward`,
+    `test_router_dtype`, `test_aux_loss`): on bf16 hidden states the router's logits are in
+    `moe_router_dtype`, every token gets k experts, and the aux loss alone (a loss that ignores
+    the output's values) gives the router a gradient."""
+    tc = tc_of(**SWIGLU, moe_router_topk=2, moe_aux_loss_coeff=1e-2, moe_router_dtype=router_dtype)
+    block = MegatronMoE(tc).train()
+    x = torch.randn(6, 2, 32, generator=torch.Generator().manual_seed(8))
+    route = block.moe.router(x.to(torch.bfloat16).reshape(-1, 32))
+    assert route.logits_TE.dtype == {"fp32": torch.float32, "fp64": torch.float64}[router_dtype]
+    assert route.expert_ids_TK.shape == (12, 2)
+    out, _ = block(x)
+    (out * 0).sum().backward()
+    assert block.moe.router.weight.grad.abs().sum() > 0
+    assert block.moe.experts.w1.grad is None or block.moe.experts.w1.grad.abs().sum() == 0

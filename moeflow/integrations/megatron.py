@@ -38,8 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeflow.integrations.megatron_drops import megatron_drops
 from moeflow.moe.config import MoEConfig, RouterConfig
 from moeflow.moe.layer import MoELayer
+from moeflow.moe.routing_context import RoutingContext
 
 # Megatron field -> where it lands in MoEConfig (documentation; the code below does the work).
 MAPPED = {
@@ -231,9 +233,12 @@ def transformer_config_kwargs(cfg: MoEConfig) -> dict:
 class MegatronMoE(nn.Module):
     """An `MoELayer` behind Megatron's MLP interface, for a layer spec
     (`ModuleSpec(module=MegatronMoE)` as the transformer layer's `mlp`): built from the layer's
-    `TransformerConfig`, `forward(hidden_states [s, b, h]) -> (output, None)` (no bias: the
-    experts have none). The aux and z losses reach the router by themselves (no Megatron loss
-    tracker); expert parallelism is `moeflow.parallel.parallelize` on the model."""
+    `TransformerConfig`, `forward(hidden_states [s, b, h], padding_mask [b, s]) -> (output,
+    None)` (no bias: the experts have none). With a capacity it keeps the pairs Megatron keeps
+    (`moeflow.integrations.megatron_drops`). `padding_mask` marks padding True, as Megatron's
+    router reads it: padding counts in no balancing loss, z-loss or expert-bias count. The aux and
+    z losses reach the router by themselves (no Megatron loss tracker); expert parallelism is
+    `moeflow.parallel.parallelize` on the model."""
 
     def __init__(self, config, submodules=None, layer_number: int | None = None, **_: object):
         super().__init__()
@@ -241,14 +246,20 @@ class MegatronMoE(nn.Module):
         self.layer_number = layer_number
         self.moe = MoELayer(moe_config(config))
         self.moe.sequence_first = True  # Megatron's hidden states are [sequence, batch, hidden]
+        self.moe.router.register_forward_hook(megatron_drops)
 
     def set_layer_number(self, layer_number: int) -> None:
         self.layer_number = layer_number
 
     def forward(self, hidden_states: torch.Tensor, padding_mask=None, **_: object):
+        context = None
         if padding_mask is not None:
-            raise ValueError(
-                "MegatronMoE got a padding_mask: moeflow routes every token; drop padding "
-                "before the layer or pass padding_mask=None"
-            )
-        return self.moe(hidden_states), None
+            s, b = hidden_states.shape[:2]
+            if tuple(padding_mask.shape) != (b, s):
+                raise ValueError(
+                    f"MegatronMoE: padding_mask has shape {tuple(padding_mask.shape)}, the "
+                    f"hidden states [s, b, h] = {tuple(hidden_states.shape)}: give it [b, s] "
+                    f"= [{b}, {s}] (True marks padding)"
+                )
+            context = RoutingContext(token_mask=~padding_mask.bool().transpose(0, 1))
+        return self.moe(hidden_states, routing_context=context), None
