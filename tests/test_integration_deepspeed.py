@@ -95,12 +95,12 @@ def test_deepspeed_zero_0_1_2_match_moeflows_loop():
 class DsStyleNet(torch.nn.Module):
     """DeepSpeed's usage pattern: the MoE returns (output, l_aux, exp_counts)."""
 
-    def __init__(self, moe_cls, bias: bool = False, **moe_kwargs) -> None:
+    def __init__(self, moe_cls, bias: bool = False, silu: bool = False, **moe_kwargs) -> None:
         super().__init__()
         self.pre = torch.nn.Linear(D, D, bias=False)
-        gelu = torch.nn.GELU(approximate="tanh" if bias else "none")
+        act = torch.nn.SiLU() if silu else torch.nn.GELU(approximate="tanh" if bias else "none")
         expert = torch.nn.Sequential(
-            torch.nn.Linear(D, 16, bias=bias), gelu, torch.nn.Linear(16, D, bias=bias)
+            torch.nn.Linear(D, 16, bias=bias), act, torch.nn.Linear(16, D, bias=bias)
         )
         self.moe = moe_cls(D, expert, num_experts=4, **moe_kwargs)
 
@@ -131,6 +131,11 @@ def load_same_weights(theirs: DsStyleNet, ours: DsStyleNet, seed: int, bias: boo
             if bias:
                 expert[0].bias.copy_(b1[first + i])
                 expert[2].bias.copy_(b2[first + i])
+        if ours.moe.per_expert_modules:  # a SiLU expert: modules like DeepSpeed's
+            for i, expert in enumerate(ours.moe.experts.local):
+                expert[0].weight.copy_(w1[first + i])
+                expert[2].weight.copy_(w2[first + i])
+            return
         for slot, e in enumerate(ours.moe.local_expert_ids):
             ours.moe.experts.w1[slot, :D].copy_(w1[e].t())
             ours.moe.experts.w2[slot].copy_(w2[e].t())
@@ -144,12 +149,15 @@ def their_params(theirs: DsStyleNet, ours: DsStyleNet) -> dict[str, torch.Tensor
     """DeepSpeed's parameters under our names and layouts (this rank's experts)."""
     ds = theirs.moe.deepspeed_moe
     local = ds.experts.deepspeed_experts
-    return {
-        "pre.weight": theirs.pre.weight,
-        "moe.router.weight": ds.gate.wg.weight,
-        "moe.experts.w1": torch.stack([e[0].weight.t() for e in local]),
-        "moe.experts.w2": torch.stack([e[2].weight.t() for e in local]),
-    }
+    out = {"pre.weight": theirs.pre.weight, "moe.router.weight": ds.gate.wg.weight}
+    if ours.moe.per_expert_modules:
+        for i, expert in enumerate(local):
+            for name, p in expert.named_parameters():
+                out[f"moe.experts.local.{i}.{name}"] = p
+        return out
+    out["moe.experts.w1"] = torch.stack([e[0].weight.t() for e in local])
+    out["moe.experts.w2"] = torch.stack([e[2].weight.t() for e in local])
+    return out
 
 
 def _ds_defaults(rank, world):
@@ -157,7 +165,7 @@ def _ds_defaults(rank, world):
     with moeflow's DeepSpeed-style MoE to the parameters it trains the model built with
     DeepSpeed's own MoE to, constructors at DeepSpeed's defaults but for the variant: dropless
     (k = 2, second experts sampled: DeepSpeed's default), and with capacity at use_rts=False
-    (k = 1 and 2)."""
+    (k = 1 and 2; and with SiLU experts, which run as modules, per expert)."""
     import deepspeed
     from deepspeed.moe.layer import MoE as TheirMoE
 
@@ -182,6 +190,7 @@ def _ds_defaults(rank, world):
         "dropless k2": {"k": 2, "drop_tokens": False},
         "capacity k1": {"use_rts": False},
         "capacity k2": {"k": 2, "use_rts": False},
+        "silu modules k2": {"k": 2, "use_rts": False, "silu": True},
     }
     for ep in (1, world):
         ctx = ParallelDims(dp=world // ep, ep=ep).build()
@@ -200,7 +209,7 @@ def _ds_defaults(rank, world):
                         x, g = batch(rank, step)
                         torch.manual_seed(100 + step)  # the same sampled second experts
                         out, l_aux = engine(x)
-                        if net is nets[1]:
+                        if net is nets[1] and not net.moe.per_expert_modules:
                             stats = net.moe.last_stats
                             dropped[name] = dropped.get(name, 0.0) + float(stats.dropped_fraction)
                         engine.backward((out * g).mean() + 0.01 * l_aux)
@@ -222,7 +231,7 @@ def _ds_defaults(rank, world):
 def test_deepspeed_style_moe_trains_under_the_engine_as_deepspeeds_own():
     results = run_on_ranks(_ds_defaults, 2, timeout=900, env={"DS_ACCELERATOR": "cpu"})
     for errors, dropped in results:
-        assert len(errors) == 2 * 3 * 3
+        assert len(errors) == 2 * 4 * 3
         assert max(errors.values()) < 1e-5, errors
         assert dropped["dropless k2"] == 0.0
     for name in ("capacity k1", "capacity k2"):  # the capacity did drop pairs

@@ -236,7 +236,7 @@ def same_layers(expert: str, **kwargs):
             for p in module.parameters():
                 p.normal_(0.0, 0.5)
             if ours.per_expert_modules:
-                ours.experts[e].load_state_dict(module.state_dict())
+                ours.experts.local[e].load_state_dict(module.state_dict())
             else:
                 ours.experts.w1[e, :8].copy_(module[0].weight.t())
                 ours.experts.w1[e, 8].copy_(module[0].bias)

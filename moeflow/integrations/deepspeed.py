@@ -66,13 +66,17 @@ class DeepSpeedMoELayer(MoELayer, _DeepSpeedMoE):
         if name not in _ds_groups._get_expert_parallel_group_dict():
             _ds_groups._create_expert_and_data_parallel(self.ep_size)
         theirs = dist.get_process_group_ranks(_ds_groups._get_expert_parallel_group(name))
-        group = self.expert_dispatch.group
+        group = self.moeflow_expert_group()
         ours = [dist.get_rank()] if group is None else dist.get_process_group_ranks(group)
         if sorted(theirs) != sorted(ours):
             raise ValueError(
                 f"DeepSpeed's expert group {name} holds ranks {theirs}, moeflow's {ours}: build "
                 "the ParallelContext with the same ep as DeepSpeed's ep_size"
             )
+
+    def moeflow_expert_group(self) -> dist.ProcessGroup | None:
+        """The ranks over which moeflow spreads this layer's experts (None: this rank alone)."""
+        return self.expert_dispatch.group
 
 
 def prepare(model: nn.Module, ctx: ParallelContext) -> list[str]:

@@ -13,10 +13,11 @@ its experts' (`allreduce = False`, `group_name = "ep_size_<ep>"`).
 Experts: an FFN moeflow recognises runs on moeflow's grouped expert kernels and dispatcher
 (`FeedForward`, or `nn.Sequential(Linear(D, F), GELU() | ReLU(), Linear(F, D))`, biases in both
 linears or in neither). Any other module (a SiLU or gated MLP, a custom module) runs per expert,
-each on the tokens routed to it, with the same results; a one-time warning names that slower
-path. With `ep_size > 1` pass `ctx`, a `ParallelContext` whose ep is `ep_size`
-(`ParallelDims(ep=ep_size).build()`): the experts are laid out over it and marked for the
-engine (`prepare`); per-expert modules need `ep_size = 1`.
+each on the tokens routed to it (`moeflow.integrations.module_experts`: the same dispatcher and
+all-to-all), with the same results; a one-time warning names that slower path. With `ep_size >
+1` pass `ctx`, a `ParallelContext` whose ep is `ep_size` (`ParallelDims(dp=world_size //
+ep_size, ep=ep_size).build()`): the experts are laid out over it as DeepSpeed lays them out and
+marked for the engine.
 
 Arguments without a moeflow equivalent raise naming them: `use_residual` and
 `enable_expert_tensor_parallelism`. `use_tutel` (a kernel choice) is accepted and ignored.
@@ -32,7 +33,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import torch
@@ -40,6 +40,7 @@ from torch import nn
 
 from moeflow.integrations.deepspeed import DeepSpeedMoELayer, mark_expert_parameters, prepare
 from moeflow.integrations.deepspeed_gating import DeepSpeedGate
+from moeflow.integrations.module_experts import ModuleExperts
 from moeflow.moe.config import MoEConfig, RouterConfig
 from moeflow.moe.experts import GroupedExperts
 from moeflow.moe.ffn import FeedForward
@@ -95,31 +96,33 @@ class MoE(DeepSpeedMoELayer):
         self.per_expert_modules = ffn is None
         if ffn is None:
             _notice(expert)
-            self.experts = nn.ModuleList(copy.deepcopy(expert) for _ in range(num_experts))
-        else:
-            self.experts = GroupedExperts.from_dense(ffn, num_experts)
-            if self.ffn_out_bias is not None:
-                with torch.no_grad():
-                    self.ffn_out_bias.copy_(ffn.b2.detach().expand_as(self.ffn_out_bias))
+            _check_context(ep_size, ctx)
+            group = None if ctx is None else ctx.ep_group
+            self.experts = ModuleExperts(expert, num_experts, group)
+            self._set_deepspeed_fields(ep_size, num_experts)
+            mark_expert_parameters(self, ep_size)
+            return
+        self.experts = GroupedExperts.from_dense(ffn, num_experts)
+        if self.ffn_out_bias is not None:
+            with torch.no_grad():
+                self.ffn_out_bias.copy_(ffn.b2.detach().expand_as(self.ffn_out_bias))
         if ep_size > 1 or ctx is not None:
-            if ctx is None or ctx.dims.ep != ep_size:
-                raise ValueError(
-                    f"MoE(ep_size={ep_size}) needs ctx=ParallelDims(ep={ep_size}).build() (got "
-                    f"{'no ctx' if ctx is None else f'a ctx with ep {ctx.dims.ep}'})"
-                )
-            if ffn is None and ep_size > 1:
-                raise ValueError(
-                    f"MoE(expert={type(expert).__name__}, ep_size={ep_size}): experts that "
-                    "moeflow runs per module stay on one rank; use ep_size=1, or an expert FFN "
-                    "it recognises (see moeflow.integrations.deepspeed_moe)"
-                )
+            _check_context(ep_size, ctx)
             parallelize(self, ctx)
             prepare(self, ctx)
         else:
-            self.ep_size, self.expert_group_name = 1, "ep_size_1"
-            self.num_experts, self.num_local_experts = num_experts, num_experts
-            self.enable_expert_tensor_parallelism, self.use_residual = False, False
+            self._set_deepspeed_fields(1, num_experts)
             mark_expert_parameters(self, 1)  # as DeepSpeed's experts are, at every ep_size
+
+    def _set_deepspeed_fields(self, ep_size: int, num_experts: int) -> None:
+        self.ep_size, self.expert_group_name = ep_size, f"ep_size_{ep_size}"
+        self.num_experts, self.num_local_experts = num_experts, num_experts // ep_size
+        self.enable_expert_tensor_parallelism, self.use_residual = False, False
+
+    def moeflow_expert_group(self):
+        if self.per_expert_modules:
+            return self.experts.group
+        return super().moeflow_expert_group()
 
     def forward(self, hidden_states: torch.Tensor, used_token: torch.Tensor | None = None):
         gate: DeepSpeedGate = self.router
@@ -140,17 +143,21 @@ class MoE(DeepSpeedMoELayer):
         return out, l_aux, exp_counts
 
     def _forward_modules(self, x: torch.Tensor) -> torch.Tensor:
-        """Each expert module on the tokens routed to it and kept, weighted, summed per token."""
+        """Each expert module on the tokens routed to it and kept (on the rank holding it),
+        weighted, summed per token."""
         x_TD = x.reshape(-1, x.shape[-1])
         route = self.router(x_TD)
-        out = torch.zeros_like(x_TD)
-        for e, expert in enumerate(self.experts):
-            tokens, slots = ((route.expert_ids_TK == e) & route.keep_TK).nonzero(as_tuple=True)
-            y = expert(x_TD.index_select(0, tokens))
-            y = y[0] if isinstance(y, tuple) else y  # DeepSpeed keeps an expert's first output
-            weighted = y * route.weights_TK[tokens, slots].unsqueeze(1)
-            out = out.index_add(0, tokens, weighted.to(out.dtype))
+        out = self.experts(x_TD, route.weights_TK, route.expert_ids_TK, route.keep_TK)
         return out.view_as(x)
+
+
+def _check_context(ep_size: int, ctx: ParallelContext | None) -> None:
+    if (ep_size > 1 or ctx is not None) and (ctx is None or ctx.dims.ep != ep_size):
+        raise ValueError(
+            f"MoE(ep_size={ep_size}) needs ctx=ParallelDims(dp=world_size // {ep_size}, "
+            f"ep={ep_size}).build() (got "
+            f"{'no ctx' if ctx is None else f'a ctx with ep {ctx.dims.ep}'})"
+        )
 
 
 def _check_arguments(args: dict) -> None:
