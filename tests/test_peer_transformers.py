@@ -213,3 +213,28 @@ def test_a_converted_mixtral_fine_tunes_as_the_hf_one_for_50_steps():
             worst_grad = max(worst_grad, ((ours - theirs).abs().max() / theirs.abs().max()).item())
     assert worst_loss < 1e-10, worst_loss
     assert worst_grad < 1e-10, worst_grad
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_generation_and_checkpointing_with_masks_and_router_logits(kind):
+    """Left-padded greedy generation with the KV cache (the attention mask grows past the new
+    tokens: each layer's token mask is its last columns) gives HF's tokens; non-reentrant gradient
+    checkpointing with `output_router_logits=True` gives HF's loss and router gradients."""
+    hf, converted = pair(kind, router_aux_loss_coef=0.1)
+    ids, mask, labels = left_padded(2, 6, seed=9)
+    generated = []
+    for model in (hf, converted):
+        model.eval()
+        generated.append(model.generate(ids, attention_mask=mask, max_new_tokens=4,
+                                        do_sample=False, pad_token_id=1))  # fmt: skip
+        model.train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert torch.equal(generated[1], generated[0])
+    losses = []
+    for model in (hf, converted):
+        out = model(ids, attention_mask=mask, labels=labels, output_router_logits=True)
+        out.loss.backward()
+        losses.append(out.loss)
+    torch.testing.assert_close(losses[1], losses[0], **TIGHT)
+    want = hf.model.layers[0].mlp.gate.weight.grad
+    torch.testing.assert_close(converted.model.layers[0].mlp.router.weight.grad, want, **TIGHT)
