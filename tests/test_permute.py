@@ -8,7 +8,7 @@ import torch
 
 from moeflow.comm import build_plan, expert_capacity, permute, rank_within_expert, unpermute
 from moeflow.comm.capacity import capacity_keep_mask
-from moeflow.comm.permutation import carrier_width, combine
+from moeflow.comm.permutation import carrier_width, combine, pair_counts
 
 
 def test_plan_by_hand():
@@ -23,7 +23,9 @@ def test_plan_by_hand():
     assert plan.pair_to_row.tolist() == [3, -1, 0, 1, -1, 2]
     plan = build_plan(ids, 3, keep_TK=keep, pad_to=2)
     assert plan.row_to_pair.tolist() == [2, -1, 3, 5, 0, -1]
-    with pytest.raises(ValueError, match="pad_to"):
+    with pytest.raises(ValueError, match="pad_to"):  # the counts given: checked on the host
+        build_plan(ids, 3, pad_to=1, counts_host=pair_counts(ids, 3).tolist())
+    with pytest.raises(RuntimeError, match="pad_to"):  # none given: checked on the device
         build_plan(ids, 3, pad_to=1)
 
 

@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from moeflow.comm.host_read import count_per_value, read_to_host
+
 
 def expert_capacity(
     num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int = 0
@@ -38,7 +40,7 @@ def nothing_dropped(counts_E: torch.Tensor, capacity: int) -> bool:
     """
     if counts_E.device.type != "cpu":
         return False
-    return counts_E.numel() == 0 or int(counts_E.max()) <= capacity
+    return counts_E.numel() == 0 or read_to_host(counts_E.max(), "CPU loads") <= capacity
 
 
 def rank_within_expert(
@@ -57,7 +59,7 @@ def rank_within_expert(
 def _ranks(expert_ids: torch.Tensor, order: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Each pair's rank within its expert, given `order`: the pairs sorted expert-major."""
     n = expert_ids.numel()
-    counts = torch.bincount(expert_ids, minlength=num_experts)
+    counts = count_per_value(expert_ids, num_experts)
     starts = torch.cumsum(counts, 0) - counts
     sorted_experts = expert_ids[order]
     ranks_sorted = torch.arange(n, device=expert_ids.device) - starts[sorted_experts]

@@ -13,7 +13,10 @@ Schedule of one call:
    may be empty). For each chunk, count the rows per slot on the device (capacity drops already
    applied by the caller).
 2. Exchange the counts with one all-to-all of `W*C*L` integers over the expert-parallel group, then
-   copy local and received counts to the host together: the one host sync of the call.
+   copy local and received counts to the host together: the one host read of the call
+   (`moeflow.comm.host_read`). With capacity padding (`pad_to`) on one rank every slot gets
+   `pad_to` rows: the sizes are static, and nothing is read. Over several ranks the exchange
+   still runs (each rank's capacity follows its own token count, which may differ).
 3. Permute each chunk's rows into slot order (= destination-rank order).
 4. `exchange_compute`: dispatch chunk c+1 while chunk c computes and chunk c-1 returns (forward and
    backward; see `moeflow.comm.pipeline`); a side computation (a shared expert) runs while chunk
@@ -37,6 +40,7 @@ from typing import Any
 import torch
 
 from moeflow.comm.all_to_all import Exchange
+from moeflow.comm.host_read import read_to_host
 from moeflow.comm.local_compute import local_compute
 from moeflow.comm.permutation import (
     RoutingPlan,
@@ -150,43 +154,13 @@ class TokenDispatcher:
             )
         W, L, P = self.exchange.size, self.slots_per_rank, self.num_slots
         bounds = chunk_bounds(x_TD.shape[0], num_chunks)
-        # 1. rows per slot and chunk, on the device
-        counts = []
-        for t0, t1 in bounds:
-            keep = None if keep_TK is None else keep_TK[t0:t1]
-            counts.append(pair_counts(slot_ids_TK[t0:t1], P, keep))
-        counts_CP1 = torch.stack(counts)  # [C, P + 1]: the last column counts drops
-        rows_CP = (
-            counts_CP1[:, :P] if pad_to is None else torch.full_like(counts_CP1[:, :P], pad_to)
-        )
-        # 2. one count exchange and one host sync
-        send_WCL = rows_CP.view(num_chunks, W, L).transpose(0, 1).contiguous()
-        me, span = self.exchange.rank, num_chunks * L
-        try:
-            if self.exchange.needs_matrix:  # every rank's counts: [W_src, W_dst * C * L]
-                full = self.exchange.gather_counts(send_WCL.view(-1))
-                recv_WCL = full[:, me * span : (me + 1) * span]
-            else:
-                full = None
-                recv_WCL = self.exchange.exchange_counts(send_WCL.view(-1))
-        except RuntimeError as exc:
-            raise RuntimeError(f"{self.name}: count exchange failed: {exc}") from exc
-        parts = [counts_CP1.view(-1), send_WCL.view(-1), recv_WCL.reshape(-1)]
-        if full is not None:
-            # M[c][i][j]: rows rank i sends rank j in chunk c, for exchanges that route via peers.
-            parts.append(full.view(W, W, num_chunks, L).sum(-1).permute(2, 0, 1).reshape(-1))
-        host = torch.cat(parts).tolist()
-        n1, n2 = num_chunks * (P + 1), W * span
-        counts_host = [host[c * (P + 1) : (c + 1) * (P + 1)] for c in range(num_chunks)]
-        send = _as_wcl(host[n1 : n1 + n2], W, num_chunks, L)
-        recv = _as_wcl(host[n1 + n2 : n1 + 2 * n2], W, num_chunks, L)
-        matrices = None
-        if full is not None:
-            flat_m = host[n1 + 2 * n2 :]
-            matrices = [
-                [flat_m[(c * W + i) * W : (c * W + i + 1) * W] for i in range(W)]
-                for c in range(num_chunks)
-            ]
+        if pad_to is None or W > 1:
+            counts_host, send, recv, matrices = self._exchange_counts(
+                slot_ids_TK, keep_TK, bounds, pad_to
+            )
+        else:  # static shapes: every slot gets pad_to rows, nothing to exchange or read
+            counts_host, send, recv = [None], [[[pad_to] * L]], [[[pad_to] * L]]
+            matrices = [[[pad_to * L]]] if self.exchange.needs_matrix else None
         plans = [
             build_plan(
                 slot_ids_TK[t0:t1], P, None if keep_TK is None else keep_TK[t0:t1], pad_to,
@@ -231,10 +205,57 @@ class TokenDispatcher:
         ]
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         sent = sum(
-            chunk_plan.input_splits[c][j] for c in range(num_chunks) for j in range(W) if j != me
+            chunk_plan.input_splits[c][j]
+            for c in range(num_chunks)
+            for j in range(W)
+            if j != self.exchange.rank
         )
         row_bytes = (width if weighted else x_TD.shape[1]) * x_TD.element_size()
         return DispatchResult(out, plans, chunk_plan, sent, sent * row_bytes, side_out)
+
+    def _exchange_counts(self, slot_ids_TK, keep_TK, bounds, pad_to: int | None = None):
+        """Steps 1-2: rows per slot and chunk on the device (`pad_to` each with padding), one
+        count exchange, one host read. Returns (kept and dropped counts per chunk, rows sent
+        [W][C][L], received [W][C][L], and for exchanges that route via peers the rows i -> j
+        per chunk)."""
+        W, L, P = self.exchange.size, self.slots_per_rank, self.num_slots
+        num_chunks = len(bounds)
+        counts = []
+        for t0, t1 in bounds:
+            keep = None if keep_TK is None else keep_TK[t0:t1]
+            counts.append(pair_counts(slot_ids_TK[t0:t1], P, keep))
+        counts_CP1 = torch.stack(counts)  # [C, P + 1]: the last column counts drops
+        rows_CP = counts_CP1[:, :P]
+        if pad_to is not None:
+            rows_CP = torch.full_like(rows_CP, pad_to)
+        send_WCL = rows_CP.reshape(num_chunks, W, L).transpose(0, 1).contiguous()
+        me, span = self.exchange.rank, num_chunks * L
+        try:
+            if self.exchange.needs_matrix:  # every rank's counts: [W_src, W_dst * C * L]
+                full = self.exchange.gather_counts(send_WCL.view(-1))
+                recv_WCL = full[:, me * span : (me + 1) * span]
+            else:
+                full = None
+                recv_WCL = self.exchange.exchange_counts(send_WCL.view(-1))
+        except RuntimeError as exc:
+            raise RuntimeError(f"{self.name}: count exchange failed: {exc}") from exc
+        parts = [counts_CP1.view(-1), send_WCL.view(-1), recv_WCL.reshape(-1)]
+        if full is not None:
+            # M[c][i][j]: rows rank i sends rank j in chunk c, for exchanges that route via peers.
+            parts.append(full.view(W, W, num_chunks, L).sum(-1).permute(2, 0, 1).reshape(-1))
+        host = read_to_host(torch.cat(parts), "dispatch counts")  # the call's one read
+        n1, n2 = num_chunks * (P + 1), W * span
+        counts_host = [host[c * (P + 1) : (c + 1) * (P + 1)] for c in range(num_chunks)]
+        send = _as_wcl(host[n1 : n1 + n2], W, num_chunks, L)
+        recv = _as_wcl(host[n1 + n2 : n1 + 2 * n2], W, num_chunks, L)
+        matrices = None
+        if full is not None:
+            flat_m = host[n1 + 2 * n2 :]
+            matrices = [
+                [flat_m[(c * W + i) * W : (c * W + i + 1) * W] for i in range(W)]
+                for c in range(num_chunks)
+            ]
+        return counts_host, send, recv, matrices
 
 
 def _stays_local(compute, x_TD, params, W: int, chunks: int, pad_to: int | None) -> bool:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from moeflow.comm.capacity import rank_within_expert
+from moeflow.comm.host_read import count_per_value, read_to_host
 
 
 @dataclass(frozen=True)
@@ -56,42 +57,50 @@ def build_plan(
     """Sort pairs by expert. `keep_TK` marks pairs that survived capacity; `pad_to` gives every
     expert exactly that many rows (zero padding).
 
-    Host sync: one `.tolist()` of the E (+1) counts, needed to size the buffer groups, unless the
-    caller passes them as `counts_host` (`pair_counts(...)` of the same arguments, already on the
-    host: the dispatcher fetches several plans' counts in one sync).
+    Host read: the E (+1) counts size the buffer groups; the caller passes them as `counts_host`
+    (`pair_counts(...)` of the same arguments, already on the host: the dispatcher fetches
+    several plans' counts in one read), or they are read here. With `pad_to` the sizes are
+    static and nothing is read: the plan then assumes drops and padding (masked gathers), and
+    the caller must have applied the capacity (at most `pad_to` pairs per expert).
     """
     num_tokens, top_k = expert_ids_TK.shape
     device = expert_ids_TK.device
     ids = sort_keys(expert_ids_TK, num_experts, keep_TK)
     n = ids.numel()
-    counts_all = torch.bincount(ids, minlength=num_experts + 1)
-    if counts_host is None:
-        counts_host = counts_all.tolist()  # host sync: buffer sizes come from data
-    num_dropped = counts_host[num_experts]
+    counts_all = count_per_value(ids, num_experts + 1)
+    if counts_host is None and pad_to is None:
+        counts_host = read_to_host(counts_all, "plan counts")  # buffer sizes come from data
+    has_dropped = counts_host is None or counts_host[num_experts] > 0
     counts_E = counts_all[:num_experts]
     pairs = torch.arange(n, device=device)
     if pad_to is None:
         order = torch.argsort(ids, stable=True)
-        kept = n - num_dropped
+        kept = n - counts_host[num_experts]
         row_to_pair = order[:kept]
         pair_to_row = torch.full((n,), -1, dtype=torch.int64, device=device)
         pair_to_row[row_to_pair] = torch.arange(kept, device=device)
         rows_per_expert = counts_host[:num_experts]
         has_padding = False
     else:
-        if max(counts_host[:num_experts], default=0) > pad_to:
+        if counts_host is not None and max(counts_host[:num_experts], default=0) > pad_to:
             raise ValueError(
                 f"pad_to ({pad_to}) is smaller than the largest expert load "
                 f"({max(counts_host[:num_experts])}); apply capacity before padding"
             )
         rank = rank_within_expert(ids, pairs, num_experts + 1)
+        # Checked on the device, without a host read (raises at once on a CPU).
+        over = (rank >= pad_to) & (ids < num_experts)
+        torch._assert_async(
+            ~over.any(), f"pad_to ({pad_to}) is smaller than an expert's load: apply the "
+            "capacity before padding"
+        )  # fmt: skip
         row = torch.where(ids < num_experts, ids * pad_to + rank, torch.full_like(ids, -1))
         pair_to_row = row
         row_to_pair = torch.full((num_experts * pad_to,), -1, dtype=torch.int64, device=device)
         kept_mask = row >= 0
         row_to_pair[row[kept_mask]] = pairs[kept_mask]
         rows_per_expert = [pad_to] * num_experts
-        has_padding = sum(counts_host[:num_experts]) < num_experts * pad_to
+        has_padding = counts_host is None or sum(counts_host[:num_experts]) < num_experts * pad_to
     return RoutingPlan(
         num_tokens=num_tokens,
         top_k=top_k,
@@ -100,7 +109,7 @@ def build_plan(
         row_to_pair=row_to_pair,
         counts_E=counts_E,
         rows_per_expert=rows_per_expert,
-        has_dropped=num_dropped > 0,
+        has_dropped=has_dropped,
         has_padding=has_padding,
     )
 
@@ -120,7 +129,7 @@ def pair_counts(
     expert_ids_TK: torch.Tensor, num_experts: int, keep_TK: torch.Tensor | None = None
 ) -> torch.Tensor:
     """`[E + 1]` on the device: kept pairs per expert, then the number dropped."""
-    return torch.bincount(sort_keys(expert_ids_TK, num_experts, keep_TK), minlength=num_experts + 1)
+    return count_per_value(sort_keys(expert_ids_TK, num_experts, keep_TK), num_experts + 1)
 
 
 def _gather_rows(src: torch.Tensor, index: torch.Tensor, masked: bool) -> torch.Tensor:

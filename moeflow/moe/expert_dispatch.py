@@ -22,9 +22,9 @@ Gathered weights are recomputed in backward (gathered again), never kept from fo
 backward: at most one layer's gathered experts exist at a time.
 
 Schedule of one call with G > 1, on every rank of the expert group:
-1. One all-gather of `(mode, overlap degree, two-level)` (three integers per rank) and a host
-   sync: ranks that disagree all raise the same error instead of issuing different collectives
-   and hanging.
+1. One all-gather of `(mode, overlap degree, two-level)` (three integers per rank), compared on
+   the device (no host read): ranks that disagree all raise instead of issuing different
+   collectives and hanging.
 2. The mode's collectives: `ep`/`sharded` as `TokenDispatcher` documents (count exchange, then the
    pipelined all-to-all, flat or two-level (`moeflow.comm.hierarchical`) per call where the layer
    was given both exchanges), preceded in `ep` with S > 1 by the shard group's weight all-gather;
@@ -174,26 +174,25 @@ class ExpertDispatch(nn.Module):
         return order_TK % self.slot_count[ids_TK]
 
     def agree(self, mode: str, chunks: int, two_level: bool = False) -> None:
-        """Step 1 of the schedule: every rank raises if the ranks disagree on the call."""
+        """Step 1 of the schedule: every rank raises if the ranks disagree on the call, checked on
+        the device (no host read; on a CPU it raises at once, on an accelerator at the next
+        read, before the ranks' diverging collectives can hang)."""
         if group_size(self.group) == 1:
             return
         mine = torch.tensor(
             [[MODES.index(mode), chunks, int(two_level)]], device=self.slot_table.device
         )
         try:
-            rows = all_gather_rows(mine, self.group).tolist()  # host sync: the agreement check
+            rows = all_gather_rows(mine, self.group)
         except RuntimeError as exc:
             raise RuntimeError(f"{self.name}: agreeing on the call's mode failed: {exc}") from exc
-        if any(r != rows[0] for r in rows):
-            said = ", ".join(
-                f"rank {i}: {MODES[m]!r} x{c}{' two-level' if t else ''}"
-                for i, (m, c, t) in enumerate(rows)
-            )
-            raise ValueError(
-                f"{self.name}: the ranks of the expert group called it with different parallel "
-                f"modes, overlap degrees or all-to-alls ({said}); pass the same mode=, "
-                "overlap_degree= and two_level= on every rank"
-            )
+        torch._assert_async(
+            (rows == mine).all(),
+            f"{self.name}: the ranks of the expert group called it with different parallel "
+            f"modes, overlap degrees or all-to-alls (this rank: {mode!r} x{chunks}"
+            f"{' two-level' if two_level else ''}); pass the same mode=, overlap_degree= and "
+            "two_level= on every rank",
+        )
 
     def forward(
         self,

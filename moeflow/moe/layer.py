@@ -15,6 +15,7 @@ from torch import nn
 from moeflow.comm.all_to_all import Exchange
 from moeflow.comm.capacity import capacity_keep_mask, expert_capacity, nothing_dropped
 from moeflow.comm.dispatcher import DispatchConfig
+from moeflow.comm.host_read import count_per_value
 from moeflow.comm.permutation import pair_counts
 from moeflow.moe.aux_loss import attach_loss
 from moeflow.moe.balance_state import BalanceState
@@ -249,9 +250,7 @@ class MoELayer(nn.Module):
         if routing_context is not None:
             routing_context.record(route.logits_TE)
         # Routed (token, slot) pairs per choice, before capacity: the losses and the stats use it.
-        routed_E = torch.bincount(
-            route.expert_ids_TK.reshape(-1), minlength=self.router.num_choices
-        )
+        routed_E = count_per_value(route.expert_ids_TK, self.router.num_choices)
         out_TD, kept_E, keep_TK, traffic = self._dispatch_and_compute(
             x_TD, route, routed_E, (overlap_degree, mode, two_level)
         )
@@ -300,7 +299,7 @@ class MoELayer(nn.Module):
         if rc.capacity_factor is not None:
             capacity = expert_capacity(num_tokens, n, rc.top_k, rc.capacity_factor, rc.min_capacity)
             pad_to = capacity if rc.pad_to_capacity else None
-            if not nothing_dropped(routed_E[:n], capacity):
+            if pad_to is not None or not nothing_dropped(routed_E[:n], capacity):
                 # Non-FFN pairs go to a bucket of their own (id n): they take no FFN capacity.
                 cap_ids = ids_TK if keep_TK is None else torch.where(keep_TK, ids_TK, n)
                 in_capacity = capacity_keep_mask(

@@ -77,11 +77,12 @@ def balance_loss(
     routers change `counts` (AdaMoE's null mean, global-batch sums) and `w` (MoE++'s tau). With
     `mask_T`, P is the unmasked tokens' mean (`counts` must then be theirs: `masked_counts`)."""
     num_tokens, num_experts = scores_TE.shape
+    if num_tokens == 0:
+        return scores_TE.sum() * 0.0
     counts_E = counts_E.to(torch.float64)
     total = counts_E.sum()
-    if num_tokens == 0 or total == 0:
-        return scores_TE.sum() * 0.0
-    f_E = (counts_E / total).to(scores_TE.dtype)
+    # No pair counted: f = 0, so the loss is 0 (a `where`, not an `if`: no host read).
+    f_E = (counts_E / torch.where(total > 0, total, 1.0)).to(scores_TE.dtype)
     term_E = f_E * _mean(scores_TE, mask_T)
     if weights_E is not None:
         term_E = term_E * weights_E.to(scores_TE.dtype)

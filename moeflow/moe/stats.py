@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeflow.comm.host_read import count_per_value
 from moeflow.comm.pipeline import ChunkPlan
 from moeflow.moe.routers.base import RouterOutput
 
@@ -97,7 +98,7 @@ def measure_stats(
             ffn_experts_per_token=ffn_T.float().mean()
             if ffn_T.numel()
             else torch.zeros((), device=routed_E.device),
-            ffn_experts_histogram=torch.bincount(ffn_T, minlength=k + 1),
+            ffn_experts_histogram=count_per_value(ffn_T, k + 1),
             expert_ids=route.expert_ids_TK.detach(),
             traffic=traffic,
         )
