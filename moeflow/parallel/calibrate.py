@@ -2,7 +2,8 @@
 at start-up, cached as JSON in the output directory.
 
 Schedule (collective over the world group; every rank runs every step in the same order):
-1. GEMM: `[r, D] @ [D, F]` at two row counts, timed `repeats` times on every rank; the medians,
+1. GEMM: `[r, D] @ [D, F]` at two row counts in the run's compute dtype, timed `repeats` times
+   on every rank (the device synchronised before the clock is read); the medians,
    maxed over ranks (one all-reduce), fit `t(r) = flops(r) * (r + half_rows) / (r * rate)`.
 2. All-to-all over the expert group at two sizes (equal splits), timed in batches of
    back-to-back calls (so a rank is not charged for waiting on a late peer) and maxed alike; a line
@@ -30,7 +31,6 @@ import dataclasses
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -39,21 +39,18 @@ import torch.distributed as dist
 from moeflow.comm.gather import all_gather_rows
 from moeflow.parallel.cost_model import Hardware, Link
 from moeflow.parallel.dims import ParallelContext
+from moeflow.utils import device_clock
 
 FILE = "calibration.json"
 
 
-def _timed(fn, repeats: int, batch: int = 1) -> float:
+def _timed(fn, repeats: int, batch: int = 1, device: torch.device | str = "cpu") -> float:
     """Median over `repeats` of the mean time of `batch` back-to-back calls (a collective timed
-    in a batch is not charged for the ranks arriving at different times)."""
+    in a batch is not charged for the ranks arriving at different times), the device
+    synchronised around each batch (`moeflow.utils.device_clock`: an accelerator's launches
+    return before its work is done)."""
     fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(batch):
-            fn()
-        times.append((time.perf_counter() - t0) / batch)
-    return statistics.median(times)
+    return statistics.median(device_clock.elapsed(fn, device, batch) for _ in range(repeats))
 
 
 def _max_over(ctx: ParallelContext, values: list[float]) -> list[float]:
@@ -81,7 +78,7 @@ def calibrate(
     rows = (32, 1024)
     w = torch.randn(hidden, ffn, dtype=dtype, device=device)
     xs = [torch.randn(r, hidden, dtype=dtype, device=device) for r in rows]
-    gemm = [_timed(lambda x=x: torch.mm(x, w), repeats) for x in xs]
+    gemm = [_timed(lambda x=x: torch.mm(x, w), repeats, device=device) for x in xs]
     group, g = ctx.ep_group, ctx.dims.ep
     small, large = 4096, 4 * 2**20  # bytes per rank
     a2a = gather = [0.0, 0.0]
@@ -96,8 +93,10 @@ def calibrate(
             x = torch.empty(max(nbytes // size, 1), dtype=dtype, device=device)
             return lambda: all_gather_rows(x, group)
 
-        a2a = [_timed(a2a_of(m), repeats, batch) for m, batch in ((small, 20), (large, 2))]
-        gather = [_timed(gather_of(m // g), repeats, b) for m, b in ((small, 20), (large, 2))]
+        a2a = [_timed(a2a_of(m), repeats, b, device) for m, b in ((small, 20), (large, 2))]
+        gather = [
+            _timed(gather_of(m // g), repeats, b, device) for m, b in ((small, 20), (large, 2))
+        ]
     gemm_a, gemm_b, a2a_a, a2a_b, g_a, g_b = _max_over(ctx, [*gemm, *a2a, *gather])
     flops = [2.0 * r * hidden * ffn for r in rows]
     # t(r) = flops(r) / rate + flops_per_row * half_rows / rate: a line in r.

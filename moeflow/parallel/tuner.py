@@ -75,6 +75,7 @@ from moeflow.parallel.decision import decision_record
 from moeflow.parallel.dims import ParallelContext
 from moeflow.parallel.fsdp import unit_of, unsharded, unsharded_bytes
 from moeflow.parallel.situation import group_imbalance, nearest, off_group_share
+from moeflow.utils import device_clock
 from moeflow.utils.validate import check_int
 
 
@@ -316,14 +317,15 @@ class RuntimeTuner:
         x = self.inputs[id(layer)]
         with unsharded(self.units[id(layer)]):
             params = [p for p in layer.parameters() if p.requires_grad]
-            _synchronize(x.device)
-            t0 = time.perf_counter()
-            xr = x.detach().requires_grad_(True)
-            out = layer(xr, mode=cand.mode, overlap_degree=cand.overlap, two_level=cand.two_level,
-                        routing_context=RoutingContext(recomputing=True))  # fmt: skip
-            torch.autograd.grad(out, [xr, *params], torch.ones_like(out), allow_unused=True)
-            _synchronize(x.device)
-            return time.perf_counter() - t0
+
+            def replay() -> None:
+                xr = x.detach().requires_grad_(True)
+                out = layer(xr, mode=cand.mode, overlap_degree=cand.overlap,
+                            two_level=cand.two_level,
+                            routing_context=RoutingContext(recomputing=True))  # fmt: skip
+                torch.autograd.grad(out, [xr, *params], torch.ones_like(out), allow_unused=True)
+
+            return device_clock.elapsed(replay, x.device)  # the device's time, not launches
 
     def _rounds(self, layer: MoELayer, cands: list[Candidate], rounds: int, samples: dict) -> None:
         """`rounds` rounds of one replay per candidate, appended to `samples`, each round in a
@@ -392,8 +394,3 @@ def _ranks_per_node(layer: MoELayer) -> int:
     """The node size the layer's all-to-alls see: its two-level exchange's, else one node."""
     two_level = layer.expert_dispatch.two_level_exchange
     return layer.layout.group_size if two_level is None else two_level.ranks_per_node
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -39,7 +39,8 @@ def build_tuner(
         if isinstance(found[0], str):
             raise ValueError(found[0])
         replay = found[0]
-    hw, _ = load_or_calibrate(ctx, out_dir, moe.hidden_size, moe.ffn_hidden_size, device=device)
+    dtype = compute_dtype(cfg, device)  # the GEMM rate of the dtype the experts run in
+    hw, _ = load_or_calibrate(ctx, out_dir, moe.hidden_size, moe.ffn_hidden_size, dtype, device)
     return RuntimeTuner(
         model, ctx, hw, cfg.tuner,
         mode=None if p.mode == "auto" else p.mode,
@@ -47,6 +48,17 @@ def build_tuner(
         two_level=None if p.two_level == "auto" else p.two_level,
         replay=replay,
     )  # fmt: skip
+
+
+def compute_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
+    """The dtype the run's expert GEMMs run in: bf16 parameters (`train.param_dtype`), else the
+    autocast dtype (`train.autocast`, `auto`: bf16 on CUDA), else float32."""
+    if cfg.train.param_dtype_for(device) == "bf16":
+        return torch.bfloat16
+    mode = cfg.train.autocast
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" else "none"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode, torch.float32)
 
 
 def recorded_decisions(path: Path) -> dict[tuple[str, int], dict] | str:
