@@ -42,6 +42,8 @@ from moeflow.moe.config import MoEConfig
 from moeflow.moe.layer import MoELayer
 from moeflow.moe.routing_context import RoutingContext
 
+_COLLECTOR = None  # transformers' output recorder (False where it has none), once looked up
+
 
 class HFSparseMoELayer(MoELayer):
     """An `MoELayer` standing in for the HF sparse MoE block of class `hf_block_class` (see the
@@ -88,11 +90,16 @@ class HFSparseMoELayer(MoELayer):
 
 def _hf_router_logits() -> list | None:
     """The list transformers is recording router logits into during this forward, or None."""
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:  # a transformers without output recorders: nothing records
+    global _COLLECTOR
+    if _COLLECTOR is None:  # looked up once, not on every layer call
+        try:
+            from transformers.utils.output_capturing import _active_collector
+        except ImportError:  # a transformers without output recorders: nothing records
+            _active_collector = False
+        _COLLECTOR = _active_collector
+    if _COLLECTOR is False:
         return None
-    collected = _active_collector.get()
+    collected = _COLLECTOR.get()
     return None if collected is None else collected.get("router_logits")
 
 

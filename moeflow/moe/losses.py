@@ -137,8 +137,9 @@ def layer_losses(
         aux = balance_loss(scores_TE, router.balance_counts(counts_E), weights_E, mask_T)
     elif rc.aux_loss_type == "seq_aux_loss":
         num_choices = scores_TE.shape[1]
-        keep_T1 = 1.0 if mask_T is None else mask_T.to(scores_TE.dtype).unsqueeze(1)
-        one_hot = torch.zeros_like(scores_TE).scatter_(1, route.expert_ids_TK, 1.0) * keep_T1
+        one_hot = torch.zeros_like(scores_TE).scatter_(1, route.expert_ids_TK, 1.0)
+        if mask_T is not None:  # padding's choices count in no sequence's f
+            one_hot = one_hot * mask_T.to(scores_TE.dtype).unsqueeze(1)
         mask_BS = None
         if x.dim() >= 3 and sequence_first:  # tokens in [S, B] order: regroup per sequence
             seq_len = x.shape[0]
