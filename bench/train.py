@@ -8,6 +8,9 @@ and 2 ranks with 1 thread each as ep=2 and as dp=2 (ep=1), each with the gradien
 with the backward (`parallel.overlap_grad_sync`, the default) and after it; then replicated
 against sharded (FSDP2, `parallel.dp_shard`) at 2 ranks (dp 2) and 4 ranks (dp 2 x ep 2, dp 4),
 launched by torchrun.
+`--compile` instead times the same steps with `train.compile = true` (each block compiled with
+inductor; the compile happens in the warm-up steps) against eager, at 1 rank and at 2 ranks
+(ep 2), interleaved.
 Prints tokens/s (all ranks together, median over interleaved repeats), the scaling against 1 rank
 x 1 thread, the step time, and the share of the step spent inside the MoE layers (forward and
 backward, timed by module hooks on the slowest rank).
@@ -54,7 +57,13 @@ class MoETimer:
 
 
 def worker(
-    steps: int, warmup: int, out_file: str, ep: int | None, overlap: bool, dp_shard: int
+    steps: int,
+    warmup: int,
+    out_file: str,
+    ep: int | None,
+    overlap: bool,
+    dp_shard: int,
+    compiled: bool = False,
 ) -> None:
     import torch
     import torch.distributed as dist
@@ -81,6 +90,8 @@ def worker(
                 "true" if overlap else "false",
                 "--parallel.dp_shard",
                 str(dp_shard),
+                "--train.compile",
+                "true" if compiled else "false",
             ],
         )
         trainer = Trainer(cfg, runtime, resume=None, overwrite=True)
@@ -114,7 +125,14 @@ def worker(
 
 
 def run_layout(
-    ranks: int, threads: int, ep: int, overlap: bool, dp_shard: int, steps: int, warmup: int
+    ranks: int,
+    threads: int,
+    ep: int,
+    overlap: bool,
+    dp_shard: int,
+    steps: int,
+    warmup: int,
+    compiled: bool = False,
 ) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -123,7 +141,7 @@ def run_layout(
             f"--nproc-per-node={ranks}", __file__, "--worker", "--steps", str(steps),
             "--warmup", str(warmup), "--out", out.name, "--ep", str(ep), "--dp-shard",
             str(dp_shard),
-            *([] if overlap else ["--no-overlap"]),
+            *([] if overlap else ["--no-overlap"]), *(["--compile"] if compiled else []),
         ]  # fmt: skip
         subprocess.run(cmd, env=env, check=True, cwd=ROOT, capture_output=True)
         return json.loads(Path(out.name).read_text())
@@ -139,9 +157,14 @@ def main() -> None:
     p.add_argument("--ep", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-overlap", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--dp-shard", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--compile", action="store_true", help="compiled (train.compile) vs eager")
     args = p.parse_args()
     if args.worker:
-        worker(args.steps, args.warmup, args.out, args.ep, not args.no_overlap, args.dp_shard)
+        worker(args.steps, args.warmup, args.out, args.ep, not args.no_overlap, args.dp_shard,
+               args.compile)  # fmt: skip
+        return
+    if args.compile:
+        compare_compile(args.steps, args.warmup, args.repeats)
         return
     # (ranks, threads, ep, overlapped gradient sync, dp_shard)
     layouts = [(1, 1, 1, True, 1), (1, 2, 1, True, 1)]
@@ -180,6 +203,29 @@ def main() -> None:
             f"| {ranks} x {threads} | {layout} | {state} | {sync} | {tok:,.0f} | "
             f"{tok / base:.2f} | {ratio:.2f} | {ms:.1f} | {share:.0%} |"
         )
+
+
+def compare_compile(steps: int, warmup: int, repeats: int) -> None:
+    """`train.compile = true` against eager, interleaved, at 1 rank x 1 thread and at ep 2."""
+    layouts = [(1, 1, 1), (2, 1, 2)]
+    runs: dict[tuple, list[dict]] = {(*lay, c): [] for lay in layouts for c in (False, True)}
+    for _ in range(repeats):
+        for ranks, threads, ep, compiled in runs:
+            runs[(ranks, threads, ep, compiled)].append(
+                run_layout(ranks, threads, ep, True, 1, steps, warmup, compiled)
+            )
+    print(
+        f"moeflow bench/train.py --compile: {CONFIG.name}, {steps} steps after {warmup} warm-up "
+        f"(the compile included there), median of {repeats}; "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, fp32, gloo"
+    )
+    print("| ranks x threads | layout | eager step ms | compiled step ms | eager / compiled |")
+    print("|---|---|---|---|---|")
+    for ranks, threads, ep in layouts:
+        eager, comp = (statistics.median(r["step_ms"] for r in runs[(ranks, threads, ep, c)])
+                       for c in (False, True))  # fmt: skip
+        print(f"| {ranks} x {threads} | dp{ranks // ep} x ep{ep} | {eager:.1f} | {comp:.1f} | "
+              f"{eager / comp:.2f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

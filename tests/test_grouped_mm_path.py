@@ -184,9 +184,33 @@ def test_grouped_ends():
     assert grouped_mm_ffn.grouped_ends([(0, 1, 3)], 1) is None  # not from row 0
 
 
+def spy_offsets() -> list[bool]:
+    """Per grouped_mm call: whether its offsets came made on the device by the dispatcher
+    (`ReceivedBlocks.ends`, no host-to-device copy) and equal the host's end rows."""
+    seen, real = [], grouped_mm_ffn.offsets
+
+    def spy(ends, device, offs=None):
+        seen.append(offs is not None and offs.dtype == torch.int32 and offs.tolist() == ends)
+        return real(ends, device, offs)
+
+    grouped_mm_ffn.offsets = spy
+    return seen
+
+
+def test_grouped_mm_offsets_are_made_on_the_device(monkeypatch):
+    monkeypatch.setattr(grouped_mm_ffn, "offsets", grouped_mm_ffn.offsets)  # restored after
+    seen = spy_offsets()
+    for case in [*CASES, NARROW]:
+        _, grouped = pair(case)
+        x = torch.randn(3, 7, D)
+        step(grouped, x, torch.randn_like(x))
+    assert len(seen) >= 2 * 5 and all(seen)  # forward and backward of 5 layers, each call
+
+
 def _ep(rank, world):
     seen, real = [], grouped_mm_ffn.forward
     grouped_mm_ffn.forward = lambda *a, **k: seen.append(1) or real(*a, **k)
+    offsets = spy_offsets()
     ctx = ParallelDims(ep=world).build()
     gen = torch.Generator().manual_seed(2)
     xs = [torch.randn(11 + 4 * r, D, generator=gen) for r in range(world)]
@@ -205,6 +229,7 @@ def _ep(rank, world):
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], **tol, msg=name)
     assert seen, "the grouped_mm path did not run"
+    assert offsets and all(offsets)
     return sorted(g0)
 
 

@@ -4,10 +4,10 @@ depends on the data (`bincount`, `nonzero`, `unique`, `masked_select`) or scalar
 (`_local_scalar_dense`, what `.item()` and an `if` on a tensor run) happens outside it, seen by a
 `TorchDispatchMode`. Budget per forward execution of the layer (a checkpointing recomputation is
 one more): dropless, one read (the count exchange's split sizes; with overlap degree 2 the two
-chunks' counts are read together, still one); capacity padding where no token travels (one
-rank, or `dp`: static shapes), none; capacity padding over 2 ranks in `ep` / `sharded`, the one
-read (ranks' capacities follow their own token counts, so the sizes are still exchanged).
-Forward and backward, ep 1 and 2, modes `ep`, `sharded` (experts sliced over 2 ranks), `dp`."""
+chunks' counts are read together, still one); capacity padding, none in every mode (static
+shapes: every rank sends every slot its capacity; the ranks' capacities are compared on the
+device). Forward and backward, ep 1 and 2, modes `ep`, `sharded` (experts sliced over 2 ranks),
+`dp`. Padding over ranks whose token counts differ raises, on every rank, naming the fix."""
 
 from __future__ import annotations
 
@@ -82,12 +82,74 @@ def check(results: dict, world: int) -> None:
         where = (experts, mode, padded, overlap, ckpt)
         assert ops == {}, (where, ops)  # nothing reads the data outside the one function
         executions = 2 if ckpt else 1  # the recomputation runs the forward again
-        no_token_travels = world == 1 or mode == "dp"
-        want = [] if padded and no_token_travels else ["dispatch counts"] * executions
+        want = [] if padded else ["dispatch counts"] * executions
         assert reads == want, (where, reads)
 
 
-def test_one_host_read_per_call_and_none_with_padding_where_no_token_travels():
+def test_one_host_read_per_call_and_none_with_padding():
     for world in (1, 2):
         for results in run_on_ranks(_ranks, world, timeout=300):
             check(results, world)
+
+
+def _uneven_padding(rank, world):
+    import pytest
+
+    from moeflow import MoEConfig, MoELayer, RouterConfig
+    from moeflow.parallel import ParallelDims, parallelize
+
+    ctx = ParallelDims(ep=world).build()
+    router = RouterConfig(top_k=2, capacity_factor=1.0, pad_to_capacity=True)
+    layer = parallelize(MoELayer(MoEConfig(hidden_size=16, num_experts=4, ffn_hidden_size=32,
+                                           router=router)), ctx)  # fmt: skip
+    layer(torch.randn(8, 16))  # the same tokens per rank: fine
+    capacity = 4 + 2 * rank  # ceil(T * 2 / 4) with T = 8 + 4 * rank
+    with pytest.raises(RuntimeError, match=rf"capacity {capacity}\).*same number of tokens"):
+        layer(torch.randn(8 + 4 * rank, 16))
+    return True
+
+
+def test_padding_over_ranks_with_different_token_counts_raises_on_every_rank():
+    assert run_on_ranks(_uneven_padding, 2) == [True, True]
+
+
+class OpLog(TorchDispatchMode):
+    """The ops run, in order, with the one read's start and wait marked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.log.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_sorts_are_queued_while_the_counts_travel(monkeypatch):
+    """Dropless: the read of the counts is started, the device work that needs no count (each
+    chunk's sort of its pairs by slot) is queued, and only then does the host wait; no sort is
+    left for after the wait (on an accelerator the device sorts while the copy lands)."""
+    from moeflow import MoEConfig, MoELayer, RouterConfig
+    from moeflow.comm import dispatcher, host_read
+
+    mode = OpLog()
+    real_start = host_read.start_read
+
+    def start(t, what):
+        pending = real_start(t, what)
+        mode.log.append("<start>")
+        real_wait = pending.wait
+        pending.wait = lambda: mode.log.append("<wait>") or real_wait()
+        return pending
+
+    monkeypatch.setattr(dispatcher, "start_read", start)
+    cfg = MoEConfig(hidden_size=16, num_experts=4, ffn_hidden_size=32, router=RouterConfig(top_k=2))
+    layer = MoELayer(cfg)
+    for chunks in (1, 2):
+        mode.log.clear()
+        with mode:
+            layer(torch.randn(12, 16), overlap_degree=chunks)
+        log = mode.log
+        start_at, wait_at = log.index("<start>"), log.index("<wait>")
+        assert log[start_at:wait_at].count("sort") == chunks
+        assert log[wait_at:].count("sort") == 0

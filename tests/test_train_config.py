@@ -52,6 +52,7 @@ def test_overrides_are_toml_values():
         (["--parallel.ep", "3"], "cannot be laid out over an expert group of 3 ranks"),
         (["--parallel.ep", "3"], "Valid expert-group sizes for these sizes: [1, 2, 4, 8, 16"),
         (["--parallel.ep", "16", "--model.moe.ffn_hidden_size", "9"], "quotient (2) divides F"),
+        (["--train.compile", "1"], "train.compile (1) must be"),
         (["--train.steps"], "has no value"),
         (["train.steps", "3"], "must look like --section.key VALUE"),
     ],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from moeflow.train.config import DataConfig
 from moeflow.train.data import BatchStream, eval_batches, load_corpus
@@ -68,6 +69,20 @@ def test_stream_shards_are_disjoint_and_resume_exactly():
         xa, _ = a.next_batch()
         xb, _ = b.next_batch()
         assert (xa == xb).all()
+
+
+def test_batches_on_the_device_are_the_streams_batches():
+    """`next_batch_on` (what the trainer draws): the same inputs and targets as `next_batch`,
+    on the device (pinned and copied asynchronously there; on a CPU, the rows themselves)."""
+    tokens = np.arange(3000, dtype=np.int64)
+    a, b = (BatchStream(tokens, 16, 4, rank=0, world_size=1, seed=1) for _ in range(2))
+    devices = [torch.device("cpu")] + [torch.device("cuda")] * torch.cuda.is_available()
+    for device in devices:
+        for _ in range(3):
+            (x, y), (xd, yd) = a.next_batch(), b.next_batch_on(device)
+            assert xd.device.type == device.type
+            assert torch.equal(xd.cpu(), x) and torch.equal(yd.cpu(), y)
+    assert a.state_dict() == b.state_dict()
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])

@@ -63,6 +63,22 @@ def test_activation_checkpointing_changes_nothing(tmp_path):
     assert ckpt.val_loss == pytest.approx(plain.val_loss, rel=1e-6)
 
 
+def test_compiled_blocks_train_as_eager(tmp_path):
+    """`train.compile`: the blocks compiled (inductor), with activation checkpointing around them,
+    train to the eager parameters (float64: the same math) under the same names."""
+    from torch._dynamo.utils import counters
+
+    eager = params_after(cfg_for(tmp_path / "a", steps=2, activation_checkpointing=True))
+    counters.clear()
+    compiled = params_after(
+        cfg_for(tmp_path / "b", steps=2, activation_checkpointing=True, compile=True)
+    )
+    assert counters["stats"]["unique_graphs"] >= 3  # before, after the MoE dispatch, and more
+    assert list(compiled) == list(eager)
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
 def test_bf16_autocast_trains_on_cpu(tmp_path):
     result = train(cfg_for(tmp_path, autocast="bf16", steps=4), quiet=True)
     assert all(math.isfinite(x) for x in result.losses)
@@ -96,6 +112,51 @@ def test_schedule_and_decay_groups():
     opt = build_optimizer(model, OptimConfig(weight_decay=0.5))
     assert [len(g["params"]) for g in opt.param_groups] == [1, 3]
     assert [g["weight_decay"] for g in opt.param_groups] == [0.5, 0.0]
+
+
+# (fused, foreach) as AdamW records them, per `optim.implementation` (on CPU).
+KINDS = {"for_loop": (None, False), "foreach": (None, True), "fused": (True, None),
+         "auto": (None, True)}  # fmt: skip
+
+
+def test_optimizer_implementations_compute_the_same_update(monkeypatch):
+    """fused, foreach and for_loop AdamW: the same parameters after 3 steps, to fp32 rounding
+    (each evaluates the update's expression in its own order: a few ulps of the values, ~1e-6
+    relative at most here); `auto` is foreach on CPU and fused on CUDA."""
+    from moeflow.train.optim import implementation_for
+
+    gen = torch.Generator().manual_seed(0)
+    grads = [[torch.randn(4, 3, generator=gen), torch.randn(4, generator=gen)] for _ in range(3)]
+    finals = {}
+    for how in ("for_loop", "foreach", "fused", "auto"):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 4)
+        opt = build_optimizer(model, OptimConfig(implementation=how, weight_decay=0.1))
+        for step_grads in grads:
+            for p, g in zip(model.parameters(), step_grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        finals[how] = [p.detach().clone() for p in model.parameters()]
+        assert (opt.defaults["fused"], opt.defaults["foreach"]) == KINDS[how]
+    for how, params in finals.items():
+        for got, want in zip(params, finals["for_loop"], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=how)
+    torch.manual_seed(0)
+    assert finals["for_loop"][0].ne(torch.nn.Linear(3, 4).weight).all()  # the steps moved it
+    assert implementation_for(OptimConfig(), torch.device("cuda")) == "fused"
+    with pytest.raises(ValueError, match=r"optim.implementation \('unfused'\) must be one of"):
+        OptimConfig(implementation="unfused")
+
+    def no_fused_kernel(*args, **kwargs):
+        raise RuntimeError("`fused=True` requires all the params to be of supported devices")
+
+    monkeypatch.setattr(torch.optim, "AdamW", no_fused_kernel)
+    with pytest.raises(
+        ValueError,
+        match=r"optim.implementation \('fused', here 'fused'\) "
+        r"cannot update these parameters \(cpu\).*'foreach'",
+    ):
+        build_optimizer(torch.nn.Linear(3, 3), OptimConfig(implementation="fused"))
 
 
 def test_wandb_logs_offline_without_network(tmp_path, monkeypatch):

@@ -14,9 +14,10 @@ Schedule of one call:
    applied by the caller).
 2. Exchange the counts with one all-to-all of `W*C*L` integers over the expert-parallel group, then
    copy local and received counts to the host together: the one host read of the call
-   (`moeflow.comm.host_read`). With capacity padding (`pad_to`) on one rank every slot gets
-   `pad_to` rows: the sizes are static, and nothing is read. Over several ranks the exchange
-   still runs (each rank's capacity follows its own token count, which may differ).
+   (`moeflow.comm.host_read`). With capacity padding (`pad_to`) every rank sends every slot
+   `pad_to` rows: the sizes are static, nothing is exchanged or read. Every rank of the group
+   must then pass the same `pad_to` (the MoE layer checks it on the device with its mode, see
+   `moeflow.moe.expert_dispatch`): a rank's capacity follows its token count.
 3. Permute each chunk's rows into slot order (= destination-rank order).
 4. `exchange_compute`: dispatch chunk c+1 while chunk c computes and chunk c-1 returns (forward and
    backward; see `moeflow.comm.pipeline`); a side computation (a shared expert) runs while chunk
@@ -40,7 +41,7 @@ from typing import Any
 import torch
 
 from moeflow.comm.all_to_all import Exchange
-from moeflow.comm.host_read import read_to_host
+from moeflow.comm.host_read import start_read
 from moeflow.comm.local_compute import local_compute
 from moeflow.comm.permutation import (
     RoutingPlan,
@@ -49,6 +50,7 @@ from moeflow.comm.permutation import (
     combine,
     pair_counts,
     permute,
+    plan_order,
     unpermute,
 )
 from moeflow.comm.pipeline import ChunkPlan, SideCompute, exchange_compute
@@ -154,24 +156,31 @@ class TokenDispatcher:
             )
         W, L, P = self.exchange.size, self.slots_per_rank, self.num_slots
         bounds = chunk_bounds(x_TD.shape[0], num_chunks)
-        if pad_to is None or W > 1:
-            counts_host, send, recv, matrices = self._exchange_counts(
-                slot_ids_TK, keep_TK, bounds, pad_to
+        orders = [None] * num_chunks
+        if pad_to is None:
+            counts_host, send, recv, matrices, ends, orders = self._exchange_counts(
+                slot_ids_TK, keep_TK, bounds
             )
-        else:  # static shapes: every slot gets pad_to rows, nothing to exchange or read
-            counts_host, send, recv = [None], [[[pad_to] * L]], [[[pad_to] * L]]
-            matrices = [[[pad_to * L]]] if self.exchange.needs_matrix else None
+        else:  # static shapes: every rank sends every slot pad_to rows, nothing read
+            counts_host, send = [None], [[[pad_to] * L] for _ in range(W)]
+            recv = send
+            matrices = [[[pad_to * L] * W] * W] if self.exchange.needs_matrix else None
+            ends = torch.arange(1, L + 1, device=x_TD.device, dtype=torch.int32)[None] * (
+                W * pad_to
+            )
         plans = [
             build_plan(
                 slot_ids_TK[t0:t1], P, None if keep_TK is None else keep_TK[t0:t1], pad_to,
-                counts_host=counts_host[c],
+                counts_host=counts_host[c], order=orders[c],
             )
             for c, (t0, t1) in enumerate(bounds)
         ]  # fmt: skip
         chunk_plan = ChunkPlan(
             input_splits=[[sum(send[j][c]) for j in range(W)] for c in range(num_chunks)],
             output_splits=[[sum(recv[i][c]) for i in range(W)] for c in range(num_chunks)],
-            chunk_meta=[_received_blocks(recv, c, W, L) for c in range(num_chunks)],
+            chunk_meta=[
+                ReceivedBlocks(_received_blocks(recv, c, W, L), ends[c]) for c in range(num_chunks)
+            ],
             matrices=matrices,
         )
         if _stays_local(compute, x_TD, params, W, num_chunks, pad_to):
@@ -213,11 +222,12 @@ class TokenDispatcher:
         row_bytes = (width if weighted else x_TD.shape[1]) * x_TD.element_size()
         return DispatchResult(out, plans, chunk_plan, sent, sent * row_bytes, side_out)
 
-    def _exchange_counts(self, slot_ids_TK, keep_TK, bounds, pad_to: int | None = None):
-        """Steps 1-2: rows per slot and chunk on the device (`pad_to` each with padding), one
-        count exchange, one host read. Returns (kept and dropped counts per chunk, rows sent
-        [W][C][L], received [W][C][L], and for exchanges that route via peers the rows i -> j
-        per chunk)."""
+    def _exchange_counts(self, slot_ids_TK, keep_TK, bounds):
+        """Steps 1-2: rows per slot and chunk on the device, one count exchange, one host read.
+        Returns (kept and dropped counts per chunk, rows sent [W][C][L], received [W][C][L], for
+        exchanges that route via peers the rows i -> j per chunk, the chunks' local end rows on
+        the device, and each chunk's pairs sorted by slot, queued while the counts travel to
+        the host)."""
         W, L, P = self.exchange.size, self.slots_per_rank, self.num_slots
         num_chunks = len(bounds)
         counts = []
@@ -226,8 +236,6 @@ class TokenDispatcher:
             counts.append(pair_counts(slot_ids_TK[t0:t1], P, keep))
         counts_CP1 = torch.stack(counts)  # [C, P + 1]: the last column counts drops
         rows_CP = counts_CP1[:, :P]
-        if pad_to is not None:
-            rows_CP = torch.full_like(rows_CP, pad_to)
         send_WCL = rows_CP.reshape(num_chunks, W, L).transpose(0, 1).contiguous()
         me, span = self.exchange.rank, num_chunks * L
         try:
@@ -243,7 +251,16 @@ class TokenDispatcher:
         if full is not None:
             # M[c][i][j]: rows rank i sends rank j in chunk c, for exchanges that route via peers.
             parts.append(full.view(W, W, num_chunks, L).sum(-1).permute(2, 0, 1).reshape(-1))
-        host = read_to_host(torch.cat(parts), "dispatch counts")  # the call's one read
+        # Each chunk's local expert end rows in the received buffer, grouped by expert (the
+        # grouped GEMMs' offsets), made on the device from the counts: no copy back.
+        ends_CL = recv_WCL.reshape(W, num_chunks, L).sum(0).cumsum(-1).to(torch.int32)
+        pending = start_read(torch.cat(parts), "dispatch counts")  # the call's one read
+        # The sorts need no count: queued now, the device runs them while the host waits.
+        orders = [
+            plan_order(slot_ids_TK[t0:t1], P, None if keep_TK is None else keep_TK[t0:t1])
+            for t0, t1 in bounds
+        ]
+        host = pending.wait()
         n1, n2 = num_chunks * (P + 1), W * span
         counts_host = [host[c * (P + 1) : (c + 1) * (P + 1)] for c in range(num_chunks)]
         send = _as_wcl(host[n1 : n1 + n2], W, num_chunks, L)
@@ -255,7 +272,17 @@ class TokenDispatcher:
                 [flat_m[(c * W + i) * W : (c * W + i + 1) * W] for i in range(W)]
                 for c in range(num_chunks)
             ]
-        return counts_host, send, recv, matrices
+        return counts_host, send, recv, matrices, ends_CL, orders
+
+
+class ReceivedBlocks(list):
+    """A chunk's received blocks `(local slot, first row, end row)` (`_received_blocks`), with
+    `ends`: `[L]` int32 on the device, the end row of each local slot once the rows are grouped
+    by slot (what the grouped GEMM kernels take as offsets, with no host-to-device copy)."""
+
+    def __init__(self, blocks: list[tuple[int, int, int]], ends: torch.Tensor) -> None:
+        super().__init__(blocks)
+        self.ends = ends
 
 
 def _stays_local(compute, x_TD, params, W: int, chunks: int, pad_to: int | None) -> bool:

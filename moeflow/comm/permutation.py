@@ -53,6 +53,7 @@ def build_plan(
     keep_TK: torch.Tensor | None = None,
     pad_to: int | None = None,
     counts_host: list[int] | None = None,
+    order: torch.Tensor | None = None,
 ) -> RoutingPlan:
     """Sort pairs by expert. `keep_TK` marks pairs that survived capacity; `pad_to` gives every
     expert exactly that many rows (zero padding).
@@ -61,7 +62,8 @@ def build_plan(
     (`pair_counts(...)` of the same arguments, already on the host: the dispatcher fetches
     several plans' counts in one read), or they are read here. With `pad_to` the sizes are
     static and nothing is read: the plan then assumes drops and padding (masked gathers), and
-    the caller must have applied the capacity (at most `pad_to` pairs per expert).
+    the caller must have applied the capacity (at most `pad_to` pairs per expert). `order`:
+    `plan_order` of the same arguments, where the caller queued it already.
     """
     num_tokens, top_k = expert_ids_TK.shape
     device = expert_ids_TK.device
@@ -74,7 +76,7 @@ def build_plan(
     counts_E = counts_all[:num_experts]
     pairs = torch.arange(n, device=device)
     if pad_to is None:
-        order = torch.argsort(ids, stable=True)
+        order = torch.argsort(ids, stable=True) if order is None else order
         kept = n - counts_host[num_experts]
         row_to_pair = order[:kept]
         pair_to_row = torch.full((n,), -1, dtype=torch.int64, device=device)
@@ -123,6 +125,14 @@ def sort_keys(
     if keep_TK is not None:
         ids = torch.where(keep_TK.reshape(-1), ids, torch.full_like(ids, num_experts))
     return ids
+
+
+def plan_order(
+    expert_ids_TK: torch.Tensor, num_experts: int, keep_TK: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`[T*K]`: the pairs sorted by expert (stable), dropped ones last: `build_plan`'s sort,
+    which needs no count from the host."""
+    return torch.argsort(sort_keys(expert_ids_TK, num_experts, keep_TK), stable=True)
 
 
 def pair_counts(

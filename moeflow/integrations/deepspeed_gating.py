@@ -121,10 +121,10 @@ class DeepSpeedGate(Router):
             keys = mask * torch.rand(mask.shape, device=mask.device)
         if self.drop_tokens:
             capacity = int(self._capacity(num_tokens, 1))
-        else:
-            capacity = int(exp_counts.max()) if num_tokens else 0
-        top = torch.topk(keys, k=min(capacity, num_tokens), dim=0)[1]
-        mask = mask * torch.zeros_like(mask).scatter_(0, top, 1)
+            top = torch.topk(keys, k=min(capacity, num_tokens), dim=0)[1]
+            mask = mask * torch.zeros_like(mask).scatter_(0, top, 1)
+        # Dropless, DeepSpeed's capacity is the largest expert count, so its top-k keeps every
+        # routed token: the mask as it is, without reading that count on the host.
         keep = mask.sum(dim=1, keepdim=True) > 0
         weights = (probs * mask).sum(dim=1, keepdim=True)
         return weights, ids[:, None], keep, probs, l_aux, exp_counts

@@ -17,6 +17,11 @@ class _AttachLoss(torch.autograd.Function):
     def forward(ctx, output: torch.Tensor, loss: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.save_for_backward(loss)
         ctx.scale = scale
+        if torch.compiler.is_compiling():
+            # A compiled graph replays an output that views one of its inputs outside the graph,
+            # which would drop this backward (the layer's output comes in from the eager
+            # dispatch region): compiled, the output is a copy.
+            return output.clone()
         return output.view_as(output)
 
     @staticmethod

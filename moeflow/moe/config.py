@@ -55,7 +55,9 @@ class RouterConfig:
       post-softmax makes every weight 1) go to the earlier token; Megatron leaves them to
       `torch.topk`'s unspecified order.
     - `pad_to_capacity=True` gives every expert exactly C rows (zero rows as padding): static
-      shapes.
+      shapes, no host read and no count exchange (a compiled layer is one graph). Every rank of
+      an expert group then needs the same number of tokens per call (C follows it, as in
+      Megatron's drop-and-pad); ranks that differ raise, naming this.
     - Aux loss (Megatron's normalisation, 1 at perfect balance):
       `L = E/(k*T^2) * sum_i (sum_t p_ti) * count_i = E * sum_i f_i P_i` with `p` the full softmax
       (or normalised sigmoid) and `count` the top-k selections before any drop. `seq_aux_loss`

@@ -105,8 +105,9 @@ class GroupedExpertCompute:
                 y, saved = ffn_forward(x, w1, w2, merged, self.activation, row_w)
             else:
                 y, saved = grouped_mm_ffn.forward(
-                    x, w1, w2, merged, self.activation, row_w, ends, kernel
-                )
+                    x, w1, w2, merged, self.activation, row_w, ends, kernel,
+                    offs=getattr(blocks, "ends", None),
+                )  # fmt: skip
         if order is not None:
             y = y.index_select(0, inverse(order))  # back to source-rank order
         # The weights are saved once by the pipeline; keep only the activations, and the rows
@@ -182,7 +183,8 @@ class GroupedExpertCompute:
         if ends is None:
             grad_x = ffn_backward(activations, grad_y, acc["grads"], out)
         else:
-            grad_x = grouped_mm_ffn.backward(activations, grad_y, acc["grads"], ends, kernel, out)
+            grad_x = grouped_mm_ffn.backward(activations, grad_y, acc["grads"], ends, kernel, out,
+                                             offs=getattr(blocks, "ends", None))  # fmt: skip
         if order is not None:
             grad_x = grad_x.index_select(0, inverse(order))
         return grad_x

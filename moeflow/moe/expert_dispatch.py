@@ -22,9 +22,11 @@ Gathered weights are recomputed in backward (gathered again), never kept from fo
 backward: at most one layer's gathered experts exist at a time.
 
 Schedule of one call with G > 1, on every rank of the expert group:
-1. One all-gather of `(mode, overlap degree, two-level)` (three integers per rank), compared on
-   the device (no host read): ranks that disagree all raise instead of issuing different
-   collectives and hanging.
+1. One all-gather of `(mode, overlap degree, two-level, padded capacity)` (four integers per
+   rank), compared on the device (no host read): ranks that disagree all raise instead of
+   issuing different collectives and hanging. It is the one collective every mode issues first
+   with the same shape (`dp` and padded calls exchange no counts), so it stays separate from
+   the count exchange.
 2. The mode's collectives: `ep`/`sharded` as `TokenDispatcher` documents (count exchange, then the
    pipelined all-to-all, flat or two-level (`moeflow.comm.hierarchical`) per call where the layer
    was given both exchanges), preceded in `ep` with S > 1 by the shard group's weight all-gather;
@@ -37,14 +39,16 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as fc
 from torch import nn
 
 from moeflow.comm.all_to_all import Exchange, LocalExchange
 from moeflow.comm.dispatcher import MODES, DispatchConfig, DispatchResult, TokenDispatcher
 from moeflow.comm.gather import all_gather_rows, group_size
-from moeflow.comm.pipeline import SideCompute
+from moeflow.comm.pipeline import ChunkPlan, SideCompute
 from moeflow.moe.expert_compute import GroupedExpertCompute
 from moeflow.moe.layout import ExpertLayout
+from moeflow.moe.padded_experts import padded_experts
 from moeflow.moe.weight_gather import ExpertWeightGather
 
 
@@ -173,25 +177,25 @@ class ExpertDispatch(nn.Module):
         )
         return order_TK % self.slot_count[ids_TK]
 
-    def agree(self, mode: str, chunks: int, two_level: bool = False) -> None:
-        """Step 1 of the schedule: every rank raises if the ranks disagree on the call, checked on
-        the device (no host read; on a CPU it raises at once, on an accelerator at the next
-        read, before the ranks' diverging collectives can hang)."""
+    def agree(
+        self, mode: str, chunks: int, two_level: bool = False, pad_to: int | None = None
+    ) -> None:
+        """Step 1 of the schedule: every rank raises if the ranks disagree on the call (or, with
+        capacity padding, on the padded capacity, which sets the static all-to-all sizes),
+        checked on the device (no host read; on a CPU it raises at once, on an accelerator at
+        the next read, before the ranks' diverging collectives can hang)."""
         if group_size(self.group) == 1:
             return
+        pad = -1 if pad_to is None else pad_to
         mine = torch.tensor(
-            [[MODES.index(mode), chunks, int(two_level)]], device=self.slot_table.device
+            [[MODES.index(mode), chunks, int(two_level), pad]], device=self.slot_table.device
         )
         try:
             rows = all_gather_rows(mine, self.group)
         except RuntimeError as exc:
             raise RuntimeError(f"{self.name}: agreeing on the call's mode failed: {exc}") from exc
         torch._assert_async(
-            (rows == mine).all(),
-            f"{self.name}: the ranks of the expert group called it with different parallel "
-            f"modes, overlap degrees or all-to-alls (this rank: {mode!r} x{chunks}"
-            f"{' two-level' if two_level else ''}); pass the same mode=, overlap_degree= and "
-            "two_level= on every rank",
+            (rows == mine).all(), _disagree(self.name, mode, chunks, two_level, pad_to)
         )
 
     def forward(
@@ -220,7 +224,54 @@ class ExpertDispatch(nn.Module):
                 "smaller than it"
             )
         two = two and mode != "dp"  # dp moves no token
-        self.agree(mode, chunks, two)
+        if torch.compiler.is_compiling() and pad_to is not None and self._static(mode, two):
+            return self._padded(x_TD, weights_TK, ids_TK, keep_TK, pad_to, params, mode, side)
+        return self._dispatch(
+            x_TD, weights_TK, ids_TK, keep_TK, pad_to, params, mode, chunks, two, side
+        )
+
+    def _static(self, mode: str, two_level: bool) -> bool:
+        """Whether a padded call runs `moeflow.moe.padded_experts` while compiling: one rank (any
+        mode: all experts are local), or whole experts (no slices), one copy each, in `ep` or
+        `sharded` over the flat all-to-all. Other padded calls run `_dispatch` eagerly."""
+        if group_size(self.group) == 1:
+            return True
+        whole = self.layout.shards == 1 and not self._spread
+        return mode != "dp" and whole and not two_level
+
+    def _padded(self, x_TD, weights_TK, ids_TK, keep_TK, pad_to, params, mode, side):
+        """Capacity padding while compiling: static shapes, no host read, the all-to-alls as
+        functional collectives, as plain tensor ops the compiler captures in the layer's graph
+        (`moeflow.moe.padded_experts`); the ranks' agreement is checked as in `agree`."""
+        W = group_size(self.group)
+        if W > 1:
+            mine = torch.tensor([[MODES.index(mode), 1, 0, pad_to]], device=x_TD.device)
+            rows = fc.all_gather_tensor(mine, 0, self.group)
+            torch._assert_async((rows == mine).all(), _disagree(self.name, mode, 1, False, pad_to))
+        slots_TK = self.slot_table[ids_TK, self._copy_index(ids_TK)]
+        keep = torch.ones_like(ids_TK, dtype=torch.bool) if keep_TK is None else keep_TK
+        w1, w2 = params
+        group = self.group if W > 1 else None
+        out = padded_experts(x_TD, weights_TK, slots_TK, keep, pad_to, w1, w2, self.activation,
+                             group)  # fmt: skip
+        side_out = None if side is None else side.fn(*side.inputs)
+        L = w2.shape[0]
+        blocks = [(slot, (i * L + slot) * pad_to, (i * L + slot + 1) * pad_to)
+                  for i in range(W) for slot in range(L)]  # fmt: skip
+        plan = ChunkPlan([[L * pad_to] * W], [[L * pad_to] * W], [blocks])
+        sent = (W - 1) * L * pad_to
+        self.last_mode, self.last_two_level = mode, False
+        self.last_gathered_bytes = self.last_gather_peak_bytes = 0
+        return DispatchResult(out, [], plan, sent, sent * x_TD.shape[1] * x_TD.element_size(),
+                              side_out)  # fmt: skip
+
+    @torch.compiler.disable
+    def _dispatch(self, x_TD, weights_TK, ids_TK, keep_TK, pad_to, params, mode, chunks, two,
+                  side):  # fmt: skip
+        """The schedule of the module doc. Run eagerly under `torch.compile`: it holds the
+        call's one host read (dropless) and its collectives, so the compiled layer breaks
+        around it and traces the router, capacity and losses."""
+        self.agree(mode, chunks, two, pad_to)
         dispatcher, compute = self.path(mode, two)
         if mode == "dp":
             slots_TK = ids_TK
@@ -241,3 +292,15 @@ class ExpertDispatch(nn.Module):
         self.last_gathered_bytes = 0 if gather is None else gather.gathered_bytes
         self.last_gather_peak_bytes = 0 if gather is None else gather.peak_bytes
         return result
+
+
+def _disagree(name: str, mode: str, chunks: int, two_level: bool, pad_to: int | None) -> str:
+    """The message of ranks that disagree on a call (`ExpertDispatch.agree`)."""
+    return (
+        f"{name}: the ranks of the expert group called it with different parallel modes, "
+        f"overlap degrees, all-to-alls or padded capacities (this rank: {mode!r} x{chunks}"
+        f"{' two-level' if two_level else ''}{'' if pad_to is None else f', capacity {pad_to}'}"
+        "); pass the same mode=, overlap_degree= and two_level= on every rank, and with "
+        "router.pad_to_capacity the same number of tokens on every rank (pad the batches to "
+        "one length)"
+    )

@@ -94,15 +94,23 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def _rows(a: torch.Tensor, w: torch.Tensor, ends: list[int], kernel: str, out=None, src=None):
+def offsets(ends: list[int], device: torch.device, offs: torch.Tensor | None = None):
+    """`ends` as grouped_mm's int32 offsets on `device`: `offs` where the caller made them on
+    the device (`moeflow.comm.dispatcher.ReceivedBlocks`), else copied once from the host."""
+    if offs is not None:
+        return offs
+    return torch.tensor(ends, dtype=torch.int32).to(device, non_blocking=True)
+
+
+def _rows(a, w, ends: list[int], kernel: str, out=None, src=None, offs=None):
     """`out[rows of e] = a[rows of e] @ w[e]` for every local expert e; rows past `ends[-1]` are
     left as they are. `w` may be a transposed view (`mm` reads it in place). With `src` (token
-    order, `grouped_loop` only) row r of `a` is `a[src[r]]`, gathered per expert."""
+    order, `grouped_loop` only) row r of `a` is `a[src[r]]`, gathered per expert. `offs`:
+    `ends` on the device (`grouped_mm`)."""
     if kernel == "grouped_mm":
         if src is not None:
             raise ValueError("grouped_mm reads one row buffer; token order runs grouped_loop")
-        offs = torch.tensor(ends, dtype=torch.int32, device=a.device)
-        y = F.grouped_mm(_aligned(a), w, offs=offs)
+        y = F.grouped_mm(_aligned(a), w, offs=offsets(ends, a.device, offs))
         if out is None:
             return y
         return out[: y.shape[0]].copy_(y)
@@ -116,10 +124,9 @@ def _rows(a: torch.Tensor, w: torch.Tensor, ends: list[int], kernel: str, out=No
     return out
 
 
-def _weight_grads(weight_grads, x, gh, a_w2, grad_y, ends, kernel, swiglu: bool) -> None:
+def _weight_grads(weight_grads, x, gh, a_w2, grad_y, ends, kernel, swiglu: bool, offs) -> None:
     """`x^T gh` and `a_w2^T grad_y` per local expert, into `weight_grads`."""
     if kernel == "grouped_mm":
-        offs = torch.tensor(ends, dtype=torch.int32, device=x.device)
         g1 = F.grouped_mm(_aligned(x).t(), gh, offs=offs)
         weight_grads.add_all(g1, F.grouped_mm(a_w2.t(), grad_y, offs=offs), ends)
         return
@@ -153,18 +160,22 @@ def forward(
     ends: list[int],
     kernel: str = "grouped_mm",
     src: torch.Tensor | None = None,
+    offs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, FFNActivations]:
     """The whole buffer at once (see the module doc); rows past `ends[-1]` give 0. `x` may be a
     column view of a wider row buffer (the row weights' carrier). With `src` (token order,
-    `moeflow.moe.grouped_ffn`; `grouped_loop` only) `x` is `[T, D]`, read per expert."""
-    h = _rows(x, w1, ends, kernel, src=src)
+    `moeflow.moe.grouped_ffn`; `grouped_loop` only) `x` is `[T, D]`, read per expert. `offs`:
+    `ends` already on the device (else copied once per call)."""
+    if kernel == "grouped_mm":
+        offs = offsets(ends, x.device, offs)
+    h = _rows(x, w1, ends, kernel, src=src, offs=offs)
     a, saved = _activate(h, activation)
     # Row weights scale the narrower side: `(w a) W2 = w (a W2)`. Both `a` (for the weights'
     # gradient) and `w a` (W2's gradient) are kept: making `w a` again in the backward was ~0.5%
     # of the step at T=4096, D=256, F=64, E=64, k=8 (2 KB per token kept).
     scale_a = row_w is not None and a.shape[1] < w2.shape[-1]
     a_w = a * row_w.unsqueeze(-1) if scale_a else None
-    y = _rows(a if a_w is None else a_w, w2, ends, kernel)
+    y = _rows(a if a_w is None else a_w, w2, ends, kernel, offs=offs)
     if ends[-1] < y.shape[0]:
         y[ends[-1] :] = 0
     if row_w is not None and not scale_a:
@@ -198,12 +209,16 @@ def backward(
     kernel: str = "grouped_mm",
     out: torch.Tensor | None = None,
     grad_w: torch.Tensor | None = None,
+    offs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradient wrt the rows, written into `out` (default a new `[R, D]`, or `[R, D + 1]` with
     row weights): with row weights column D is theirs (or `grad_w` `[R]`, if given); padding
     columns past it are left as they are. The weight gradients are added into `weight_grads`.
-    In token order (`s.src`) `grad_y` is `[T, D]`, read per expert like `x`."""
+    In token order (`s.src`) `grad_y` is `[T, D]`, read per expert like `x`. `offs`: as in
+    `forward`."""
     grad_y = grad_y.to(s.x.dtype).contiguous()
+    if kernel == "grouped_mm":
+        offs = offsets(ends, grad_y.device, offs)
     a, *saved = s.per_block[0]
     rows, d = s.num_rows, s.x.shape[1]
     weighted, src = s.row_w is not None, s.src
@@ -214,7 +229,7 @@ def backward(
         a_w2 = a * s.row_w.unsqueeze(-1)
     swiglu = s.activation == "swiglu"
     if src is None:
-        ga = _rows(grad_y, s.w2.transpose(1, 2), ends, kernel)
+        ga = _rows(grad_y, s.w2.transpose(1, 2), ends, kernel, offs=offs)
     else:  # gather each expert's output gradient once: for its `ga` and its W2 gradient
         ga, lo = a.new_empty(rows, a.shape[1]), 0
         for e, hi in enumerate(ends):
@@ -229,11 +244,11 @@ def backward(
         torch.linalg.vecdot(a, ga, out=out[:, d] if grad_w is None else grad_w)
         ga.mul_(s.row_w.unsqueeze(-1))
     gh = _activation_backward(ga, saved, s.activation)
-    _rows(gh, s.w1.transpose(1, 2), ends, kernel, out=out[:, :d])
+    _rows(gh, s.w1.transpose(1, 2), ends, kernel, out=out[:, :d], offs=offs)
     if ends[-1] < rows:
         out[ends[-1] :] = 0
     if src is None:
-        _weight_grads(weight_grads, s.x, gh, a_w2, grad_y, ends, kernel, swiglu)
+        _weight_grads(weight_grads, s.x, gh, a_w2, grad_y, ends, kernel, swiglu, offs)
         return out
     lo = 0
     for e, hi in enumerate(ends):  # W1's gradients, the rows of x gathered again

@@ -236,7 +236,7 @@ class MoELayer(nn.Module):
         attached to the graph (for callers that return them, as DeepSpeed's `l_aux`); the layer
         itself keeps only their detached values (`last_losses`)."""
         cfg = self.config
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
             apply_once()  # glibc keeps freed blocks for reuse (moeflow.utils.cpu_alloc)
         if x.dim() < 1 or x.shape[-1] != cfg.hidden_size:
             raise ValueError(

@@ -34,6 +34,7 @@ from moeflow.parallel.parallelize import parallelize
 from moeflow.parallel.replace import current_expert_slots
 from moeflow.train import checkpoint as ckpt
 from moeflow.train.ckpt_integrity import verify_checkpoint
+from moeflow.train.compile import compile_blocks
 from moeflow.train.config import RunConfig
 from moeflow.train.data import Corpus, check_tokens, check_validation_split
 from moeflow.train.run_lock import LOCK_NAME, RunDirectoryBusyError, RunLock
@@ -350,6 +351,8 @@ def build_model(
     if dtype is not None:
         model.to(dtype)
     model.activation_checkpointing = cfg.train.activation_checkpointing
+    if cfg.train.compile and device.type != "meta":
+        compile_blocks(model)  # before sharding, as torchtitan orders them
     param_dtype = param_dtype or cfg.train.param_dtype_for(device)
     if ctx.dims.dp_shard > 1 or param_dtype != "fp32":  # bf16 compute copies are FSDP's
         shard_model(model, ctx, param_dtype)

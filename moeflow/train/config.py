@@ -90,7 +90,10 @@ FP32_MAX = 3.4028234663852886e38
 class OptimConfig:
     """AdamW with two parameter groups: matrices (embeddings, attention, experts, router) get
     `weight_decay`; vectors (norms) do not. Learning rate: linear warmup over `warmup_steps`, then
-    cosine from `lr` to `lr * min_lr_ratio` at the last step. `grad_clip` 0 disables clipping."""
+    cosine from `lr` to `lr * min_lr_ratio` at the last step. `grad_clip` 0 disables clipping.
+    `implementation`: how AdamW updates the tensors: `fused` (one kernel for all of them),
+    `foreach` (one kernel per operation over all of them) or `for_loop` (per tensor); `auto` is
+    `fused` on CUDA and `foreach` elsewhere. All compute the same update up to fp32 rounding."""
 
     lr: float = 3e-3
     weight_decay: float = 0.1
@@ -99,8 +102,10 @@ class OptimConfig:
     warmup_steps: int = 30
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
+    implementation: str = "auto"
 
     def __post_init__(self) -> None:
+        check_choice("optim.implementation", self.implementation, OPTIM_IMPLEMENTATIONS)
         if not 0 < self.lr <= FP32_MAX:
             raise ValueError(
                 f"optim.lr ({self.lr!r}) must be > 0 and at most {FP32_MAX:.3g}, the largest "
@@ -121,6 +126,7 @@ class OptimConfig:
 
 
 AUTOCAST = ("auto", "none", "bf16", "fp16")
+OPTIM_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for_loop")
 PARAM_DTYPES = ("auto", "fp32", "bf16")
 
 
@@ -141,7 +147,8 @@ class TrainConfig:
     no more tokens than that takes the plain loss. `param_dtype`: the dtype the forward and
     backward compute in from the fp32 master weights (`bf16`: FSDP's mixed precision, fp32
     master weights, optimizer state and gradient reduction; the model is sharded, see
-    `parallel.dp_shard`); `auto` is bf16 on GPUs that have it and fp32 elsewhere."""
+    `parallel.dp_shard`); `auto` is bf16 on GPUs that have it and fp32 elsewhere. `compile`:
+    compile each transformer block with `torch.compile` (`moeflow.train.compile`)."""
 
     steps: int = 300
     seed: int = 0
@@ -157,9 +164,12 @@ class TrainConfig:
     max_nonfinite_skips: int = 10
     loss_chunk_tokens: int = 4096
     param_dtype: str = "auto"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         check_choice("train.param_dtype", self.param_dtype, PARAM_DTYPES)
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"train.compile ({self.compile!r}) must be true or false")
         if self.activation_checkpointing not in (False, True, "selective"):
             raise ValueError(
                 f"train.activation_checkpointing ({self.activation_checkpointing!r}) must be "

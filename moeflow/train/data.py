@@ -194,12 +194,25 @@ class BatchStream:
         return rng.permutation(self.num_windows)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self._next_rows()
+        return rows[:, :-1], rows[:, 1:]
+
+    def _next_rows(self) -> torch.Tensor:
+        """The next batch's windows `[B, seq_len + 1]`: inputs and, shifted by one, targets."""
         if self.index + self.batch_size > self.num_windows:
             self.epoch, self.index = self.epoch + 1, 0
             self._order = self._shuffle(self.epoch)
         picks = self._order[self.index : self.index + self.batch_size]
         self.index += self.batch_size
-        rows = _windows(self.tokens, picks * self.seq_len, self.seq_len)
+        return _windows(self.tokens, picks * self.seq_len, self.seq_len)
+
+    def next_batch_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`next_batch` on `device`. On an accelerator the batch's window rows are pinned and
+        copied once, asynchronously (the host goes on queueing the step while they travel), and
+        split into inputs and targets there."""
+        rows = self._next_rows()
+        if device.type != "cpu":
+            rows = rows.pin_memory().to(device, non_blocking=True)
         return rows[:, :-1], rows[:, 1:]
 
     def skip(self, batches: int) -> None:

@@ -29,9 +29,18 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
+def implementation_for(cfg: OptimConfig, device: torch.device) -> str:
+    """`optim.implementation` with `auto` resolved for the parameters' device: `fused` on CUDA,
+    `foreach` elsewhere."""
+    if cfg.implementation != "auto":
+        return cfg.implementation
+    return "fused" if device.type == "cuda" else "foreach"
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """Matrices (dim >= 2: embeddings, projections, router, experts) decay; vectors (norm
-    weights, biases) do not."""
+    weights, biases) do not. The update runs as `optim.implementation` says
+    (`implementation_for`)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -40,7 +49,16 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    device = (decay + no_decay)[0].device if decay + no_decay else torch.device("cpu")
+    how = implementation_for(cfg, device)
+    kinds = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}
+    try:
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **kinds[how])
+    except RuntimeError as exc:  # fused kernels exist for some devices and dtypes only
+        raise ValueError(
+            f"optim.implementation ({cfg.implementation!r}, here {how!r}) cannot update these "
+            f"parameters ({device.type}): {exc}; set optim.implementation to 'foreach'"
+        ) from exc
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

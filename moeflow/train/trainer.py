@@ -193,7 +193,7 @@ class Trainer:
         saved = []
         for micro in range(accum):
             self.watchdog.at(self.step + 1, "forward and backward")
-            x, y = (t.to(device, non_blocking=True) for t in self.stream.next_batch())
+            x, y = self.stream.next_batch_on(device)
             with self._autocast(), SavedBytes() if measure else contextlib.nullcontext() as kept:
                 loss = model_loss(self.model, x, y, cfg.train.loss_chunk_tokens)
             saved.append(kept.bytes if measure else 0)
