@@ -5,14 +5,20 @@
 
 Checks the base revision out into a temporary git worktree, then runs the bench command
 alternately there and here, `--rounds` times each (before, after, before, after, ...), so a slow
-spell of a shared machine hits both. Every markdown table row the bench prints is keyed by its
-text cells; for every numeric cell the medians over the rounds are printed side by side with
-after / before. The bench's own settings are whatever its command line says: the same for both.
+spell of a shared machine hits both. It reads what the bench prints: markdown table rows (keyed
+by their text cells), whitespace-aligned tables (`bench/ep.py`: keyed by title and first cell)
+and JSON lines (`bench/layer.py --worker moeflow`, keyed by text fields and `--key`); for every
+number the medians over the rounds are printed side by side with after / before. The bench's
+settings are whatever its command line says: the same for both.
+
+    .venv/bin/python bench/before_after.py --base 472b4bc --key capacity -- \
+        bench/layer.py --worker moeflow --repeats 5 --no-deepspeed
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -44,9 +50,57 @@ def parse_tables(text: str) -> dict[tuple[str, ...], dict[str, float]]:
         values = {}
         for name, cell in zip(header, cells, strict=False):
             if NUMBER.match(cell):
-                values[name] = float(re.sub(r"[,x%msa-z ]", "", cell) or "nan")
+                values[name] = _number(cell)
         rows[(" | ".join(header), *key)] = values
     return rows
+
+
+def parse_columns(text: str) -> dict[tuple[str, ...], dict[str, float]]:
+    """Whitespace-aligned tables (`bench/ep.py`): a header of one-word column names, then rows
+    whose first cells are numbers; each row keyed by the line above its header (the table's
+    title) and its first cell."""
+    rows: dict[tuple[str, ...], dict[str, float]] = {}
+    header: list[str] = []
+    title = previous = ""
+    for line in text.splitlines():
+        cells = line.split()
+        numeric = [bool(NUMBER.match(c)) for c in cells]
+        if header and cells and all(numeric[: len(header)]) and len(cells) >= len(header):
+            values = {h: _number(c) for h, c in zip(header[1:], cells[1:], strict=False)}
+            rows[(title, f"{header[0]} {cells[0]}")] = values
+            continue
+        header = []
+        if len(cells) >= 3 and not any(numeric) and not line.startswith("|"):
+            header, title = cells, previous
+        if line.strip():
+            previous = line.strip()
+    return rows
+
+
+def parse_json_lines(text: str, key_fields: list[str]) -> dict[tuple[str, ...], dict[str, float]]:
+    """One JSON object per line (`bench/layer.py --worker ...`): keyed by its text fields and
+    `key_fields`; its numbers, nested ones named `outer.inner`, are the values."""
+    rows: dict[tuple[str, ...], dict[str, float]] = {}
+    for line in text.splitlines():
+        if not line.startswith("{"):
+            continue
+        obj = json.loads(line)
+        key = tuple(f"{k}={v}" for k, v in obj.items()
+                    if isinstance(v, str) or k in key_fields)  # fmt: skip
+        values: dict[str, float] = {}
+        for k, v in obj.items():
+            if k in key_fields:
+                continue
+            for name, value in v.items() if isinstance(v, dict) else [("", v)]:
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    values[f"{k}.{name}" if name else k] = float(value)
+        rows[("json", *key)] = values
+    return rows
+
+
+def _number(cell: str) -> float:
+    value = float(re.sub(r"[,x%msa-z ]", "", cell) or "nan")
+    return value / 100 if cell.endswith("%") else value
 
 
 def run(cmd: list[str], cwd: Path) -> str:
@@ -62,6 +116,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--base", required=True, help="the revision to compare against (git rev)")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--key", default="", help="JSON fields that name a row (comma-separated)")
     p.add_argument("bench", nargs=argparse.REMAINDER, help="-- the bench and its arguments")
     args = p.parse_args()
     bench = args.bench[1:] if args.bench[:1] == ["--"] else args.bench
@@ -73,9 +128,15 @@ def main() -> None:
                        check=True, capture_output=True)  # fmt: skip
         try:
             results: dict[str, list[dict]] = {"before": [], "after": []}
+            keys = [k for k in args.key.split(",") if k]
+
+            def parse(text: str) -> dict:
+                return {**parse_tables(text), **parse_columns(text),
+                        **parse_json_lines(text, keys)}  # fmt: skip
+
             for _ in range(args.rounds):
-                results["before"].append(parse_tables(run(bench, base)))
-                results["after"].append(parse_tables(run(bench, ROOT)))
+                results["before"].append(parse(run(bench, base)))
+                results["after"].append(parse(run(bench, ROOT)))
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT,
                            check=False, capture_output=True)  # fmt: skip

@@ -31,6 +31,14 @@ lscpu | grep -m1 "Model name" || true
   torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU (dry run)")'
 START=$SECONDS
 
+gpu_checks() {  # bench/gpu_checks.py CHECK: on the GPU, or tiny on the CPU in a dry run
+  if [[ $DRY == 1 ]]; then
+    OMP_NUM_THREADS=1 timeout 120 "$PY" bench/gpu_checks.py "$1" --dry-run --repeats 2
+  else
+    timeout 120 "$PY" bench/gpu_checks.py "$1" --repeats 7
+  fi
+}
+
 echo "== 1/4 GPU tests"
 if [[ $DRY == 1 ]]; then
   # Without a GPU every test of the file skips, naming why: the run shows the reasons.
@@ -42,11 +50,7 @@ else
 fi
 
 echo "== 2/4 grouped_mm against the per-block loop"
-if [[ $DRY == 1 ]]; then
-  OMP_NUM_THREADS=1 timeout 120 "$PY" bench/gpu_checks.py kernels --dry-run --repeats 2
-else
-  timeout 120 "$PY" bench/gpu_checks.py kernels --repeats 7
-fi
+gpu_checks kernels
 
 echo "== 3/4 the layer against its floor at the GPU's GEMM rate"
 if [[ $DRY == 1 ]]; then
@@ -56,9 +60,5 @@ else
 fi
 
 echo "== 4/4 all-to-all overlap, 2 processes on one device"
-if [[ $DRY == 1 ]]; then
-  OMP_NUM_THREADS=1 timeout 120 "$PY" bench/gpu_checks.py overlap --dry-run --repeats 2
-else
-  timeout 120 "$PY" bench/gpu_checks.py overlap --repeats 7
-fi
+gpu_checks overlap
 echo "bench/gpu_check.sh: done in $((SECONDS - START)) s$([[ $DRY == 1 ]] && echo ' (dry run)')"
