@@ -33,7 +33,7 @@ START=$SECONDS
 
 gpu_checks() {  # bench/gpu_checks.py CHECK: on the GPU, or tiny on the CPU in a dry run
   if [[ $DRY == 1 ]]; then
-    OMP_NUM_THREADS=1 timeout 120 "$PY" bench/gpu_checks.py "$1" --dry-run --repeats 2
+    OMP_NUM_THREADS=1 timeout 120 "$PY" bench/gpu_checks.py "$1" --dry-run --repeats 1
   else
     timeout 120 "$PY" bench/gpu_checks.py "$1" --repeats 7
   fi

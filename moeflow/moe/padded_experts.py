@@ -37,11 +37,12 @@ from moeflow.moe.ffn import apply_activation
 
 
 def padded_rows(slots_TK: torch.Tensor, keep_TK: torch.Tensor, num_slots: int, capacity: int):
-    """`(row of each pair [T*K], token of each row [L*C])`: kept pairs take the rows of their
-    slot in pair order; dropped pairs get row `L*C` (a zero row), padding rows token T."""
+    """`(row of each pair [T*K], token of each row [S*C])` for S = `num_slots`: kept pairs take
+    the rows of their slot in pair order; dropped pairs get row `S*C` (a zero row), padding rows
+    token T (a zero token)."""
     n = slots_TK.numel()
     top_k = slots_TK.shape[1]
-    slot = torch.where(keep_TK.reshape(-1), slots_TK.reshape(-1), num_slots)  # dropped: bucket L
+    slot = torch.where(keep_TK.reshape(-1), slots_TK.reshape(-1), num_slots)  # dropped: bucket S
     order = torch.argsort(slot, stable=True)
     counts = count_per_value(slot, num_slots + 1)
     starts = torch.cumsum(counts, 0) - counts
