@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 
-from moeflow.comm.host_read import count_per_value
+from moeflow.comm.capacity import rank_within_expert
 from moeflow.moe.ffn import apply_activation
 
 
@@ -43,16 +43,13 @@ def padded_rows(slots_TK: torch.Tensor, keep_TK: torch.Tensor, num_slots: int, c
     n = slots_TK.numel()
     top_k = slots_TK.shape[1]
     slot = torch.where(keep_TK.reshape(-1), slots_TK.reshape(-1), num_slots)  # dropped: bucket S
-    order = torch.argsort(slot, stable=True)
-    counts = count_per_value(slot, num_slots + 1)
-    starts = torch.cumsum(counts, 0) - counts
-    rank_sorted = torch.arange(n, device=slot.device) - starts[slot[order]]
-    rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
+    pairs = torch.arange(n, device=slot.device)
+    rank = rank_within_expert(slot, pairs, num_slots + 1)  # kept pairs before it in its slot
     kept = (slot < num_slots) & (rank < capacity)
     zero_row = num_slots * capacity
     row = torch.where(kept, slot * capacity + rank, zero_row)
     token_of_row = torch.full((zero_row + 1,), slots_TK.shape[0], device=slot.device)
-    token_of_row = token_of_row.scatter(0, row, torch.arange(n, device=slot.device) // top_k)
+    token_of_row = token_of_row.scatter(0, row, pairs // top_k)
     return row, token_of_row[:zero_row]
 
 
