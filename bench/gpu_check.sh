@@ -2,11 +2,13 @@
 # The GPU checks of the MoE hot path, in one run of under 8 minutes on one CUDA GPU:
 #   1. the GPU tests: no host synchronisation in a padded layer call
 #      (torch.cuda.set_sync_debug_mode("error")), exactly one in a dropless call (its one read),
-#      the compiled padded layer, grouped_mm against the per-block loop (tests/test_gpu_hot_path.py,
+#      the compiled padded layer, grouped_mm against the per-block loop, fused AdamW from state
+#      made before the first step (tests/test_gpu_hot_path.py,
 #      tests/test_grouped_mm_path.py);
 #   2. grouped_mm against the loop, timed (bench/gpu_checks.py kernels);
 #   3. the layer against its floor at the GPU's GEMM rate (bench/layer.py --device cuda);
-#   4. the all-to-all overlap, 2 processes on the GPU (bench/gpu_checks.py overlap).
+#   4. the all-to-all overlap, 2 processes on the GPU, then a padded layer at ep 2 whose calls
+#      after the first never synchronise (bench/gpu_checks.py overlap).
 #
 #   bench/gpu_check.sh            # on a machine with a CUDA GPU
 #   bench/gpu_check.sh --dry-run  # anywhere: checks this script and runs its parts on the CPU at

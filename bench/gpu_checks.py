@@ -123,9 +123,33 @@ def _overlap_rank(rank: int, world: int, port: int, dry: bool, repeats: int, out
                 times[deg].append(t.item())
         serial, overlapped = (statistics.median(times[d]) * 1e3 for d in (1, 2))
         rows.append((shared, serial, overlapped))
+    padded = _padded_never_waits(ctx, shapes["coarse"], device, dtype)
     if rank == 0:
-        out.put((backend, rows))
+        out.put((backend, rows, padded))
     dist.destroy_process_group()
+
+
+def _padded_never_waits(ctx, shape, device, dtype) -> str:
+    """A padded layer at ep 2: its first call checks the ranks' agreement (one read), and the
+    next calls' forward and backward never synchronise (`set_sync_debug_mode("error")` raises
+    at any synchronising call on a GPU; on a CPU it only runs them)."""
+    layer = parallelize(build(shape, "auto", True, device, dtype), ctx)
+    x = torch.randn(shape[0], shape[1], device=device, dtype=dtype, requires_grad=True)
+    step = timed_step(layer, x)
+    step()  # the first call of its kind: the agreement is read
+    if device.type != "cuda":
+        step()
+        return "padded ep 2: ran (no synchronisation check without a GPU)"
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        step()
+    except RuntimeError as exc:
+        return f"padded ep 2: SYNCHRONISED: {str(exc).splitlines()[0]}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return "padded ep 2: no synchronisation in 2 steps after the first call"
 
 
 def overlap(dry: bool, repeats: int) -> None:
@@ -136,7 +160,7 @@ def overlap(dry: bool, repeats: int) -> None:
              for r in range(2)]  # fmt: skip
     for p in procs:
         p.start()
-    backend, rows = queue.get(timeout=600)
+    backend, rows, padded = queue.get(timeout=600)
     for p in procs:
         p.join()
     device, dtype, shapes = setting(dry)
@@ -146,6 +170,7 @@ def overlap(dry: bool, repeats: int) -> None:
     print("|---|---|---|---|")
     for shared, serial, over in rows:
         print(f"| {shared} | {serial:.2f} | {over:.2f} | {serial / over:.2f} |")
+    print(padded)
 
 
 def main() -> None:

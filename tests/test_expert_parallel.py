@@ -93,6 +93,8 @@ def check_case(ctx, case: dict, shards: list[int]) -> None:
     if replicas:
         slots = {name: replicated_slots(ctx.dims.ep, replicas, seed) for seed, name in
                  enumerate(("moe1", "moe2"))}  # fmt: skip
+    if ctx.dims.ep in case.get("slots", {}):  # a placement given slot by slot, at this ep
+        slots = dict.fromkeys(("moe1", "moe2"), case["slots"][ctx.dims.ep])
     parallelize(par, ctx, dispatch, expert_slots=slots)
     if replicas:
         assert len(par.moe1.local_expert_ids) == E // ctx.dims.ep + replicas
@@ -140,6 +142,9 @@ CASES = [
     # gradients are summed by GradSync, so each equals the expert's single-process gradient.
     {"top_k": 2, "replicas": 1},
     {"top_k": 2, "replicas": 2, "overlap": 2, "capacity_factor": 1.25},
+    # A rank holding no copy of a replicated expert (experts 1 and 2 have three copies, rank 0
+    # none), as the least-loaded packer places them: it still joins the replicas' gradient sum.
+    {"top_k": 2, "slots": {4: [4, 0, 3, 1, 2, 5, 1, 2, 6, 1, 2, 7]}},
     # Shared experts (dense, beside the routed ones), computed while the tokens travel.
     {"top_k": 2, "shared": 10, "overlap": 2},
     {"top_k": 1, "shared": 6, "shared_gate": True, "capacity_factor": 1.0},

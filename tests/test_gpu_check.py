@@ -19,7 +19,7 @@ def test_gpu_check_dry_run_passes_on_cpu():
     out = run.stdout
     for step in ("1/4", "2/4", "3/4", "4/4"):
         assert f"== {step}" in out
-    assert "4 skipped" in out and "needs a CUDA GPU" in out  # the GPU tests, with the reason
+    assert "5 skipped" in out and "needs a CUDA GPU" in out  # the GPU tests, with the reason
     assert "skipped (dry run): bench/layer.py --device cuda needs a GPU" in out
     assert out.count("| coarse") == 2 and "serial / overlapped" in out
     assert "(dry run)" in out.splitlines()[-1]

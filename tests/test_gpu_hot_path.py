@@ -74,3 +74,17 @@ def test_compiled_padded_layer_on_the_gpu_equals_eager():
     got = torch.compile(m, fullgraph=True)(x)
     # TF32 may be off or on for either; inductor fuses and reorders fp32 sums: 1e-3 relative.
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+def test_fused_adamw_steps_from_state_made_before_the_first_step():
+    """The trainer makes AdamW's state before the first step (to load a checkpoint into it);
+    a fused update reads the step counter on the GPU (tests/test_optimizer_state.py checks
+    where the counter is made on CPU)."""
+    from moeflow.train.expert_keys import init_optimizer_state
+
+    m = layer(RouterConfig(top_k=2)).float()
+    optimizer = torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True)
+    init_optimizer_state(optimizer)
+    step(m, torch.randn(4, 64, 64, device="cuda"))
+    optimizer.step()
+    assert all(s["step"].device.type == "cuda" for s in optimizer.state.values())

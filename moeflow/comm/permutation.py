@@ -98,9 +98,7 @@ def build_plan(
         )  # fmt: skip
         row = torch.where(ids < num_experts, ids * pad_to + rank, torch.full_like(ids, -1))
         pair_to_row = row
-        row_to_pair = torch.full((num_experts * pad_to,), -1, dtype=torch.int64, device=device)
-        kept_mask = row >= 0
-        row_to_pair[row[kept_mask]] = pairs[kept_mask]
+        row_to_pair = _invert(row, num_experts * pad_to)
         rows_per_expert = [pad_to] * num_experts
         has_padding = counts_host is None or sum(counts_host[:num_experts]) < num_experts * pad_to
     return RoutingPlan(
@@ -114,6 +112,17 @@ def build_plan(
         has_dropped=has_dropped,
         has_padding=has_padding,
     )
+
+
+def _invert(index: torch.Tensor, size: int) -> torch.Tensor:
+    """`out[index[i]] = i` over `[size]` (-1 where no `i` points; `index` -1 points nowhere):
+    a scatter with a static output size, where `out[index[mask]] = ...` would size its operands
+    from the data (a hidden host read on an accelerator). Entries `index` -1 all land in one
+    extra row that is cut off; real rows are hit at most once, so the result is deterministic."""
+    out = torch.full((size + 1,), -1, dtype=torch.int64, device=index.device)
+    target = torch.where(index >= 0, index, size)
+    out.scatter_(0, target, torch.arange(index.numel(), device=index.device))
+    return out[:size]
 
 
 def sort_keys(
@@ -254,13 +263,7 @@ class _Unpermute(torch.autograd.Function):
         grad_w = grad_y = None
         if ctx.needs_input_grad[1]:
             dots_R = torch.linalg.vecdot(y_RD, g_RD).to(weights_TK.dtype)
-            grad_w = weights_TK.new_zeros(plan.num_tokens * plan.top_k)
-            if plan.has_padding:
-                valid = plan.row_to_pair >= 0
-                grad_w[plan.row_to_pair[valid]] = dots_R[valid]
-            else:
-                grad_w[pair] = dots_R
-            grad_w = grad_w.view_as(weights_TK)
+            grad_w = _to_pairs(dots_R, plan).view_as(weights_TK)
         if ctx.needs_input_grad[0]:
             w_R = weights_TK.reshape(-1)[pair].to(y_RD.dtype)
             grad_y = g_RD.mul_(w_R.unsqueeze(-1))
@@ -299,13 +302,10 @@ def _sum_matrix(plan: RoutingPlan, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _to_pairs(values_R: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-    """`[T*K]`: each pair's row value (0 for dropped pairs; padding rows ignored)."""
-    if plan.has_padding:
-        out = values_R.new_zeros(plan.num_tokens * plan.top_k)
-        valid = plan.row_to_pair >= 0
-        out[plan.row_to_pair[valid]] = values_R[valid]
-        return out
-    return _gather_rows(values_R.unsqueeze(-1), plan.pair_to_row, plan.has_dropped).squeeze(-1)
+    """`[T*K]`: each pair's row value (0 for dropped pairs; padding rows, which no pair points
+    to, ignored): a gather by `pair_to_row`, static in size."""
+    masked = plan.has_dropped or plan.has_padding
+    return _gather_rows(values_R.unsqueeze(-1), plan.pair_to_row, masked).squeeze(-1)
 
 
 class _Combine(torch.autograd.Function):

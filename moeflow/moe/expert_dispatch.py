@@ -23,10 +23,17 @@ backward: at most one layer's gathered experts exist at a time.
 
 Schedule of one call with G > 1, on every rank of the expert group:
 1. One all-gather of `(mode, overlap degree, two-level, padded capacity)` (four integers per
-   rank), compared on the device (no host read): ranks that disagree all raise instead of
-   issuing different collectives and hanging. It is the one collective every mode issues first
-   with the same shape (`dp` and padded calls exchange no counts), so it stays separate from
-   the count exchange.
+   rank). It is the one collective every mode issues first with the same shape (`dp` and padded
+   calls exchange no counts), so it stays separate from the count exchange. The gathered rows
+   are read on the host only when this rank's call differs from its previous one (its first
+   call, a mode the tuner switched to, a new padded capacity): a rank whose call changed while
+   another's did not is the one that sees the disagreement, and raises naming every rank's call
+   and the fix, before any diverging collective. In steady state the check reads nothing (the
+   call keeps its one dropless read, or none with padding); each change costs one read of 4 x G
+   integers. (A device-side assertion would read nothing, but on an accelerator it kills the
+   process's device context with a generic error, and CUDA's refuses messages of 255 characters
+   or more; only the compiled padded path, which cannot leave its graph, checks that way, with
+   a short message.)
 2. The mode's collectives: `ep`/`sharded` as `TokenDispatcher` documents (count exchange, then the
    pipelined all-to-all, flat or two-level (`moeflow.comm.hierarchical`) per call where the layer
    was given both exchanges), preceded in `ep` with S > 1 by the shard group's weight all-gather;
@@ -45,6 +52,7 @@ from torch import nn
 from moeflow.comm.all_to_all import Exchange, LocalExchange
 from moeflow.comm.dispatcher import MODES, DispatchConfig, DispatchResult, TokenDispatcher
 from moeflow.comm.gather import all_gather_rows, group_size
+from moeflow.comm.host_read import read_to_host
 from moeflow.comm.pipeline import ChunkPlan, SideCompute
 from moeflow.moe.expert_compute import GroupedExpertCompute
 from moeflow.moe.layout import ExpertLayout
@@ -94,6 +102,7 @@ class ExpertDispatch(nn.Module):
         self.last_two_level = False
         self.last_gathered_bytes = 0  # expert-weight bytes the last call received
         self.last_gather_peak_bytes = 0  # the most its weight gather held at once
+        self._agreed_call: tuple[int, int, int, int] | None = None  # this rank's last checked call
 
     @property
     def rank(self) -> int:
@@ -124,6 +133,7 @@ class ExpertDispatch(nn.Module):
         self.exchange, self.group, self.shard_group = exchange, group, shard_group
         self.two_level_exchange = two_level_exchange
         self.config, self.name = config, name
+        self._agreed_call = None  # a new group: the next call is checked
         self.set_layout(layout)
 
     def set_layout(self, layout: ExpertLayout) -> None:
@@ -180,23 +190,23 @@ class ExpertDispatch(nn.Module):
     def agree(
         self, mode: str, chunks: int, two_level: bool = False, pad_to: int | None = None
     ) -> None:
-        """Step 1 of the schedule: every rank raises if the ranks disagree on the call (or, with
-        capacity padding, on the padded capacity, which sets the static all-to-all sizes),
-        checked on the device (no host read; on a CPU it raises at once, on an accelerator at
-        the next read, before the ranks' diverging collectives can hang)."""
+        """Step 1 of the schedule: raises if the ranks disagree on the call (or, with capacity
+        padding, on the padded capacity, which sets the static all-to-all sizes). The rows are
+        gathered on every call and read only when this rank's call changed (module doc)."""
         if group_size(self.group) == 1:
             return
-        pad = -1 if pad_to is None else pad_to
-        mine = torch.tensor(
-            [[MODES.index(mode), chunks, int(two_level), pad]], device=self.slot_table.device
-        )
+        call = (MODES.index(mode), chunks, int(two_level), -1 if pad_to is None else pad_to)
+        mine = torch.tensor([call], device=self.slot_table.device)
         try:
             rows = all_gather_rows(mine, self.group)
         except RuntimeError as exc:
             raise RuntimeError(f"{self.name}: agreeing on the call's mode failed: {exc}") from exc
-        torch._assert_async(
-            (rows == mine).all(), _disagree(self.name, mode, chunks, two_level, pad_to)
-        )
+        if call == self._agreed_call:
+            return
+        calls = [tuple(r) for r in read_to_host(rows, "call agreement")]
+        if any(c != call for c in calls):
+            raise RuntimeError(_disagree(self.name, calls))
+        self._agreed_call = call
 
     def forward(
         self,
@@ -247,7 +257,7 @@ class ExpertDispatch(nn.Module):
         if W > 1:
             mine = torch.tensor([[MODES.index(mode), 1, 0, pad_to]], device=x_TD.device)
             rows = fc.all_gather_tensor(mine, 0, self.group)
-            torch._assert_async((rows == mine).all(), _disagree(self.name, mode, 1, False, pad_to))
+            torch._assert_async((rows == mine).all(), compiled_disagreement(self.name))
         slots_TK = self.slot_table[ids_TK, self._copy_index(ids_TK)]
         keep = torch.ones_like(ids_TK, dtype=torch.bool) if keep_TK is None else keep_TK
         w1, w2 = params
@@ -294,13 +304,27 @@ class ExpertDispatch(nn.Module):
         return result
 
 
-def _disagree(name: str, mode: str, chunks: int, two_level: bool, pad_to: int | None) -> str:
-    """The message of ranks that disagree on a call (`ExpertDispatch.agree`)."""
+def _describe(call: tuple[int, int, int, int]) -> str:
+    mode, chunks, two_level, pad = call
+    name = MODES[mode] if 0 <= mode < len(MODES) else f"mode {mode}"
+    return (f"{name!r} x{chunks}{' two-level' if two_level else ''}"
+            f"{'' if pad < 0 else f' capacity {pad}'}")  # fmt: skip
+
+
+def _disagree(name: str, calls: list[tuple[int, int, int, int]]) -> str:
+    """The message of ranks that disagree on a call (`ExpertDispatch.agree`): every rank's
+    call, then the fix."""
+    ranks = ", ".join(f"rank {r}: {_describe(c)}" for r, c in enumerate(calls))
     return (
         f"{name}: the ranks of the expert group called it with different parallel modes, "
-        f"overlap degrees, all-to-alls or padded capacities (this rank: {mode!r} x{chunks}"
-        f"{' two-level' if two_level else ''}{'' if pad_to is None else f', capacity {pad_to}'}"
-        "); pass the same mode=, overlap_degree= and two_level= on every rank, and with "
-        "router.pad_to_capacity the same number of tokens on every rank (pad the batches to "
-        "one length)"
+        f"overlap degrees, all-to-alls or padded capacities ({ranks}); pass the same mode=, "
+        "overlap_degree= and two_level= on every rank, and with router.pad_to_capacity the same "
+        "number of tokens on every rank (pad the batches to one length)"
     )
+
+
+def compiled_disagreement(name: str) -> str:
+    """The device assertion's message of a compiled padded call whose ranks disagree: under 255
+    characters (CUDA's limit), the layer name cut to fit."""
+    return (f"{name[:80]}: ranks disagree on the mode or padded capacity; pass the same mode= "
+            "and the same number of tokens on every rank")  # fmt: skip

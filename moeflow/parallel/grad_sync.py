@@ -233,13 +233,17 @@ class GradSync:
                 for p in params
             ]
             device = grads[0].device
-            index = torch.tensor([row[local_ids[s]] for s in slots], device=device)
+            # A rank may hold no copy of a replicated expert: it still joins the all-reduce,
+            # with nothing added (empty index tensors, so every shape below holds at 0 slots).
+            index = torch.tensor(
+                [row[local_ids[s]] for s in slots], dtype=torch.long, device=device
+            )
             local = torch.tensor(slots, dtype=torch.long, device=device)
             width = sum(g[0].numel() for g in grads)
             buf = torch.zeros(
                 len(replicated) * layout.shards, width, dtype=grads[0].dtype, device=device
             )
-            mine = torch.cat([g[local].reshape(len(slots), -1) for g in grads], dim=1)
+            mine = torch.cat([g[local].flatten(1) for g in grads], dim=1)
             buf.index_add_(0, index, mine)
             dist.all_reduce(buf, group=self.ctx.ep_group)
             summed = buf[index]

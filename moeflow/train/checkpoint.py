@@ -55,6 +55,7 @@ from moeflow.train.ckpt_integrity import (
 )
 from moeflow.train.expert_keys import model_state_dict, optimizer_state_dict
 from moeflow.train.nonfinite import NonFiniteError, first_nonfinite
+from moeflow.train.optim import step_count
 from moeflow.train.safe_reader import SafeFileSystemReader, UnsafeCheckpointError
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -293,7 +294,7 @@ def load_checkpoint(
     if optimizer is not None:
         for group_ in optimizer.param_groups:
             for p in group_["params"]:
-                optimizer.state[p]["step"] = torch.tensor(float(meta["optimizer_steps"]))
+                optimizer.state[p]["step"] = step_count(group_, p, meta["optimizer_steps"])
     # A plain process (no process group) loads as the one rank of a world of one.
     rank, world = (
         (dist.get_rank(group), dist.get_world_size(group)) if dist.is_initialized() else (0, 1)

@@ -35,6 +35,7 @@ from torch.distributed.tensor import DTensor, Shard
 from moeflow.moe.layer import MoELayer
 from moeflow.moe.walk import expert_parameters
 from moeflow.parallel.fsdp import local_tensor
+from moeflow.train.optim import step_count
 
 
 def _expert_value(
@@ -119,7 +120,7 @@ def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
         for p in group["params"]:
             state = optimizer.state[p]
             if not state:
-                state["step"] = torch.tensor(0.0)
+                state["step"] = step_count(group, p, 0)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 

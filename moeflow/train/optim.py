@@ -61,6 +61,22 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
         ) from exc
 
 
+def step_count(group: dict, param: torch.Tensor, value: float) -> torch.Tensor:
+    """AdamW's per-parameter step counter where torch's own first step puts it: on the
+    parameter's device in float32 for fused or capturable groups (their kernels read it there),
+    else a host scalar in the default float precision. A counter made anywhere else works on CPU
+    and fails in a fused update on an accelerator.
+
+    Example:
+        >>> step_count({"fused": True, "capturable": False}, torch.zeros(2), 3).dtype
+        torch.float32
+    """
+    if group.get("fused") or group.get("capturable"):
+        return torch.tensor(float(value), dtype=torch.float32, device=param.device)
+    dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    return torch.tensor(float(value), dtype=dtype)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
