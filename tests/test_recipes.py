@@ -4,6 +4,7 @@ run's memory planner, and the figures quoted in its header are the ones the dry 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,61 @@ def test_recipe_fits_80gb_at_64_gpus_and_quotes_its_dry_run(name):
         line = line.strip()
         if line.startswith(("state per rank", "memory per rank", "fits")):
             assert line in quoted, f"{name}: the header quotes an old dry run; now: {line}"
+
+
+def _fits(path: Path, world: int, overrides: list[str], memory: str) -> tuple[bool, dict]:
+    cfg = RunConfig.from_toml(path, overrides)
+    report = dry_run(cfg, world_size=world, gpu_memory=parse_memory(memory))
+    return report["verdict"].startswith("fits"), report
+
+
+ADVICE_CASES = [
+    # (recipe, world, overrides, memory, settings it must not name, settings it must name)
+    ("mixtral_8x7b_64gpu.toml", 8, ["--parallel.dp_shard", "1"], "80GB",
+     ["dp_shard = 1", "param_dtype", "parallel.ep"], []),
+    ("mixtral_8x7b_64gpu.toml", 64, ["--parallel.dp_shard", "1"], "80GB",
+     ["param_dtype"], ["parallel.dp_shard = 8 (now 1)"]),
+    ("qwen3_30b_a3b_64gpu.toml", 64, [], "20GB",
+     ["micro_batch_size", "param_dtype", "dp_shard = 8 (now"],
+     ["train.activation_checkpointing = true (now selective)"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ADVICE_CASES, ids=lambda c: f"{c[0][:7]}-{c[1]}-{c[3]}")
+def test_the_dry_runs_advice_is_true(case):
+    """A "does not fit" line names only settings that make the run fit (each planned again: it
+    fits), and the smallest world size with its dp_shard: the dry run there fits, at the next
+    smaller world size the line names (the next dp_shard the layout takes) it does not."""
+    name, world, overrides, memory, never, named = case
+    path = CONFIGS / name
+    fits, report = _fits(path, world, overrides, memory)
+    line = report["verdict"]
+    assert not fits and "advice" in report, line
+    for text in never:
+        assert text not in report["advice"], (text, line)
+    for text in named:
+        assert text in report["advice"], (text, line)
+    for setting in re.findall(r"(\w+\.\w+ = \S+) \(now [^)]*\)", report["advice"]):
+        key, value = setting.split(" = ")
+        fits, _ = _fits(path, world, [*overrides, f"--{key}", value.strip('"')], memory)
+        assert fits, (setting, line)
+    smallest = re.search(
+        r"smallest world size that fits is (\d+) ranks \(dp \d+ x ep \d+, parallel.dp_shard = "
+        r"(\d+), needs [^)]*\)(?:; (\d+) ranks need)?",
+        report["advice"],
+    )
+    assert smallest, line
+    ranks, shard, below = smallest.groups()
+    fits, _ = _fits(path, int(ranks), [*overrides, "--parallel.dp_shard", shard], memory)
+    assert fits
+    if below:  # the next smaller fully sharded world the layout takes
+        shards = int(below) * int(shard) // int(ranks)
+        fits, _ = _fits(path, int(below), [*overrides, "--parallel.dp_shard", str(shards)], memory)
+        assert not fits
+
+
+def test_the_dry_run_says_when_no_number_of_ranks_fits():
+    fits, report = _fits(CONFIGS / "qwen3_30b_a3b_64gpu.toml", 64, [], "5GB")
+    assert not fits
+    assert "no number of ranks makes it fit: " in report["advice"]
+    assert "activations" in report["advice"]

@@ -27,6 +27,7 @@ from moeflow.parallel.dispatch import MODES
 from moeflow.train.build import build_model
 from moeflow.train.config import RunConfig
 from moeflow.train.distributed import init_distributed, shutdown
+from moeflow.train.fit_advice import advise
 from moeflow.train.memory_plan import (
     activation_bytes,
     human_bytes,
@@ -109,11 +110,20 @@ def dry_run(
             * cfg.train.seq_len
             * runtime.world_size,
         }
-        if gpu_memory is not None:
-            report["verdict"] = verdict(memory, gpu_memory, fixes(cfg, dims))
-        return report
     finally:
         shutdown(runtime)
+    if gpu_memory is not None:
+        report["verdict"] = verdict(memory, gpu_memory)
+        if report["peak_bytes"] > gpu_memory:
+
+            def plan_peak(changed: RunConfig, world: int) -> tuple[float, dict[str, float]]:
+                again = dry_run(changed, world, device)
+                return again["peak_bytes"], again["memory"]
+
+            world = report["world_size"]
+            report["advice"] = advise(cfg, world, dims, device, gpu_memory, plan_peak)
+            report["verdict"] += "; " + report["advice"]
+    return report
 
 
 def plan(cfg: RunConfig, model, dims, compute: str) -> dict[str, float]:
@@ -132,31 +142,6 @@ def plan(cfg: RunConfig, model, dims, compute: str) -> dict[str, float]:
         "loss buffers": loss_buffer_bytes(cfg),
     }
     return {k: float(v) for k, v in items.items()}
-
-
-def fixes(cfg: RunConfig, dims) -> dict[str, str]:
-    """The setting that shrinks each item of the plan."""
-    t, p = cfg.train, cfg.parallel
-    state = (
-        f"shard the state over more ranks: raise parallel.dp_shard (now {dims.dp_shard}, at most "
-        f'{dims.dp}) or parallel.ep (now {dims.ep}), or set train.param_dtype = "bf16"'
-    )
-    activations = (
-        'set train.activation_checkpointing = "selective" (or true)'
-        if not t.activation_checkpointing
-        else f"lower train.micro_batch_size (now {t.micro_batch_size}) or train.seq_len "
-        f"(now {t.seq_len})"
-    )
-    transient = (
-        f'parallel.mode = "ep" (mode {p.mode!r} gathers experts), or raise parallel.ep (now '
-        f"{dims.ep}): a block is gathered whole"
-    )
-    return {
-        "weights": state, "gradients": state, "optimizer": state, "activations": activations,
-        "largest transient": transient,
-        "loss buffers": f"lower train.loss_chunk_tokens (now {t.loss_chunk_tokens})",
-        "root unsharded": "the embedding and head are gathered whole: lower model.vocab_size",
-    }  # fmt: skip
 
 
 def expert_memory(model) -> list[dict]:

@@ -21,15 +21,14 @@ Items, per rank:
 - `loss buffers`: the fp32 logits of one loss chunk (`train.loss_chunk_tokens`), three times
   (logits, their softmax, its gradient), or of the whole micro-batch without chunking.
 
-The peak is their sum. `verdict` compares it with a device's memory and names the largest item
-and the setting that shrinks it.
+The peak is their sum. `verdict` compares it with a device's memory and names the largest item;
+`moeflow.train.fit_advice` names what would make a run that does not fit fit.
 
 Example:
     >>> plan = {"weights": 6e9, "gradients": 6e9, "optimizer": 12e9, "activations": 70e9,
     ...         "loss buffers": 1e9}
-    >>> verdict(plan, 80e9, {"activations": "set train.activation_checkpointing = true"})
-    'does not fit 74.5 GiB: needs 88.5 GiB; the largest item is activations (65.2 GiB): set \
-train.activation_checkpointing = true'
+    >>> verdict(plan, 80e9)
+    'does not fit 74.5 GiB: needs 88.5 GiB; the largest item is activations (65.2 GiB)'
 """
 
 from __future__ import annotations
@@ -161,14 +160,11 @@ def human_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def verdict(plan: dict[str, float], device_bytes: float, fixes: dict[str, str]) -> str:
-    """`fits` / `does not fit` a device of `device_bytes`, naming the largest item and its fix."""
+def verdict(plan: dict[str, float], device_bytes: float) -> str:
+    """`fits` / `does not fit` a device of `device_bytes`, naming the largest item."""
     need = sum(plan.values())
     item, size = max(plan.items(), key=lambda kv: kv[1])
     head = f"{human_bytes(device_bytes)}: needs {human_bytes(need)}"
     if need <= device_bytes:
         return f"fits {head} ({human_bytes(device_bytes - need)} to spare)"
-    return (
-        f"does not fit {head}; the largest item is {item} ({human_bytes(size)}): "
-        f"{fixes.get(item, 'lower the model or micro-batch size')}"
-    )
+    return f"does not fit {head}; the largest item is {item} ({human_bytes(size)})"
