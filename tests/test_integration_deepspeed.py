@@ -3,7 +3,10 @@
 (GradSync + AdamW), fp32; without `prepare` it does not. The DeepSpeed-style `MoE` computes what
 DeepSpeed's own `MoE` computes (dropless, same weights) and trains in DeepSpeed's usage pattern
 (`out, l_aux, counts = moe(x)`, `loss + coeff * l_aux`) under the engine to the parameters the
-same model built with DeepSpeed's own `MoE` trains to."""
+same model built with DeepSpeed's own `MoE` trains to. The drop-in's engine checkpoints
+(`save_checkpoint`, `load_checkpoint`; ZeRO 0, 1, 2; ep 1 and 2) resume exactly and are
+interchangeable with DeepSpeed's own `MoE`'s (its per-rank expert files at ep 2). One spawned
+world of 2 gloo ranks serves every engine check here (`engine_results`)."""
 
 from __future__ import annotations
 
@@ -83,10 +86,28 @@ def _train(rank, world):
     return results
 
 
+def _engine_world(rank, world, root):
+    """Every engine check of this file in one spawned world: the op DeepSpeed builds at its first
+    start and the imports are paid once."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")  # adopts the process group already there
+    return {
+        "loop": _train(rank, world),
+        "ds_style": _ds_defaults(rank, world),
+        "checkpoints": _engine_checkpoints(rank, world, root),
+    }
+
+
+@pytest.fixture(scope="module")
+def engine_results(tmp_path_factory) -> list[dict]:
+    root = str(tmp_path_factory.mktemp("deepspeed_checkpoints"))
+    return run_on_ranks(_engine_world, 2, args=(root,), timeout=900, env={"DS_ACCELERATOR": "cpu"})
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_deepspeed_zero_0_1_2_match_moeflows_loop():
-    results = run_on_ranks(_train, 2, timeout=600, env={"DS_ACCELERATOR": "cpu"})
-    for rank_result in results:
+def test_deepspeed_zero_0_1_2_match_moeflows_loop(engine_results):
+    for rank_result in (r["loop"] for r in engine_results):
         for stage in (0, 1, 2):
             assert rank_result[stage] < 1e-5, (stage, rank_result)
         assert rank_result["unprepared"] > 1e-3, rank_result
@@ -171,7 +192,6 @@ def _ds_defaults(rank, world):
 
     from moeflow.integrations.deepspeed import MoE
 
-    deepspeed.init_distributed(dist_backend="gloo")  # adopts the process group already there
     # The same numbers as DeepSpeed's MoE outside the engine, with biased tanh-GELU experts (b1
     # as w1's last row, b2 as the layer's ffn_out_bias), at DeepSpeed's defaults (k = 1, random
     # token selection: the same seed draws the same keys).
@@ -228,14 +248,147 @@ def _ds_defaults(rank, world):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_deepspeed_style_moe_trains_under_the_engine_as_deepspeeds_own():
-    results = run_on_ranks(_ds_defaults, 2, timeout=900, env={"DS_ACCELERATOR": "cpu"})
+def test_deepspeed_style_moe_trains_under_the_engine_as_deepspeeds_own(engine_results):
+    results = [r["ds_style"] for r in engine_results]
     for errors, dropped in results:
         assert len(errors) == 2 * 4 * 3
         assert max(errors.values()) < 1e-5, errors
         assert dropped["dropless k2"] == 0.0
     for name in ("capacity k1", "capacity k2"):  # the capacity did drop pairs
         assert sum(dropped[name] for _, dropped in results) > 0, name
+
+
+# -- the drop-in's engine checkpoints -------------------------------------------------------------
+MOE_KWARGS = {"k": 2, "use_rts": False}  # capacity drops, sampled second experts (seeded)
+
+
+def train(engine, rank: int, steps: range) -> list[float]:
+    losses = []
+    for step in steps:
+        x, g = batch(rank, step)
+        torch.manual_seed(100 + step)  # the same sampled second experts
+        out, l_aux = engine(x)
+        loss = (out * g).mean() + 0.01 * l_aux
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss))
+    return losses
+
+
+def state_of(engine) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter, fp32 master partition (ZeRO 1, 2) and optimizer moment, copied."""
+    out = [(name, p.detach().clone()) for name, p in engine.module.named_parameters()]
+    masters = getattr(engine.optimizer, "single_partition_of_fp32_groups", [])
+    out += [(f"master {i}", t.detach().clone()) for i, t in enumerate(masters)]
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps torch's
+    for g, group in enumerate(inner.param_groups):
+        for i, p in enumerate(group["params"]):
+            for key, value in sorted(inner.state[p].items()):
+                out.append((f"group {g} param {i} {key}", torch.as_tensor(value).clone()))
+    return out
+
+
+def start(net, stage: int):
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(
+        model=net, model_parameters=list(net.parameters()), config=ds_config(stage)
+    )
+    return engine
+
+
+def _resume(rank, ep, ctx, stage, where) -> list[str]:
+    """Save after 2 steps, 2 more steps; a fresh engine (other initial weights) loads the
+    checkpoint: the state at the save, then the same 2 losses. Returns what differed."""
+    from moeflow.integrations.deepspeed import MoE
+
+    torch.manual_seed(0)
+    first = start(DsStyleNet(MoE, True, ep_size=ep, ctx=ctx, **MOE_KWARGS), stage)
+    train(first, rank, range(2))
+    first.save_checkpoint(where, tag="step2")
+    saved = state_of(first)
+    want = train(first, rank, range(2, 4))
+    torch.manual_seed(1)
+    second = start(DsStyleNet(MoE, True, ep_size=ep, ctx=ctx, **MOE_KWARGS), stage)
+    second.load_checkpoint(where, tag="step2")
+    loaded = state_of(second)
+    wrong = [name for (name, a), (_, b) in zip(saved, loaded, strict=True) if not torch.equal(a, b)]
+    assert len(saved) == len(loaded) and len(saved) > 5
+    got = train(second, rank, range(2, 4))
+    if got != want:
+        wrong.append(f"losses {got} != {want}")
+    for engine in (first, second):
+        engine.destroy()
+    return wrong
+
+
+def _interchange(rank, ep, ctx, where) -> dict[str, float]:
+    """DeepSpeed's MoE's engine checkpoint (per-rank expert files at ep 2) into the drop-in's
+    engine, and the drop-in's into DeepSpeed's: the largest output differences after each."""
+    from deepspeed.moe.layer import MoE as TheirMoE
+
+    from moeflow.integrations.deepspeed import MoE
+
+    def theirs():
+        return DsStyleNet(TheirMoE, True, ep_size=ep, **MOE_KWARGS)
+
+    def ours():
+        return DsStyleNet(MoE, True, ep_size=ep, ctx=ctx, **MOE_KWARGS)
+
+    x = torch.randn(10, D, generator=torch.Generator().manual_seed(7 + rank))
+    errors = {}
+    for name, make_from, make_to in (
+        ("theirs->ours", theirs, ours),
+        ("ours->theirs", ours, theirs),
+    ):
+        torch.manual_seed(2)
+        source = start(make_from(), 0)
+        train(source, rank, range(1))  # trained weights, not the initial ones
+        source.save_checkpoint(f"{where}/{name}", tag="t")
+        torch.manual_seed(3)
+        target = start(make_to(), 0)
+        for when in ("before", "after"):  # the load, which must make the difference
+            if when == "after":
+                target.load_checkpoint(f"{where}/{name}", tag="t", load_module_only=True)
+            got, want = [], []
+            for engine, out in ((target, got), (source, want)):
+                torch.manual_seed(5)
+                out.extend(engine.module(x))
+            diff = max(float((a - b).abs().max()) for a, b in zip(got, want, strict=True))
+            errors[f"{name} {when}"] = diff
+        for engine in (source, target):
+            engine.destroy()
+    return errors
+
+
+def _engine_checkpoints(rank, world, root):
+    """The drop-in's engine checkpoints at ZeRO 0, 1, 2 and ep 1, 2 (`_resume`), and across
+    DeepSpeed's `MoE` and the drop-in (`_interchange`)."""
+    results = {}
+    for ep in (1, world):
+        ctx = ParallelDims(dp=world // ep, ep=ep).build()
+        for stage in (0, 1, 2):
+            results[("resume", ep, stage)] = _resume(
+                rank, ep, ctx, stage, f"{root}/ep{ep}-z{stage}"
+            )
+        results[("interchange", ep)] = _interchange(rank, ep, ctx, f"{root}/swap-ep{ep}")
+    return results
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_engine_checkpoints_resume_exactly_and_interchange_with_deepspeeds_moe(engine_results):
+    """Issue 39: `save_checkpoint` then `load_checkpoint` into a fresh engine gives every
+    parameter, fp32 master partition and optimizer moment back exactly and training continues with
+    the uninterrupted losses; DeepSpeed's `MoE`'s checkpoint (per-rank expert files at ep 2) loads
+    into the drop-in's engine with DeepSpeed's outputs, and the drop-in's into DeepSpeed's."""
+    for rank_results in (r["checkpoints"] for r in engine_results):
+        assert len(rank_results) == 2 * 3 + 2
+        for key, outcome in rank_results.items():
+            if key[0] == "resume":
+                assert outcome == [], (key, outcome)
+                continue
+            for name, diff in outcome.items():  # after: fp32, the same ops in another order
+                assert diff < 1e-5 if name.endswith("after") else diff > 1e-2, (key, outcome)
 
 
 def test_deepspeed_style_arguments_without_equivalent_name_themselves():

@@ -64,6 +64,9 @@ class DeepSpeedGate(Router):
         top2_2nd_expert_sampling: bool = True,
     ) -> None:
         super().__init__(config)
+        # DeepSpeed's gate has no selection bias (moeflow's aux-loss-free one stays 0 here): not
+        # saved, so the layer's state dict is DeepSpeed's (`moeflow.integrations.deepspeed_keys`).
+        self.register_buffer("expert_bias", self.expert_bias, persistent=False)
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
         nn.init.normal_(self.weight, std=0.02)
         self.k, self.min_capacity = k, min_capacity

@@ -8,7 +8,11 @@ weights renormalised after drops, `capacity_factor` in training and `eval_capaci
 evaluation, `noisy_gate_policy` "Jitter" or "RSample"), DeepSpeed's `l_aux` and `exp_counts`
 (every routed pair before drops, on the input's device), and `used_token` at k = 1. Every expert
 starts as a copy of `expert`, as in DeepSpeed, and its parameters are marked as DeepSpeed marks
-its experts' (`allreduce = False`, `group_name = "ep_size_<ep>"`).
+its experts' (`allreduce = False`, `group_name = "ep_size_<ep>"`). Its state dict has DeepSpeed's
+keys and layouts (`deepspeed_moe.gate.wg.weight`, `deepspeed_moe.experts.deepspeed_experts.<i>.
+<name>`; `moeflow.integrations.deepspeed_keys`): DeepSpeed's `engine.save_checkpoint` and
+`load_checkpoint` work on it, and a state dict or checkpoint of DeepSpeed's `MoE` loads into it and
+back; moeflow's own layout (`router.weight`, `experts.w1`, ...) loads too.
 
 Experts: an FFN moeflow recognises runs on moeflow's grouped expert kernels and dispatcher
 (`FeedForward`, or `nn.Sequential(Linear(D, F), GELU() | ReLU(), Linear(F, D))`, biases in both
@@ -38,8 +42,17 @@ import warnings
 import torch
 from torch import nn
 
-from moeflow.integrations.deepspeed import DeepSpeedMoELayer, mark_expert_parameters, prepare
 from moeflow.integrations.deepspeed_gating import DeepSpeedGate
+from moeflow.integrations.deepspeed_keys import (
+    grouped_names,
+    load_either_layout,
+    save_in_deepspeed_layout,
+)
+from moeflow.integrations.deepspeed_prepare import (
+    DeepSpeedMoELayer,
+    mark_expert_parameters,
+    prepare,
+)
 from moeflow.integrations.module_experts import ModuleExperts
 from moeflow.moe.config import MoEConfig, RouterConfig
 from moeflow.moe.experts import GroupedExperts
@@ -94,6 +107,10 @@ class MoE(DeepSpeedMoELayer):
         )  # fmt: skip
         self.set_router(gate, config)
         self.per_expert_modules = ffn is None
+        # DeepSpeed's names of one expert's tensors (None: the expert modules keep their own)
+        self.expert_names = None if ffn is None else grouped_names(expert)
+        self.register_state_dict_post_hook(save_in_deepspeed_layout)
+        self.register_load_state_dict_pre_hook(load_either_layout)
         if ffn is None:
             _notice(expert)
             _check_context(ep_size, ctx)
