@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from moeflow import MoEConfig, MoELayer, RouterConfig
-from moeflow.comm.dispatcher import DispatchConfig
+from moeflow.moe.dispatch_config import DispatchConfig
 from moeflow.parallel import ParallelDims, parallelize
 from tests.covering import covering_cases
 from tests.distributed import run_on_ranks

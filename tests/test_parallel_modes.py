@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from moeflow import MoEConfig, MoELayer, RouterConfig, set_aux_loss_scale
-from moeflow.comm.dispatcher import DispatchConfig
+from moeflow.moe.dispatch_config import DispatchConfig
 from moeflow.moe.experts import slice_experts
 from moeflow.parallel import GradSync, ParallelDims, parallelize
 from tests.covering import covering_cases

@@ -19,8 +19,7 @@ from tests.test_fsdp import run_cfg
 def _collectives(rank, world):
     from moeflow.comm.replay import CollectiveReplay
     from moeflow.models.decoder import MoEDecoder
-    from moeflow.parallel import ParallelDims, parallelize
-    from moeflow.parallel.dispatch import DispatchConfig
+    from moeflow.parallel import DispatchConfig, ParallelDims, parallelize
     from moeflow.parallel.grad_sync import GradSync
 
     ctx = ParallelDims(dp=1, ep=2).build()

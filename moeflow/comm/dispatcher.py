@@ -9,8 +9,8 @@ single-process layer; with `GroupExchange` it is expert parallelism: the same co
 
 Schedule of one call:
 
-1. Cut the T tokens into C contiguous chunks (C is fixed by config, the same on every rank; a chunk
-   may be empty). For each chunk, count the rows per slot on the device (capacity drops already
+1. Cut the T tokens into C contiguous chunks (C, `overlap_degree`, is the call's and the same on
+   every rank; a chunk may be empty). For each chunk, count the rows per slot on the device (capacity drops already
    applied by the caller).
 2. Exchange the counts with one all-to-all of `W*C*L` integers over the expert-parallel group, then
    copy local and received counts to the host together: the one host read of the call
@@ -55,43 +55,6 @@ from moeflow.comm.permutation import (
 )
 from moeflow.comm.pipeline import ChunkPlan, SideCompute, exchange_compute
 
-# Parallel modes of an MoE layer (`moeflow.moe.expert_dispatch`): tokens to the experts, tokens to
-# every slice of their expert, or the experts to the tokens.
-MODES = ("ep", "sharded", "dp")
-
-
-@dataclass(kw_only=True, frozen=True)
-class DispatchConfig:
-    """How tokens travel. `mode`: the parallel mode a layer call uses unless it names one
-    (`ep`, `sharded` or `dp`, see `moeflow.moe.expert_dispatch`). `overlap_degree` C: chunks
-    pipelined so communication hides behind compute (1 = no overlap). `two_level`: all-to-all
-    within a node first, then across nodes (`moeflow.comm.hierarchical`), with nodes of
-    `ranks_per_node` ranks.
-
-    Example:
-        >>> DispatchConfig(overlap_degree=2).overlap_degree
-        2
-    """
-
-    mode: str = "ep"
-    overlap_degree: int = 1
-    two_level: bool = False
-    ranks_per_node: int | None = None  # for two_level; default: LOCAL_WORLD_SIZE (torchrun)
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"dispatch.mode ({self.mode!r}) must be one of {list(MODES)}")
-        if self.ranks_per_node is not None and (
-            not isinstance(self.ranks_per_node, int) or self.ranks_per_node < 1
-        ):
-            raise ValueError(
-                f"dispatch.ranks_per_node ({self.ranks_per_node!r}) must be an integer >= 1"
-            )
-        if not isinstance(self.overlap_degree, int) or self.overlap_degree < 1:
-            raise ValueError(
-                f"dispatch.overlap_degree ({self.overlap_degree!r}) must be an integer >= 1"
-            )
-
 
 def chunk_bounds(num_tokens: int, num_chunks: int) -> list[tuple[int, int]]:
     """`num_chunks` contiguous token ranges as equal as possible (earlier ones longer)."""
@@ -124,12 +87,9 @@ class TokenDispatcher:
         4
     """
 
-    def __init__(
-        self, exchange: Exchange, slots_per_rank: int, config: DispatchConfig | None = None
-    ) -> None:
+    def __init__(self, exchange: Exchange, slots_per_rank: int) -> None:
         self.exchange = exchange
         self.slots_per_rank = slots_per_rank
-        self.config = config or DispatchConfig()
         self.name = "moe"  # set by the owner, so errors can name the layer
 
     @property
@@ -145,10 +105,10 @@ class TokenDispatcher:
         params: tuple[torch.Tensor, ...],
         keep_TK: torch.Tensor | None = None,
         pad_to: int | None = None,
-        overlap_degree: int | None = None,
+        overlap_degree: int = 1,
         side: SideCompute | None = None,
     ) -> DispatchResult:
-        num_chunks = overlap_degree or self.config.overlap_degree
+        num_chunks = overlap_degree
         if pad_to is not None and num_chunks > 1:
             raise ValueError(
                 f"router.pad_to_capacity needs overlap_degree 1 (got {num_chunks}): capacity "

@@ -50,20 +50,15 @@ import torch.distributed._functional_collectives as fc
 from torch import nn
 
 from moeflow.comm.all_to_all import Exchange, LocalExchange
-from moeflow.comm.dispatcher import MODES, DispatchConfig, DispatchResult, TokenDispatcher
+from moeflow.comm.dispatcher import DispatchResult, TokenDispatcher
 from moeflow.comm.gather import all_gather_rows, group_size
 from moeflow.comm.host_read import read_to_host
 from moeflow.comm.pipeline import ChunkPlan, SideCompute
+from moeflow.moe.dispatch_config import MODES, DispatchConfig, check_mode
 from moeflow.moe.expert_compute import GroupedExpertCompute
 from moeflow.moe.layout import ExpertLayout
 from moeflow.moe.padded_experts import padded_experts
 from moeflow.moe.weight_gather import ExpertWeightGather
-
-
-def check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise ValueError(f"parallel mode ({mode!r}) must be one of {list(MODES)}")
-    return mode
 
 
 class ExpertDispatch(nn.Module):
@@ -171,7 +166,7 @@ class ExpertDispatch(nn.Module):
                 if mode == "ep" and lay.shards > 1:
                     gather = ExpertWeightGather(lay, self.rank, "ep", self.shard_group)
                 exchange = self.two_level_exchange if two_level else self.exchange
-                dispatcher = TokenDispatcher(exchange, per, self.config)
+                dispatcher = TokenDispatcher(exchange, per)
             dispatcher.name = self.name
             compute = GroupedExpertCompute(self.activation, gather, self.carry_weights, self.kernel)
             self._paths[(mode, two_level)] = (dispatcher, compute)

@@ -14,7 +14,7 @@ from torch import nn
 
 from moeflow.comm.all_to_all import Exchange
 from moeflow.comm.capacity import capacity_keep_mask, expert_capacity, nothing_dropped
-from moeflow.comm.dispatcher import DispatchConfig
+from moeflow.moe.dispatch_config import DispatchConfig
 from moeflow.comm.host_read import count_per_value
 from moeflow.comm.permutation import pair_counts
 from moeflow.moe.aux_loss import attach_loss

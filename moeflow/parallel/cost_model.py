@@ -39,9 +39,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+from moeflow.moe.dispatch_config import MODES, check_mode
 from moeflow.moe.layout import check_sizes
-
-MODES = ("ep", "sharded", "dp")
 
 
 @dataclass(frozen=True)
@@ -206,8 +205,7 @@ def ring_seconds(nbytes: float, ranks: int, spans_nodes: bool, hw: Hardware) -> 
 
 def predict(shape: LayerShape, cand: Candidate, hw: Hardware, ranks_per_node: int) -> Prediction:
     """The predicted time of one forward + backward of the layer in `cand` (see the module doc)."""
-    if cand.mode not in MODES:
-        raise ValueError(f"mode ({cand.mode!r}) must be one of {list(MODES)}")
+    check_mode(cand.mode, "mode")
     s, b = shape.shards, hw.bytes_per_element
     d, f, c = shape.hidden, shape.ffn, shape.gate_blocks
     g = min(ranks_per_node, shape.group)

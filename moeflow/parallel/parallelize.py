@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moeflow.comm.all_to_all import GroupExchange
-from moeflow.comm.dispatcher import DispatchConfig
+from moeflow.moe.dispatch_config import DispatchConfig
 from moeflow.comm.hierarchical import HierarchicalExchange
 from moeflow.moe.layer import MoELayer
 from moeflow.moe.layout import ExpertLayout, check_sizes

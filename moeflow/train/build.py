@@ -27,8 +27,8 @@ from torch import nn
 
 from moeflow.models.decoder import MoEDecoder
 from moeflow.moe.layout import ExpertLayout
+from moeflow.parallel import DispatchConfig
 from moeflow.parallel.dims import ParallelContext
-from moeflow.parallel.dispatch import DispatchConfig
 from moeflow.parallel.fsdp import shard_model
 from moeflow.parallel.parallelize import parallelize
 from moeflow.parallel.replace import current_expert_slots

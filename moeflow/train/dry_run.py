@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import torch
 
+from moeflow.moe.dispatch_config import MODES
 from moeflow.moe.ffn import gate_multiplier
 from moeflow.moe.walk import moe_layers, split_parameters
 from moeflow.parallel.dims import ParallelDims
-from moeflow.parallel.dispatch import MODES
 from moeflow.train.build import build_model
 from moeflow.train.config import RunConfig
 from moeflow.train.distributed import init_distributed, shutdown

@@ -36,10 +36,10 @@ from __future__ import annotations
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from moeflow.moe.dispatch_config import MODES
 from moeflow.moe.ffn import gate_multiplier
 from moeflow.moe.layer import MoELayer
 from moeflow.moe.walk import moe_layers
-from moeflow.parallel.dispatch import MODES
 from moeflow.parallel.fsdp import is_sharded, transformer_blocks, unsharded_bytes
 from moeflow.train.config import RunConfig
 

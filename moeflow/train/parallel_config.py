@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moeflow.parallel.dispatch import MODES
+from moeflow.moe.dispatch_config import MODES
 from moeflow.utils.validate import check_choice, check_int
 
 
