@@ -10,8 +10,8 @@ single-process layer; with `GroupExchange` it is expert parallelism: the same co
 Schedule of one call:
 
 1. Cut the T tokens into C contiguous chunks (C, `overlap_degree`, is the call's and the same on
-   every rank; a chunk may be empty). For each chunk, count the rows per slot on the device (capacity drops already
-   applied by the caller).
+   every rank; a chunk may be empty). For each chunk, count the rows per slot on the device
+   (capacity drops already applied by the caller).
 2. Exchange the counts with one all-to-all of `W*C*L` integers over the expert-parallel group, then
    copy local and received counts to the host together: the one host read of the call
    (`moeflow.comm.host_read`). With capacity padding (`pad_to`) every rank sends every slot
@@ -36,11 +36,11 @@ written as an `[R, D]` buffer; the side computation runs first.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from moeflow.comm.all_to_all import Exchange
+from moeflow.comm.compute import ExpertCompute, ReceivedBlocks
 from moeflow.comm.host_read import start_read
 from moeflow.comm.local_compute import local_compute
 from moeflow.comm.permutation import (
@@ -101,21 +101,36 @@ class TokenDispatcher:
         x_TD: torch.Tensor,
         weights_TK: torch.Tensor,
         slot_ids_TK: torch.Tensor,
-        compute: Any,
+        compute: ExpertCompute,
         params: tuple[torch.Tensor, ...],
         keep_TK: torch.Tensor | None = None,
         pad_to: int | None = None,
         overlap_degree: int = 1,
         side: SideCompute | None = None,
     ) -> DispatchResult:
-        num_chunks = overlap_degree
-        if pad_to is not None and num_chunks > 1:
+        """Steps 1-5 of the module doc for the pairs `slot_ids_TK` (kept where `keep_TK`), each
+        weighted by `weights_TK`, over `overlap_degree` chunks (with `pad_to`: one)."""
+        if pad_to is not None and overlap_degree > 1:
             raise ValueError(
-                f"router.pad_to_capacity needs overlap_degree 1 (got {num_chunks}): capacity "
+                f"router.pad_to_capacity needs overlap_degree 1 (got {overlap_degree}): capacity "
                 "is per rank, so per-chunk padding is undefined"
             )
+        bounds = chunk_bounds(x_TD.shape[0], overlap_degree)
+        plans, chunk_plan = self._plan(slot_ids_TK, keep_TK, pad_to, bounds, x_TD.device)
+        if _stays_local(compute, x_TD, params, self.exchange.size, overlap_degree, pad_to):
+            # 3-5 where no row travels: the compute reads token order (`local_compute`).
+            side_out = None if side is None else side.fn(*side.inputs)
+            out = local_compute(
+                compute, params, x_TD, weights_TK, plans[0], chunk_plan.chunk_meta[0]
+            )
+            return DispatchResult(out, plans, chunk_plan, 0, 0, side_out)
+        return self._travel(x_TD, weights_TK, compute, params, plans, chunk_plan, bounds, side)
+
+    def _plan(self, slot_ids_TK, keep_TK, pad_to, bounds, device):
+        """Steps 1-2: each chunk's `RoutingPlan` and the call's `ChunkPlan` (split sizes and
+        received blocks), from the exchanged counts or, with `pad_to`, static."""
         W, L, P = self.exchange.size, self.slots_per_rank, self.num_slots
-        bounds = chunk_bounds(x_TD.shape[0], num_chunks)
+        num_chunks = len(bounds)
         orders = [None] * num_chunks
         if pad_to is None:
             counts_host, send, recv, matrices, ends, orders = self._exchange_counts(
@@ -125,9 +140,7 @@ class TokenDispatcher:
             counts_host, send = [None], [[[pad_to] * L] for _ in range(W)]
             recv = send
             matrices = [[[pad_to * L] * W] * W] if self.exchange.needs_matrix else None
-            ends = torch.arange(1, L + 1, device=x_TD.device, dtype=torch.int32)[None] * (
-                W * pad_to
-            )
+            ends = torch.arange(1, L + 1, device=device, dtype=torch.int32)[None] * (W * pad_to)
         plans = [
             build_plan(
                 slot_ids_TK[t0:t1], P, None if keep_TK is None else keep_TK[t0:t1], pad_to,
@@ -143,15 +156,14 @@ class TokenDispatcher:
             ],
             matrices=matrices,
         )
-        if _stays_local(compute, x_TD, params, W, num_chunks, pad_to):
-            # 3-5 where no row travels: the compute reads token order (`local_compute`).
-            side_out = None if side is None else side.fn(*side.inputs)
-            out = local_compute(
-                compute, params, x_TD, weights_TK, plans[0], chunk_plan.chunk_meta[0]
-            )
-            return DispatchResult(out, plans, chunk_plan, 0, 0, side_out)
+        return plans, chunk_plan
+
+    def _travel(self, x_TD, weights_TK, compute, params, plans, chunk_plan, bounds, side):
+        """Steps 3-5: permute every chunk, dispatch, compute and combine them pipelined,
+        un-permute."""
+        W = self.exchange.size
         # 3. permute every chunk (with a weighted compute, each row carries its pair's weight)
-        weighted = getattr(compute, "weighted", False)
+        weighted = compute.weighted
         # Rows that stay on this rank carry the weight in a 16-byte aligned row; rows that travel
         # carry it in one extra column (no padding on the wire).
         width = carrier_width(x_TD.shape[1], x_TD.dtype, aligned=W == 1)
@@ -174,8 +186,8 @@ class TokenDispatcher:
         ]
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         sent = sum(
-            chunk_plan.input_splits[c][j]
-            for c in range(num_chunks)
+            splits[j]
+            for splits in chunk_plan.input_splits
             for j in range(W)
             if j != self.exchange.rank
         )
@@ -235,23 +247,14 @@ class TokenDispatcher:
         return counts_host, send, recv, matrices, ends_CL, orders
 
 
-class ReceivedBlocks(list):
-    """A chunk's received blocks `(local slot, first row, end row)` (`_received_blocks`), with
-    `ends`: `[L]` int32 on the device, the end row of each local slot once the rows are grouped
-    by slot (what the grouped GEMM kernels take as offsets, with no host-to-device copy)."""
-
-    def __init__(self, blocks: list[tuple[int, int, int]], ends: torch.Tensor) -> None:
-        super().__init__(blocks)
-        self.ends = ends
-
-
-def _stays_local(compute, x_TD, params, W: int, chunks: int, pad_to: int | None) -> bool:
+def _stays_local(
+    compute: ExpertCompute, x_TD, params, W: int, chunks: int, pad_to: int | None
+) -> bool:
     """Whether the call runs `local_compute`: one rank, one chunk, no capacity padding, and a
     compute that reads token order for these inputs (`reads_tokens`)."""
     if W != 1 or chunks != 1 or pad_to is not None:
         return False
-    reads = getattr(compute, "reads_tokens", None)
-    return reads is not None and reads(x_TD, params)
+    return compute.reads_tokens(x_TD, params)
 
 
 def _chunk(t: torch.Tensor, t0: int, t1: int) -> torch.Tensor:

@@ -14,11 +14,8 @@ slot order: the same sums in the same order as the buffered path, so the results
 same. (Adding each expert's outputs into token order with `index_add_` instead was 10% slower on
 this part at T=4096, D=256, F=64, E=64, k=8: `index_add_` runs on one thread on CPU.)
 
-`compute` is any object with (the `exchange_compute` interface's `materialize`, `new_grads` and
-`finish`, and)
-
-    forward_tokens(params, x_TD, src_R, row_w_R, blocks) -> (y_RD, saved: list[Tensor])
-    backward_tokens(params, saved, grad_TD, blocks, accumulator) -> (grad_x_RD, grad_row_w_R)
+`compute` is a `TokenOrderCompute` (`moeflow.comm.compute`: an `ExpertCompute` with
+`forward_tokens` and `backward_tokens`).
 
 Schedule: no collective of its own; `compute.materialize(params)` runs its weight gathers (the
 `dp` mode's) in forward and again in backward, and `finish` their gradients' reduce-scatter.
@@ -26,11 +23,10 @@ Schedule: no collective of its own; `compute.materialize(params)` runs its weigh
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch.autograd.function import once_differentiable
 
+from moeflow.comm.compute import ReceivedBlocks, TokenOrderCompute
 from moeflow.comm.permutation import RoutingPlan, combine_rows
 
 
@@ -69,12 +65,12 @@ class _LocalCompute(torch.autograd.Function):
 
 
 def local_compute(
-    compute: Any,
+    compute: TokenOrderCompute,
     params: tuple[torch.Tensor, ...],
     x_TD: torch.Tensor,
     weights_TK: torch.Tensor,
     plan: RoutingPlan,
-    blocks: list[Any],
+    blocks: ReceivedBlocks,
 ) -> torch.Tensor:
     """`out[t] = sum over t's kept pairs of weight * expert(x[t])`, `[T, D]`, differentiable in
     `params`, `x_TD` and `weights_TK`. `plan` (no padding rows) sorts the pairs into rows grouped

@@ -4,17 +4,12 @@ Legend: C chunks (the overlap degree), P parameters of the compute (e.g. local e
 
 `exchange_compute(params, x_chunks, plan)` is one autograd op. `x_chunks[c]` holds the rows this
 rank sends in chunk c, ordered by destination rank; `plan.input_splits[c]` / `plan.output_splits[c]`
-say how many rows go to / come from each rank. `compute` is any object with
-
-    forward(params, x_recv, chunk) -> (y_recv, saved: list[Tensor])
-    materialize(params) -> params the compute runs with (e.g. whole experts gathered from slices)
-    new_grads(params) -> accumulator
-    backward(params, saved, grad_y, chunk, accumulator) -> grad_x_recv
-    finish(accumulator) -> tuple of gradients of the params given (not the materialized ones)
-
-so this module knows nothing about experts or models. An optional `side` (`SideCompute`, e.g. a
-shared expert) is a differentiable `fn(*inputs)` that needs no exchange: it runs while the first
-transfer is in flight, forward and backward, and its output comes back beside the chunks.
+say how many rows go to / come from each rank. `compute` is an `ExpertCompute`
+(`moeflow.comm.compute`: `materialize`, `forward`, `new_grads`, `backward`, `finish`), given each
+chunk's received blocks, so this module knows nothing about experts or models. An optional `side`
+(`SideCompute`, e.g. a shared expert) is a differentiable `fn(*inputs)` that needs no exchange: it
+runs while the first transfer is in flight, forward and backward, and its output comes back beside
+the chunks.
 
 Schedule (forward; the backward is the same with dispatch and combine swapped):
 
@@ -41,6 +36,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from moeflow.comm.all_to_all import Exchange, wait
+from moeflow.comm.compute import ExpertCompute, ReceivedBlocks
 
 
 @dataclass(frozen=True)
@@ -49,7 +45,7 @@ class ChunkPlan:
 
     input_splits: list[list[int]]  # [C][ranks]: rows this rank sends to each rank
     output_splits: list[list[int]]  # [C][ranks]: rows this rank receives from each rank
-    chunk_meta: list[Any]  # per chunk, passed to the compute (e.g. expert blocks)
+    chunk_meta: list[ReceivedBlocks]  # per chunk, passed to the compute
     matrices: list[list[list[int]]] | None = None  # [C][W][W] rows i -> j, for two-level exchanges
 
     @property
@@ -192,7 +188,7 @@ def _pipeline(exchange, chunks, input_splits, output_splits, step, matrices=None
 
 def exchange_compute(
     exchange: Exchange,
-    compute: Any,
+    compute: ExpertCompute,
     plan: ChunkPlan,
     params: tuple[torch.Tensor, ...],
     x_chunks: list[torch.Tensor],

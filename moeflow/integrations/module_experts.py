@@ -49,6 +49,9 @@ class ModuleExpertCompute:
             i += len(names)
         return out
 
+    def reads_tokens(self, x_TD: torch.Tensor, params) -> bool:
+        return False  # each module computes its own rows: always the buffered path
+
     def materialize(self, params):
         return params
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from moeflow.comm.all_to_all import LocalExchange
+from moeflow.comm.compute import ReceivedBlocks
 from moeflow.comm.pipeline import ChunkPlan, exchange_compute
 from moeflow.moe import grouped_mm_ffn
 from moeflow.moe.grouped_ffn import (
@@ -91,7 +92,7 @@ class GroupedExpertCompute:
     def materialize(self, params):
         return params if self.gather is None else self.gather.gather(*params)
 
-    def forward(self, params, x_RD: torch.Tensor, blocks: list[Block]):
+    def forward(self, params, x_RD: torch.Tensor, blocks: ReceivedBlocks):
         w1, w2 = (p.to(x_RD.dtype) for p in params)
         order, merged = expert_major(blocks, x_RD.device)
         rows = x_RD.contiguous() if order is None else x_RD.index_select(0, order)
@@ -106,7 +107,7 @@ class GroupedExpertCompute:
             else:
                 y, saved = grouped_mm_ffn.forward(
                     x, w1, w2, merged, self.activation, row_w, ends, kernel,
-                    offs=getattr(blocks, "ends", None),
+                    offs=blocks.ends,
                 )  # fmt: skip
         if order is not None:
             y = y.index_select(0, inverse(order))  # back to source-rank order
@@ -126,7 +127,7 @@ class GroupedExpertCompute:
         kernel = grouped_mm_ffn.choose(self.kernel, x_TD, *params)
         return self.weighted and kernel != "grouped_mm"
 
-    def forward_tokens(self, params, x_TD, src_R, row_w_R, blocks: list[Block]):
+    def forward_tokens(self, params, x_TD, src_R, row_w_R, blocks: ReceivedBlocks):
         """Token order (`moeflow.comm.local_compute`): buffer row r is token `src_R[r]` of
         `x_TD`, weighted by `row_w_R[r]`; returns `([R, D] weighted output rows, saved)`. Each
         expert gathers its rows where its GEMM reads them: no `[R, D]` input buffer is written
@@ -143,7 +144,7 @@ class GroupedExpertCompute:
                 )
         return y, saved.without_weights(x_TD)
 
-    def backward_tokens(self, params, saved, grad_TD, blocks: list[Block], acc: dict):
+    def backward_tokens(self, params, saved, grad_TD, blocks: ReceivedBlocks, acc: dict):
         """`forward_tokens`'s backward from the output gradient in token order `[T, D]`:
         `([R, D] gradient of each row's input, grad wrt row_w_R)`; the weight gradients go into
         `acc`."""
@@ -165,7 +166,7 @@ class GroupedExpertCompute:
     def new_grads(self, params) -> dict:
         return {"params": params, "grads": None}
 
-    def backward(self, params, saved, grad_y, blocks: list[Block], acc: dict) -> torch.Tensor:
+    def backward(self, params, saved, grad_y, blocks: ReceivedBlocks, acc: dict) -> torch.Tensor:
         rows = saved[0]
         w1, w2 = (p.to(rows.dtype) for p in params)
         x = rows[:, : w2.shape[-1]] if self.weighted else rows
@@ -184,7 +185,7 @@ class GroupedExpertCompute:
             grad_x = ffn_backward(activations, grad_y, acc["grads"], out)
         else:
             grad_x = grouped_mm_ffn.backward(activations, grad_y, acc["grads"], ends, kernel, out,
-                                             offs=getattr(blocks, "ends", None))  # fmt: skip
+                                             offs=blocks.ends)  # fmt: skip
         if order is not None:
             grad_x = grad_x.index_select(0, inverse(order))
         return grad_x
@@ -218,6 +219,8 @@ def grouped_ffn(
     """
     x = x_RD.to(compute_dtype(x_RD))
     rows = [x.shape[0]]
-    plan = ChunkPlan([rows], [rows], [blocks_from_counts(rows_per_expert)])
+    blocks = blocks_from_counts(rows_per_expert)
+    received = ReceivedBlocks.from_blocks(blocks, len(rows_per_expert), x.device)
+    plan = ChunkPlan([rows], [rows], [received])
     compute = GroupedExpertCompute(activation)
     return exchange_compute(LocalExchange(), compute, plan, (w1_EDG, w2_EFD), [x])[0][0]

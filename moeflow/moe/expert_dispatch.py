@@ -50,6 +50,7 @@ import torch.distributed._functional_collectives as fc
 from torch import nn
 
 from moeflow.comm.all_to_all import Exchange, LocalExchange
+from moeflow.comm.compute import ReceivedBlocks
 from moeflow.comm.dispatcher import DispatchResult, TokenDispatcher
 from moeflow.comm.gather import all_gather_rows, group_size
 from moeflow.comm.host_read import read_to_host
@@ -263,7 +264,8 @@ class ExpertDispatch(nn.Module):
         L = w2.shape[0]
         blocks = [(slot, (i * L + slot) * pad_to, (i * L + slot + 1) * pad_to)
                   for i in range(W) for slot in range(L)]  # fmt: skip
-        plan = ChunkPlan([[L * pad_to] * W], [[L * pad_to] * W], [blocks])
+        ends = torch.arange(1, L + 1, device=x_TD.device, dtype=torch.int32) * (W * pad_to)
+        plan = ChunkPlan([[L * pad_to] * W], [[L * pad_to] * W], [ReceivedBlocks(blocks, ends)])
         sent = (W - 1) * L * pad_to
         self.last_mode, self.last_two_level = mode, False
         self.last_gathered_bytes = self.last_gather_peak_bytes = 0

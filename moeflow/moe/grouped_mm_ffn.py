@@ -96,7 +96,7 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 def offsets(ends: list[int], device: torch.device, offs: torch.Tensor | None = None):
     """`ends` as grouped_mm's int32 offsets on `device`: `offs` where the caller made them on
-    the device (`moeflow.comm.dispatcher.ReceivedBlocks`), else copied once from the host."""
+    the device (`moeflow.comm.compute.ReceivedBlocks`), else copied once from the host."""
     if offs is not None:
         return offs
     return torch.tensor(ends, dtype=torch.int32).to(device, non_blocking=True)

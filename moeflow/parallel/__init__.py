@@ -1,10 +1,10 @@
 """Parallelism: degrees and groups, the expert layout over them, parallel modes, gradient
 synchronisation, routing statistics and live re-placement."""
 
+from moeflow.moe.dispatch_config import MODES, DispatchConfig
 from moeflow.moe.layout import ExpertLayout
 from moeflow.moe.walk import moe_layers, split_parameters
 from moeflow.parallel.dims import ParallelContext, ParallelDims
-from moeflow.moe.dispatch_config import MODES, DispatchConfig
 from moeflow.parallel.grad_sync import GradSync, expert_parameter_names
 from moeflow.parallel.parallelize import expert_layouts, parallelize, set_parallel_mode
 from moeflow.parallel.routing_stats import RoutingStats

@@ -25,8 +25,8 @@ import torch.distributed as dist
 from torch import nn
 
 from moeflow.comm.all_to_all import GroupExchange
-from moeflow.moe.dispatch_config import DispatchConfig
 from moeflow.comm.hierarchical import HierarchicalExchange
+from moeflow.moe.dispatch_config import DispatchConfig
 from moeflow.moe.layer import MoELayer
 from moeflow.moe.layout import ExpertLayout, check_sizes
 from moeflow.moe.walk import moe_layers
