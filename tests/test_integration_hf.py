@@ -7,6 +7,8 @@ plain transformers with the same logits; what cannot be matched is refused, nami
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (
@@ -25,6 +27,8 @@ from moeflow.moe.config import MoEConfig, RouterConfig
 from moeflow.moe.layer import MoELayer, set_aux_loss_scale
 from moeflow.parallel import GradSync, ParallelDims, parallelize
 from tests.distributed import run_on_ranks
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hf_upcycle.py"
 
 SHAPE = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -356,25 +360,55 @@ def test_reentrant_checkpointing_is_refused_where_routers_read_the_context(route
         model(ids, labels=ids, use_cache=False).loss.backward()
 
 
-@pytest.mark.parametrize("model", ["llama", "qwen2", "gpt2"])
-def test_hf_upcycle_example_runs_end_to_end(model, tmp_path):
-    """examples/hf_upcycle.py (shortened): upcycle (the dense logits at step 0), train at ep 2,
-    lower the validation loss, save, reload with identical logits (the script asserts each)."""
+def _check_example_output(model: str, out: str) -> None:
+    assert "logits identical: True" in out and "after 60 steps" in out
+    assert f"upcycled {model}:" in out and "dense model's: True" in out
+
+
+def test_hf_upcycle_example_runs_end_to_end(tmp_path):
+    """examples/hf_upcycle.py as a user runs it (it spawns its 2 ranks), shortened: upcycle (the
+    dense logits at step 0), train at ep 2, lower the validation loss, save, reload with identical
+    logits (the script asserts each)."""
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
     done = subprocess.run(
-        [sys.executable, str(root / "examples" / "hf_upcycle.py"), "--steps", "60",
-         "--out", str(tmp_path), "--model", model],
-        capture_output=True, text=True, timeout=300, cwd=root,
+        [sys.executable, str(EXAMPLE), "--steps", "60", "--out", str(tmp_path), "--model", "llama"],
+        capture_output=True, text=True, timeout=300, cwd=EXAMPLE.parents[1],
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "logits identical: True" in done.stdout and "after 60 steps" in done.stdout
-    assert f"upcycled {model}:" in done.stdout and "dense model's: True" in done.stdout
+    _check_example_output("llama", done.stdout)
+
+
+def _example_on_ranks(rank, world, models, out):
+    """The example's `main` on these ranks for each model; rank 0's printed lines."""
+    import argparse
+    import contextlib
+    import importlib.util
+    import io
+
+    spec = importlib.util.spec_from_file_location("hf_upcycle_example", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    printed = {}
+    for model in models:
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            example.main(argparse.Namespace(steps=60, model=model, out=f"{out}/{model}"))
+        printed[model] = buffer.getvalue()
+    return printed
+
+
+def test_hf_upcycle_example_upcycles_qwen2_and_gpt2(tmp_path):
+    """The same script's steps for Qwen2 and GPT-2 (biases, tanh GELU), on 2 ranks of one spawn:
+    the script's own process handling is the Llama test's."""
+    models = ("qwen2", "gpt2")
+    printed = run_on_ranks(_example_on_ranks, 2, args=(models, str(tmp_path)), timeout=300)[0]
+    assert sorted(printed) == sorted(models)
+    for model, text in printed.items():
+        _check_example_output(model, text)
 
 
 @pytest.mark.parametrize("kind", sorted(MODELS))
