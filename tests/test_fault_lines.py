@@ -47,8 +47,8 @@ def test_resume_names_what_changed_and_what_to_do(tmp_path, capsys):
     args = ["train", str(cfg), "--quiet", "--resume"]
     line = _fails(capsys, [*args, "--model.moe.num_experts", "8"])
     assert line.endswith(
-        "was written for another model: model.moe.num_experts is 4 there, 8 here; resume with "
-        "the same [model]"
+        "was written for another model: model.moe.num_experts is 4 there, 8 here "
+        "(--model.moe.num_experts); drop it to resume with the checkpoint's [model]"
     )
     assert len(line) < 300
     line = _fails(capsys, [*args, "--train.steps", "3"])

@@ -112,6 +112,29 @@ def test_selection_bias_moves_choices_not_weights():
     assert w.item() == pytest.approx(torch.softmax(logits, -1)[0, 2].item())
 
 
+def test_drops_by_the_renormalised_weight_and_by_deepspeeds_raw_gate_keep_different_pairs():
+    """`drop_policy="probs"` under `pre_softmax=True`: ranking an expert's pairs by the weight
+    (renormalised over the token's top-k) keeps other pairs than ranking by the raw softmax gate
+    (DeepSpeed's `topkgating`), on every seed; without renormalisation the two are the same."""
+    from moeflow.comm.capacity import capacity_keep_mask, expert_capacity
+
+    capacity = expert_capacity(64, 8, 3, capacity_factor=0.5)
+    assert capacity == 12  # of 24 pairs per expert on average: about half are dropped
+    differ = {}
+    for normalize in (True, False):
+        cfg = RouterConfig(top_k=3, pre_softmax=True, normalize_topk=normalize)
+        differ[normalize] = []
+        for seed in range(5):
+            logits = torch.randn(64, 8, generator=torch.Generator().manual_seed(seed))
+            weights, ids, gates = topk_routing(logits, cfg)
+            by_weight = capacity_keep_mask(ids, weights, 8, capacity, "probs")
+            by_gate = capacity_keep_mask(ids, gates.gather(1, ids), 8, capacity, "probs")
+            assert by_weight.sum() == by_gate.sum()  # each expert keeps as many either way
+            differ[normalize].append(int((by_weight != by_gate).sum()))
+    assert min(differ[True]) >= 16, differ  # 16 to 24 of the 192 pairs, as RouterConfig says
+    assert differ[False] == [0] * 5
+
+
 def test_aux_free_bias_update_after_the_step():
     cfg = MoEConfig(hidden_size=D, num_experts=4, ffn_hidden_size=8,
                     router=RouterConfig(top_k=1, bias_update_rate=0.5))  # fmt: skip

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -107,15 +108,23 @@ def test_ctrl_c_checkpoints_a_second_run_is_refused_and_ranks_die_with_the_launc
     log = launcher.communicate(timeout=120)[0]
     assert launcher.returncode == 130, log
     assert "Traceback" not in log and "SignalException" not in log
-    assert log.strip().splitlines()[-4:] == [
+    tail = log.strip().splitlines()[-5:]
+    assert re.fullmatch(r"throughput: [\d,]+ tokens/s \([\d,]+ per rank x 2 ranks\) over \d+ "
+                        r"step\(s\), \d+\.\d\d s of training", tail.pop(1)), log  # fmt: skip
+    assert tail == [
         f"Ctrl-C (SIGINT): stopping after step {records(out)[-1]['step']}, writing a checkpoint "
         "(Ctrl-C again stops at once)",
         f"checkpoint: {ckpt.latest_checkpoint(out / 'checkpoints')}",
         f"metrics:    {out / 'metrics.jsonl'}",
         "moeflow launch: stopped by Ctrl-C (SIGINT) after a checkpoint",
     ], log
+    # The start line of this replicated run (ep 2): the model's parameters, this rank's experts.
+    assert re.search(r"(^|\n)moeflow train: 2 rank\(s\) \(dp=1, ep=2\) on cpu; 0\.05M parameters, "
+                     r"0\.04M on this rank \(its experts\); data: ", log), log  # fmt: skip
+    assert log.count("no MFU: no known peak FLOP/s for a CPU") == 1  # said once, by rank 0
     end = records(out)[-1]
     assert end["kind"] == "end" and end["signal"] is True
+    assert end["tokens_per_s"] == 2 * end["tokens_per_s_per_rank"] > 0 and "mfu" not in end
     saved = ckpt.latest_checkpoint(out / "checkpoints")
     assert saved is not None and saved.name == f"step_{end['step']:08d}"
     # 3. The launcher killed with SIGKILL: its ranks die with it, and the directory is free.
@@ -172,7 +181,8 @@ def test_ctrl_c_checkpoints_and_a_second_one_stops_at_once(tmp_path, capsys, mon
     else:
         assert main(["train", str(cfg), "--quiet"]) == 130
         assert ckpt.latest_checkpoint(out / "checkpoints").name == "step_00000003"
-        assert records(out)[-1] == {"kind": "end", "step": 3, "signal": True}
+        end = records(out)[-1]
+        assert (end["kind"], end["step"], end["signal"]) == ("end", 3, True)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 

@@ -175,17 +175,18 @@ def test_a_replacement_re_tunes_the_layer():
 def _reproduce(rank, world, root):
     """Three runs of the same auto config in one process group: A with noisy stand-in timings
     and a checkpoint every 10 steps; B with other noise, replaying A's decisions; C resuming A's
-    step-10 checkpoint (decisions restored) and replaying A; D with other noise and no replay."""
+    step-10 checkpoint (decisions restored) and replaying A; D with other noise and no replay; E
+    replaying A with another train.seed (refused before any work)."""
     import random
 
     root = Path(root)
     runtime = init_distributed(60)
 
-    def run(name, seed, replay=None, resume=None, every=10):
+    def run(name, seed, replay=None, resume=None, every=10, train_seed=0):
         tuner = {"check_every": 5, "imbalance_step": 0.01, "replay": replay}
-        config = cfg(root / name, "auto", "auto", tuner, "auto")
-        checkpoints = {"every": every, "keep": 5}
-        config = RunConfig.from_dict({**config.to_dict(), "checkpoint": checkpoints})
+        config = cfg(root / name, "auto", "auto", tuner, "auto").to_dict()
+        config["train"]["seed"] = train_seed
+        config = RunConfig.from_dict({**config, "checkpoint": {"every": every, "keep": 5}})
         noise = random.Random(seed)  # the same on every rank: one stream of "timings" per run
         with Trainer(config, runtime, resume, resume is None) as trainer:
             trainer.tuner._time = lambda layer, cand: noise.uniform(1e-3, 2e-3)
@@ -205,7 +206,13 @@ def _reproduce(rank, world, root):
         saved = ckpt.read_meta(middle)["tuner"]
         c, c_decisions, restored = run("c", seed=3, replay=str(root / "a"), resume=str(middle))
         d, d_decisions, _ = run("d", seed=4, every=0)
+        try:
+            run("e", seed=1, replay=str(root / "a"), train_seed=7)
+            refused = None
+        except ValueError as exc:
+            refused = str(exc)
         return {
+            "e": (refused, (root / "e" / "metrics.jsonl").exists()),
             "a": (a.losses, a_decisions), "b": (b.losses, b_decisions),
             "c": (c.losses, c_decisions, restored == saved, len(saved["cache"])),
             "d": (d.losses, d_decisions),
@@ -229,3 +236,6 @@ def test_decisions_survive_a_resume_and_a_replay_gives_the_same_losses_twice(tmp
     assert c_decisions == a_decisions
     # Without replay, other timings choose otherwise (what replay guards against).
     assert out["d"][1] != a_decisions
+    # Another seed: refused before any work, naming both seeds.
+    refused, wrote = out["e"]
+    assert "the recorded run had train.seed 0, this run has 7" in refused and not wrote

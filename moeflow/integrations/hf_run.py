@@ -39,6 +39,8 @@ Example (a tiny Llama, upcycled at every layer):
     >>> model = build_hf_model(cfg, torch.device("cpu"))
     >>> model(torch.zeros(1, 16, dtype=torch.long)).shape
     torch.Size([1, 16, 256])
+    >>> model.origin.converted, model.origin.sparse  # 2 MLPs upcycled (the start line says so)
+    (2, False)
 """
 
 from __future__ import annotations
@@ -249,13 +251,46 @@ def _sparse_moe(config, blocks, moe: dict) -> dict:
     return merged
 
 
+@dataclasses.dataclass(frozen=True)
+class HFOrigin:
+    """Where an HF run's model came from (the run's start line says it): the model type, the
+    weights it started from (`weights`: an `upcycle.weights` folder; None: HF's initialisation
+    from the config, seeded by `seed`), and how many of its `layers` became moeflow MoE layers
+    (`converted`: sparse MoE blocks converted, or dense MLPs upcycled to `num_experts` copies)."""
+
+    model_type: str
+    weights: str | None
+    seed: int
+    sparse: bool
+    converted: int
+    layers: int
+    num_experts: int
+
+    def describe(self, checkpoint: Path | None = None) -> str:
+        """One clause of the start line; `checkpoint`: the one a resumed run loaded instead."""
+        what = "sparse MoE blocks converted" if self.sparse else "MLPs upcycled"
+        what = f"{self.converted} of {self.layers} layers' {what}"
+        if not self.sparse:
+            what += f" to {self.num_experts} experts each"
+        start = (
+            f"upcycle.weights ({self.weights!r})"
+            if self.weights is not None
+            else f"HF's init (train.seed {self.seed})"
+        )
+        if checkpoint is not None:
+            start = f"checkpoint {checkpoint.name} (the run began from {start})"
+        return f"Hugging Face {self.model_type}: {what}; weights: {start}"
+
+
 class HFCausalLM(nn.Module):
     """An HF causal LM as the trainer sees a model: token ids `[B, S]` -> logits `[B, S, V]`.
-    `activation_checkpointing` switches HF's gradient checkpointing (non-reentrant)."""
+    `activation_checkpointing` switches HF's gradient checkpointing (non-reentrant); `origin`
+    (`HFOrigin`) says where it came from."""
 
-    def __init__(self, hf: nn.Module) -> None:
+    def __init__(self, hf: nn.Module, origin: HFOrigin | None = None) -> None:
         super().__init__()
         self.hf = hf
+        self.origin = origin
         self.records_router_logits = hasattr(getattr(hf, "config", None), "output_router_logits")
 
     @property
@@ -296,12 +331,19 @@ def build_hf_model(cfg, device: torch.device) -> HFCausalLM:
         else:
             hf = transformers.AutoModelForCausalLM.from_config(config)
         hf.to(torch.float32)
-        if _sparse_blocks(hf):
+        n, converted = config.num_hidden_layers, len(_sparse_blocks(hf))
+        sparse = converted > 0
+        if sparse:
             convert(hf, moe_config=cfg.model.moe, hf_state_dict=False)  # logical expert keys
         else:
-            n = config.num_hidden_layers
-            upcycle(hf, cfg.model.moe, [i for i in range(n) if cfg.model.is_moe_layer(i)])
-    return HFCausalLM(hf)
+            layers = [i for i in range(n) if cfg.model.is_moe_layer(i)]
+            upcycle(hf, cfg.model.moe, layers)
+            converted = len(layers)
+    origin = HFOrigin(
+        model_type=cfg.model.hf_config["model_type"], weights=weights, seed=cfg.train.seed,
+        sparse=sparse, converted=converted, layers=n, num_experts=cfg.model.moe.num_experts,
+    )  # fmt: skip
+    return HFCausalLM(hf, origin)
 
 
 def _load_weights(transformers, folder: str, config) -> nn.Module:

@@ -29,22 +29,19 @@ import os
 import sys
 from pathlib import Path
 
+from moeflow.launch.arguments import OneLineParser, UsageError, dry_run_world_size, memory_bytes
 from moeflow.launch.local import LAUNCHER_PID_ENV, die_with_launcher, record_error, run_local
 from moeflow.launch.slurm import SlurmJob, render_sbatch
 from moeflow.train.config import RunConfig
 from moeflow.train.nonfinite import NonFiniteError
 from moeflow.train.watchdog import HangError
-
-
-class UsageError(ValueError):
-    pass
-
+from moeflow.utils.validate import check_path, readable
 
 EXIT_INTERRUPTED = 130  # the shell's status for a process ended by Ctrl-C (128 + SIGINT)
 
 
 def _train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="moeflow train", allow_abbrev=False,
         description="Train the MoE decoder from a TOML config; --section.key VALUE overrides.",
     )  # fmt: skip
@@ -56,7 +53,7 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in out_dir")
     p.add_argument("--dry-run", action="store_true", help="validate and build, do not train")
     p.add_argument(
-        "--world-size", type=int, default=None,
+        "--world-size", default=None, metavar="N",
         help="with --dry-run: check the layout for this many ranks on a fake process group",
     )  # fmt: skip
     p.add_argument(
@@ -73,20 +70,25 @@ def _train_parser() -> argparse.ArgumentParser:
 
 def cmd_train(argv: list[str]) -> int:
     args, overrides = _train_parser().parse_known_args(argv)
-    cfg = RunConfig.from_toml(args.config, overrides)
     for given, flag in ((args.world_size, "--world-size"), (args.gpu_memory, "--gpu-memory")):
         if given is not None and not args.dry_run:
             raise UsageError(f"{flag} only applies to --dry-run")
+    if args.resume not in (None, "latest"):
+        check_path("--resume", args.resume)
+    world = None if args.world_size is None else dry_run_world_size(args.world_size)
+    memory = None if args.gpu_memory is None else memory_bytes(args.gpu_memory)
+    cfg = RunConfig.from_toml(args.config, overrides)
     if args.dry_run:
-        from moeflow.train.dry_run import dry_run, format_report, parse_memory
+        from moeflow.train.dry_run import dry_run, format_report
 
-        memory = None if args.gpu_memory is None else parse_memory(args.gpu_memory)
-        report = dry_run(cfg, args.world_size, device=args.device, gpu_memory=memory)
+        report = dry_run(cfg, world, device=args.device, gpu_memory=memory)
         print(format_report(report))
         return 0
+    from moeflow.train.resume_config import GivenModel
     from moeflow.train.trainer import train
 
-    result = train(cfg, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+    given = GivenModel.read(args.config, overrides)  # a resume refuses only what it changed
+    result = train(cfg, args.resume, args.overwrite, args.quiet, given)
     if result.stop_signal == "SIGINT":
         # Under `moeflow launch` the launcher reports the interruption: a rank's non-zero status
         # would make torchrun tear down the ranks still writing their part of the checkpoint.
@@ -95,7 +97,7 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def _launch_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="moeflow launch", allow_abbrev=False,
         description="Run `moeflow ...` on N local processes (torch.distributed.run, standalone).",
     )  # fmt: skip
@@ -123,7 +125,7 @@ def cmd_launch(argv: list[str]) -> int:
 
 
 def _slurm_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="moeflow slurm", allow_abbrev=False,
         description="Print (or write) an sbatch file that runs `moeflow train` under torchrun.",
     )  # fmt: skip
@@ -224,10 +226,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _say_error(exc: BaseException | str) -> None:
+    """One line on stderr (and for `moeflow launch`), what the user wrote cut to a readable
+    length (a 10 MB value is named by its start, its end and its size)."""
     rank = os.environ.get("RANK")
     prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
-    print(f"{prefix}moeflow: error: {exc}", file=sys.stderr)
-    record_error(str(exc), getattr(exc, "blamed", None))
+    line = readable(str(exc))
+    print(f"{prefix}moeflow: error: {line}", file=sys.stderr)
+    record_error(line, getattr(exc, "blamed", None))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
+from moeflow.launch.arguments import OneLineParser
 from moeflow.placement.planner import METHODS, PlanResult, plan
 from moeflow.placement.problem import PlacementConfig
 from moeflow.placement.solver import SolverUnavailableError
@@ -29,7 +30,7 @@ from moeflow.utils.paths import cannot_write
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="moeflow plan", allow_abbrev=False,
         description="Place experts on ranks from recorded routing statistics.",
     )  # fmt: skip

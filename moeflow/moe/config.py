@@ -48,12 +48,15 @@ class RouterConfig:
     - Weights are **not** renormalised after a drop: a dropped slot contributes zero and the
       surviving slots keep their weight (Megatron). DeepSpeed renormalises the survivors.
     - `drop_policy="probs"` keeps, per expert, the pairs with the highest routing weight (Megatron
-      ranks by this probability; DeepSpeed's `topkgating` ranks by the raw softmax gate, which
-      orders the same under `pre_softmax=True`). `drop_policy="position"` keeps the earliest tokens,
-      and first choices fill slots before second choices (GShard/DeepSpeed `top2gating`); Megatron's
-      "position" ignores the choice rank, so the two agree for k=1 only. Ties (k=1 after a
-      post-softmax makes every weight 1) go to the earlier token; Megatron leaves them to
-      `torch.topk`'s unspecified order.
+      ranks by this probability). DeepSpeed's `topkgating` ranks by the raw softmax gate: the same
+      order with `normalize_topk=False`, but with `normalize_topk=True` a token's weights are its
+      gates divided by its own top-k sum, so the two keep different pairs once an expert overflows
+      (random logits, 64 tokens, 8 experts, k 3, capacity 12: in each of 5 seeds, 16 to 24 of the
+      192 pairs are kept by one ranking and dropped by the other). `drop_policy="position"` keeps
+      the earliest tokens, and first choices fill slots before second choices (GShard/DeepSpeed
+      `top2gating`); Megatron's "position" ignores the choice rank, so the two agree for k=1
+      only. Ties (k=1 after a post-softmax makes every weight 1) go to the earlier token;
+      Megatron leaves them to `torch.topk`'s unspecified order.
     - `pad_to_capacity=True` gives every expert exactly C rows (zero rows as padding): static
       shapes, no host read and no count exchange (a compiled layer is one graph). Every rank of
       an expert group then needs the same number of tokens per call (C follows it, as in

@@ -14,12 +14,12 @@ from torch import nn
 
 from moeflow.comm.all_to_all import Exchange
 from moeflow.comm.capacity import capacity_keep_mask, expert_capacity, nothing_dropped
-from moeflow.moe.dispatch_config import DispatchConfig
 from moeflow.comm.host_read import count_per_value
 from moeflow.comm.permutation import pair_counts
 from moeflow.moe.aux_loss import attach_loss
 from moeflow.moe.balance_state import BalanceState
 from moeflow.moe.config import MoEConfig
+from moeflow.moe.dispatch_config import DispatchConfig
 from moeflow.moe.expert_dispatch import ExpertDispatch
 from moeflow.moe.experts import GroupedExperts, gated_bias
 from moeflow.moe.ffn import FeedForward

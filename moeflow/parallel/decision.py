@@ -1,10 +1,14 @@
 """The record of one tuner decision (`moeflow.parallel.tuner`'s step 5): the candidate chosen, what
 every candidate measured and was predicted to take, the cost model's error, and why; it is logged
-as a `kind: "runtime"` record, cached, saved with checkpoints and replayed (`tuner.replay`)."""
+as a `kind: "runtime"` record, cached, saved with checkpoints and replayed (`tuner.replay`).
+
+A record also keeps what a replay must meet again: the layer's sizes (`shape`), the situation it
+was decided in (`situation`: tokens per rank, load, off-group share) and the run it was made in
+(`run`: seed, world size, layout); `moeflow.parallel.tuner_replay` checks them."""
 
 from __future__ import annotations
 
-from moeflow.parallel.cost_model import Candidate
+from moeflow.parallel.cost_model import Candidate, LayerShape
 
 
 def decision_record(name, step, shape, runnable, measured, predicted, skipped) -> dict:
@@ -49,4 +53,13 @@ def decision_record(name, step, shape, runnable, measured, predicted, skipped) -
         "predicted_ms": {k.label(): round(v * 1e3, 3) for k, v in predicted.items()},
         "prediction_error": errors,
         "skipped": skipped,
+        "shape": shape_fields(shape),
     }
+
+
+SHAPE_FIELDS = ("hidden", "ffn", "experts", "top_k", "group")
+
+
+def shape_fields(shape: LayerShape) -> dict[str, int]:
+    """The layer's sizes a decision record keeps (`shape` in it), without the call's tokens."""
+    return {k: getattr(shape, k) for k in SHAPE_FIELDS}

@@ -33,8 +33,9 @@ different orders, so two runs whose timings chose differently drift apart in the
 further, as training amplifies them). Two ways to get the same losses twice: pin the choices
 (`parallel.mode`, `overlap_degree`, `two_level`), or replay the decisions an earlier run recorded
 (`replay`: steps 2-4 are skipped and the recorded choice is taken, so the run makes the same
-decisions at the same steps). The decisions made so far are part of a checkpoint
-(`state_dict`), so a resumed run carries on with them.
+decisions at the same steps; a record of another run, or one that does not hold this run's
+situation, stops it with one line: `moeflow.parallel.tuner_replay`). The decisions made so far
+are part of a checkpoint (`state_dict`), so a resumed run carries on with them.
 
 Example (one process: there is nothing to choose but `ep`):
     >>> from moeflow.moe.config import MoEConfig
@@ -71,12 +72,13 @@ from moeflow.moe.layer import MoELayer
 from moeflow.moe.routing_context import RoutingContext
 from moeflow.moe.walk import moe_layers
 from moeflow.parallel.cost_model import Candidate, Hardware, LayerShape, candidates, predict
-from moeflow.parallel.decision import decision_record
+from moeflow.parallel.decision import decision_record, shape_fields
 from moeflow.parallel.dims import ParallelContext
 from moeflow.parallel.fsdp import unit_of, unsharded, unsharded_bytes
 from moeflow.parallel.situation import group_imbalance, nearest, off_group_share
+from moeflow.parallel.tuner_replay import Replay, run_of
 from moeflow.utils import device_clock
-from moeflow.utils.validate import check_int
+from moeflow.utils.validate import check_int, check_path
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -114,6 +116,8 @@ class TunerConfig:
                 f"tuner.replay ({self.replay!r}) must be the path of an earlier run's "
                 "metrics.jsonl or out_dir"
             )
+        if self.replay is not None:
+            check_path("tuner.replay", self.replay)
         check_int("tuner.samples", self.samples)
         check_int("tuner.warmup", self.warmup, minimum=0)
         check_int("tuner.max_candidates", self.max_candidates)
@@ -137,7 +141,8 @@ class TunerConfig:
 class RuntimeTuner:
     """Tunes every MoE layer of `model` (see the module doc). `mode` / `overlap` / `two_level`:
     None to choose them, or a fixed value. `after_step(step)` returns the step's decision
-    records."""
+    records. `seed`: recorded with each decision beside the world size and layout. `replay`:
+    recorded decisions by (layer, step), checked (`moeflow.parallel.tuner_replay`)."""
 
     def __init__(
         self,
@@ -149,12 +154,17 @@ class RuntimeTuner:
         overlap: int | None = None,
         two_level: bool | None = None,
         replay: dict[tuple[str, int], dict] | None = None,
+        seed: int | None = None,
     ) -> None:
         self.ctx, self.hw = ctx, hardware
-        self.replay = replay  # {(layer, step): recorded decision}: taken instead of timing
         self.config = config or TunerConfig()
         self.mode, self.overlap, self.two_level = mode, overlap, two_level
         self.layers = moe_layers(model)
+        self.run = run_of(ctx, seed)
+        self.replay = None  # the recorded decisions, taken instead of timing
+        if replay is not None:
+            self.replay = Replay(replay, self.config.replay, self.run)
+            self.replay.check({name: self._choices(layer) for name, layer in self.layers})
         # A sharded model's layer is gathered for a replay, as its block's forward gathers it.
         self.units = {id(layer): unit_of(model, layer) for _, layer in self.layers}
         self.cache: dict[tuple, dict] = {}
@@ -183,6 +193,12 @@ class RuntimeTuner:
         for name, layer in self.layers:
             if name in self.keys:
                 self._apply(layer, self.cache[(name, self.keys[name])])
+
+    def _choices(self, layer: MoELayer) -> tuple[dict, list[Candidate]]:
+        """The layer's sizes and every choice the tuner may record for it (`ep` included: the
+        choice where no candidate can run)."""
+        shape = self._shape(layer, 1.0, 1.0)
+        return shape_fields(shape), [*self._allowed(layer, shape), Candidate("ep")]
 
     def close(self) -> None:
         for handle in self._hooks:
@@ -231,15 +247,16 @@ class RuntimeTuner:
         start = time.perf_counter()
         records = []
         for (name, layer), now in zip(self.layers, self._situations(), strict=True):
-            tokens, rho, _ = now
             seen = nearest(c, [k for n, k in self.cache if n == name], now)
+            if seen is not None and self.replay is not None:
+                self.replay.reused(name, step, now)
             if seen is not None:
                 if self.keys.get(name) != seen:
                     self._apply(layer, self.cache[(name, seen)])
                     self.keys[name] = seen
                 continue
             key = now
-            record = self._tune(name, layer, step, tokens, rho)
+            record = self._tune(name, layer, step, now)
             self.cache[(name, key)] = record
             self.keys[name] = key
             self._apply(layer, record)
@@ -264,19 +281,24 @@ class RuntimeTuner:
             gate_blocks=gate_multiplier(cfg.activation), imbalance=max(rho, 1.0),
         )  # fmt: skip
 
-    def _candidates(self, layer: MoELayer, shape: LayerShape) -> tuple[list, dict]:
-        c = self.config
-        rpn = _ranks_per_node(layer)
-        overlaps = (self.overlap,) if self.overlap else c.overlaps
+    def _allowed(self, layer: MoELayer, shape: LayerShape) -> list[Candidate]:
+        """The candidates this tuner may choose for `layer` (the fixed settings kept), the
+        default (the reference) first."""
+        overlaps = (self.overlap,) if self.overlap else self.config.overlaps
         cands = [
             k
-            for k in candidates(shape, rpn, overlaps)
+            for k in candidates(shape, _ranks_per_node(layer), overlaps)
             if (self.mode is None or k.mode == self.mode)
             and (self.two_level is None or k.two_level == self.two_level)
         ]
         default = Candidate(self.mode or "ep", self.overlap or 1, bool(self.two_level))
-        if default not in cands:
-            cands.insert(0, default)
+        return cands if default in cands else [default, *cands]
+
+    def _candidates(self, layer: MoELayer, shape: LayerShape) -> tuple[list, dict]:
+        c = self.config
+        rpn = _ranks_per_node(layer)
+        cands = self._allowed(layer, shape)
+        default = Candidate(self.mode or "ep", self.overlap or 1, bool(self.two_level))
         predicted = {k: predict(shape, k, self.hw, rpn).seconds for k in cands}
         best = min(predicted.values())
         kept = sorted(
@@ -361,20 +383,10 @@ class RuntimeTuner:
         dist.all_reduce(medians, op=dist.ReduceOp.MAX, group=self.ctx.world_group)
         return medians.tolist()
 
-    def _replayed(self, name: str, step: int) -> dict:
-        """The recorded decision for `name` at `step` (`replay`), the same on every rank."""
-        record = self.replay.get((name, step))
-        if record is None:
-            raise ValueError(
-                f"tuner.replay: the recorded run made no decision for {name} at step {step}, "
-                "where this run meets a new situation: the runs diverged (another config, seed, "
-                "world size or data?); replay a run of the same config, or drop tuner.replay"
-            )
-        return {**record, "reason": f"replayed ({record.get('reason', '')})"}
-
-    def _tune(self, name: str, layer: MoELayer, step: int, tokens: float, rho: float) -> dict:
+    def _tune(self, name: str, layer: MoELayer, step: int, now: tuple) -> dict:
         if self.replay is not None:
-            return self._replayed(name, step)
+            return self.replay.take(name, step, now, self.config)
+        tokens, rho, _ = now
         shape = self._shape(layer, tokens, rho)
         cands, predicted = self._candidates(layer, shape)
         why_not = self._feasible(layer, cands)
@@ -386,6 +398,7 @@ class RuntimeTuner:
         record = [None]
         if self.ctx.rank == 0:
             record[0] = decision_record(name, step, shape, runnable, measured, predicted, skipped)
+            record[0].update(situation=list(now), run=self.run)
         dist.broadcast_object_list(record, src=0, group=self.ctx.world_group)
         return record[0]
 

@@ -19,7 +19,9 @@ import contextlib
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -37,10 +39,12 @@ from moeflow.train.ckpt_integrity import verify_checkpoint
 from moeflow.train.compile import compile_blocks
 from moeflow.train.config import RunConfig
 from moeflow.train.data import Corpus, check_tokens, check_validation_split
+from moeflow.train.resume_config import GivenModel, resumed_config
 from moeflow.train.run_lock import LOCK_NAME, RunDirectoryBusyError, RunLock
 from moeflow.utils.paths import cannot_write
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def agree(ctx: ParallelContext, check) -> None:
@@ -76,11 +80,19 @@ def lock_output(cfg: RunConfig, ctx: ParallelContext) -> RunLock | None:
 
 
 def checkpoint_meta(
-    cfg: RunConfig, dims, world_size: int, step: int, optimizer, model, tuner
+    cfg: RunConfig,
+    dims,
+    world_size: int,
+    step: int,
+    optimizer,
+    model,
+    tuner,
+    given: GivenModel | None = None,
 ) -> dict:
     """What a checkpoint's `moeflow.json` records beside the tensors: the config and its model
-    fingerprint, the layout, the schedule position, the expert placement, and the tuner's
-    decisions so far (a resumed run carries on with them)."""
+    fingerprint, the layout, the schedule position, the expert placement, the tuner's decisions
+    so far (a resumed run carries on with them), and the `[model]` the user wrote (`given`: a
+    resume tells from it what the user changed since, `moeflow.train.resume_config`)."""
     meta = {
         "config": cfg.to_dict(),
         "model_fingerprint": cfg.fingerprint(),
@@ -92,6 +104,8 @@ def checkpoint_meta(
     }
     if tuner is not None:
         meta["tuner"] = tuner.state_dict()
+    if given is not None:
+        meta["given"] = given.record()
     return meta
 
 
@@ -123,12 +137,17 @@ def release_output(lock: RunLock | None, out_dir: Path, remove_if_unused: bool) 
 
 
 def resolve_output(
-    cfg: RunConfig, ctx: ParallelContext, resume: str | None, overwrite: bool
-) -> Path | None:
+    cfg: RunConfig,
+    ctx: ParallelContext,
+    resume: str | None,
+    overwrite: bool,
+    given: GivenModel | None = None,
+) -> tuple[Path | None, RunConfig, str]:
     """Check `train.out_dir` on rank 0 before any work (every rank raises the same error): a
     fresh run needs an empty one (or `overwrite`, which clears the old run's checkpoints and
-    metrics), a resumed one a complete checkpoint of the same model. Returns the checkpoint to
-    resume from, or None. Take the directory's lock first (`lock_output`)."""
+    metrics), a resumed one a complete checkpoint. Returns the checkpoint to resume from (or
+    None), the config to run (a resume's `[model]` is the checkpoint's, changed only as `given`
+    allows: `moeflow.train.resume_config`) and its note. Take the directory's lock first."""
     out = Path(cfg.train.out_dir)
     root = out / "checkpoints"
     if resume is not None and overwrite:
@@ -154,62 +173,43 @@ def resolve_output(
             return None
 
         agree(ctx, check_fresh)
-        return None
+        return None, cfg, ""
     skipped: list[str] = []
     path = newest_intact(root, ctx, skipped) if resume == "latest" else Path(resume)
 
-    def check_resume() -> str | None:
+    def check_resume() -> tuple[RunConfig, str]:
         if path is None and skipped:
-            return (
+            raise ValueError(
                 f"--resume: no intact checkpoint under {str(root)!r} ({len(skipped)} damaged: "
                 f"{skipped[0]}); restore one from a copy, or pass --overwrite instead of --resume "
                 "to start afresh (it deletes them)"
             )
         if path is None:
-            return f"--resume: no checkpoint under {str(root)!r}; run without --resume to start"
+            raise ValueError(
+                f"--resume: no checkpoint under {str(root)!r}; run without --resume to start"
+            )
         try:
             meta = ckpt.read_meta(path)
         except ckpt.CheckpointError as exc:
-            return f"--resume: {exc}"
-        if meta.get("model_fingerprint") != cfg.fingerprint():
-            saved = meta.get("config", {}).get("model")
-            return (
-                f"--resume: checkpoint {str(path)!r} was written for another model: "
-                f"{model_changes(saved, cfg.to_dict()['model'])}; resume with the same [model]"
-            )
-        return None
+            raise ValueError(f"--resume: {exc}") from None
+        return resumed_config(cfg, meta, path, given)
 
-    agree(ctx, check_resume)
-    return path
+    resumed, note = decided(ctx, check_resume)
+    return path, resumed, note
 
 
-def model_changes(saved: object, now: dict, limit: int = 3) -> str:
-    """What differs between a checkpoint's `[model]` and this run's, field by field.
-
-    Example:
-        >>> model_changes({"dim": 32, "moe": {"num_experts": 8}}, {"dim": 32,
-        ...     "moe": {"num_experts": 16}})
-        'model.moe.num_experts is 8 there, 16 here'
-    """
-    if not isinstance(saved, dict):
-        return "the checkpoint records no [model] section"
-    old, new = _flatten(saved, "model"), _flatten(now, "model")
-    keys = sorted(k for k in old.keys() | new.keys() if old.get(k, "unset") != new.get(k, "unset"))
-    if not keys:
-        return "the same fields, another fingerprint (written by another moeflow version?)"
-    shown = [f"{k} is {old.get(k, 'unset')!r} there, {new.get(k, 'unset')!r} here" for k in keys]
-    more = f" (and {len(keys) - limit} more)" if len(keys) > limit else ""
-    return "; ".join(shown[:limit]) + more
-
-
-def _flatten(table: dict, prefix: str) -> dict:
-    out = {}
-    for key, value in table.items():
-        if isinstance(value, dict) and key != "hf_config":
-            out.update(_flatten(value, f"{prefix}.{key}"))
-        else:
-            out[f"{prefix}.{key}"] = value
-    return out
+def decided(ctx: ParallelContext, decide: Callable[[], T]) -> T:
+    """`decide()` on rank 0, its value (or the `ValueError` it raised) on every rank."""
+    box: list = [None, None]
+    if ctx.rank == 0:
+        try:
+            box[1] = decide()
+        except ValueError as exc:
+            box[0] = str(exc)
+    dist.broadcast_object_list(box, src=0, group=ctx.world_group)
+    if box[0] is not None:
+        raise ValueError(box[0])
+    return box[1]
 
 
 def writable_dir(out: Path) -> str | None:
@@ -279,8 +279,9 @@ SIZED_BY = {"rope_cos": "model.max_seq_len", "rope_sin": "model.max_seq_len"}
 
 
 def device_memory(device: torch.device) -> int | None:
-    """Bytes of memory on `device` (the machine's RAM for the CPU), None where unknown."""
-    if device.type == "cuda":
+    """Bytes of memory on `device` (the machine's RAM for the CPU), None where unknown (a GPU
+    this machine does not have: a dry run plans for one)."""
+    if device.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_properties(device).total_memory
     if device.type == "cpu" and hasattr(os, "sysconf"):
         with contextlib.suppress(ValueError, OSError):
@@ -288,15 +289,23 @@ def device_memory(device: torch.device) -> int | None:
     return None
 
 
-def check_fits(model: nn.Module, device: torch.device) -> None:
+def startup_bytes(model: nn.Module) -> int:
+    """What this rank materialises before sharding: its parameters and buffers whole (every
+    dense weight, its own experts), as `build_model` initialises them (for a sharded model on
+    the meta device, the unsharded sizes)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def check_fits(model: nn.Module, device: torch.device, total: float | None = None) -> None:
     """Before anything is allocated (the model is still on the meta device): refuse a model whose
-    parameters and buffers on this rank alone exceed the device's memory, naming the largest
-    tensor and the setting that sizes it."""
-    total = device_memory(device)
+    parameters and buffers on this rank alone exceed the device's memory (`total` bytes, default
+    `device`'s own), naming the largest tensor and the setting that sizes it."""
+    total = device_memory(device) if total is None else total
     tensors = [*model.named_parameters(), *model.named_buffers()]
     if total is None or not tensors:
         return
-    need = sum(t.numel() * t.element_size() for _, t in tensors)
+    need = startup_bytes(model)
     if need <= total:
         return
     name, largest = max(tensors, key=lambda item: item[1].numel() * item[1].element_size())

@@ -39,7 +39,7 @@ from moeflow.train.config_loader import build_dataclass, deep_copy, parse_overri
 from moeflow.train.nonfinite import POLICIES
 from moeflow.train.parallel_config import ParallelConfig
 from moeflow.train.placement_config import PlacementRunConfig
-from moeflow.utils.validate import check_choice, check_int
+from moeflow.utils.validate import check_choice, check_int, check_path
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -78,6 +78,8 @@ class DataConfig:
         check_choice("data.token_dtype", self.token_dtype, ("uint16", "uint32"))
         if self.kind != "stdlib" and not self.path:
             raise ValueError(f"data.path must be set for data.kind = {self.kind!r}")
+        if self.path:
+            check_path("data.path", self.path)
         if not isinstance(self.val_percent, int) or not 0 < self.val_percent < 100:
             raise ValueError(f"data.val_percent ({self.val_percent!r}) must be in 1..99")
         check_int("data.max_bytes", self.max_bytes, minimum=0)
@@ -186,6 +188,7 @@ class TrainConfig:
         check_choice("train.autocast", self.autocast, AUTOCAST)
         if not self.out_dir:
             raise ValueError("train.out_dir must be a non-empty path")
+        check_path("train.out_dir", self.out_dir)
 
     def param_dtype_for(self, device: torch.device) -> str:
         """`param_dtype` with `auto` resolved for `device`; bf16 where the device has none is
@@ -208,7 +211,8 @@ class TrainConfig:
 class MetricsConfig:
     """Logging: a JSONL line every `log_every` steps (always), a progress bar on rank 0, Weights &
     Biases if `wandb` (offline unless `wandb_mode = "online"`), and `plot` a PNG at the end. MFU
-    divides the model's FLOP/s per rank by `peak_flops` (per device; 0 leaves MFU out)."""
+    divides the model's FLOP/s per rank by `peak_flops` (FLOP/s per device; 0: the device's dense
+    peak where moeflow knows it, `moeflow.train.throughput`, else no MFU)."""
 
     log_every: int = 10
     progress: bool = True
@@ -247,6 +251,8 @@ class UpcycleConfig:
     weights: str | None = None
 
     def __post_init__(self) -> None:
+        if self.weights is not None:
+            check_path("upcycle.weights", self.weights)
         if self.weights is not None and not (Path(self.weights) / "config.json").is_file():
             raise ValueError(
                 f"upcycle.weights ({self.weights!r}) is not a folder written by save_pretrained "
@@ -321,13 +327,22 @@ class RunConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+        check_path("the config file", str(path))
         path = Path(path)
         if path.is_dir():
             raise ValueError(f"config file {str(path)!r} is a directory; pass a .toml file")
         if not path.is_file():
             raise ValueError(f"config file {str(path)!r} does not exist")
+        raw = path.read_bytes()
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
+            data = tomllib.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:  # TOML is UTF-8: say where the first other byte is
+            line = raw.count(b"\n", 0, exc.start) + 1
+            column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+            raise ValueError(
+                f"config file {str(path)!r} is not UTF-8: byte 0x{raw[exc.start]:02x} at line "
+                f"{line}, column {column}; TOML files are UTF-8: save it as UTF-8"
+            ) from None
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
         return cls.from_dict(data, overrides)

@@ -24,10 +24,10 @@ from moeflow.moe.dispatch_config import MODES
 from moeflow.moe.ffn import gate_multiplier
 from moeflow.moe.walk import moe_layers, split_parameters
 from moeflow.parallel.dims import ParallelDims
-from moeflow.train.build import build_model
+from moeflow.train.build import build_model, check_fits, startup_bytes
 from moeflow.train.config import RunConfig
 from moeflow.train.distributed import init_distributed, shutdown
-from moeflow.train.fit_advice import advise
+from moeflow.train.fit_advice import START_UP, advise
 from moeflow.train.memory_plan import (
     activation_bytes,
     human_bytes,
@@ -63,6 +63,9 @@ def dry_run(
         if param_dtype == "auto":  # a planned GPU is taken to have bf16
             param_dtype = "bf16" if device == "cuda" else "fp32"
         model = build_model(cfg, ctx, torch.device("meta"), param_dtype=param_dtype)
+        startup = startup_bytes(model)
+        if gpu_memory is None:  # refused as the run refuses it, where the device's memory is known
+            check_fits(model, target)
         dense_named, expert_named = split_parameters(model)
         dense = sum(t.numel() for _, t in dense_named)
         # What this rank holds: its shards of them under dp_shard.
@@ -82,7 +85,9 @@ def dry_run(
             # moments and a 4-byte step count per parameter tensor (activations not included).
             "state_bytes_per_rank": state_bytes(model),
             "memory": memory,
-            "peak_bytes": sum(memory.values()),
+            "peak_bytes": max(sum(memory.values()), startup),
+            # this rank's share built whole before it is sharded (a peak of its own, at start-up)
+            "startup_bytes": startup,
             "device": device,
             "param_dtype": param_dtype,
             "compute_dtype": compute,
@@ -113,12 +118,12 @@ def dry_run(
     finally:
         shutdown(runtime)
     if gpu_memory is not None:
-        report["verdict"] = verdict(memory, gpu_memory)
+        report["verdict"] = verdict(memory, gpu_memory, startup)
         if report["peak_bytes"] > gpu_memory:
 
             def plan_peak(changed: RunConfig, world: int) -> tuple[float, dict[str, float]]:
                 again = dry_run(changed, world, device)
-                return again["peak_bytes"], again["memory"]
+                return again["peak_bytes"], {**again["memory"], START_UP: again["startup_bytes"]}
 
             world = report["world_size"]
             report["advice"] = advise(cfg, world, dims, device, gpu_memory, plan_peak)
@@ -212,7 +217,9 @@ def format_report(report: dict) -> str:
         f"params, {report.get('compute_dtype')} compute, activation checkpointing "
         f"{_checkpointing(report.get('activation_checkpointing'))}): "
         + ", ".join(f"{k} {human_bytes(v)}" for k, v in plan.items() if v)
-        + f"; peak {human_bytes(report.get('peak_bytes', 0))}",
+        + f"; peak {human_bytes(sum(plan.values()))} while training, "
+        f"{human_bytes(report.get('startup_bytes', 0))} at start-up (this rank's dense weights and "
+        "experts built whole before sharding)",
     ]
     if "verdict" in report:
         planned.append(f"  {report['verdict']}")

@@ -39,8 +39,11 @@ from moeflow.train.memory_plan import human_bytes
 
 PlanPeak = Callable[[RunConfig, int], tuple[float, dict[str, float]]]
 
-# Items that more ranks do not shrink (per rank, whatever the world size).
+# Items that more ranks do not shrink (per rank, whatever the world size), and the start-up peak
+# (`plan_peak`'s item: a rank's share built whole before sharding), which a larger dp_shard does
+# not shrink either.
 FIXED_ITEMS = ("activations", "loss buffers", "largest transient")
+START_UP = "start-up"
 # The largest world size the search plans (a fake process group of that many ranks takes seconds).
 MAX_WORLD = 4096
 
@@ -143,7 +146,7 @@ def smallest_world(
         except ValueError:
             return None
         fixed.clear()
-        fixed.update({k: v for k, v in items.items() if k in FIXED_ITEMS and v})
+        fixed.update({k: v for k, v in items.items() if k in (*FIXED_ITEMS, START_UP) and v})
         return total
 
     width = cfg.model.moe.expert_dim
@@ -151,7 +154,7 @@ def smallest_world(
     while (got := peak(hi)) is None or got > device_bytes:
         if got is not None:
             lo = hi
-            if sum(fixed.values()) >= device_bytes:  # no larger n can fit either
+            if _floor(fixed) >= device_bytes:  # no larger n can fit either
                 return None, _no_world(fixed, lo, ep, device_bytes, got)
         hi *= 2
         if hi * ep > MAX_WORLD:
@@ -174,10 +177,24 @@ def smallest_world(
     )
 
 
+def _floor(fixed: dict[str, float]) -> float:
+    """The least a rank needs at any dp_shard: the start-up peak, or the training items that do
+    not shrink with ranks, whichever is more (they are not held at once)."""
+    return max(fixed.get(START_UP, 0.0), sum(v for k, v in fixed.items() if k != START_UP))
+
+
 def _no_world(fixed: dict[str, float], n: int, ep: int, device_bytes: float, total) -> str:
     """Why more ranks do not help: what does not shrink with them (at `n x ep` ranks, the largest
     world planned, where the peak was `total`)."""
-    fixed_sum = sum(fixed.values())
+    fixed_sum = _floor(fixed)
+    start = fixed.get(START_UP, 0.0)
+    if start >= device_bytes:
+        return (
+            f"no number of ranks at ep {ep} makes it fit: the start-up peak ({human_bytes(start)}: "
+            "this rank's dense weights and experts, built whole before they are sharded) does "
+            "not shrink with dp_shard"
+        )
+    fixed = {k: v for k, v in fixed.items() if k != START_UP}
     parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in fixed.items())
     if fixed_sum >= device_bytes:
         return (

@@ -160,11 +160,18 @@ def human_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def verdict(plan: dict[str, float], device_bytes: float) -> str:
-    """`fits` / `does not fit` a device of `device_bytes`, naming the largest item."""
-    need = sum(plan.values())
-    item, size = max(plan.items(), key=lambda kv: kv[1])
+def verdict(plan: dict[str, float], device_bytes: float, startup: float = 0.0) -> str:
+    """`fits` / `does not fit` a device of `device_bytes`, naming the largest item. `startup`:
+    the rank's share built whole before sharding, a peak of its own (the start-up peak)."""
+    training = sum(plan.values())
+    need = max(training, startup)
     head = f"{human_bytes(device_bytes)}: needs {human_bytes(need)}"
     if need <= device_bytes:
         return f"fits {head} ({human_bytes(device_bytes - need)} to spare)"
+    if startup > training:
+        return (
+            f"does not fit {head} at start-up (this rank's dense weights and experts are built "
+            f"whole before they are sharded; {human_bytes(training)} while training)"
+        )
+    item, size = max(plan.items(), key=lambda kv: kv[1])
     return f"does not fit {head}; the largest item is {item} ({human_bytes(size)})"

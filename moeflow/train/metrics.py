@@ -1,10 +1,11 @@
 """Metrics of a training run: a JSONL file (always), a progress bar, Weights & Biases, a PNG.
 
 Only rank 0 writes. Each line of `metrics.jsonl` is one JSON object with a `kind`: `"train"` (every
-`metrics.log_every` steps: loss, aux/z losses, lr, grad norm, tokens/s, MFU, and per MoE layer the
-tokens per expert, dropped fraction and max load violation), `"val"` (validation loss and bits per
-byte) or `"end"`. On resume, lines past the checkpoint's step are dropped first (rewritten through a
-temporary file), so the file reads as one uninterrupted run.
+`metrics.log_every` steps: loss, aux/z losses, lr, grad norm, tokens/s for the job and per rank,
+MFU, and per MoE layer the tokens per expert, dropped fraction and max load violation), `"val"`
+(validation loss and bits per byte), `"start"`, `"placement"`, `"runtime"`, `"error"` or `"end"`;
+docs/training.md lists every field. On resume, lines past the checkpoint's step are dropped first
+(rewritten through a temporary file), so the file reads as one uninterrupted run.
 
 Example:
     >>> from moeflow.moe.config import MoEConfig
@@ -55,15 +56,10 @@ def train_record(
     optimizer: torch.optim.Optimizer,
     grad_norm: float,
     skipped: int,
-    tokens: int,
-    seconds: float,
-    world_size: int,
-    flops_per_token: float,
-    peak_flops: float,
+    throughput: dict,
 ) -> dict:
-    """A log interval's `train` record from its reduced metrics (`IntervalMetrics.reduce`):
-    `tokens` trained by all ranks in `seconds`, and MFU against `peak_flops` (per rank) if set."""
-    tok_s = tokens / max(seconds, 1e-9)
+    """A log interval's `train` record from its reduced metrics (`IntervalMetrics.reduce`) and
+    its throughput fields (`moeflow.train.throughput`: tokens/s for the job and per rank, MFU)."""
     record = {
         "kind": "train",
         "step": step,
@@ -72,10 +68,8 @@ def train_record(
         "lr": optimizer.param_groups[0]["lr"],
         "grad_norm": grad_norm,
         "skipped_steps": skipped,
-        "tokens_per_s": tok_s,
+        **throughput,
     }
-    if peak_flops:
-        record["mfu"] = flops_per_token * tok_s / world_size / peak_flops
     # Per MoE layer: kept tokens per FFN expert, routed pairs per choice (null and
     # zero-computation experts too), and how many tokens got 0..K FFN experts.
     record.update(reduced)
@@ -242,14 +236,16 @@ class MetricsLogger:
             }
             self.wandb.log(flat, step=record["step"])
 
-    def advance(self, step: int, loss: float) -> None:
+    def advance(self, step: int, postfix: str) -> None:
+        """Move the progress bar to `step`, showing `postfix` (the loss and throughput)."""
         if self.bar is not None:
             self.bar.n = step
-            self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            self.bar.set_postfix_str(postfix, refresh=False)
             self.bar.refresh()
 
     def message(self, text: str) -> None:
-        if not self.enabled:
+        """Print a line on rank 0 (above the progress bar); an empty one prints nothing."""
+        if not self.enabled or not text:
             return
         if self.bar is not None:
             self.bar.write(text, file=sys.stderr)

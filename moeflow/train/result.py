@@ -1,4 +1,13 @@
-"""What a `moeflow train` run did: `TrainResult`, the unigram baseline and the closing summary."""
+"""What a `moeflow train` run did: `TrainResult`, the unigram baseline, the start line and the
+closing summary.
+
+Example:
+    >>> from moeflow.moe.config import MoEConfig
+    >>> from moeflow.moe.layer import MoELayer
+    >>> layer = MoELayer(MoEConfig(hidden_size=8, num_experts=2, ffn_hidden_size=8))
+    >>> parameter_counts(layer)  # (held by this rank, the whole model's): all here
+    (400, 400)
+"""
 
 from __future__ import annotations
 
@@ -7,8 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from moeflow.moe.walk import expert_parameters
+from moeflow.parallel.fsdp import local_tensor
 from moeflow.train.data import Corpus
+from moeflow.train.throughput import rate_text
 
 
 @dataclass
@@ -30,6 +43,9 @@ class TrainResult:
     stopped_by_signal: bool = False
     # "SIGTERM" or "SIGINT" where this rank was asked to stop (checkpointed and stopped early)
     stop_signal: str | None = None
+    # this run's throughput (`Throughput.run`: tokens/s for the job and per rank, MFU, train_s)
+    throughput: dict | None = None
+    world_size: int = 1
 
 
 def unigram_bpb(corpus: Corpus) -> float | None:
@@ -53,6 +69,12 @@ def summary_lines(result: TrainResult) -> str:
         )
     elif result.val_loss is not None:
         lines.append(f"validation loss {result.val_loss:.4f} nats/token")
+    if result.throughput is not None and result.last_step > result.first_step:
+        steps = result.last_step - result.first_step
+        lines.append(
+            f"throughput: {rate_text(result.throughput, result.world_size)} over {steps} "
+            f"step(s), {result.throughput['train_s']:.2f} s of training"
+        )
     lines.append(f"checkpoint: {result.checkpoint}")
     lines.append(f"metrics:    {result.metrics_path}")
     if result.plot_path is not None:
@@ -60,14 +82,51 @@ def summary_lines(result: TrainResult) -> str:
     return "\n".join(lines)
 
 
-def describe_run(model, dims, runtime, corpus: Corpus, step: int, steps: int) -> str:
-    """The first line a run prints: ranks and layout, parameters on this rank, data, steps."""
-    n_params = sum(p.numel() for p in model.parameters())
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(this rank's, the whole model's) parameters: a rank holds its experts (its slots of each
+    layer's `ExpertLayout`, F-slices included) and, sharded (FSDP), its shards of everything; the
+    model counts every expert once, whole."""
+    experts = expert_parameters(model)
+    held = total = 0
+    for name, p in model.named_parameters():
+        held += local_tensor(p).numel()
+        if name in experts:  # rows of this rank's slots, each 1/shards of an expert
+            layout = experts[name].layer.layout
+            total += p.numel() // max(p.shape[0], 1) * layout.shards * layout.num_experts
+        else:
+            total += p.numel()  # a DTensor's numel is the whole tensor's
+    return held, total
+
+
+def describe_run(
+    model: nn.Module,
+    dims,
+    runtime,
+    corpus: Corpus,
+    step: int,
+    steps: int,
+    checkpoint: Path | None = None,
+) -> str:
+    """The first line a run prints: ranks and layout, the model's parameters and this rank's
+    share of them (its experts, its shards), where a Hugging Face model's weights came from
+    (`checkpoint`: the one resumed), data, steps."""
+    held, total = parameter_counts(model)
+    layout = f"dp={dims.dp}" + (f", dp_shard={dims.dp_shard}" if dims.dp_shard > 1 else "")
+    if held == total:
+        params = f"{total / 1e6:.2f}M parameters, all on this rank"
+    else:
+        why = [w for w, on in (("experts", dims.ep > 1), ("shards", dims.dp_shard > 1)) if on]
+        params = (
+            f"{total / 1e6:.2f}M parameters, {held / 1e6:.2f}M on this rank (its "
+            f"{' and '.join(why) or 'share'})"
+        )
+    origin = getattr(model, "origin", None)
+    source = f"; {origin.describe(checkpoint)}" if origin is not None else ""
     return (
-        f"moeflow train: {runtime.world_size} rank(s) (dp={dims.dp}, ep={dims.ep}) on "
-        f"{runtime.device.type}; {n_params / 1e6:.2f}M parameters on this rank; data: "
-        f"{corpus.description}, {len(corpus.train) / 1e6:.2f}M train / "
-        f"{len(corpus.val) / 1e6:.2f}M validation tokens; steps {step} -> {steps}"
+        f"moeflow train: {runtime.world_size} rank(s) ({layout}, ep={dims.ep}) on "
+        f"{runtime.device.type}; {params}{source}; data: {corpus.description}, "
+        f"{len(corpus.train) / 1e6:.2f}M train / {len(corpus.val) / 1e6:.2f}M validation tokens; "
+        f"steps {step} -> {steps}"
     )
 
 

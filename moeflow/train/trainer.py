@@ -62,13 +62,7 @@ from moeflow.train.distributed import Runtime, init_distributed, shutdown
 from moeflow.train.expert_keys import init_optimizer_state
 from moeflow.train.loss import autocast, model_loss, validation_loss
 from moeflow.train.memory import SavedBytes, start_record
-from moeflow.train.metrics import (
-    IntervalMetrics,
-    MetricsLogger,
-    flops_per_token,
-    plot_run,
-    train_record,
-)
+from moeflow.train.metrics import IntervalMetrics, MetricsLogger, plot_run, train_record
 from moeflow.train.nonfinite import NonFiniteError, NonFiniteGuard, check_validation
 from moeflow.train.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
 from moeflow.train.replacement import Replacer, describe_placement
@@ -79,7 +73,9 @@ from moeflow.train.result import (
     summary_lines,
     unigram_bpb,
 )
+from moeflow.train.resume_config import GivenModel
 from moeflow.train.stop_signals import StopSignals
+from moeflow.train.throughput import Throughput, rate_text
 from moeflow.train.tuning import build_tuner, describe_decision, tuning_summary
 from moeflow.train.watchdog import HangError, Watchdog, is_hang, lost_peer
 from moeflow.utils.cpu_alloc import apply_once
@@ -97,8 +93,9 @@ class Trainer:
         resume: str | None,
         overwrite: bool,
         dtype: torch.dtype | None = None,
+        given: GivenModel | None = None,
     ):
-        self.cfg, self.runtime, self.dtype = cfg, runtime, dtype
+        self.cfg, self.runtime, self.dtype, self.given = cfg, runtime, dtype, given
         self._autocast = functools.partial(autocast, cfg.train.autocast, runtime.device)
         p, dp = cfg.parallel, cfg.parallel.dp_for(runtime.world_size)
         dims = ParallelDims(dp=dp, ep=p.ep, dp_shard=p.dp_shard_for(dp, runtime.device),
@@ -118,8 +115,10 @@ class Trainer:
             raise
 
     def _setup(self, resume: str | None, overwrite: bool) -> None:
+        self.resume_path, self.cfg, self.resume_note = resolve_output(  # a resume: its [model]
+            self.cfg, self.ctx, resume, overwrite, self.given
+        )
         cfg, runtime = self.cfg, self.runtime
-        self.resume_path = resolve_output(cfg, self.ctx, resume, overwrite)
         slots = saved_slots(cfg, self.ctx, self.resume_path)  # a re-placed run keeps its own
         self.model = build_model(cfg, self.ctx, runtime.device, slots, dtype=self.dtype)
         self.optimizer = build_optimizer(self.model, cfg.optim)
@@ -139,6 +138,7 @@ class Trainer:
         shard = len(self.corpus.train) // runtime.world_size
         check_data(cfg, self.ctx, self.corpus, self.ctx.rank * shard)
         self.step = 0
+        self.throughput = Throughput(cfg, runtime.device, runtime.world_size)
         self.stop = StopSignals()  # SIGTERM or Ctrl-C seen by this rank
         self.save_due = False  # a periodic checkpoint waits while updates are being skipped
         self.start_record: dict | None = None  # measured in this run's first step
@@ -225,22 +225,6 @@ class Trainer:
         self.step += 1
         return grad_norm
 
-    def _record(self, metrics: IntervalMetrics, grad_norm, seconds: float, steps: int) -> dict:
-        """The `train` record of a log interval (one all-reduce, one host sync)."""
-        t, world = self.cfg.train, self.runtime.world_size
-        return train_record(
-            metrics.reduce(self.ctx.world_group, world),
-            step=self.step,
-            optimizer=self.optimizer,
-            grad_norm=float(grad_norm),
-            skipped=self.guard.skipped,
-            tokens=steps * t.grad_accum_steps * t.micro_batch_size * t.seq_len * world,
-            seconds=seconds,
-            world_size=world,
-            flops_per_token=flops_per_token(self.cfg.model, t.seq_len),
-            peak_flops=self.cfg.metrics.peak_flops,
-        )
-
     def new_metrics(self) -> IntervalMetrics:
         return IntervalMetrics(self.moe_layers, self.runtime.device)
 
@@ -258,7 +242,7 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------
     def save(self) -> Path:
         meta = checkpoint_meta(self.cfg, self.ctx.dims, self.runtime.world_size, self.step,
-                               self.optimizer, self.model, self.tuner)  # fmt: skip
+                               self.optimizer, self.model, self.tuner, self.given)  # fmt: skip
         self.watchdog.at(self.step, "checkpoint")
         setting = self.watchdog.setting
         self._timeout("startup_timeout_s")  # writes may take long
@@ -292,11 +276,14 @@ class Trainer:
             check_steps_left(self.resume_path, self.step, cfg.train.steps)
         first = self.step
         log = MetricsLogger.for_run(cfg, self.out_dir, rank0, first, quiet)
-        result = TrainResult(self.out_dir, first, first, metrics_path=log.path)
+        result = TrainResult(self.out_dir, first, first, metrics_path=log.path,
+                             world_size=self.runtime.world_size)  # fmt: skip
         result.unigram_bpb = unigram_bpb(self.corpus)
         say = (lambda text: None) if quiet else log.message
         say(describe_run(self.model, self.ctx.dims, self.runtime, self.corpus, first,
-                         cfg.train.steps))  # fmt: skip
+                         cfg.train.steps, self.resume_path))  # fmt: skip
+        say(self.resume_note)  # model keys taken from the checkpoint, if any
+        say(self.throughput.about)
         set_aux_loss_scale(self.model, 1.0 / cfg.train.grad_accum_steps)
         self.stop.install()
         started = time.perf_counter()
@@ -322,7 +309,9 @@ class Trainer:
             self.stop.restore()
             self.watchdog.close()
         result.last_step = self.step
-        end = {"kind": "end", "step": self.step, "signal": result.stopped_by_signal}
+        result.throughput = self.throughput.run()
+        end = {"kind": "end", "step": self.step, "signal": result.stopped_by_signal,
+               **result.throughput}  # fmt: skip
         if self.tuner is not None:
             fields, line = tuning_summary(self.tuner, loop_s)
             end.update(fields)
@@ -337,22 +326,26 @@ class Trainer:
 
     def _loop(self, log: MetricsLogger, result: TrainResult, say) -> None:
         cfg = self.cfg
-        metrics, since, t0 = self.new_metrics(), 0, time.perf_counter()
+        metrics, world = self.new_metrics(), self.runtime.world_size
         while self.step < cfg.train.steps:
             first = self.start_record is None
-            grad_norm = self.train_step(metrics)
+            with self.throughput.step():
+                grad_norm = self.train_step(metrics)
             if first:
                 log.log(self.start_record)
-            since += 1
             stop = self.stop_agreed
             last = self.step == cfg.train.steps or stop
             if self.step % cfg.metrics.log_every == 0 or last:
-                record = self._record(metrics, grad_norm, time.perf_counter() - t0, since)
+                record = train_record(  # one all-reduce, one host sync
+                    metrics.reduce(self.ctx.world_group, world), step=self.step,
+                    optimizer=self.optimizer, grad_norm=float(grad_norm),
+                    skipped=self.guard.skipped, throughput=self.throughput.interval(),
+                )  # fmt: skip
                 log.log(record)
-                log.advance(self.step, record["loss"])
+                log.advance(self.step, f"loss {record['loss']:.3f}, {rate_text(record, world)}")
                 result.losses.append(record["loss"])
                 result.loss_steps.append(self.step)
-                metrics, since, t0 = self.new_metrics(), 0, time.perf_counter()
+                metrics = self.new_metrics()
             if not stop and self.step < cfg.train.steps:
                 self._replace_and_tune(log, say)
             if stop:
@@ -389,11 +382,17 @@ class Trainer:
 
 
 def train(
-    cfg: RunConfig, resume: str | None = None, overwrite: bool = False, quiet: bool = False
+    cfg: RunConfig,
+    resume: str | None = None,
+    overwrite: bool = False,
+    quiet: bool = False,
+    given: GivenModel | None = None,
 ) -> TrainResult:
-    """Run `cfg` in this process (one rank of a torchrun job, or a world of one)."""
+    """Run `cfg` in this process (one rank of a torchrun job, or a world of one). `given`: the
+    `[model]` the user wrote (`moeflow train` passes it): a resume refuses only what it changed;
+    without it every `[model]` key of `cfg` counts as asked for."""
     runtime = init_distributed(cfg.parallel.startup_timeout_s)
     try:
-        return Trainer(cfg, runtime, resume, overwrite).run(quiet=quiet)
+        return Trainer(cfg, runtime, resume, overwrite, given=given).run(quiet=quiet)
     finally:
         shutdown(runtime)

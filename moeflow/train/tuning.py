@@ -20,6 +20,7 @@ from torch import nn
 from moeflow.parallel.calibrate import load_or_calibrate
 from moeflow.parallel.dims import ParallelContext
 from moeflow.parallel.tuner import RuntimeTuner
+from moeflow.parallel.tuner_replay import SAME_RUN, run_mismatch, run_of
 from moeflow.train.config import RunConfig
 
 
@@ -28,17 +29,24 @@ def build_tuner(
 ) -> RuntimeTuner | None:
     """The runtime tuner when `parallel.mode`, `overlap_degree` or `two_level` is "auto" (and
     there is an expert group to tune for), on the cost model calibrated on this run's groups
-    (`<out_dir>/calibration.json`, measured once). Collective when it calibrates."""
+    (`<out_dir>/calibration.json`, measured once). Collective when it calibrates, or reads
+    `tuner.replay`: a record of another seed, world size or layout, or one this run would not
+    replay (it tunes nothing), is refused in one line before any work."""
     p, moe = cfg.parallel, cfg.model.moe
-    if "auto" not in (p.mode, p.overlap_degree, p.two_level) or ctx.dims.ep == 1:
+    replay = None if cfg.tuner.replay is None else read_replay(cfg, ctx)
+    untuned = "auto" not in (p.mode, p.overlap_degree, p.two_level) or ctx.dims.ep == 1
+    if untuned and replay is not None:
+        why = (
+            "parallel.ep is 1: there is no expert group to tune"
+            if ctx.dims.ep == 1
+            else 'none of parallel.mode, overlap_degree and two_level is "auto"'
+        )
+        raise ValueError(
+            f"tuner.replay ({cfg.tuner.replay!r}): this run makes no tuner decision to replay "
+            f"({why}); drop tuner.replay"
+        )
+    if untuned:
         return None
-    replay = None
-    if cfg.tuner.replay is not None:
-        found = [recorded_decisions(Path(cfg.tuner.replay)) if ctx.rank == 0 else None]
-        dist.broadcast_object_list(found, src=0, group=ctx.world_group)  # one reader
-        if isinstance(found[0], str):
-            raise ValueError(found[0])
-        replay = found[0]
     dtype = compute_dtype(cfg, device)  # the GEMM rate of the dtype the experts run in
     hw, _ = load_or_calibrate(ctx, out_dir, moe.hidden_size, moe.ffn_hidden_size, dtype, device)
     return RuntimeTuner(
@@ -46,8 +54,23 @@ def build_tuner(
         mode=None if p.mode == "auto" else p.mode,
         overlap=None if p.overlap_degree == "auto" else p.overlap_degree,
         two_level=None if p.two_level == "auto" else p.two_level,
-        replay=replay,
+        replay=replay, seed=cfg.train.seed,
     )  # fmt: skip
+
+
+def read_replay(cfg: RunConfig, ctx: ParallelContext) -> dict[tuple[str, int], dict]:
+    """The decisions of `tuner.replay` (read on rank 0, the same on every rank), each made in
+    this run's seed, world size and layout, or a `ValueError` naming both values."""
+    found = [recorded_decisions(Path(cfg.tuner.replay)) if ctx.rank == 0 else None]
+    dist.broadcast_object_list(found, src=0, group=ctx.world_group)  # one reader
+    if isinstance(found[0], str):
+        raise ValueError(found[0])
+    run = run_of(ctx, cfg.train.seed)
+    for record in found[0].values():
+        problem = run_mismatch(record["run"], run)
+        if problem is not None:
+            raise ValueError(f"tuner.replay ({cfg.tuner.replay!r}): {problem}; {SAME_RUN}")
+    return found[0]
 
 
 def compute_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
@@ -84,6 +107,12 @@ def recorded_decisions(path: Path) -> dict[tuple[str, int], dict] | str:
                 or "two_level" not in record
             ):
                 return f"{where}: line {number} is not a tuner decision moeflow wrote"
+            if not isinstance(record.get("run"), dict) or len(record.get("situation", ())) != 3:
+                return (
+                    f"{where}: line {number} is a tuner decision that does not say which run and "
+                    "situation it was made in (written before moeflow recorded them), so a "
+                    "replay could not check it; record the run again"
+                )
             found[(str(record.get("layer")), step)] = record
     if not found:
         return (
