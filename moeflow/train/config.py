@@ -150,7 +150,7 @@ class TrainConfig:
     backward compute in from the fp32 master weights (`bf16`: FSDP's mixed precision, fp32
     master weights, optimizer state and gradient reduction; the model is sharded, see
     `parallel.dp_shard`); `auto` is bf16 on GPUs that have it and fp32 elsewhere. `compile`:
-    compile each transformer block with `torch.compile` (`moeflow.train.compile`)."""
+    compile each transformer block with `torch.compile` (`moeflow.parallel.compile`)."""
 
     steps: int = 300
     seed: int = 0

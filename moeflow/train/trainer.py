@@ -48,12 +48,8 @@ from moeflow.train import checkpoint as ckpt
 from moeflow.train.build import (
     build_model,
     check_data,
-    check_steps_left,
     checkpoint_meta,
     layout_record,
-    lock_output,
-    release_output,
-    resolve_output,
     saved_slots,
 )
 from moeflow.train.config import RunConfig
@@ -74,6 +70,7 @@ from moeflow.train.result import (
     unigram_bpb,
 )
 from moeflow.train.resume_config import GivenModel
+from moeflow.train.run_dir import check_steps_left, lock_output, release_output, resolve_output
 from moeflow.train.stop_signals import StopSignals
 from moeflow.train.throughput import Throughput, rate_text
 from moeflow.train.tuning import build_tuner, describe_decision, tuning_summary

@@ -2,10 +2,11 @@
 
 `nn.Module.compile` compiles a block's call without wrapping it, so parameter names, state
 dicts and checkpoints are the same as eager. The blocks are compiled before they are sharded
-(`moeflow.parallel.fsdp`), as torchtitan orders them; activation checkpointing stays outside
-each compiled block. In an MoE layer the dispatch region (the count exchange with the call's
-one host read, the all-to-alls and the expert GEMMs) runs eagerly between two graphs; with
-capacity padding the whole layer is one graph (`moeflow.moe.expert_dispatch`).
+(`moeflow.parallel.fsdp`), as torchtitan orders them (`moeflow.parallel.prepare`); activation
+checkpointing stays outside each compiled block. In an MoE layer the dispatch region (the count
+exchange with the call's one host read, the all-to-alls and the expert GEMMs) runs eagerly
+between two graphs; with capacity padding the whole layer is one graph
+(`moeflow.moe.expert_dispatch`).
 
 Example:
     >>> import torch
