@@ -82,3 +82,10 @@ def test_the_cut_keeps_the_field_and_the_fix():
     assert len(spaced) < 1100
     short = f"config file {str(Path('/tmp') / ('d' * 150))!r} does not exist"
     assert readable(short) == short  # paths of ordinary length stay whole
+
+
+def test_simulate_refuses_a_bad_world_size_in_one_line(tmp_path, capsys):
+    cfg = write_config(tmp_path / "c.toml", tmp_path / "run", steps=2)
+    code, err = in_process(capsys, "simulate", str(cfg), "--world-size", "1e9")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "argument --world-size: invalid int value: '1e9'" in err

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from moeflow.launch.arguments import memory_bytes
 from moeflow.train.config import RunConfig
-from moeflow.train.dry_run import dry_run, format_report, parse_memory
+from moeflow.train.dry_run import dry_run, format_report
 
 CONFIGS = Path(__file__).resolve().parent.parent / "examples" / "configs"
 RECIPES = {  # total parameters, as the model cards give them (the decoder's closest shape)
@@ -24,7 +25,7 @@ RECIPES = {  # total parameters, as the model cards give them (the decoder's clo
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_recipe_fits_80gb_at_64_gpus_and_quotes_its_dry_run(name):
     path = CONFIGS / name
-    report = dry_run(RunConfig.from_toml(path), world_size=64, gpu_memory=parse_memory("80GB"))
+    report = dry_run(RunConfig.from_toml(path), world_size=64, gpu_memory=memory_bytes("80GB"))
     assert (report["dp"], report["ep"], report["dp_shard"]) == (8, 8, 8)
     assert report["param_dtype"] == "bf16" and report["activation_checkpointing"]
     assert abs(report["total_params"] - RECIPES[name]) < 0.01 * RECIPES[name]
@@ -47,7 +48,7 @@ def test_recipe_fits_80gb_at_64_gpus_and_quotes_its_dry_run(name):
 
 def _fits(path: Path, world: int, overrides: list[str], memory: str) -> tuple[bool, dict]:
     cfg = RunConfig.from_toml(path, overrides)
-    report = dry_run(cfg, world_size=world, gpu_memory=parse_memory(memory))
+    report = dry_run(cfg, world_size=world, gpu_memory=memory_bytes(memory))
     return report["verdict"].startswith("fits"), report
 
 

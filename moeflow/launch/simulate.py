@@ -23,6 +23,7 @@ import argparse
 import json
 from pathlib import Path
 
+from moeflow.launch.arguments import OneLineParser
 from moeflow.parallel.calibrate import hardware_from_dict
 from moeflow.parallel.cost_model import (
     PRESETS,
@@ -36,7 +37,7 @@ from moeflow.train.config import RunConfig
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="moeflow simulate", allow_abbrev=False,
         description="Predict every MoE layer candidate's time at other world sizes.",
     )  # fmt: skip

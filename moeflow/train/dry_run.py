@@ -166,29 +166,6 @@ def expert_memory(model) -> list[dict]:
     return out
 
 
-def parse_memory(text: str) -> float:
-    """Bytes from `80GB` (10^9), `80GiB` (2^30), `512MB`, `512MiB`, or a plain number of bytes.
-
-    Example:
-        >>> parse_memory("80GB"), parse_memory("80GiB") / 2**30
-        (80000000000.0, 80.0)
-    """
-    units = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10,
-             "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
-    raw = text.strip().upper()
-    number = raw.rstrip("KMGTIB")
-    unit = raw[len(number) :]
-    try:
-        value = float(number) * units[unit]
-    except (ValueError, KeyError):
-        value = -1.0
-    if not value > 0:
-        raise ValueError(
-            f"--gpu-memory ({text!r}) must be a size such as 80GB (10^9 bytes) or 80GiB (2^30)"
-        )
-    return value
-
-
 def _count(n: float) -> str:
     for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= scale:
