@@ -3,6 +3,7 @@ input, dead peers."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -138,22 +139,27 @@ def test_bad_input_is_a_clear_error_on_every_rank():
         assert "MoE layers differ between ranks 0 and 1" in errors[2]
 
 
-def _dead_peer(rank, world, how):
+def _dead_peer(rank, world, how, done):
     ctx = ParallelDims(ep=world, timeout_s=3).build()
     layer = parallelize(torch.nn.Sequential(MoELayer(layer_cfg(top_k=2))), ctx)
     if rank == 1:
         if how == "hangs":  # alive, but never joins the all-to-all: the timeout ends rank 0
-            time.sleep(12)
+            deadline = time.monotonic() + 60
+            while not os.path.exists(done) and time.monotonic() < deadline:
+                time.sleep(0.05)  # until rank 0 has its error, not a guessed time
         return "left"
     try:
         layer(torch.randn(6, D))
     except RuntimeError as exc:
         return str(exc)
+    finally:
+        open(done, "w").close()
     return "no error"
 
 
 @pytest.mark.parametrize("how", ["exits", "hangs"])
-def test_dead_peer_ends_with_an_error_naming_the_layer(how):
-    message, left = run_on_ranks(_dead_peer, 2, args=(how,), timeout=60)
+def test_dead_peer_ends_with_an_error_naming_the_layer(how, tmp_path):
+    done = str(tmp_path / "rank 0 is done")
+    message, left = run_on_ranks(_dead_peer, 2, args=(how, done), timeout=60)
     assert left == "left"
     assert message.startswith("MoE layer '0':"), message

@@ -31,7 +31,7 @@ def _hang_on_rank1(rank, world_size):
 
 
 def test_results_in_rank_order():
-    assert run_on_ranks(_sum_ranks, 3) == [(r, 3, 3.0) for r in range(3)]
+    assert run_on_ranks(_sum_ranks, 4) == [(r, 4, 6.0) for r in range(4)]
 
 
 def test_every_failing_rank_is_reported():
