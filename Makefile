@@ -22,7 +22,7 @@ $(STAMP): $(BIN)/python setup.py pyproject.toml
 setup: $(STAMP)
 
 test: setup
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=20 tests
 
 # The main job on the embedded default. A second run replaces runs/tiny_cpu (it is the demo's own
 # output); DEMO_ARGS=--resume continues it instead.
