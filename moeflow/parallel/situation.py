@@ -11,7 +11,7 @@ re-placement changes rho and off, so it re-tunes a layer only when it moves eith
 
 Example:
     >>> from moeflow.moe.layout import ExpertLayout
-    >>> from moeflow.parallel.tuner import TunerConfig
+    >>> from moeflow.parallel.tuner_config import TunerConfig
     >>> lay = ExpertLayout.canonical(num_experts=4, ffn_hidden_size=8, group_size=2)
     >>> counts = torch.tensor([6.0, 2.0, 1.0, 1.0])  # rank 0 holds experts 0 and 1
     >>> group_imbalance(lay, counts), off_group_share(lay, counts, 0)

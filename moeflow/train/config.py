@@ -34,7 +34,7 @@ import torch
 
 from moeflow.models.decoder import DecoderConfig
 from moeflow.moe.layout import ExpertLayout
-from moeflow.parallel.tuner import TunerConfig
+from moeflow.parallel.tuner_config import TunerConfig
 from moeflow.train.config_loader import build_dataclass, deep_copy, parse_overrides, set_dotted
 from moeflow.train.nonfinite import POLICIES
 from moeflow.train.parallel_config import ParallelConfig

@@ -118,17 +118,23 @@ def dry_run(
     finally:
         shutdown(runtime)
     if gpu_memory is not None:
-        report["verdict"] = verdict(memory, gpu_memory, startup)
-        if report["peak_bytes"] > gpu_memory:
-
-            def plan_peak(changed: RunConfig, world: int) -> tuple[float, dict[str, float]]:
-                again = dry_run(changed, world, device)
-                return again["peak_bytes"], {**again["memory"], START_UP: again["startup_bytes"]}
-
-            world = report["world_size"]
-            report["advice"] = advise(cfg, world, dims, device, gpu_memory, plan_peak)
-            report["verdict"] += "; " + report["advice"]
+        _judge(report, cfg, dims, device, gpu_memory)
     return report
+
+
+def _judge(report: dict, cfg: RunConfig, dims, device: str, gpu_memory: float) -> None:
+    """`verdict` (and for a run that does not fit, `advice`, each piece planned again by
+    `moeflow.train.fit_advice`) for a device of `gpu_memory` bytes."""
+    report["verdict"] = verdict(report["memory"], gpu_memory, report["startup_bytes"])
+    if report["peak_bytes"] <= gpu_memory:
+        return
+
+    def plan_peak(changed: RunConfig, world: int) -> tuple[float, dict[str, float]]:
+        again = dry_run(changed, world, device)
+        return again["peak_bytes"], {**again["memory"], START_UP: again["startup_bytes"]}
+
+    report["advice"] = advise(cfg, report["world_size"], dims, device, gpu_memory, plan_peak)
+    report["verdict"] += "; " + report["advice"]
 
 
 def plan(cfg: RunConfig, model, dims, compute: str) -> dict[str, float]:
