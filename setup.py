@@ -8,6 +8,8 @@ from setuptools import find_packages, setup
 PEERS = ["deepspeed==0.19.8", "megatron-core==0.16.1"]
 # moeflow.integrations.hf; install with the torch pin as a constraint so pip keeps your torch.
 HF = ["transformers==5.24.0"]
+# moeflow data prepare: tokenizers, and the readers of JSONL / Parquet / `datasets` folders.
+DATA = ["tokenizers>=0.20", "datasets>=3", "pyarrow>=15"]
 
 setup(
     name="moeflow",
@@ -34,8 +36,9 @@ setup(
         "plot": ["matplotlib>=3.7"],
         "wandb": ["wandb"],
         "hf": HF,
+        "data": DATA,
         "integrations": [*PEERS, *HF],
-        "dev": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.7", "wandb", *PEERS, *HF],
+        "dev": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.7", "wandb", *PEERS, *HF, *DATA],
     },
     entry_points={"console_scripts": ["moeflow = moeflow.launch.cli:main"]},
 )

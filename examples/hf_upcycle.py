@@ -31,11 +31,12 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moeflow import MoEConfig, MoELayer, RouterConfig
+from moeflow.data.config import DataConfig
+from moeflow.data.corpus import load_corpus
+from moeflow.data.stream import BatchStream
 from moeflow.integrations.hf import upcycle
 from moeflow.parallel import GradSync, ParallelDims, parallelize
 from moeflow.train.checkpoint import load_checkpoint, save_checkpoint
-from moeflow.train.config import DataConfig
-from moeflow.train.data import BatchStream, load_corpus
 from moeflow.train.distributed import (
     free_port,
     init_distributed,

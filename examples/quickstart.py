@@ -4,7 +4,7 @@
     .venv/bin/python examples/quickstart.py --steps 300  # the same, by hand
 
 The text is the Python standard library's own source (present on every machine, no download), split
-by file as `moeflow train` does (`moeflow.train.data`). For the full trainer (checkpoints, expert
+by file as `moeflow train` does (`moeflow.data`). For the full trainer (checkpoints, expert
 parallelism, metrics) see `make demo` and examples/configs/. Prints the
 training loss, the validation loss in bits per byte against the unigram baseline, and each layer's
 share of tokens per expert, so you can watch the balancing loss work.
@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeflow import MoEConfig, MoELayer, RouterConfig
-from moeflow.train.config import DataConfig
-from moeflow.train.data import load_corpus
+from moeflow.data.config import DataConfig
+from moeflow.data.corpus import load_corpus
 from moeflow.train.trainer import unigram_bpb
 from moeflow.utils import keep_freed_memory
 

@@ -44,7 +44,7 @@ def _eval_checkpoint(rank, world_size, out_dir, path):
     runtime = init_distributed(60)
     trainer = Trainer(cfg, runtime, resume=path, overwrite=False)
     trainer._load()
-    loss, _ = trainer.evaluate()
+    loss = trainer.evaluate()["val_loss"]
     by_id = {}
     for name, layer in trainer.model.named_modules():
         if hasattr(layer, "local_expert_ids") and hasattr(layer, "experts"):

@@ -190,7 +190,7 @@ def _run(runtime, cfg, resume=None) -> list[float]:
 def _evaluate(runtime, cfg, path) -> float:
     with Trainer(cfg, runtime, path, False) as trainer:
         trainer._load()
-        return trainer.evaluate()[0]
+        return trainer.evaluate()["val_loss"]
 
 
 # (name, ep, dp_shard, sections): each compared with the replicated run of its baseline.

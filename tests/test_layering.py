@@ -1,8 +1,10 @@
-"""The packages import only downwards (`ALLOWED`: launch over train over integrations over parallel
-and models over moe over comm; placement and utils alone), lazy imports inside functions included:
-an import cycle between two packages (as train/config.py and integrations/hf_run.py once had) fails
-here, naming the file and the import. And no two files import each other when imported (a
-module-level circle, which works in one import order only), whatever their packages."""
+"""The packages import only downwards (`ALLOWED`: launch over train over data, integrations,
+parallel and models over moe over comm; placement and utils alone), lazy imports inside
+functions included: an import cycle between two packages (as train/config.py and
+integrations/hf_run.py once had) fails here, naming the file and the import. And no two files
+import each other when imported (a module- level circle, which works in one import order only),
+whatever their packages.
+"""
 
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ ALLOWED = {
     "models": {"moe", "comm"},
     "parallel": {"moe", "comm", "placement"},
     "integrations": {"models", "parallel", "moe", "comm", "placement"},
-    "train": {"models", "parallel", "placement", "moe", "comm", "integrations"},
-    "launch": {"train", "models", "parallel", "placement", "moe", "comm", "integrations"},
+    "train": {"data", "models", "parallel", "placement", "moe", "comm", "integrations"},
+    "launch": {"train", "data", "models", "parallel", "placement", "moe", "comm", "integrations"},
+    "data": set(),  # corpora and batch streams: nothing of models or parallelism
     "utils": set(),
 }
 

@@ -19,6 +19,9 @@ def test_example_configs_load():
     gpu = RunConfig.from_toml(CONFIGS / "olmoe_1b7b_64gpu.toml")
     assert gpu.model.moe.router.top_k == 8 and gpu.optim.betas == (0.9, 0.95)
     assert gpu.parallel.dp_for(64) == 8
+    prepared = RunConfig.from_toml(CONFIGS / "tiny_prepared.toml")
+    assert prepared.data.kind == "prepared" and prepared.data.document_mask
+    assert prepared.model.vocab_size == 2048 and prepared.model.dim == tiny.model.dim
 
 
 def test_overrides_are_toml_values():

@@ -1,6 +1,6 @@
 """The reference GPT-style MoE decoder: RMSNorm, rotary positions, causal attention, MoE FFNs.
 
-Legend: B batch, S sequence, D model dim, H heads, V vocabulary.
+Legend: B batch, S sequence, D model dim, H heads, V vocabulary, d half a head's width.
 
 Every `moe_layer_freq`-th block (blocks 0, freq, 2*freq, ...) has an `MoELayer` as its FFN, the
 others a dense `FeedForward` (Megatron's `moe_layer_freq`). One `RoutingContext` per forward pass
@@ -31,6 +31,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from moeflow.comm.replay import CollectiveReplay
+from moeflow.models.documents import document_attention
 from moeflow.models.lm_loss import chunked_token_loss, token_loss
 from moeflow.moe.config import MoEConfig
 from moeflow.moe.experts import slice_experts
@@ -142,7 +143,11 @@ def apply_rotary(x_BHSd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
 
 class Attention(nn.Module):
     """Causal attention with rotary positions: H query heads and G key/value heads of width d
-    (`qkv` projects D -> (H + 2G) d, queries first; G < H is grouped-query attention)."""
+    (`qkv` projects D -> (H + 2G) d, queries first; G < H is grouped-query attention).
+
+    `cos`/`sin` are the shared tables `[>= S, d/2]` (position i at row i) or one row of
+    positions per sequence `[B, 1, S, d/2]`; `mask_B1SS` (True = attend), when given, replaces
+    the causal mask (packed documents: `document_attention`)."""
 
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
@@ -150,15 +155,26 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.dim, (self.n_heads + 2 * self.n_kv) * self.width, bias=False)
         self.proj = nn.Linear(self.n_heads * self.width, cfg.dim, bias=False)
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x_BSD: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask_B1SS: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         b, s, _ = x_BSD.shape
         h, g = self.n_heads, self.n_kv
         q, k, v = self.qkv(x_BSD).view(b, s, h + 2 * g, self.width).split([h, g, g], dim=2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, S, d]
-        q, k = apply_rotary(q, cos[:s], sin[:s]), apply_rotary(k, cos[:s], sin[:s])
+        if cos.dim() == 2:  # the shared tables; per-sequence positions come cut to S
+            cos, sin = cos[:s], sin[:s]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if g < h:  # each key/value head serves h / g consecutive query heads
             k, v = k.repeat_interleave(h // g, dim=1), v.repeat_interleave(h // g, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if mask_B1SS is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1SS)
         return self.proj(out.transpose(1, 2).reshape(b, s, h * self.width))
 
 
@@ -174,8 +190,15 @@ class Block(nn.Module):
             width = cfg.dense_ffn_hidden_size or cfg.moe.ffn_hidden_size
             self.ffn = FeedForward(cfg.dim, width, cfg.moe.activation, cfg.moe.ffn_bias)
 
-    def forward(self, x, cos, sin, routing_context: RoutingContext) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        routing_context: RoutingContext,
+        mask_B1SS: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask_B1SS)
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoELayer):
             return x + self.ffn(h, routing_context=routing_context)
@@ -283,17 +306,22 @@ class MoEDecoder(nn.Module):
         tokens_BS: torch.Tensor,
         targets_BS: torch.Tensor | None = None,
         loss_chunk_tokens: int = 0,
+        document_ids_BS: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits `[B, S, V]`; with `targets_BS`, the mean next-token loss instead, computed
-        `loss_chunk_tokens` tokens' logits at a time (0: all at once; `moeflow.models.lm_loss`)."""
-        hidden = self.hidden_states(tokens_BS)
+        `loss_chunk_tokens` tokens' logits at a time (0: all at once; `moeflow.models.lm_loss`).
+        `document_ids_BS` (`document_ids`): each packed document attends only to itself, its
+        rotary positions starting at 0, as if it ran alone; None: plain causal attention."""
+        hidden = self.hidden_states(tokens_BS, document_ids_BS)
         if targets_BS is None:
             return self.head(hidden)
         if loss_chunk_tokens:
             return chunked_token_loss(hidden, self.head.weight, targets_BS, loss_chunk_tokens)
         return token_loss(self.head(hidden), targets_BS)
 
-    def hidden_states(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+    def hidden_states(
+        self, tokens_BS: torch.Tensor, document_ids_BS: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`[B, S, D]`: the final normalised states, the output head's input (a loss that never
         holds `[B, S, V]` logits takes these and `head.weight`: `moeflow.train.loss`)."""
         s = tokens_BS.shape[1]
@@ -301,22 +329,43 @@ class MoEDecoder(nn.Module):
             raise ValueError(
                 f"sequence length {s} exceeds model.max_seq_len ({self.config.max_seq_len})"
             )
+        cos, sin, mask_B1SS = self.rope_cos, self.rope_sin, None
+        if document_ids_BS is not None:
+            if document_ids_BS.shape != tokens_BS.shape:
+                raise ValueError(
+                    f"document_ids_BS has shape {tuple(document_ids_BS.shape)}, tokens_BS "
+                    f"{tuple(tokens_BS.shape)}: give one document id per token "
+                    "(moeflow.models.documents.document_ids)"
+                )
+            # Built once per forward, shared by every block.
+            mask_B1SS, positions_BS = document_attention(document_ids_BS)
+            cos, sin = cos[positions_BS].unsqueeze(1), sin[positions_BS].unsqueeze(1)
         routing_context = RoutingContext()
         x = self.embed(tokens_BS)
         for block in self.blocks:
             if self.activation_checkpointing and torch.is_grad_enabled():
-                x, routing_context = self._checkpointed(block, x, routing_context)
+                x, routing_context = self._checkpointed(
+                    block, x, routing_context, (cos, sin, mask_B1SS)
+                )
             else:
-                x = block(x, self.rope_cos, self.rope_sin, routing_context)
+                x = block(x, cos, sin, routing_context, mask_B1SS)
         return self.norm(x)
 
-    def _checkpointed(self, block: Block, x: torch.Tensor, routing_context: RoutingContext):
+    def _checkpointed(
+        self,
+        block: Block,
+        x: torch.Tensor,
+        routing_context: RoutingContext,
+        attention: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    ):
         """Run `block` under non-reentrant activation checkpointing. The recomputation in backward
         starts from a copy of the routing context as it was before the block, so a router that
         reads the context recomputes exactly what it computed; the forward's context goes on.
         `activation_checkpointing = "selective"`: the block's token exchanges are kept from the
         forward and replayed by the recomputation, which then repeats no all-to-all
-        (`moeflow.comm.replay`)."""
+        (`moeflow.comm.replay`). `attention`: the blocks' (cos, sin, mask), as `Block` takes
+        them."""
+        cos, sin, mask_B1SS = attention
         before = routing_context.copy()
         # The forward's context leaves through `handed`, emptied before returning: `run` (kept by
         # the checkpoint until backward) must not hold it, or the router logits' graph it holds
@@ -334,7 +383,7 @@ class MoEDecoder(nn.Module):
             else:
                 kept = replay.replaying() if ctx.recomputing else replay.recording()
             with kept:
-                out = block(x_, self.rope_cos, self.rope_sin, ctx)
+                out = block(x_, cos, sin, ctx, mask_B1SS)
             if not ctx.recomputing:
                 handed.append(ctx)
             return out

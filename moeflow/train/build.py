@@ -22,9 +22,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from moeflow.data.config import DataConfig
+from moeflow.data.manifest import read_manifest
 from moeflow.models.decoder import MoEDecoder
 from moeflow.moe.layout import ExpertLayout
 from moeflow.parallel import DispatchConfig
@@ -33,7 +34,6 @@ from moeflow.parallel.prepare import prepare_model
 from moeflow.parallel.replace import current_expert_slots
 from moeflow.train import checkpoint as ckpt
 from moeflow.train.config import RunConfig
-from moeflow.train.data import Corpus, check_tokens, check_validation_split
 from moeflow.train.resume_config import GivenModel
 
 
@@ -73,29 +73,17 @@ def layout_record(dims) -> dict:
     return {"dp": dims.dp, "ep": dims.ep, "dp_shard": dims.dp_shard}
 
 
-def check_data(cfg: RunConfig, ctx: ParallelContext, corpus: Corpus, train_offset: int) -> None:
-    """Before the first step, on every rank (collective): one validation window at least, and,
-    for token files, every id below `model.vocab_size`; each rank scans its own training shard
-    (starting at `train_offset`) and a slice of the validation tokens, and every rank raises the
-    first problem found."""
-    rank, world = ctx.rank, dist.get_world_size(ctx.world_group)
-    problem = None
-    try:
-        check_validation_split(corpus.val, cfg.train.seq_len)
-        if corpus.bytes_per_token is None:  # ids from files, not bytes
-            vocab, shard = cfg.model.vocab_size, len(corpus.train) // world
-            mine = corpus.train[train_offset : train_offset + shard]
-            check_tokens(mine, vocab, "train.bin", offset=train_offset)
-            step = -(-len(corpus.val) // world)
-            part = corpus.val[rank * step : (rank + 1) * step]
-            check_tokens(part, vocab, "val.bin", offset=rank * step)
-    except ValueError as exc:
-        problem = str(exc)
-    problems: list = [None] * world
-    dist.all_gather_object(problems, problem, group=ctx.world_group)
-    first = next((p for p in problems if p), None)
-    if first:
-        raise ValueError(first)
+def take_special_ids(config, data: DataConfig) -> None:
+    """A Hugging Face model trained on prepared data takes its tokenizer's special ids (end of
+    document as `eos_token_id`, and `bos`/`pad` where the tokenizer has them) from the manifest,
+    so the config it is saved with names the ids it was trained on."""
+    if data.kind != "prepared":
+        return
+    tok = read_manifest(data.source_list()[0].path).tokenizer
+    for key, value in (("eos_token_id", tok.eod_id), ("bos_token_id", tok.bos_id),
+                       ("pad_token_id", tok.pad_id)):  # fmt: skip
+        if value is not None:
+            setattr(config, key, value)
 
 
 # The config field that sizes a tensor the user may not think of as a weight.
@@ -164,6 +152,7 @@ def build_model(
         # Built whole on every rank with train.seed (same weights everywhere), then parallelize
         # keeps this rank's experts.
         model = build_hf_model(cfg, torch.device("meta" if device.type == "meta" else "cpu"))
+        take_special_ids(model.hf.config, cfg.data)
     else:
         with torch.device("meta"):
             model = MoEDecoder(cfg.model)

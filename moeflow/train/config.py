@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from moeflow.data.config import DataConfig
 from moeflow.models.decoder import DecoderConfig
 from moeflow.moe.layout import ExpertLayout
 from moeflow.parallel.tuner_config import TunerConfig
@@ -45,44 +46,6 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
-
-
-DATA_KINDS = ("stdlib", "text", "tokens")
-
-
-@dataclass(kw_only=True, frozen=True)
-class DataConfig:
-    """Where tokens come from.
-
-    - `stdlib` (default): the Python standard library's own source (`*.py` under the running
-      interpreter's stdlib, without its test suite and codec tables), byte tokens; a file goes
-      to validation when `crc32(relative path) % 100 < val_percent`, so the split depends only
-      on file names.
-    - `text`: `path` is a text file or a folder (files matching `glob`, recursively), byte tokens,
-      the same split by file; a single file is split by bytes (its last `val_percent`%).
-    - `tokens`: `path` is a folder with nanoGPT-style `train.bin` and `val.bin` (`token_dtype`:
-      `uint16`, or `uint32` for vocabularies past 65,536 ids; memory-mapped); `vocab_size` must
-      cover the ids.
-    `max_bytes` caps the training tokens read (0: no cap); validation is capped at a tenth of it.
-    """
-
-    kind: str = "stdlib"
-    path: str | None = None
-    glob: str = "*"
-    val_percent: int = 10
-    max_bytes: int = 8_000_000
-    token_dtype: str = "uint16"
-
-    def __post_init__(self) -> None:
-        check_choice("data.kind", self.kind, DATA_KINDS)
-        check_choice("data.token_dtype", self.token_dtype, ("uint16", "uint32"))
-        if self.kind != "stdlib" and not self.path:
-            raise ValueError(f"data.path must be set for data.kind = {self.kind!r}")
-        if self.path:
-            check_path("data.path", self.path)
-        if not isinstance(self.val_percent, int) or not 0 < self.val_percent < 100:
-            raise ValueError(f"data.val_percent ({self.val_percent!r}) must be in 1..99")
-        check_int("data.max_bytes", self.max_bytes, minimum=0)
 
 
 FP32_MAX = 3.4028234663852886e38
@@ -294,10 +257,15 @@ class RunConfig:
                 f"model.vocab_size ({self.model.vocab_size}) does not fit uint16 token files "
                 '(ids < 65,536); write them as uint32 and set data.token_dtype = "uint32"'
             )
-        if self.data.kind != "tokens" and self.model.vocab_size < 256:
+        if d.kind in ("stdlib", "text") and self.model.vocab_size < 256:
             raise ValueError(
                 f"model.vocab_size ({self.model.vocab_size}) must be >= 256 for byte tokens "
                 f"(data.kind = {self.data.kind!r})"
+            )
+        if d.document_mask and self.model.hf_config is not None:
+            raise ValueError(
+                "data.document_mask masks the attention of moeflow's decoder; a [model] "
+                "hf_config model attends across documents: leave data.document_mask unset"
             )
 
     @classmethod

@@ -108,7 +108,9 @@ def _coerce(path: str, hint, value):
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     _check_finite(path, value)
-    if origin is tuple and isinstance(value, list):
+    if origin is tuple and isinstance(value, list | tuple):
+        if args and dataclasses.is_dataclass(args[0]):  # an array of tables
+            return tuple(build_dataclass(args[0], v, f"{path}[{i}].") for i, v in enumerate(value))
         return tuple(value)
     expected = origin or hint
     if isinstance(expected, type) and not isinstance(value, expected):

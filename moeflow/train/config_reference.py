@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import sys
+import typing
 
 from moeflow.train.config import RunConfig
 
@@ -65,8 +66,16 @@ def _section(table: str, cls: type, out: list[str]) -> None:
         out += [doc, ""]
     out += ["| key | type | default |", "|---|---|---|"]
     nested = []
+    hints = typing.get_type_hints(cls)
     for f in fields:
         out.append(f"| `{f.name}` | `{_type(f)}` | `{_default(f)}` |")
+        items = typing.get_args(hints[f.name])
+        if (
+            typing.get_origin(hints[f.name]) is tuple
+            and items
+            and dataclasses.is_dataclass(items[0])
+        ):
+            nested.append((f"[{table}.{f.name}]", items[0]))  # an array of tables
         if f.default_factory is not dataclasses.MISSING:
             value = f.default_factory()
             if dataclasses.is_dataclass(value):

@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moeflow.data.stream import eval_batches
 from moeflow.models.lm_loss import chunked_token_loss, token_loss
-from moeflow.train.data import eval_batches
 
 __all__ = ["autocast", "chunked_token_loss", "model_loss", "token_loss", "validation_loss"]
 
@@ -42,14 +42,20 @@ def autocast(mode: str, device: torch.device):
 
 
 def model_loss(
-    model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, chunk_tokens: int
+    model: nn.Module,
+    tokens: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_tokens: int,
+    documents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The training loss of `model` on one micro-batch: a model that computes its own loss
     (`MoEDecoder(tokens, targets, loss_chunk_tokens)`: chunked when `chunk_tokens` > 0) does,
-    inside its forward (where a sharded model's head is gathered); else from its logits."""
+    inside its forward (where a sharded model's head is gathered); else from its logits.
+    `documents`: each position's document in its window (attention stays inside it)."""
+    extra = {} if documents is None else {"document_ids_BS": documents}
     if getattr(model, "computes_loss", False):
-        return model(tokens, targets, loss_chunk_tokens=chunk_tokens)
-    return token_loss(model(tokens), targets)
+        return model(tokens, targets, loss_chunk_tokens=chunk_tokens, **extra)
+    return token_loss(model(tokens, **extra), targets)
 
 
 @torch.no_grad()
@@ -63,16 +69,19 @@ def validation_loss(
     device: torch.device,
     autocast: Callable,
     bytes_per_token: float | None,
+    documents: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
 ) -> tuple[float, float | None]:
     """Mean loss (nats per token) over `windows` fixed windows of `val_tokens`, split over the
-    ranks of `group` (the same value at any world size; one all-reduce), and bits per byte."""
+    ranks of `group` (the same value at any world size; one all-reduce), and bits per byte.
+    `documents`: a window's document ids (or None) from its tokens, for document masking."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for x, y, mask in eval_batches(val_tokens, seq_len, windows, batch_size, rank, world):
         x, y, mask = (v.to(device) for v in (x, y, mask))
+        docs = documents(x) if documents is not None else None
         with autocast():
-            logits = model(x)
+            logits = model(x) if docs is None else model(x, document_ids_BS=docs)
         nll = token_loss(logits, y, reduction="none").view(y.shape)[mask]
         total += torch.stack([nll.double().sum(), nll.new_tensor(nll.numel(), dtype=torch.float64)])
     dist.all_reduce(total, group=group)

@@ -3,9 +3,10 @@
 Only rank 0 writes. Each line of `metrics.jsonl` is one JSON object with a `kind`: `"train"` (every
 `metrics.log_every` steps: loss, aux/z losses, lr, grad norm, tokens/s for the job and per rank,
 MFU, and per MoE layer the tokens per expert, dropped fraction and max load violation), `"val"`
-(validation loss and bits per byte), `"start"`, `"placement"`, `"runtime"`, `"error"` or `"end"`;
-docs/training.md lists every field. On resume, lines past the checkpoint's step are dropped first
-(rewritten through a temporary file), so the file reads as one uninterrupted run.
+(validation loss and bits per byte; a mixture's also per source, under `"sources"`), `"start"`,
+`"placement"`, `"runtime"`, `"error"` or `"end"`; docs/training.md lists every field. On resume,
+lines past the checkpoint's step are dropped first (rewritten through a temporary file), so the
+file reads as one uninterrupted run.
 
 Example:
     >>> from moeflow.moe.config import MoEConfig
@@ -284,6 +285,9 @@ def plot_run(records: list[dict], path: Path, baseline_loss: float | None = None
         ax_loss.plot(
             [r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss (nats)"
         )
+    for name in val[-1].get("sources", {}) if val else ():  # a mixture: each source's loss
+        points = [(r["step"], r["sources"][name]["val_loss"]) for r in val if "sources" in r]
+        ax_loss.plot(*zip(*points, strict=True), ".:", label=f"val loss, {name}")
     if baseline_loss is not None:
         ax_loss.axhline(baseline_loss, color="gray", linestyle="--", label="unigram baseline")
     ax_loss.set_xlabel("step")

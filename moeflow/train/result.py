@@ -15,12 +15,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
+from moeflow.data.source import Corpus
 from moeflow.moe.walk import expert_parameters
 from moeflow.parallel.fsdp import local_tensor
-from moeflow.train.data import Corpus
 from moeflow.train.throughput import rate_text
 
 
@@ -37,6 +36,7 @@ class TrainResult:
     val_loss: float | None = None
     val_bpb: float | None = None
     unigram_bpb: float | None = None
+    unigram_loss: float | None = None  # nats per token
     checkpoint: Path | None = None
     metrics_path: Path | None = None
     plot_path: Path | None = None
@@ -48,14 +48,18 @@ class TrainResult:
     world_size: int = 1
 
 
-def unigram_bpb(corpus: Corpus) -> float | None:
-    """Bits per byte of the best context-free model of the validation bytes (training byte
-    frequencies, add-one): the baseline a language model must beat."""
-    if corpus.bytes_per_token is None:
-        return None
-    counts = torch.bincount(torch.from_numpy(corpus.train.astype("int64")), minlength=256)
-    logp = ((counts.double() + 1) / (counts.sum() + 256)).log2()
-    return -logp[torch.from_numpy(corpus.val.astype("int64"))].mean().item()
+def describe_validation(record: dict) -> str:
+    """A `val` record as a line: the mixture's loss, then each source's."""
+
+    def one(r: dict) -> str:
+        bpb = r.get("val_bpb")
+        return f"{r['val_loss']:.4f} nats/token" + (
+            f", {bpb:.3f} bits/byte" if bpb is not None else ""
+        )
+
+    per = record.get("sources") or {}
+    tail = "".join(f"; {name} {one(r)}" for name, r in per.items())
+    return f"step {record['step']}: validation {one(record)}{tail}"
 
 
 def summary_lines(result: TrainResult) -> str:
@@ -67,8 +71,14 @@ def summary_lines(result: TrainResult) -> str:
             f"validation {result.val_bpb:.3f} bits/byte vs unigram baseline "
             f"{result.unigram_bpb:.3f} ({verdict} the baseline)"
         )
-    elif result.val_loss is not None:
-        lines.append(f"validation loss {result.val_loss:.4f} nats/token")
+    elif result.val_loss is not None:  # ids whose bytes of text are not known
+        verdict = "below" if result.val_loss < (result.unigram_loss or math.inf) else "NOT below"
+        lines.append(
+            f"validation loss {result.val_loss:.4f} nats/token (perplexity "
+            f"{math.exp(min(result.val_loss, 700)):.1f}) vs unigram baseline "
+            f"{result.unigram_loss:.4f} ({verdict} the baseline; bits per byte need the bytes of "
+            "text per token: prepare the data with `moeflow data prepare`)"
+        )
     if result.throughput is not None and result.last_step > result.first_step:
         steps = result.last_step - result.first_step
         lines.append(
@@ -125,13 +135,7 @@ def describe_run(
     return (
         f"moeflow train: {runtime.world_size} rank(s) ({layout}, ep={dims.ep}) on "
         f"{runtime.device.type}; {params}{source}; data: {corpus.description}, "
-        f"{len(corpus.train) / 1e6:.2f}M train / {len(corpus.val) / 1e6:.2f}M validation tokens; "
+        f"{corpus.train_tokens() / 1e6:.2f}M train / {corpus.val_tokens() / 1e6:.2f}M validation "
+        "tokens; "
         f"steps {step} -> {steps}"
     )
-
-
-def baseline_loss(unigram: float | None, bytes_per_token: float | None) -> float | None:
-    """The unigram baseline in nats per token (what the loss plot draws), from bits per byte."""
-    if unigram is None or not bytes_per_token:
-        return None
-    return unigram * math.log(2) * bytes_per_token

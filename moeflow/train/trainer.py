@@ -45,31 +45,19 @@ from moeflow.parallel.fsdp import is_sharded
 from moeflow.parallel.grad_sync import GradSync
 from moeflow.parallel.replace import replica_row_weights
 from moeflow.train import checkpoint as ckpt
-from moeflow.train.build import (
-    build_model,
-    check_data,
-    checkpoint_meta,
-    layout_record,
-    saved_slots,
-)
+from moeflow.train.build import build_model, checkpoint_meta, layout_record, saved_slots
 from moeflow.train.config import RunConfig
-from moeflow.train.data import BatchStream, load_corpus
 from moeflow.train.distributed import Runtime, init_distributed, shutdown
 from moeflow.train.expert_keys import init_optimizer_state
-from moeflow.train.loss import autocast, model_loss, validation_loss
+from moeflow.train.loss import autocast, model_loss
 from moeflow.train.memory import SavedBytes, start_record
 from moeflow.train.metrics import IntervalMetrics, MetricsLogger, plot_run, train_record
 from moeflow.train.nonfinite import NonFiniteError, NonFiniteGuard, check_validation
 from moeflow.train.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
 from moeflow.train.replacement import Replacer, describe_placement
-from moeflow.train.result import (
-    TrainResult,
-    baseline_loss,
-    describe_run,
-    summary_lines,
-    unigram_bpb,
-)
+from moeflow.train.result import TrainResult, describe_run, describe_validation, summary_lines
 from moeflow.train.resume_config import GivenModel
+from moeflow.train.run_data import RunData
 from moeflow.train.run_dir import check_steps_left, lock_output, release_output, resolve_output
 from moeflow.train.stop_signals import StopSignals
 from moeflow.train.throughput import Throughput, rate_text
@@ -128,12 +116,9 @@ class Trainer:
         self.norm_group = self.ctx.data_groups()["dense_shard"] if is_sharded(self.model) else None
         self.replacer = Replacer(cfg, self.ctx, self.model, runtime.device)
         self.tuner = build_tuner(cfg, self.ctx, self.model, self.out_dir, runtime.device)
-        self.corpus = load_corpus(cfg.data)
+        self.data = RunData(cfg, self.ctx.rank, runtime.world_size)
+        self.data.check(self.ctx.world_group)
         t = cfg.train
-        self.stream = BatchStream(self.corpus.train, t.seq_len, t.micro_batch_size, self.ctx.rank,
-                                  runtime.world_size, t.seed)  # fmt: skip
-        shard = len(self.corpus.train) // runtime.world_size
-        check_data(cfg, self.ctx, self.corpus, self.ctx.rank * shard)
         self.step = 0
         self.throughput = Throughput(cfg, runtime.device, runtime.world_size)
         self.stop = StopSignals()  # SIGTERM or Ctrl-C seen by this rank
@@ -170,11 +155,12 @@ class Trainer:
         same_layout = meta.get("parallel") == layout_record(self.ctx.dims)
         if self.tuner is not None and isinstance(meta.get("tuner"), dict) and same_layout:
             self.tuner.load_state_dict(meta["tuner"])  # another layout is tuned afresh
+        self.data.check_resume(meta, self.resume_path)
         if rank_state is not None:
-            self.stream.load_state_dict(rank_state["data"])
+            self.data.load_state_dict(rank_state["data"])
             ckpt.set_rng_state(rank_state["rng"])
         else:  # written by another world size: its ranks' data positions do not map onto ours
-            self.stream.skip(self.step * self.cfg.train.grad_accum_steps)
+            self.data.skip(self.step * self.cfg.train.grad_accum_steps)
             torch.manual_seed(self.cfg.train.seed + self.ctx.rank + self.step)
         return meta
 
@@ -190,9 +176,9 @@ class Trainer:
         saved = []
         for micro in range(accum):
             self.watchdog.at(self.step + 1, "forward and backward")
-            x, y = self.stream.next_batch_on(device)
+            x, y, docs = self.data.next_batch_on(device)
             with self._autocast(), SavedBytes() if measure else contextlib.nullcontext() as kept:
-                loss = model_loss(self.model, x, y, cfg.train.loss_chunk_tokens)
+                loss = model_loss(self.model, x, y, cfg.train.loss_chunk_tokens, docs)
             saved.append(kept.bytes if measure else 0)
             # Gradients are sent from the last micro-batch's backward only (when overlapped).
             last = micro == accum - 1
@@ -226,25 +212,26 @@ class Trainer:
         return IntervalMetrics(self.moe_layers, self.runtime.device)
 
     # -- validation --------------------------------------------------------------------------
-    def evaluate(self) -> tuple[float, float | None]:
-        """Mean validation loss (nats per token) over the fixed windows, and bits per byte."""
-        t = self.cfg.train
+    def evaluate(self) -> dict:
+        """The `val` record: mean validation loss (nats per token) over the fixed windows, bits
+        per byte, and for a mixture each source's."""
         self.watchdog.at(self.step, "validation")
-        return validation_loss(
-            self.model, self.corpus.val, t.seq_len, t.eval_windows, t.micro_batch_size,
-            self.ctx.world_group, self.runtime.device, self._autocast,
-            self.corpus.bytes_per_token,
-        )  # fmt: skip
+        loss, bpb, per_source = self.data.evaluate(
+            self.model, self.ctx.world_group, self.runtime.device, self._autocast
+        )
+        record = {"kind": "val", "step": self.step, "val_loss": loss, "val_bpb": bpb}
+        return record if per_source is None else {**record, "sources": per_source}
 
     # -- checkpoints -------------------------------------------------------------------------
     def save(self) -> Path:
         meta = checkpoint_meta(self.cfg, self.ctx.dims, self.runtime.world_size, self.step,
                                self.optimizer, self.model, self.tuner, self.given)  # fmt: skip
+        meta["tokenizer"] = self.data.tokenizer_record()
         self.watchdog.at(self.step, "checkpoint")
         setting = self.watchdog.setting
         self._timeout("startup_timeout_s")  # writes may take long
         self.replacer.write()
-        rank_state = {"data": self.stream.state_dict()}
+        rank_state = {"data": self.data.state_dict()}
         path = ckpt.save_checkpoint(
             self.out_dir / "checkpoints", self.step, self.model, self.optimizer, meta,
             rank_state, group=self.ctx.world_group, keep=self.cfg.checkpoint.keep,
@@ -275,10 +262,11 @@ class Trainer:
         log = MetricsLogger.for_run(cfg, self.out_dir, rank0, first, quiet)
         result = TrainResult(self.out_dir, first, first, metrics_path=log.path,
                              world_size=self.runtime.world_size)  # fmt: skip
-        result.unigram_bpb = unigram_bpb(self.corpus)
+        result.unigram_loss, result.unigram_bpb = self.data.baseline()
         say = (lambda text: None) if quiet else log.message
-        say(describe_run(self.model, self.ctx.dims, self.runtime, self.corpus, first,
+        say(describe_run(self.model, self.ctx.dims, self.runtime, self.data.corpus, first,
                          cfg.train.steps, self.resume_path))  # fmt: skip
+        say(self.data.describe())
         say(self.resume_note)  # model keys taken from the checkpoint, if any
         say(self.throughput.about)
         set_aux_loss_scale(self.model, 1.0 / cfg.train.grad_accum_steps)
@@ -289,9 +277,9 @@ class Trainer:
             self._loop(log, result, say)
             loop_s = time.perf_counter() - started
             if not result.stopped_by_signal:
-                result.val_loss, result.val_bpb = self.evaluate()
-                log.log({"kind": "val", "step": self.step, "val_loss": result.val_loss,
-                         "val_bpb": result.val_bpb})  # fmt: skip
+                record = self.evaluate()
+                result.val_loss, result.val_bpb = record["val_loss"], record["val_bpb"]
+                log.log(record)
                 check_validation(self.step, result.val_loss)
             result.checkpoint = self.save()
         except (NonFiniteError, RuntimeError) as exc:  # the metrics file says why, then the CLI
@@ -316,8 +304,8 @@ class Trainer:
         log.log(end)
         log.close()
         if rank0 and cfg.metrics.plot:
-            baseline = baseline_loss(result.unigram_bpb, self.corpus.bytes_per_token)
-            result.plot_path = plot_run(log.records, self.out_dir / "training.png", baseline)
+            result.plot_path = plot_run(log.records, self.out_dir / "training.png",
+                                        result.unigram_loss)  # fmt: skip
         say(summary_lines(result))
         return result
 
@@ -352,11 +340,10 @@ class Trainer:
                 return
             every = cfg.train.eval_every
             if every and self.step % every == 0 and self.step < cfg.train.steps:
-                loss, bpb = self.evaluate()
-                log.log({"kind": "val", "step": self.step, "val_loss": loss, "val_bpb": bpb})
-                check_validation(self.step, loss)
-                say(f"step {self.step}: validation {loss:.4f} nats/token"
-                    + (f", {bpb:.3f} bits/byte" if bpb is not None else ""))  # fmt: skip
+                record = self.evaluate()
+                log.log(record)
+                check_validation(self.step, record["val_loss"])
+                say(describe_validation(record))
             every = cfg.checkpoint.every
             if every and self.step % every == 0 and self.step < cfg.train.steps:
                 self.save_due = True
