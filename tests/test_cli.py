@@ -112,14 +112,52 @@ def test_resume_after_kill_gives_the_same_losses(tmp_path):
     assert train_losses(out) == expected  # bitwise: same floats, every step, no duplicates
 
 
+def prepared_mixture(tmp_path: Path, config: Path, out: Path) -> Path:
+    """TINY on a 0.7 / 0.3 mixture of two prepared folders (the test BPE tokenizer over two
+    halves of the embedded corpus's documents), windows at documents, attention masked."""
+    from moeflow.data.prepare import prepare
+    from tests.data_corpus import documents, tokenizer_folder, write_jsonl
+
+    texts = documents(600_000)
+    halves = {"code": texts[::2], "web": texts[1::2]}
+    for name, part in halves.items():
+        if not (tmp_path / name / "manifest.json").is_file():
+            jsonl = write_jsonl(tmp_path / f"{name}.jsonl", part)
+            prepare([str(jsonl)], tmp_path / name, str(tokenizer_folder()), workers=1,
+                    val_percent=25, progress=False)  # fmt: skip
+    text = TINY.format(steps=40, out=out, ep=2, every=0, plot="false")
+    text = text.replace(
+        "[data]\nmax_bytes = 200000\n",
+        f"""[data]
+kind = "prepared"
+window_start = "document"
+document_mask = true
+[[data.sources]]
+path = "{tmp_path / "code"}"
+weight = 0.7
+[[data.sources]]
+path = "{tmp_path / "web"}"
+weight = 0.3
+""",
+    )
+    text = text.replace("[model]\n", "[model]\nvocab_size = 2048\n")
+    config.write_text(text)
+    return config
+
+
 def test_sigterm_on_two_ranks_checkpoints_exits_and_resumes_exactly(tmp_path):
+    """On a 0.7 / 0.3 mixture of prepared folders: SIGTERM checkpoints; the resumed run gives
+    the uninterrupted losses exactly; validation reports each source."""
     straight = tmp_path / "straight"
-    done = moeflow("train", str(write_config(tmp_path / "a.toml", straight, ep=2)), nproc=2)
+    done = moeflow("train", str(prepared_mixture(tmp_path, tmp_path / "a.toml", straight)), nproc=2)
     assert done.returncode == 0, done.stderr
     expected = train_losses(straight)
+    records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    (val,) = [r for r in records if r["kind"] == "val"]
+    assert set(val["sources"]) == {"code", "web"} and val["val_bpb"] is not None
 
     out = tmp_path / "preempted"
-    cfg = write_config(tmp_path / "b.toml", out, ep=2)
+    cfg = prepared_mixture(tmp_path, tmp_path / "b.toml", out)
     proc = start("train", str(cfg), nproc=2)
     metrics = out / "metrics.jsonl"
     wait_for(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 3, proc)

@@ -6,6 +6,7 @@
     moeflow slurm --nodes N --gpus-per-node G [--partition P --time T ...] CONFIG.toml [...]
     moeflow plan STATS.json --ranks R [--ranks-per-node G]   # expert placement from routing
     moeflow simulate CONFIG.toml [--world-size 8 64 512 2048]  # predicted modes past this machine
+    moeflow data prepare INPUT [...] --out DIR [--tokenizer PATH]  # corpora -> token shards
 
 `train` runs as a plain process (a world of one) or as every rank of a torchrun job. Errors in the
 config or the command line exit with status 2 and one line that says what to fix; a run stopped
@@ -177,8 +178,15 @@ def cmd_simulate(argv: list[str]) -> int:
     return run_simulate(argv)
 
 
+def cmd_data(argv: list[str]) -> int:
+    from moeflow.launch.data_cli import cmd_data as run_data
+
+    return run_data(argv)
+
+
 def parsers() -> dict[str, argparse.ArgumentParser]:
     """Every command's parser, by name (the CLI reference, docs/cli.md, is checked against them)."""
+    from moeflow.launch.data_cli import prepare_parser
     from moeflow.launch.plan import _parser as plan_parser
     from moeflow.launch.simulate import _parser as simulate_parser
 
@@ -188,6 +196,7 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
         "slurm": _slurm_parser(),
         "plan": plan_parser(),
         "simulate": simulate_parser(),
+        "data prepare": prepare_parser(),
     }
 
 
@@ -197,6 +206,7 @@ COMMANDS = {
     "slurm": cmd_slurm,
     "plan": cmd_plan,
     "simulate": cmd_simulate,
+    "data": cmd_data,
 }
 
 
