@@ -267,3 +267,23 @@ def test_a_hugging_face_model_takes_the_manifests_special_ids(two_sources):
     config = SimpleNamespace(eos_token_id=0, bos_token_id=7)
     take_special_ids(config, DataConfig(kind="prepared", path=str(two_sources[0])))
     assert config.eos_token_id == EOD and config.bos_token_id == 7  # the manifest has no bos
+
+
+def test_a_manifest_from_another_tokenizer_than_the_runs_is_refused(two_sources):
+    from moeflow.data.source import Corpus
+    from moeflow.train.run_data import RunData
+    from tests.data_corpus import tokenizer_folder
+
+    with pytest.raises(
+        ValueError,
+        match=r"data: code was tokenized by 'test-bpe' \(sha256:aa\), "
+        r"not by '.+' \([0-9a-f]+, .+\): one model reads one tokenizer",
+    ):
+        load_corpus(DataConfig(kind="prepared", path=str(two_sources[0]),
+                               tokenizer=str(tokenizer_folder())))  # fmt: skip
+    data = RunData.__new__(RunData)  # a resumed run: the checkpoint's ids against the data's
+    data.corpus = Corpus([load_corpus(DataConfig(kind="prepared", path=str(two_sources[0])))
+                          .sources[0]])  # fmt: skip
+    data.check_resume({"tokenizer": {"name": "test-bpe", "hash": "sha256:aa"}}, "ckpt")
+    with pytest.raises(ValueError, match=r"--resume: ckpt was trained on ids of tokenizer 'gpt2'"):
+        data.check_resume({"tokenizer": {"name": "gpt2", "hash": "sha256:ff"}}, "ckpt")
