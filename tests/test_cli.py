@@ -155,6 +155,9 @@ def test_sigterm_on_two_ranks_checkpoints_exits_and_resumes_exactly(tmp_path):
     records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     (val,) = [r for r in records if r["kind"] == "val"]
     assert set(val["sources"]) == {"code", "web"} and val["val_bpb"] is not None
+    # 40 steps x 4 windows x 2 ranks, drawn 0.7 / 0.3 (within a window per rank)
+    drawn = records[-1]["windows_by_source"]
+    assert sum(drawn.values()) == 320 and abs(drawn["web"] - 0.3 * 320) <= 2
 
     out = tmp_path / "preempted"
     cfg = prepared_mixture(tmp_path, tmp_path / "b.toml", out)

@@ -243,14 +243,19 @@ def test_a_mixture_trains_and_reports_validation_per_source(two_sources, tmp_pat
 
 
 def test_a_megatron_blend_trains(tmp_path):
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
     from moeflow.train.trainer import train
 
     rng = np.random.default_rng(4)
-    for name in ("a", "b"):
-        docs = documents(rng, 30, 10, 40)
-        w = IndexedWriter(tmp_path / f"{name}_text_document", np.uint16)
-        w.add_documents(np.concatenate(docs), [len(d) for d in docs])
-        w.finish()
+    for name in ("a", "b"):  # written by megatron-core's own builder, as preprocess_data.py does
+        prefix = tmp_path / f"{name}_text_document"
+        builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
+        for doc in documents(rng, 30, 10, 40):
+            builder.add_item(torch.from_numpy(doc.astype(np.int64)))
+            builder.end_document()
+        builder.finalize(f"{prefix}.idx")
     cfg = tiny_run(tmp_path, {"kind": "megatron", "val_percent": 20, "sources": [
         {"path": str(tmp_path / "a_text_document"), "weight": 2},
         {"path": str(tmp_path / "b_text_document"), "weight": 1}]}, steps=2)  # fmt: skip

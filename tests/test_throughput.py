@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
+from moeflow.data.source import Corpus, Source
 from moeflow.models.decoder import MoEDecoder
 from moeflow.parallel.dims import ParallelDims
 from moeflow.train.build import build_model
@@ -99,7 +99,7 @@ def test_a_run_prints_and_records_its_throughput(tmp_path, capsys):
     assert result.throughput == {k: end[k] for k in result.throughput}
 
 
-CORPUS = SimpleNamespace(description="stdlib", train=range(10**6), val=range(10**5))
+CORPUS = Corpus([Source("stdlib", range(10**6), range(10**5), "stdlib", 1.0)])
 DATA = "; data: stdlib, 1.00M train / 0.10M validation tokens; steps 0 -> 4"
 
 

@@ -47,6 +47,13 @@ class Mixture:
             had[s] += 1
         return pattern
 
+    def locate(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each window index: its source, and how many windows of that source came before
+        it (vectorised `source` and `drawn`)."""
+        full, rest = np.divmod(windows, self.cycle)
+        sources = self.pattern[rest]
+        return sources, full * self.before[sources, -1] + self.before[sources, rest]
+
     def source(self, i: int) -> int:
         """The source of window i."""
         return int(self.pattern[i % self.cycle])

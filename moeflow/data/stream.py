@@ -47,7 +47,7 @@ def document_windows(starts: np.ndarray, length: int, seq_len: int) -> np.ndarra
 
 
 class _SourceWindows:
-    """One source's windows on one rank: their starts (`k * seq_len`, or `picked`)."""
+    """One source's windows on one rank: window k starts at `k * seq_len`, or at `picked[k]`."""
 
     def __init__(self, tokens: TokenView, seq_len: int, starts: np.ndarray | None) -> None:
         self.tokens, self.seq_len = tokens, seq_len
@@ -55,9 +55,6 @@ class _SourceWindows:
         n = (len(tokens) - 1) // seq_len if self.picked is None else len(self.picked)
         self.count = max(n, 0)
         self.epoch, self.order = -1, np.zeros(0, dtype=np.int64)
-
-    def start(self, k: int) -> int:
-        return k * self.seq_len if self.picked is None else int(self.picked[k])
 
 
 class BatchStream:
@@ -128,12 +125,19 @@ class BatchStream:
     def _rows(self, first: int, count: int) -> torch.Tensor:
         """Windows `first .. first + count - 1` of the stream, `[count, seq_len + 1]` int64."""
         rows = np.empty((count, self.seq_len + 1), dtype=np.int64)
-        for row, i in enumerate(range(first, first + count)):
-            s = self.mixture.source(i)
+        sources, drawn = self.mixture.locate(np.arange(first, first + count, dtype=np.int64))
+        mixed = len(self.sources) > 1
+        for s in np.unique(sources).tolist() if mixed else [0]:  # the batch's sources
+            picked = np.flatnonzero(sources == s) if mixed else np.arange(count)
             windows = self.sources[s]
-            epoch, at = divmod(self.mixture.drawn(s, i), windows.count)
-            lo = windows.start(int(self._order(s, epoch)[at]))
-            rows[row] = windows.tokens.read(lo, lo + self.seq_len + 1)
+            epochs, at = np.divmod(drawn[picked], windows.count)
+            first_epoch, last_epoch = int(epochs[0]), int(epochs[-1])  # drawn grows along a batch
+            ks = np.empty(len(picked), dtype=np.int64)
+            for epoch in range(first_epoch, last_epoch + 1):  # two where it crosses an epoch
+                here = epochs == epoch
+                ks[here] = self._order(s, epoch)[at[here]]
+            starts = ks * self.seq_len if windows.picked is None else windows.picked[ks]
+            windows.tokens.gather_into(rows, picked, starts)
         return torch.from_numpy(rows)
 
     def sources_of(self, first: int, count: int) -> list[int]:

@@ -21,8 +21,10 @@ class TokenView:
     """Positions `[lo, hi)` of `pieces` laid end to end."""
 
     def __init__(self, pieces: list[np.ndarray], lo: int = 0, hi: int | None = None) -> None:
-        self.pieces = [p for p in pieces if len(p)]
+        # Plain ndarray views of the maps: slicing a `np.memmap` costs a Python-level hook.
+        self.pieces = [np.asarray(p) for p in pieces if len(p)]
         self.ends = np.cumsum([len(p) for p in self.pieces], dtype=np.int64)
+        self._ends = self.ends.tolist()
         total = int(self.ends[-1]) if len(self.ends) else 0
         self.lo, self.hi = lo, total if hi is None else hi
         self.dtype = self.pieces[0].dtype if self.pieces else np.dtype(np.uint16)
@@ -33,6 +35,7 @@ class TokenView:
     def _view(self, lo: int, hi: int) -> TokenView:
         view = TokenView.__new__(TokenView)
         view.pieces, view.ends, view.dtype = self.pieces, self.ends, self.dtype
+        view._ends = self._ends
         view.lo, view.hi = lo, hi
         return view
 
@@ -60,6 +63,19 @@ class TokenView:
             parts.append(self.pieces[first][lo - begin : end - begin])
             lo, first = end, first + 1
         return parts[0].copy() if len(parts) == 1 else np.concatenate(parts)
+
+    def gather_into(self, out: np.ndarray, rows: np.ndarray, starts: np.ndarray) -> None:
+        """`out[rows[j]] = self[starts[j] : starts[j] + out.shape[1]]` for every j: the windows
+        of a batch, copied (and cast to `out`'s dtype) straight from the pieces."""
+        length, ends = out.shape[1], self._ends
+        at = np.asarray(starts, dtype=np.int64) + self.lo
+        pieces = np.searchsorted(self.ends, at, side="right").tolist()
+        for row, p, a in zip(rows.tolist(), pieces, at.tolist(), strict=True):
+            b = ends[p - 1] if p else 0
+            if a + length <= ends[p]:
+                out[row] = self.pieces[p][a - b : a - b + length]
+            else:  # a window across two pieces
+                out[row] = self.read(a - self.lo, a - self.lo + length)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         out = self.read(0, len(self))

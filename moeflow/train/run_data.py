@@ -115,6 +115,17 @@ class RunData:
             )
         return "\n".join(lines)
 
+    def drawn(self, world_size: int) -> dict:
+        """`{"windows_by_source": {name: windows}}`: the training windows the job has drawn from
+        each source since step 0 (every rank draws the same sources in the same order), for a
+        mixture; empty for one source."""
+        if len(self.corpus.sources) == 1:
+            return {}
+        mix, windows = self.stream.mixture, self.stream.windows
+        return {"windows_by_source": {
+            name: world_size * mix.drawn(s, windows) for s, name in enumerate(self.corpus.names)
+        }}  # fmt: skip
+
     def tokenizer_record(self) -> dict | None:
         """What a checkpoint records of the ids it was trained on (None: bytes or unknown)."""
         tok = self.corpus.sources[0].tokenizer
