@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from moeflow.data.config import DataConfig, SourceConfig
 from moeflow.data.corpus import check_corpus, load_corpus
@@ -122,15 +123,23 @@ def test_prepared_shards_read_in_place_back_to_back(two_sources):
 
 def test_windows_can_start_at_documents(two_sources):
     corpus = load_corpus(DataConfig(kind="prepared", path=str(two_sources[0])))
-    src = corpus.sources[0]
+    src, L = corpus.sources[0], 16
     starts = src.doc_starts()
-    s = BatchStream(src.train, 16, 4, 0, 1, 0, doc_starts=[starts], window_start="document")
+    s = BatchStream(src.train, L, 4, 0, 1, 0, doc_starts=[starts], window_start="document")
+    picked = s.sources[0].picked
+    # Every document is cut from its first token every L tokens: its window starts, by hand.
+    ends = np.append(starts[1:], len(src.train))
+    by_hand = [
+        a + k * L for a, b in zip(starts, ends, strict=True) for k in range(-(-(b - a) // L))
+    ]
+    assert picked.tolist() == [p for p in by_hand if p + L + 1 <= len(src.train)]
+    tokens = np.asarray(src.train)
+    rows = {tokens[p : p + L + 1].tobytes(): p for p in picked.tolist()}
     for _ in range(20):
-        x, _ = s.next_batch()
-        for row in x.numpy():  # each window opens a document: the token before it is EOD
-            at = [p for p in starts if np.array_equal(np.asarray(src.train[p : p + 16]), row)]
-            assert at, "a window that does not start at a document"
-    assert document_windows(np.array([0, 5, 6, 30]), 40, 8).tolist() == [0, 30]
+        x, y = s.next_batch()
+        full = torch.cat([x, y[:, -1:]], dim=1).numpy().astype(np.uint16)
+        assert all(row.tobytes() in rows for row in full)  # each window is one of those
+    assert document_windows(np.array([0, 5, 6, 30]), 40, 8).tolist() == [0, 5, 6, 14, 22, 30]
 
 
 def test_unigram_baseline_from_counts_is_the_counted_one(two_sources):

@@ -55,15 +55,15 @@ class DataConfig:
     - `megatron`: `path` is a Megatron indexed corpus (`PREFIX` of `PREFIX.bin` / `PREFIX.idx`,
       read in place), or `sources` a weighted blend of them; its last `val_percent`% of documents
       validate.
-    `sources` (a list of `{path, weight, name}` tables, `[[data.sources]]` in TOML) replaces
-    `path` for a mixture: each source's share of the training windows is its weight, and
-    validation reports each source's loss beside the mixture's. `max_bytes` caps the training
-    bytes read by `text` and `stdlib` (unset: no cap for `text`, 8 MB for `stdlib`; 0: no cap);
-    validation is capped at a tenth of it. `window_start = "document"` starts every window at a
-    document start; `document_mask` keeps attention inside each document of a window (the decoder
-    restarts its positions at each document: a window of packed documents computes what each
-    document alone would). `tokenizer`: the tokenizer the run's model is trained for (a
-    `tokenizer.json` or a folder); every prepared folder's manifest must name the same one.
+    `sources` (a list of `{path, weight, name}` tables, `[[data.sources]]` in TOML) replaces `path`
+    for a mixture: each source's share of the training windows is its weight, and validation reports
+    each source's loss beside the mixture's. `max_bytes` caps the training bytes read by `text` and
+    `stdlib` (unset: no cap for `text`, 8 MB for `stdlib`; 0: no cap); validation is capped at a
+    tenth of it. `window_start = "document"` cuts every document into windows from its first token;
+    `document_mask` keeps attention inside each document of a window (the decoder restarts its
+    positions at each document: a window of packed documents computes what each document alone
+    would). `tokenizer`: the tokenizer the run's model is trained for (a `tokenizer.json` or a
+    folder); every prepared folder's manifest must name the same one.
     """
 
     kind: str = "stdlib"

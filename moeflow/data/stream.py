@@ -8,8 +8,8 @@ rank, source, j // n)`. The number of windows drawn is the stream's whole state,
 run continues with exactly the batches the uninterrupted run would have drawn.
 
 Windows start every `seq_len` tokens (`window_start = "any"`: non-overlapping, across document
-boundaries), or at document starts (`"document"`: each window begins a document and runs on
-across the next ones; the rest of a document a window did not reach is not trained on).
+boundaries), or at documents (`"document"`: every document is cut into windows from its first
+token, every `seq_len` tokens; its last window runs on into the next documents).
 
 Example:
     >>> tokens = np.arange(1000, dtype=np.uint16)
@@ -29,21 +29,22 @@ from moeflow.data.token_view import TokenView, as_view
 
 
 def document_windows(starts: np.ndarray, length: int, seq_len: int) -> np.ndarray:
-    """Window starts at document starts (`starts`: sorted offsets of the documents in a span of
-    `length` tokens), each the first document start at or past the previous window's last input
-    token, every window whole inside the span.
+    """Window starts aligned to documents (`starts`: sorted offsets of the documents in a span
+    of `length` tokens): each document's first token, then every `seq_len` tokens while the
+    document lasts, every window whole inside the span. Every token of a document is an input of
+    a window that began in that document.
 
     Example:
         >>> document_windows(np.array([0, 3, 9, 10, 20]), length=30, seq_len=8).tolist()
-        [0, 9, 20]
+        [0, 3, 9, 10, 18, 20]
     """
-    starts = starts[starts + seq_len + 1 <= length]
-    following = np.searchsorted(starts, starts + seq_len).tolist()
-    picked, i = [], 0
-    while i < len(starts):
-        picked.append(i)
-        i = following[i]
-    return starts[picked].astype(np.int64)
+    starts = np.asarray(starts, dtype=np.int64)
+    ends = np.append(starts[1:], length)
+    counts = np.maximum(-(-(ends - starts) // seq_len), 0)
+    first = np.repeat(starts, counts)
+    step = np.arange(len(first)) - np.repeat(np.cumsum(counts) - counts, counts)
+    picked = first + step * seq_len
+    return picked[picked + seq_len + 1 <= length]
 
 
 class _SourceWindows:
