@@ -34,8 +34,7 @@ from moeflow.comm.replay import CollectiveReplay
 from moeflow.models.documents import document_attention
 from moeflow.models.lm_loss import chunked_token_loss, token_loss
 from moeflow.moe.config import MoEConfig
-from moeflow.moe.experts import slice_experts
-from moeflow.moe.ffn import FeedForward, init_ffn_weights_
+from moeflow.moe.ffn import FeedForward
 from moeflow.moe.layer import MoELayer
 from moeflow.moe.routers.recurrent import reset_gru
 from moeflow.moe.routing_context import RoutingContext
@@ -250,19 +249,8 @@ class MoEDecoder(nn.Module):
                 std=cfg.init_std / math.sqrt(2 * cfg.n_layers),
                 generator=gen,
             )
-            if isinstance(block.ffn, MoELayer):
-                block.ffn.reset_buffers()
-                block.ffn.router.reset_parameters(generator=gen)
-                block.ffn.router.expert_bias.zero_()
-                if block.ffn.ffn_out_bias is not None:
-                    block.ffn.ffn_out_bias.zero_()
-                if block.ffn.a2a is not None:
-                    block.ffn.a2a.reset_parameters(generator=gen)
-                if block.ffn.zc_experts is not None:
-                    block.ffn.zc_experts.reset_parameters(generator=gen)
-                if block.ffn.shared_expert is not None:
-                    block.ffn.shared_expert.reset_parameters(generator=gen)
-                self._init_experts(block.ffn, index, seed)
+            if isinstance(block.ffn, MoELayer):  # experts seeded by (seed, block)
+                block.ffn.reset_parameters(generator=gen, seed=seed, salt=index)
             else:
                 block.ffn.reset_parameters(generator=gen)
         for module in self.router_shared.values():
@@ -270,32 +258,6 @@ class MoEDecoder(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.RMSNorm):
                 module.reset_parameters()
-
-    @staticmethod
-    def _init_experts(layer: MoELayer, index: int, seed: int | None) -> None:
-        """Each expert from its own generator, seeded by (seed, block, logical id): a rank that
-        holds experts {4..7} initialises them exactly as a single process holding all 8 does."""
-        if seed is None:
-            layer.experts.reset_parameters()
-            return
-        w1, w2 = layer.experts.w1, layer.experts.w2
-        cfg = layer.config
-        lo, hi = layer.layout.ffn_range(layer.expert_dispatch.rank)
-        for slot, logical in enumerate(layer.local_expert_ids):
-            gen = torch.Generator(device=w1.device).manual_seed(
-                (seed * 1_000_003 + index) * 1_000_003 + logical
-            )
-            if (lo, hi) == (0, cfg.ffn_hidden_size):
-                init_ffn_weights_(w1[slot], w2[slot], gen)
-                continue
-            # An F-slice: draw the whole expert, keep the slice (as the single process has it).
-            full1 = w1.new_empty(w1.shape[1], w1.shape[2] // (hi - lo) * cfg.ffn_hidden_size)
-            full2 = w2.new_empty(cfg.ffn_hidden_size, w2.shape[2])
-            init_ffn_weights_(full1, full2, gen)
-            part1, part2 = slice_experts(full1[None], full2[None], None, lo, hi)
-            with torch.no_grad():
-                w1[slot].copy_(part1[0])
-                w2[slot].copy_(part2[0])
 
     # `model_loss` hands this model its targets: the loss is computed inside `forward`, where a
     # sharded model's head weight is gathered.

@@ -24,6 +24,7 @@ from moeflow.moe.expert_dispatch import ExpertDispatch
 from moeflow.moe.experts import GroupedExperts, gated_bias
 from moeflow.moe.ffn import FeedForward
 from moeflow.moe.grouped_ffn import compute_dtype
+from moeflow.moe.layer_init import reset_layer
 from moeflow.moe.layout import ExpertLayout
 from moeflow.moe.losses import layer_losses, masked_counts
 from moeflow.moe.low_dim import LowDimProjection
@@ -185,6 +186,12 @@ class MoELayer(nn.Module):
         """`[E]`: the dispatcher slot this rank sends each expert's tokens to first in `ep` mode
         (the logical-to-physical map when nothing is replicated or sharded)."""
         return self.expert_dispatch.slot_table[:, 0]
+
+    def reset_parameters(
+        self, generator: torch.Generator | None = None, seed: int | None = None, salt: int = 0
+    ) -> None:
+        """Initialise in place (`moeflow.moe.layer_init`): experts seeded by `(seed, salt)`."""
+        reset_layer(self, generator, seed, salt)
 
     def reset_buffers(self) -> None:
         """Rewrite the placement buffers from the layout and zero the balancing counts, e.g.
