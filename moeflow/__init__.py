@@ -9,15 +9,22 @@ Example:
     torch.Size([3, 16])
 """
 
-from moeflow.moe import (
-    FeedForward,
-    GroupedExperts,
-    MoEConfig,
-    MoELayer,
-    MoEStats,
-    RouterConfig,
-    set_aux_loss_scale,
-)
+import importlib
+
+# Loaded when first used (PEP 562): `import moeflow.data...` in a `data prepare` worker must not
+# pay for torch.
+_LAZY = {
+    name: "moeflow.moe"
+    for name in ("FeedForward", "GroupedExperts", "MoEConfig", "MoELayer", "MoEStats",
+                 "RouterConfig", "set_aux_loss_scale")
+}  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'moeflow' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 
