@@ -313,6 +313,9 @@ def test_bad_rows_found_while_reading_leave_nothing_behind(tmp_path):
     texts[21] = None
     pq.write_table(pa.table({"text": texts}), tmp_path / "null.parquet", row_group_size=8)
     refused(lambda: run([tmp_path / "null.parquet"], out, unit_bytes=10), "row 21", "null")
+    # JSON that pyarrow refuses and Python's json takes (a lone surrogate): named by file line.
+    (tmp_path / "odd.jsonl").write_text('{"text": "a"}\n\n{"text": "b"}\n{"text": "\\udc00x"}\n')
+    refused(lambda: run([tmp_path / "odd.jsonl"], out), "odd.jsonl line 4: JSON parse error")
     write_jsonl(tmp_path / "blank.jsonl", ["", "", ""])
     refused(lambda: run([tmp_path / "blank.jsonl"], out), "no documents", "all 3 texts are empty")
     assert not out.exists()  # the parts written before the bad row are gone with the folder
@@ -334,6 +337,19 @@ def test_the_output_folder_is_refused_unless_it_is_ours(tmp_path, monkeypatch):
     refused(lambda: run([jsonl], out), "already holds a finished prepared folder", "--overwrite")
     assert run([jsonl], out, val_percent=0.0, overwrite=True).train.documents == 3
     assert (out / "notes.txt").read_text() == "mine"  # --overwrite replaced only its own files
+    # --overwrite with input found bad while reading: the finished folder stays as it was.
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    bad = tmp_path / "late.jsonl"
+    bad.write_text("".join(json.dumps({"text": f"d{i}"}) + "\n" for i in range(30)) + '{"x": 1}\n')
+    refused(lambda: run([bad], out, overwrite=True, unit_bytes=64), "line 31 has no field")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # Another prepare holding the folder: refused before the folder is looked at.
+    import fcntl
+
+    with open(out / ".prepare.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        refused(lambda: run([jsonl], out, overwrite=True), "another moeflow data prepare")
+    assert (out / "manifest.json").read_bytes() == before["manifest.json"]
 
     def stop(*args):
         raise RuntimeError("stopped")
@@ -421,4 +437,4 @@ def test_a_folder_without_tokenizer_json_loads_through_transformers(tmp_path):
     shutil.copy(bpe / "tokenizer.json", alone / "tokenizer.json")
     shutil.copy(bpe / "tokenizer.json", tmp_path / "my.json")
     hashes = {load_tokenizer(p).info.hash for p in (alone, tmp_path / "my.json")}
-    assert len(hashes) == 1 and hashes != {fast.tokenizer.hash}  # (no tokenizer_config.json)
+    assert hashes == {fast.tokenizer.hash}  # tokenizer.json and the end-of-document id make the ids

@@ -301,3 +301,59 @@ def test_a_manifest_from_another_tokenizer_than_the_runs_is_refused(two_sources)
     data.check_resume({"tokenizer": {"name": "test-bpe", "hash": "sha256:aa"}}, "ckpt")
     with pytest.raises(ValueError, match=r"--resume: ckpt was trained on ids of tokenizer 'gpt2'"):
         data.check_resume({"tokenizer": {"name": "gpt2", "hash": "sha256:ff"}}, "ckpt")
+
+
+def test_a_tokenizer_hashes_alike_as_a_file_or_its_folder(tmp_path):
+    """The ids come from tokenizer.json: given as the file or as its folder (which also holds a
+    tokenizer_config.json), a prepared folder's manifest and the run's data.tokenizer agree."""
+    import shutil
+
+    from moeflow.data.tokenizer import load_tokenizer
+    from tests.data_corpus import tokenizer_folder
+
+    folder = tmp_path / "tok"
+    shutil.copytree(tokenizer_folder(), folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    as_folder, as_file = load_tokenizer(folder).info, load_tokenizer(folder / "tokenizer.json").info
+    assert as_folder.hash == as_file.hash and as_folder.eod_id == as_file.eod_id
+
+
+def test_edge_cases_of_documents_and_weights(tmp_path, two_sources):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    # A pair whose documents include empty ones (Megatron writes one for an empty text), last too.
+    prefix = tmp_path / "gaps_text_document"
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
+    docs = [np.array([5, 6, EOD]), np.array([], dtype=np.int64), np.array([7, EOD])] * 4
+    for doc in [*docs, np.array([], dtype=np.int64)]:
+        builder.add_document(torch.from_numpy(doc.astype(np.int64)), [len(doc)] if len(doc) else [])
+    builder.finalize(f"{prefix}.idx")
+    pair = IndexedTokens.open(prefix)
+    assert pair.starts().tolist() == [0, 3, 3, 5, 8, 8, 10, 13, 13, 15, 18, 18, 20, 20]
+    assert pair.document(12).tolist() == [] and pair.document(11).tolist() == [7, EOD]
+    # Windows at documents on every rank, a document under way at a part's start included.
+    one_doc = np.arange(1000, dtype=np.uint16)
+    for rank in range(2):
+        s = BatchStream(one_doc, 8, 2, rank, 2, 0, doc_starts=[np.array([0])],
+                        window_start="document")  # fmt: skip
+        assert s.sources[0].count == (500 - 1) // 8
+    # Document masking of a Megatron pair whose documents do not end with the eod id: refused.
+    w = IndexedWriter(tmp_path / "noeod", np.uint16)
+    w.add_documents(np.array([5, 6, 7, 8, 9, 10], dtype=np.uint16), [3, 3])
+    w.finish()
+    from moeflow.data.prepared import megatron_source
+
+    with pytest.raises(ValueError, match=r"document 0 of .*noeod ends with id 7, not the "
+                       r"end-of-document id 1 .* --append-eod"):  # fmt: skip
+        megatron_source(SourceConfig(path=str(tmp_path / "noeod")), 50, EOD, masked=True)
+    # A prepared folder's short validation split: the fix is in data prepare.
+    with pytest.raises(ValueError, match=r"prepare it again with a larger --val-percent"):
+        check_corpus(load_corpus(DataConfig(kind="prepared", path=str(two_sources[0]))), 500,
+                     4096, 0, 1)  # fmt: skip
+    with pytest.raises(ValueError, match=r"less than one window in 10,000: it would never be"):
+        Mixture([1.0, 4e-5])
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "rows.parquet").write_bytes(b"PAR1")
+    with pytest.raises(ValueError, match=r"holds rows.parquet: data.kind = 'text' would train on "
+                       r"its PARQUET as bytes"):  # fmt: skip
+        load_corpus(DataConfig(kind="text", path=str(tmp_path / "p")))

@@ -318,7 +318,10 @@ def test_bad_input_gives_one_line_before_the_first_step(tmp_path, capsys, monkey
     elif case == "token id >= vocab":
         data = _tokens(tmp_path / "tok", [*ok_train[:5000], 300, *ok_train], ok_train[:600])
         args += ["--data.kind", "tokens", "--data.path", str(data)]
-        want = r"data: train\.bin holds token id 300 at position 5000, >= model\.vocab_size \(256\)"
+        want = (
+            r"data: train\.bin holds token id 300 at position 5000, outside "
+            r"0\.\.model\.vocab_size - 1 \(255\)"
+        )
     elif case == "empty .bin":
         data = _tokens(tmp_path / "tok", ok_train, [])
         args += ["--data.kind", "tokens", "--data.path", str(data)]

@@ -133,7 +133,7 @@ def byte_source(cfg: DataConfig) -> Source:
     return Source(path.name, *arrays, what, None, split_names=("train.bin", "val.bin"))
 
 
-FIELD_FORMATS = (".jsonl", ".json", ".parquet", ".arrow")
+FIELD_FORMATS = (".jsonl", ".json", ".ndjson", ".parquet", ".arrow")
 
 
 def _refuse_fields(files: list[Path], cfg: DataConfig) -> None:

@@ -41,7 +41,8 @@ def load_corpus(cfg: DataConfig) -> Corpus:
                 "data.document_mask with data.kind = 'megatron' needs data.tokenizer (the "
                 "end-of-document id of the corpus's tokenizer)"
             )
-        sources = [megatron_source(s, cfg.val_percent, eod) for s in cfg.source_list()]
+        sources = [megatron_source(s, cfg.val_percent, eod, cfg.document_mask)
+                   for s in cfg.source_list()]  # fmt: skip
     _check_tokenizers(sources, wanted, cfg.tokenizer)
     return Corpus(sources)
 
@@ -81,16 +82,17 @@ def check_tokens(tokens, vocab_size: int, what: str, offset: int = 0, chunk: int
         >>> try:
         ...     check_tokens(np.array([1, 7, 300], dtype=np.uint16), 256, "train.bin", offset=10)
         ... except ValueError as exc:
-        ...     print(str(exc)[:56])
-        data: train.bin holds token id 300 at position 12, >= mo
+        ...     print(str(exc)[:88])
+        data: train.bin holds token id 300 at position 12, outside 0..model.vocab_size - 1 (255)
     """
     for lo in range(0, len(tokens), chunk):
         part = np.asarray(tokens[lo : lo + chunk])
-        if len(part) and int(part.max()) >= vocab_size:
-            at = lo + int(np.argmax(part >= vocab_size))
+        if len(part) and (int(part.max()) >= vocab_size or int(part.min()) < 0):
+            at = lo + int(np.argmax((part >= vocab_size) | (part < 0)))
             raise ValueError(
-                f"data: {what} holds token id {int(tokens[at])} at position {offset + at}, >= "
-                f"model.vocab_size ({vocab_size}); raise model.vocab_size or re-tokenize"
+                f"data: {what} holds token id {int(tokens[at])} at position {offset + at}, "
+                f"outside 0..model.vocab_size - 1 ({vocab_size - 1}); raise model.vocab_size or "
+                "re-tokenize"
             )
 
 
@@ -100,7 +102,7 @@ def check_corpus(corpus: Corpus, vocab_size: int, seq_len: int, rank: int, world
     check_vocab(corpus, vocab_size)
     for s in corpus.sources:
         what = f"{s.name}'s validation split" if len(corpus.sources) > 1 else "the validation split"
-        check_validation_split(s.val, seq_len, what)
+        check_validation_split(s.val, seq_len, what, s.val_remedy)
         if s.vocab_size is not None:
             continue
         names = s.split_names if len(corpus.sources) == 1 else [

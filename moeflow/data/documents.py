@@ -355,7 +355,7 @@ def _jsonl_batches(unit: Unit) -> Iterator[list[str]]:
         column = pj.read_json(pa.BufferReader(data), read, parse).column(0)
     except pa.ArrowInvalid as exc:
         _find_bad_line(unit, data)
-        raise ValueError(f"{unit.path}: {exc}") from None
+        raise ValueError(f"{unit.path}{_arrow_line(unit, data, str(exc))}: {exc}") from None
     if column.null_count:
         _find_bad_line(unit, data)
     texts = column.to_pylist()
@@ -363,10 +363,35 @@ def _jsonl_batches(unit: Unit) -> Iterator[list[str]]:
         yield texts[i : i + BATCH_ROWS]
 
 
+def _lines_before(unit: Unit, chunk: int = 1 << 24) -> int:
+    """Lines of the file before the unit's first byte, counted a chunk at a time."""
+    count, left = 0, unit.start
+    with open(unit.path, "rb") as stream:
+        while left:
+            part = stream.read(min(chunk, left))
+            count, left = count + part.count(b"\n"), left - len(part)
+    return count
+
+
+def _arrow_line(unit: Unit, data: bytes, message: str) -> str:
+    """` line N` for pyarrow's "row R" (0-based among the unit's non-blank lines), or ``."""
+    import re
+
+    found = re.search(r"\brow (\d+)", message)
+    if found is None:
+        return ""
+    rows = int(found.group(1))
+    for at, line in enumerate(data.splitlines()):
+        if line.strip():
+            if rows == 0:
+                return f" line {_lines_before(unit) + at + 1}"
+            rows -= 1
+    return ""
+
+
 def _find_bad_line(unit: Unit, data: bytes) -> None:
     """Raise the error of the first line of `data` that is not an object with a text `field`."""
-    with open(unit.path, "rb") as stream:
-        line_no = stream.read(unit.start).count(b"\n")
+    line_no = _lines_before(unit)
     for line in data.splitlines():
         line_no += 1
         if line.strip():

@@ -118,12 +118,10 @@ class IndexedTokens:
 
     def starts(self) -> np.ndarray:
         """int64 [documents + 1]: the token offset where each document starts, then the end."""
-        itemsize = self.tokens.dtype.itemsize
-        first = self.document_indices[:-1]
-        out = np.empty(len(first) + 1, dtype=np.int64)
-        out[:-1] = self.pointers[first] // itemsize if len(self.pointers) else 0
-        out[-1] = len(self.tokens)
-        return out
+        # A sequence's start, and one past the last: an empty document (no sequence; Megatron
+        # writes one for an empty text) starts where the next sequence does.
+        sequence_starts = np.append(self.pointers // self.tokens.dtype.itemsize, len(self.tokens))
+        return np.append(sequence_starts[self.document_indices[:-1]], len(self.tokens))
 
     def span(self, first: int, count: int) -> tuple[int, int]:
         """Token offsets `[lo, hi)` of documents `first .. first + count - 1`."""

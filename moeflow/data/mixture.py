@@ -31,6 +31,13 @@ class Mixture:
             raise ValueError(f"mixture weights {list(weights)} must be positive and finite")
         self.weights = w / w.sum()
         self.cycle = cycle if len(w) > 1 else 1
+        if len(w) > 1 and self.weights.min() * self.cycle < 1:
+            small = int(np.argmin(self.weights))
+            raise ValueError(
+                f"mixture weight {list(weights)[small]} of source {small} is "
+                f"{self.weights[small]:.2g} of the total, less than one window in {cycle:,}: it "
+                "would never be drawn; raise it or leave the source out"
+            )
         self.pattern = self._pattern(self.weights, self.cycle)
         # before[s, j]: windows of source s among the first j of a cycle
         hits = self.pattern[None, :] == np.arange(len(w))[:, None]

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -42,7 +43,15 @@ import numpy as np
 from moeflow.data.documents import Inputs, plan_inputs
 from moeflow.data.indexed import token_dtype
 from moeflow.data.manifest import SPLITS, Manifest, TokenizerInfo
-from moeflow.data.prepare_folder import PLAN_VERSION, claim, finish, locked, remove_unfinished
+from moeflow.data.prepare_folder import (
+    PLAN_VERSION,
+    after_failure,
+    claim,
+    finish,
+    holding,
+    replace_old,
+    work_folder,
+)
 from moeflow.data.prepare_merge import merge, save_counts
 from moeflow.data.prepare_parts import SPLIT_RULE, hash_files, read_part, run_tasks, tokenize_unit
 from moeflow.data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
@@ -94,23 +103,23 @@ def prepare(
     if found.megatron:
         options = {"val_percent": float(val_percent), "sample_tokens": sample_tokens}
     plan = _plan(found, options, tok, tokenizer is not None, inputs)
-    created = not out.exists()
-    resumed = claim(out, plan, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer_args = (None if tokenizer is None else str(tokenizer), eod_token)
-    with locked(out, plan, resumed) as work:
-        try:
-            if found.megatron:
-                manifest = _describe(work, out, found, tok, options, workers, progress)
-            else:
-                manifest = _tokenize_and_merge(work, out, found, options, tok, tokenizer_args,
-                                               workers, progress)  # fmt: skip
-        except ValueError:
-            if not resumed:  # bad input found while reading: leave `out` as it was
-                remove_unfinished(out, created)
-            raise
-        manifest.write(out)  # last: the folder is complete
-        finish(out)
+    with holding(out):
+        state = claim(out, plan, overwrite)
+        replace = (lambda: replace_old(out)) if state == "replace" else (lambda: None)
+        with work_folder(out, plan, state) as work:
+            try:
+                if found.megatron:
+                    manifest = _describe(work, out, found, tok, options, workers, progress,
+                                         replace)  # fmt: skip
+                else:
+                    manifest = _tokenize_and_merge(work, out, found, options, tok, tokenizer_args,
+                                                   workers, progress, replace)  # fmt: skip
+            except ValueError:  # bad input found while reading: `out` as it was
+                after_failure(out, state)
+                raise
+            manifest.write(out)  # last: the folder is complete
+            finish(out)
     return manifest
 
 
@@ -135,9 +144,12 @@ def _plan(found: Inputs, options: dict, tok: Tokenizer, given: bool, inputs) -> 
 
 
 def _tokenize_and_merge(work: Path, out: Path, found: Inputs, options: dict, tok: Tokenizer,
-                        tokenizer_args, workers: int, progress: bool) -> Manifest:  # fmt: skip
-    """Steps 2 and 3, and the manifest they make."""
+                        tokenizer_args, workers: int, progress: bool,
+                        replace: Callable[[], None]) -> Manifest:  # fmt: skip
+    """Steps 2 and 3, and the manifest they make; `replace()` runs between them (the input read
+    whole and good: a finished folder being replaced goes)."""
     _tokenize(work, found, options, tok, tokenizer_args, workers, progress)
+    replace()
     ids = np.dtype(options["dtype"])
     with _bar(progress, "merge", "tok", _tokens(work, found)) as bar:
         splits, empty = merge(work, out, len(found.units), ids, tok.info.vocab_size,
@@ -288,7 +300,7 @@ def _manifest(info, dtype: str, rule: dict, splits: dict, work: Path, found: Inp
 
 
 def _describe(work: Path, out: Path, found: Inputs, tok: Tokenizer, options: dict,
-              workers: int, progress: bool) -> Manifest:  # fmt: skip
+              workers: int, progress: bool, replace: Callable[[], None]) -> Manifest:  # fmt: skip
     """A Megatron pair (or several) in place: counts and hashes on the pool, then the manifest."""
     from moeflow.data import prepare_megatron as mg
 
@@ -308,6 +320,7 @@ def _describe(work: Path, out: Path, found: Inputs, tok: Tokenizer, options: dic
 
         run_tasks(calls, workers, ByteTokenizer(), (None, None), on_done)
     splits, how = mg.splits_of(shards, counts, tok, options["sample_tokens"])
+    replace()
     for name in SPLITS:
         save_counts(out / COUNTS[name], counts[name])
     rule = {"rule": mg.RULE, "val_percent": val_percent,

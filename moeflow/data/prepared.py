@@ -88,14 +88,34 @@ def prepared_source(source: SourceConfig) -> Source:
         eod_id=tok.eod_id,
         doc_starts=lambda: _starts_of(train_spans),
         counts=counts,
+        val_remedy="prepare it again with a larger --val-percent (moeflow data prepare)",
     )
 
 
-def megatron_source(source: SourceConfig, val_percent: int, eod_id: int | None) -> Source:
+def _check_eod(pair: IndexedTokens, eod_id: int, sample: int = 1000) -> None:
+    """Documents of `pair` end with `eod_id` (checked on up to `sample` of them, evenly spread):
+    a document mask is built from it."""
+    for d in np.unique(np.linspace(0, pair.documents - 1, sample).astype(np.int64)).tolist():
+        doc = pair.document(d)
+        if len(doc) and int(doc[-1]) != eod_id:
+            raise ValueError(
+                f"data.document_mask: document {d} of {pair.prefix} ends with id {int(doc[-1])}, "
+                f"not the end-of-document id {eod_id} (of data.tokenizer): a pair written "
+                "without preprocess_data.py --append-eod has no boundaries to mask; rebuild it "
+                "with --append-eod, or leave data.document_mask unset"
+            )
+
+
+def megatron_source(
+    source: SourceConfig, val_percent: int, eod_id: int | None, masked: bool = False
+) -> Source:
     """A Megatron indexed corpus in place; its last `val_percent`% of documents validate
     (Megatron's contiguous split). Its ids are not described: they are checked against the
-    model's vocabulary before the first step."""
+    model's vocabulary before the first step. `masked`: the run masks attention by documents,
+    which must end with `eod_id`."""
     pair = IndexedTokens.open(source.path)
+    if masked and pair.documents:
+        _check_eod(pair, eod_id)
     n = pair.documents
     n_val = max(1, round(n * val_percent / 100)) if n > 1 else 0
     if n_val == 0 or n - n_val == 0:

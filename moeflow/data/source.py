@@ -40,6 +40,7 @@ class Source:
     doc_starts: Callable[[], np.ndarray] | None = None
     counts: tuple[np.ndarray, np.ndarray] | None = None
     split_names: tuple[str, str] = ("training split", "validation split")  # in error messages
+    val_remedy: str = "use more data or a larger data.val_percent"  # ... for a short one
 
 
 @dataclass

@@ -83,6 +83,7 @@ class BatchStream:
         self.mixture = Mixture(weights or [1.0] * len(sources))
         self.seq_len, self.batch_size = seq_len, batch_size
         self.rank, self.seed, self.windows = rank, seed, 0
+        self.counted = np.zeros(len(sources), dtype=np.int64)  # windows drawn, by source
         self.sources = []
         for s, view in enumerate(sources):
             part = len(view) // world_size
@@ -96,6 +97,8 @@ class BatchStream:
                     )
                 found = doc_starts[s]
                 starts = found[(found >= rank * part) & (found < (rank + 1) * part)] - rank * part
+                # The document under way where the part begins is cut from the part's start.
+                starts = np.union1d([0], starts)
             windows = _SourceWindows(mine, seq_len, starts)
             needed = batch_size if len(sources) == 1 else 1
             if windows.count < needed:
@@ -139,6 +142,7 @@ class BatchStream:
                 ks[here] = self._order(s, epoch)[at[here]]
             starts = ks * self.seq_len if windows.picked is None else windows.picked[ks]
             windows.tokens.gather_into(rows, picked, starts)
+            self.counted[s] += len(picked)
         return torch.from_numpy(rows)
 
     def sources_of(self, first: int, count: int) -> list[int]:
@@ -175,7 +179,8 @@ class BatchStream:
     def load_state_dict(self, state: dict) -> None:
         if "windows" in state:
             self.windows = int(state["windows"])
-        else:  # a checkpoint of moeflow 0.1's one-source stream: (epoch, index) of its windows
+        else:  # moeflow 0.1's one-source stream, (epoch, index): the same place in the data (the
+            # same batches where its epochs, which dropped a last partial batch, had none)
             per_epoch = self.num_windows // self.batch_size * self.batch_size
             self.windows = int(state["epoch"]) * per_epoch + int(state["index"])
 
@@ -212,11 +217,16 @@ def eval_batches(
         yield data[:, :-1], data[:, 1:], mask
 
 
-def check_validation_split(tokens, seq_len: int, what: str = "the validation split") -> None:
+def check_validation_split(
+    tokens,
+    seq_len: int,
+    what: str = "the validation split",
+    remedy: str = "use more data or a larger data.val_percent",
+) -> None:
     """At least one validation window, checked before the first step (not at the first
     validation, after the training)."""
     if (len(tokens) - 1) // seq_len < 1:
         raise ValueError(
             f"data: {what} has {len(tokens)} tokens, fewer than one window of "
-            f"{seq_len + 1} (train.seq_len + 1); use more data or a larger data.val_percent"
+            f"{seq_len + 1} (train.seq_len + 1); {remedy}"
         )

@@ -160,10 +160,9 @@ def _load_tokenizers(where: Path, eod_token: str | None) -> HFTokenizer:
 
     specials = [t.content for t in tok.get_added_tokens_decoder().values() if t.special]
     eod = _eod_id(str(file), eod_token, ids_of("eos_token"), specials, tok.token_to_id)
-    files = [file] if where.is_file() else _tokenizer_files(where)
-    info = TokenizerInfo(
+    info = TokenizerInfo(  # `tokenizer.json` alone makes the ids: a file or its folder, alike
         name=folder.name if file.name == "tokenizer.json" else file.stem,
-        hash=_files_hash(files, single=where.is_file()), kind="tokenizers",
+        hash=_files_hash([file], eod, single=True), kind="tokenizers",
         vocab_size=max(tok.get_vocab_size(with_added_tokens=True), max(vocab.values()) + 1),
         eod_id=eod, bos_id=ids_of("bos_token"), pad_id=ids_of("pad_token"),
     )  # fmt: skip
@@ -191,7 +190,7 @@ def _load_transformers(where: Path, eod_token: str | None) -> TransformersTokeni
     specials += [t for t in vocab if t in EOD_NAMES]
     eod = _eod_id(str(where), eod_token, tok.eos_token_id, specials, vocab.get)
     info = TokenizerInfo(
-        name=where.name, hash=_files_hash(_tokenizer_files(where)), kind="transformers",
+        name=where.name, hash=_files_hash(_tokenizer_files(where), eod), kind="transformers",
         vocab_size=max(len(tok), max(vocab.values()) + 1), eod_id=eod,
         bos_id=tok.bos_token_id, pad_id=tok.pad_token_id,
     )  # fmt: skip
@@ -245,11 +244,12 @@ def _tokenizer_files(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def _files_hash(files: list[Path], single: bool = False) -> str:
-    """sha256 over each file's name and contents, in name order; a lone file counts as
-    `tokenizer.json`, so a file and a folder holding only it hash alike."""
+def _files_hash(files: list[Path], eod_id: int, single: bool = False) -> str:
+    """sha256 over each file's name and contents, in name order, and the end-of-document id
+    (what separates the documents of the shards); a lone file counts as `tokenizer.json`."""
     digest = hashlib.sha256()
     for file in files:
         name = "tokenizer.json" if single else file.name
         digest.update(name.encode() + b"\0" + hashlib.sha256(file.read_bytes()).digest())
+    digest.update(f"eod={eod_id}".encode())
     return digest.hexdigest()

@@ -115,16 +115,15 @@ class RunData:
             )
         return "\n".join(lines)
 
-    def drawn(self, world_size: int) -> dict:
-        """`{"windows_by_source": {name: windows}}`: the training windows the job has drawn from
-        each source since step 0 (every rank draws the same sources in the same order), for a
-        mixture; empty for one source."""
+    def drawn(self, group: dist.ProcessGroup) -> dict:
+        """`{"windows_by_source": {name: windows}}`: the training windows the job's ranks drew
+        from each source in this run (since its start or resume), counted as they were drawn
+        and summed over the ranks (one all-reduce), for a mixture; empty for one source."""
         if len(self.corpus.sources) == 1:
             return {}
-        mix, windows = self.stream.mixture, self.stream.windows
-        return {"windows_by_source": {
-            name: world_size * mix.drawn(s, windows) for s, name in enumerate(self.corpus.names)
-        }}  # fmt: skip
+        counted = torch.from_numpy(self.stream.counted.copy())
+        dist.all_reduce(counted, group=group)
+        return {"windows_by_source": dict(zip(self.corpus.names, counted.tolist(), strict=True))}
 
     def tokenizer_record(self) -> dict | None:
         """What a checkpoint records of the ids it was trained on (None: bytes or unknown)."""

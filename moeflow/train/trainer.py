@@ -296,7 +296,7 @@ class Trainer:
         result.last_step = self.step
         result.throughput = self.throughput.run()
         end = {"kind": "end", "step": self.step, "signal": result.stopped_by_signal,
-               **result.throughput, **self.data.drawn(self.runtime.world_size)}  # fmt: skip
+               **result.throughput, **self.data.drawn(self.ctx.world_group)}  # fmt: skip
         if self.tuner is not None:
             fields, line = tuning_summary(self.tuner, loop_s)
             end.update(fields)
