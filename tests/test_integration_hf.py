@@ -24,7 +24,8 @@ from transformers import (
 
 from moeflow.integrations.hf import upcycle
 from moeflow.moe.config import MoEConfig, RouterConfig
-from moeflow.moe.layer import MoELayer, set_aux_loss_scale
+from moeflow.moe.layer import MoELayer
+from moeflow.moe.walk import set_aux_loss_scale
 from moeflow.parallel import GradSync, ParallelDims, parallelize
 from tests.distributed import run_on_ranks
 

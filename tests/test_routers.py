@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from moeflow import MoEConfig, MoELayer, RouterConfig
-from moeflow.moe.layer import finish_optimizer_step
 from moeflow.moe.losses import balance_loss
 from moeflow.moe.routers import Router, RouterOutput, build_router, register_router
 from moeflow.moe.routers.moepp import ZeroComputationExperts
@@ -18,7 +17,7 @@ from moeflow.moe.routers.null import convert_topk_to_null, null_routing
 from moeflow.moe.routers.recurrent import STATE_KEY
 from moeflow.moe.routers.topk import topk_routing
 from moeflow.moe.routing_context import RoutingContext
-from moeflow.moe.walk import moe_layers
+from moeflow.moe.walk import finish_optimizer_step, moe_layers
 from tests.reference_routers import (
     gru_step,
     moepp_logits,

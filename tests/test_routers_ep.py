@@ -8,7 +8,7 @@ import torch
 
 from moeflow import MoEConfig, MoELayer, RouterConfig
 from moeflow.comm.capacity import capacity_keep_mask, expert_capacity
-from moeflow.moe.layer import finish_optimizer_step
+from moeflow.moe.walk import finish_optimizer_step
 from moeflow.parallel import ParallelDims, parallelize
 from tests.covering import covering_cases
 from tests.distributed import run_on_ranks

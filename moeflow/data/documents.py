@@ -27,11 +27,12 @@ Example:
 
 from __future__ import annotations
 
-import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from moeflow.data import jsonl
 
 JSON_LINES = (".jsonl", ".json", ".ndjson")
 PARQUET = (".parquet",)
@@ -190,42 +191,8 @@ def _dataset_folder(path: Path, split: str | None) -> Path:
 
 def _jsonl_units(path: Path, field: str, unit_bytes: int) -> list[Unit]:
     """Byte ranges of about `unit_bytes` cut at line ends, after checking the first line."""
-    size = path.stat().st_size
-    cuts = [0]
-    with open(path, "rb") as stream:
-        first = next((line for line in stream if line.strip()), b"")
-        if first:
-            _check_json_line(path, 1, first, field)
-        while cuts[-1] + unit_bytes < size:
-            stream.seek(cuts[-1] + unit_bytes - 1)
-            stream.readline()  # to the end of the line holding the target byte
-            cuts.append(stream.tell())
-    cuts[-1] = min(cuts[-1], size)
-    if cuts[-1] < size:
-        cuts.append(size)
-    spans = itertools.pairwise(cuts)
-    return [Unit("jsonl", str(path), a, b, b - a, field=field) for a, b in spans if b > a]
-
-
-def _check_json_line(path: Path, line_no: int, line: bytes, field: str) -> None:
-    try:
-        row = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(
-            f"{path} line {line_no} is not JSON ({exc}): a {path.suffix} file is read as JSON "
-            "lines, one object per line"
-        ) from None
-    if not isinstance(row, dict):
-        raise ValueError(
-            f"{path} line {line_no} is a JSON {type(row).__name__}, not an object: JSON lines "
-            "hold one object per line, its text in a field (--field)"
-        )
-    if not isinstance(row.get(field), str):
-        what = "has no" if field not in row else f"has a {type(row[field]).__name__} in"
-        raise ValueError(
-            f"{path} line {line_no} {what} field {field!r} (its fields: {sorted(row)[:12]}); "
-            "name the text's field with --field"
-        )
+    spans = jsonl.byte_ranges(path, field, unit_bytes)
+    return [Unit("jsonl", str(path), a, b, b - a, field=field) for a, b in spans]
 
 
 def _parquet_units(path: Path, field: str, unit_bytes: int) -> list[Unit]:
@@ -303,7 +270,7 @@ def read_unit(unit: Unit) -> Iterator[list[str]]:
     if unit.kind == "text":
         yield from _text_batches(unit.files)
     elif unit.kind == "jsonl":
-        yield from _jsonl_batches(unit)
+        yield from jsonl.read_texts(Path(unit.path), unit.start, unit.stop, unit.field, BATCH_ROWS)
     elif unit.kind == "parquet":
         pq = _pyarrow_parquet()
         file = pq.ParquetFile(unit.path)
@@ -337,65 +304,6 @@ def _text_batches(files: tuple[str, ...]) -> Iterator[list[str]]:
             batch, size = [], 0
     if batch:
         yield batch
-
-
-def _jsonl_batches(unit: Unit) -> Iterator[list[str]]:
-    import pyarrow as pa
-    import pyarrow.json as pj
-
-    with open(unit.path, "rb") as stream:
-        stream.seek(unit.start)
-        data = stream.read(unit.stop - unit.start)
-    if not data.strip():
-        return
-    schema = pa.schema([(unit.field, pa.large_string())])
-    parse = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
-    read = pj.ReadOptions(use_threads=False, block_size=min(len(data) + 1, 2**31 - 1))
-    try:
-        column = pj.read_json(pa.BufferReader(data), read, parse).column(0)
-    except pa.ArrowInvalid as exc:
-        _find_bad_line(unit, data)
-        raise ValueError(f"{unit.path}{_arrow_line(unit, data, str(exc))}: {exc}") from None
-    if column.null_count:
-        _find_bad_line(unit, data)
-    texts = column.to_pylist()
-    for i in range(0, len(texts), BATCH_ROWS):
-        yield texts[i : i + BATCH_ROWS]
-
-
-def _lines_before(unit: Unit, chunk: int = 1 << 24) -> int:
-    """Lines of the file before the unit's first byte, counted a chunk at a time."""
-    count, left = 0, unit.start
-    with open(unit.path, "rb") as stream:
-        while left:
-            part = stream.read(min(chunk, left))
-            count, left = count + part.count(b"\n"), left - len(part)
-    return count
-
-
-def _arrow_line(unit: Unit, data: bytes, message: str) -> str:
-    """` line N` for pyarrow's "row R" (0-based among the unit's non-blank lines), or ``."""
-    import re
-
-    found = re.search(r"\brow (\d+)", message)
-    if found is None:
-        return ""
-    rows = int(found.group(1))
-    for at, line in enumerate(data.splitlines()):
-        if line.strip():
-            if rows == 0:
-                return f" line {_lines_before(unit) + at + 1}"
-            rows -= 1
-    return ""
-
-
-def _find_bad_line(unit: Unit, data: bytes) -> None:
-    """Raise the error of the first line of `data` that is not an object with a text `field`."""
-    line_no = _lines_before(unit)
-    for line in data.splitlines():
-        line_no += 1
-        if line.strip():
-            _check_json_line(Path(unit.path), line_no, line, unit.field)
 
 
 def _texts(column, unit: Unit, first_row: int) -> list[str]:

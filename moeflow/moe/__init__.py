@@ -3,7 +3,8 @@
 from moeflow.moe.config import MoEConfig, RouterConfig
 from moeflow.moe.experts import GroupedExperts
 from moeflow.moe.ffn import FeedForward
-from moeflow.moe.layer import MoELayer, MoEStats, set_aux_loss_scale
+from moeflow.moe.layer import MoELayer, MoEStats
+from moeflow.moe.walk import set_aux_loss_scale
 
 __all__ = [
     "FeedForward",

@@ -370,36 +370,3 @@ class MoELayer(nn.Module):
     @balance_group.setter
     def balance_group(self, group: dist.ProcessGroup | None) -> None:
         self.balance.group = group
-
-
-def finish_optimizer_step(model: nn.Module) -> None:
-    """Call after every optimizer step (collective over each layer's balance group when the
-    aux-loss-free bias is on): resets global-batch counts, updates selection biases.
-
-    Example:
-        >>> from moeflow.moe.config import RouterConfig
-        >>> model = torch.nn.Sequential(MoELayer(MoEConfig(hidden_size=8, num_experts=2,
-        ...     ffn_hidden_size=8, router=RouterConfig(bias_update_rate=0.1))))
-        >>> _ = model(torch.randn(6, 8))
-        >>> finish_optimizer_step(model)
-        >>> sorted(model[0].router.expert_bias.abs().tolist()) in ([0.0, 0.0], [0.1, 0.1])
-        True
-    """
-    for module in model.modules():
-        if isinstance(module, MoELayer):
-            module.finish_optimizer_step()
-
-
-def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
-    """Set the balancing-loss gradient scale of every `MoELayer` in `model`.
-
-    Example:
-        >>> model = torch.nn.Sequential(MoELayer(MoEConfig(hidden_size=8, num_experts=2,
-        ...                                                ffn_hidden_size=8)))
-        >>> set_aux_loss_scale(model, 1 / 4)  # 4 micro-batches per optimizer step
-        >>> model[0].aux_loss_scale
-        0.25
-    """
-    for module in model.modules():
-        if isinstance(module, MoELayer):
-            module.aux_loss_scale = float(scale)

@@ -38,8 +38,7 @@ from pathlib import Path
 
 import torch
 
-from moeflow.moe.layer import finish_optimizer_step, set_aux_loss_scale
-from moeflow.moe.walk import moe_layers, split_parameters
+from moeflow.moe.walk import finish_optimizer_step, moe_layers, set_aux_loss_scale, split_parameters
 from moeflow.parallel.dims import ParallelDims
 from moeflow.parallel.fsdp import is_sharded
 from moeflow.parallel.grad_sync import GradSync
