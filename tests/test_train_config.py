@@ -95,5 +95,7 @@ def test_fields_added_later_leave_the_fingerprint_of_older_checkpoints_alone():
         ["--model.moe.ffn_bias", "true"],
         ["--model.moe.shared_expert_ffn_hidden_size", "64"],
         ["--model.moe.router.softmax_dtype", '"fp32"'],
+        ["--model.moe.router.routed_scaling_factor", "2.5"],
+        ["--model.moe.num_experts", "8", "--model.moe.router.n_group", "2"],
     ):
         assert RunConfig.from_dict({}, override).fingerprint() != "c99b1d0342091d44", override

@@ -77,7 +77,17 @@ class RouterConfig:
       Hugging Face's MoE routers do, also in a float64 model (`softmax(..., dtype=torch.float)`).
     - `bias_update_rate > 0`: aux-loss-free balancing (DeepSeek-V3). A per-expert bias is added to
       the scores for selection only; after each optimizer step `bias_i += rate * sign(mean load -
-      load_i)`, with loads counted over the step and all ranks (`finish_optimizer_step`).
+      load_i)`, with loads counted over the step and all ranks (`finish_optimizer_step`). It is
+      DeepSeek-V3's `e_score_correction_bias`.
+    - `n_group > 1`: group-limited (node-limited) routing, DeepSeek's. The experts form `n_group`
+      equal groups; each token keeps the `topk_group` groups with the best group score and
+      chooses its k experts among theirs. A group's score is its best expert's for softmax scores
+      (DeepSeek-V2's `group_limited_greedy`) and the sum of its best two for sigmoid scores
+      (DeepSeek-V3), on the selection key (bias included). The other groups are masked with
+      -inf, as transformers' DeepSeek routers do (DeepSeek-V2's released code masks with 0: the
+      same choice, since k never exceeds the kept groups' experts and scores are positive).
+    - `routed_scaling_factor` multiplies the routed experts' weights after any normalisation
+      (DeepSeek-V2/V3; 1 elsewhere). `normalize_topk` is transformers' `norm_topk_prob`.
 
     Example:
         >>> RouterConfig(top_k=1, pre_softmax=True, normalize_topk=False).capacity_factor is None
@@ -107,6 +117,9 @@ class RouterConfig:
     zc_tau: float = 1.0
     rnn_dim: int = 128
     bias_update_rate: float = 0.0
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
 
     def __post_init__(self) -> None:
         self.validate("router")
@@ -139,7 +152,28 @@ class RouterConfig:
                 f"{path}.input_jitter_eps ({self.input_jitter_eps!r}) must be in (0, 1), or None"
             )
         check_non_negative(f"{path}.bias_update_rate", self.bias_update_rate)
+        self._validate_groups(path)
         self._validate_router_fields(path)
+
+    def _validate_groups(self, path: str) -> None:
+        for name in ("n_group", "topk_group"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{path}.{name} ({value!r}) must be an integer >= 1")
+        if self.topk_group > self.n_group:
+            raise ValueError(
+                f"{path}.topk_group ({self.topk_group}) must be <= {path}.n_group ({self.n_group})"
+            )
+        if self.n_group > 1 and self.type != "topk":
+            raise ValueError(
+                f"{path}.n_group ({self.n_group}) groups the FFN experts of {path}.type = 'topk'; "
+                f"this router is {self.type!r}"
+            )
+        if not (isinstance(self.routed_scaling_factor, int | float)
+                and self.routed_scaling_factor > 0):  # fmt: skip
+            raise ValueError(
+                f"{path}.routed_scaling_factor ({self.routed_scaling_factor!r}) must be > 0"
+            )
 
     def _validate_router_fields(self, path: str) -> None:
         if not isinstance(self.type, str) or not self.type:
@@ -285,6 +319,7 @@ class MoEConfig:
             )
         if not isinstance(self.router, RouterConfig):
             raise ValueError(f"moe.router must be a RouterConfig, got {type(self.router).__name__}")
+        self._check_groups()
         choices = self.num_experts + self.router.extra_experts
         if self.router.top_k > choices:
             raise ValueError(
@@ -293,6 +328,24 @@ class MoEConfig:
                 + (f" + {self.router.extra_experts} extra experts" if choices > self.num_experts
                    else "")
             )  # fmt: skip
+
+    def _check_groups(self) -> None:
+        """The experts split into `n_group` equal groups, enough of them kept for `top_k`."""
+        r, e = self.router, self.num_experts
+        if r.n_group == 1:
+            return
+        per = e // r.n_group
+        if e % r.n_group or (per < 2 and r.score_function == "sigmoid"):
+            raise ValueError(
+                f"moe.router.n_group ({r.n_group}) must divide moe.num_experts ({e}) into equal "
+                "groups" + (" of at least 2 (a sigmoid group scores by its best two)"
+                            if r.score_function == "sigmoid" else "")
+            )  # fmt: skip
+        if r.top_k > r.topk_group * per:
+            raise ValueError(
+                f"moe.router.top_k ({r.top_k}) must be <= topk_group ({r.topk_group}) x "
+                f"{per} experts per group: the kept groups hold the choices"
+            )
 
     @property
     def expert_dim(self) -> int:

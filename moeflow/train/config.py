@@ -346,4 +346,7 @@ LATER_FIELDS = (
     (("model", "n_kv_heads"), None),
     (("model", "head_dim"), None),
     (("model", "first_k_dense"), 0),
+    (("model", "moe", "router", "n_group"), 1),
+    (("model", "moe", "router", "topk_group"), 1),
+    (("model", "moe", "router", "routed_scaling_factor"), 1.0),
 )
